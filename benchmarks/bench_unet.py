@@ -1,0 +1,248 @@
+"""Speed and memory of our UNet against diffusers' UNet2DConditionModel of matching widths.
+
+    python benchmarks/bench_unet.py --preset sd15 --batch 64 --steps 20 --device cuda --dtype bf16 [--compile]
+    python benchmarks/bench_unet.py --preset tiny --batch 2 --steps 2 --device cpu
+
+Measured per model on random latents (``--latent-size``, 32 = 256 px images): training
+images/s of one flow-matching step (MSE to x1 - x0, AdamW, fused on CUDA, autocast in
+--dtype), peak GPU memory during training (n/a on CPU), and forward latency without
+gradients at batch 1 and at --batch. The diffusers model gets the same block widths,
+blocks per level, attention levels, head width, transformer depth, cross-attention width and
+the same number of context tokens as ours produces (one for ``--cond class``); with
+``--cond none`` ours has no cross-attention while diffusers' still does. Prints a markdown
+table with ours/diffusers ratios; ``--json OUT`` also writes the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from modules.attention import attention_backend  # noqa: E402
+from modules.config import ConfigError, UNetRunConfig, load_config  # noqa: E402
+from modules.unet import UNet, count_parameters  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+NUM_CLASSES = 1000
+CONTEXT_TOKENS = 1   # what our class conditioning gives cross-attention; diffusers gets as many
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="sd15", help="a configs/unet preset (sd15, seed, tiny) or a JSON file")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20, help="timed training steps / forward calls")
+    p.add_argument("--warmup", type=int, default=3, help="untimed iterations before each measurement")
+    p.add_argument("--latent-size", type=int, default=32, help="latent side (32 = 256 px through a x8 VAE)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["auto"] + sorted(DTYPES), default="auto",
+                   help="autocast dtype (fp32: none; auto: bf16 on CUDA, fp32 on CPU, where bf16 is slow)")
+    p.add_argument("--cond", choices=("class", "none"), default="class",
+                   help=f"our conditioning: class ({NUM_CLASSES} labels, one context token) or none")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--channels-last", action="store_true", help="channels_last weights and inputs")
+    p.add_argument("--no-diffusers", action="store_true", help="measure only our model")
+    p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    if args.dtype == "auto":
+        args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
+    if args.dtype == "fp16":
+        p.error("--dtype fp16 would need loss scaling; use bf16 or fp32")
+    for name in ("batch", "steps", "latent_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    try:
+        args.cfg = load_config(UNetRunConfig, "unet", args.preset, [f"cond.type={args.cond}"]
+                               + ([f"cond.num_classes={NUM_CLASSES}"] if args.cond == "class" else []))
+    except ConfigError as e:
+        p.error(str(e))
+    factor = 2 ** (len(args.cfg.model.channel_mult) - 1)
+    if args.latent_size % factor:
+        p.error(f"--latent-size {args.latent_size} is not divisible by {factor} "
+                f"({len(args.cfg.model.channel_mult)} levels in preset {args.preset})")
+    return args
+
+
+class Inputs:
+    """Random latents, times and conditions of one batch size, and how each model is called."""
+
+    def __init__(self, args: argparse.Namespace, batch: int):
+        m = args.cfg.model
+        device = torch.device(args.device)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        shape = (batch, m.in_channels, args.latent_size, args.latent_size)
+        self.x1 = torch.randn(shape, generator=g).to(device)
+        self.x0 = torch.randn(shape, generator=g).to(device)
+        self.t = torch.rand(batch, generator=g).to(device)
+        if args.channels_last:
+            self.x1, self.x0 = (v.to(memory_format=torch.channels_last) for v in (self.x1, self.x0))
+        self.x_t = (1 - self.t)[:, None, None, None] * self.x0 + self.t[:, None, None, None] * self.x1
+        self.level = (torch.randint(0, m.num_step_levels, (batch,), generator=g).to(device)
+                      if m.num_step_levels else None)
+        self.labels = self.drop = None
+        if args.cfg.cond.type == "class":
+            self.labels = torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(device)
+            self.drop = (torch.rand(batch, generator=g) < 0.1).to(device)
+        self.context = torch.randn(batch, CONTEXT_TOKENS, m.context_dim, generator=g).to(device)
+
+    def ours(self, model: torch.nn.Module) -> torch.Tensor:
+        return model(self.x_t, self.t, level=self.level, cond=self.labels, drop=self.drop)
+
+    def diffusers(self, model: torch.nn.Module) -> torch.Tensor:
+        labels = None if self.labels is None else torch.where(self.drop, NUM_CLASSES, self.labels)
+        return model(self.x_t, self.t * 1000, encoder_hidden_states=self.context, class_labels=labels).sample
+
+
+def build_diffusers(args: argparse.Namespace):
+    """UNet2DConditionModel with our preset's widths, or None when diffusers is not importable."""
+    try:
+        from diffusers import UNet2DConditionModel
+    except ImportError:
+        return None
+    m = args.cfg.model
+    levels = range(len(m.channel_mult))
+    widths = tuple(m.base_channels * mult for mult in m.channel_mult)
+    return UNet2DConditionModel(
+        sample_size=args.latent_size, in_channels=m.in_channels, out_channels=m.in_channels,
+        down_block_types=tuple("CrossAttnDownBlock2D" if i in m.attention_levels else "DownBlock2D" for i in levels),
+        up_block_types=tuple("CrossAttnUpBlock2D" if i in m.attention_levels else "UpBlock2D"
+                             for i in reversed(levels)),
+        block_out_channels=widths, layers_per_block=m.num_res_blocks, norm_num_groups=m.norm_groups,
+        cross_attention_dim=m.context_dim, attention_head_dim=tuple(w // m.head_dim for w in widths),
+        transformer_layers_per_block=m.transformer_depth,
+        num_class_embeds=NUM_CLASSES + 1 if args.cfg.cond.type == "class" else None)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], iters: int, warmup: int, device: torch.device) -> list[float]:
+    """Seconds per call of ``fn`` over ``iters`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure(name: str, model: torch.nn.Module, call: Callable, args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    params = count_parameters(model)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    runner = torch.compile(model) if args.compile else model
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
+                else contextlib.nullcontext())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    batch = Inputs(args, args.batch)
+    target = batch.x1 - batch.x0
+
+    def train_step() -> None:
+        with autocast:
+            pred = call(batch, runner)
+        F.mse_loss(pred.float(), target).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train_times = timed(train_step, args.steps, args.warmup, device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    del optimizer
+    model.eval()
+    latencies = {}
+    for size in sorted({1, args.batch}):
+        inputs = batch if size == args.batch else Inputs(args, size)
+
+        def forward(inputs=inputs) -> None:
+            with torch.no_grad(), autocast:
+                call(inputs, runner)
+
+        latencies[size] = statistics.median(timed(forward, args.steps, args.warmup, device)) * 1000
+    return {"model": name, "params": params, "train_img_s": args.batch * args.steps / sum(train_times),
+            "peak_gib": peak, "fwd_ms_b1": latencies[1], "fwd_ms_bB": latencies[args.batch]}
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def table(results: list[dict], args: argparse.Namespace, header: str) -> str:
+    def fmt(v, spec):
+        return "n/a" if v is None else format(v, spec)
+
+    lines = [header, "",
+             f"| model | params | train img/s | peak GiB | fwd ms (batch 1) | fwd ms (batch {args.batch}) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['train_img_s']:.1f} | "
+                     f"{fmt(r['peak_gib'], '.2f')} | {r['fwd_ms_b1']:.2f} | {r['fwd_ms_bB']:.2f} |")
+    if len(results) == 2:
+        ours, ref = results
+        ratio = {k: (ours[k] / ref[k] if ours[k] is not None and ref[k] else None)
+                 for k in ("params", "train_img_s", "peak_gib", "fwd_ms_b1", "fwd_ms_bB")}
+        lines.append(f"| ours / diffusers | {ratio['params']:.2f} | {ratio['train_img_s']:.2f} | "
+                     f"{fmt(ratio['peak_gib'], '.2f')} | {ratio['fwd_ms_b1']:.2f} | {ratio['fwd_ms_bB']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ours = UNet(args.cfg.model, args.cfg.cond)
+    results = [measure("ours", ours, Inputs.ours, args)]
+    del ours
+    free(device)
+    diffusers_model = None if args.no_diffusers else build_diffusers(args)
+    if diffusers_model is not None:
+        results.append(measure("diffusers", diffusers_model, Inputs.diffusers, args))
+        del diffusers_model
+        free(device)
+    dtype = DTYPES[args.dtype]
+    header = (f"UNet preset `{args.preset}`, cond {args.cfg.cond.type}, latents {args.latent_size}x{args.latent_size}"
+              f"x{args.cfg.model.in_channels}, batch {args.batch}, {args.steps} steps, {device.type} "
+              f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), {args.dtype}"
+              f"{', compiled' if args.compile else ''}{', channels_last' if args.channels_last else ''}, "
+              f"attention {attention_backend(device, dtype)}, diffusers context tokens {CONTEXT_TOKENS}, "
+              f"torch {torch.__version__}")
+    print(table(results, args, header))
+    report = {"preset": args.preset, "cond": args.cfg.cond.type, "batch": args.batch, "steps": args.steps,
+              "latent_size": args.latent_size, "device": str(device), "dtype": args.dtype,
+              "compile": args.compile, "channels_last": args.channels_last,
+              "attention": attention_backend(device, dtype), "results": results}
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

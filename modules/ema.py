@@ -1,0 +1,169 @@
+"""Exponential moving average of a model's trainable parameters, without a second model copy.
+
+The shadow is an fp32 tensor per parameter that requires grad, keyed by the name
+``model.named_parameters()`` gives. It mirrors whatever those parameters are: full tensors
+(single process, DDP: identical on every rank) or the local shard (FSDP flat parameters,
+DTensor shards), so each rank keeps and saves only its own part. ``swapped`` puts the shadow
+into the model in place for teacher forwards and exports, then restores the originals
+bit-exactly. Buffers are not averaged. DeepSpeed ZeRO stage 3 (parameters partitioned
+outside ``named_parameters``) is refused; stages 1 and 2 keep full parameters and work.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+try:
+    from torch.distributed.fsdp import FSDPModule as _FSDP2Module
+except ImportError:
+    _FSDP2Module = None
+try:
+    from torch.distributed.fsdp import FullyShardedDataParallel as _FSDP1Module
+    from torch.distributed.fsdp._runtime_utils import _reshard as _fsdp1_reshard
+except ImportError:
+    _FSDP1Module = None
+
+SHADOW_PREFIX = "shadow."
+COUNT_KEY = "num_updates"
+
+
+def _release_gathered(model: nn.Module) -> None:
+    """Free the full-size parameters FSDP keeps after a forward, so shard writes take effect.
+
+    FSDP1 and FSDP2 keep the root module's all-gathered parameters after a forward and
+    reuse them in the next forward without gathering again; after writing into the shards
+    (swap in or out) the next forward would silently run on the old values. FSDP2 has a
+    public ``reshard``; FSDP1 only its internal ``_reshard`` (what its own backward calls).
+    """
+    for module in model.modules():
+        if _FSDP2Module is not None and isinstance(module, _FSDP2Module):
+            module.reshard()
+        elif _FSDP1Module is not None and isinstance(module, _FSDP1Module):
+            handle = module._handle
+            gathered = (handle is not None and handle.uses_sharded_strategy
+                        and hasattr(handle.flat_param, "_full_param_padded") and not handle.needs_unshard())
+            if gathered:
+                _fsdp1_reshard(module, handle, True)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    # DTensor (FSDP2) parameters: the EMA works on this rank's shard.
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def _preview(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+class EMA:
+    """decay at update n (n = updates done so far) = min(decay, (1 + n) / (10 + n)) with warmup."""
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
+        if not 0 <= decay < 1:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.warmup = warmup
+        self.num_updates = 0
+        with torch.no_grad():
+            self.shadow: dict[str, torch.Tensor] = {
+                name: _local(p).detach().float().clone() for name, p in self._named(model).items()}
+        if not self.shadow:
+            raise ValueError("EMA: the model has no parameters that require grad")
+
+    @staticmethod
+    def _named(model: nn.Module) -> dict[str, torch.Tensor]:
+        _release_gathered(model)
+        named = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        partitioned = [name for name, p in named.items() if hasattr(p, "ds_tensor")]
+        if partitioned:
+            raise ValueError(f"EMA: parameters [{_preview(partitioned)}] are partitioned by DeepSpeed ZeRO stage 3, "
+                             "which this EMA does not support; use ZeRO stage 1/2, DDP or FSDP")
+        return named
+
+    def _matched(self, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(shadow, local parameter) pairs in shadow order; a mismatch is a clear error."""
+        params = self._named(model)
+        missing = [n for n in self.shadow if n not in params]
+        unexpected = [n for n in params if n not in self.shadow]
+        if missing or unexpected:
+            raise ValueError(f"EMA: the model's trainable parameters do not match the shadow "
+                             f"(missing in model: [{_preview(missing)}]; not in shadow: [{_preview(unexpected)}])")
+        pairs = []
+        for name, shadow in self.shadow.items():
+            local = _local(params[name])
+            if local.shape != shadow.shape:
+                raise ValueError(f"EMA: parameter '{name}' has shape {tuple(local.shape)}, "
+                                 f"the shadow {tuple(shadow.shape)}")
+            if shadow.device != local.device:
+                # The model was moved (e.g. by accelerator.prepare) after the EMA was built.
+                shadow = self.shadow[name] = shadow.to(local.device)
+            pairs.append((shadow, local))
+        return pairs
+
+    def current_decay(self) -> float:
+        """The decay the next update will use."""
+        if self.warmup:
+            return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        return self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        pairs = self._matched(model)
+        shadows = [s for s, _ in pairs]
+        weight = 1.0 - self.current_decay()
+        if weight == 1.0:
+            torch._foreach_copy_(shadows, [p for _, p in pairs])
+        else:
+            torch._foreach_lerp_(shadows, [p.float() for _, p in pairs], weight)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Overwrite the model's parameters with the shadow (cast to their dtype)."""
+        for shadow, local in self._matched(model):
+            local.copy_(shadow)
+
+    @contextmanager
+    def swapped(self, model: nn.Module) -> Iterator[nn.Module]:
+        """The model holds the shadow weights inside the block and its own weights after it.
+
+        No optimizer step may happen inside: the originals are restored from a backup.
+        """
+        with torch.no_grad():
+            pairs = self._matched(model)
+            backup = [local.detach().clone() for _, local in pairs]
+            for shadow, local in pairs:
+                local.copy_(shadow)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                _release_gathered(model)
+                for (_, local), original in zip(pairs, backup):
+                    local.copy_(original)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {SHADOW_PREFIX + name: t for name, t in self.shadow.items()}
+        out[COUNT_KEY] = torch.tensor(self.num_updates, dtype=torch.long)
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        expected = {SHADOW_PREFIX + name for name in self.shadow} | {COUNT_KEY}
+        missing = sorted(expected - set(state_dict))
+        unexpected = sorted(set(state_dict) - expected)
+        if missing or unexpected:
+            raise ValueError(f"EMA state dict does not match the model (missing keys: [{_preview(missing)}]; "
+                             f"unexpected keys: [{_preview(unexpected)}])")
+        for name, shadow in self.shadow.items():
+            value = state_dict[SHADOW_PREFIX + name]
+            if tuple(value.shape) != tuple(shadow.shape):
+                raise ValueError(f"EMA state dict: '{SHADOW_PREFIX}{name}' has shape {tuple(value.shape)}, "
+                                 f"expected {tuple(shadow.shape)}")
+        with torch.no_grad():
+            for name, shadow in self.shadow.items():
+                shadow.copy_(state_dict[SHADOW_PREFIX + name])
+        self.num_updates = int(state_dict[COUNT_KEY])

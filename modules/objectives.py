@@ -1,0 +1,340 @@
+"""Training objectives for the latent UNet: flow matching, shortcut models and DDPM.
+
+Objectives hold no networks and no training state: ``loss`` takes the network (and, for
+shortcut models, an optional teacher) as arguments, so the trainer owns all weights, EMAs
+and optimizers. Every network is called as ``model(x, t, level=None, cond=None, drop=None)``
+with ``t`` a float in [0, 1] (flow convention: 0 noise, 1 data; DDPM passes
+timestep / num_timesteps). ``cond`` is only ever passed through or indexed by batch row.
+A ``torch.Generator`` makes the noise, time, level and dropout draws reproducible.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from modules.config import DDPMConfig, FlowConfig, ShortcutConfig, UNetRunConfig
+
+ModelCall = Callable[..., torch.Tensor]
+Logs = dict[str, torch.Tensor]
+
+# Shortcut targets and the intermediate teacher point are clipped here, as in the paper's code.
+SHORTCUT_CLIP = 4.0
+
+
+# ----------------------------------------------------------------------------- random draws
+
+def _draw_device(generator: Optional[torch.Generator], device: torch.device) -> torch.device:
+    # A generator only draws on its own device; results are moved to the data's device.
+    return generator.device if generator is not None else device
+
+
+def _rand(n: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+    return torch.rand(n, generator=generator, device=_draw_device(generator, device)).to(device)
+
+
+def _randint(high: int, n: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+    return torch.randint(0, high, (n,), generator=generator, device=_draw_device(generator, device)).to(device)
+
+
+def _randn_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    noise = torch.randn(x.shape, generator=generator, device=_draw_device(generator, x.device))
+    return noise.to(device=x.device, dtype=x.dtype)
+
+
+def _broadcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return t.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+
+def _condition_dropout(n: int, cond: Optional[torch.Tensor], cond_drop: float,
+                       generator: Optional[torch.Generator], device: torch.device) -> Optional[torch.Tensor]:
+    """Whole-sample dropout mask (True = null condition); None for unconditional models."""
+    if cond is None:
+        return None
+    return _rand(n, generator, device) < cond_drop
+
+
+def _check_batch(x1: torch.Tensor, cond: Optional[torch.Tensor]) -> None:
+    if x1.dim() < 2 or x1.shape[0] == 0:
+        raise ValueError(f"objective: expected a non-empty batch of latents [B, C, h, w], got shape {tuple(x1.shape)}")
+    if cond is not None and cond.shape[0] != x1.shape[0]:
+        raise ValueError(f"objective: the condition has {cond.shape[0]} rows but the batch has {x1.shape[0]}")
+
+
+def _mse_per_sample(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if pred.shape != target.shape:
+        raise ValueError(f"objective: the network returned shape {tuple(pred.shape)}, expected {tuple(target.shape)}")
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+# ----------------------------------------------------------------------------- flow
+
+class FlowObjective:
+    """Flow matching: x_t = (1 - t) x0 + t x1, regress the velocity x1 - x0."""
+
+    num_step_levels = 0
+
+    def __init__(self, cfg: FlowConfig, cond_drop: float = 0.0):
+        if cfg.time_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"flow.time_sampling: {cfg.time_sampling!r} is not one of uniform, logit_normal")
+        self.cfg = cfg
+        self.cond_drop = cond_drop
+
+    def sample_t(self, n: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+        if self.cfg.time_sampling == "logit_normal":
+            # SD3's logit-normal(0, 1): more weight on the middle of the path.
+            z = torch.randn(n, generator=generator, device=_draw_device(generator, device)).to(device)
+            return torch.sigmoid(z)
+        return _rand(n, generator, device)
+
+    def loss(self, model: ModelCall, x1: torch.Tensor, cond: Optional[torch.Tensor] = None,
+             teacher: Optional[ModelCall] = None, generator: Optional[torch.Generator] = None,
+             step: Optional[int] = None) -> tuple[torch.Tensor, Logs]:
+        """``teacher`` and ``step`` are accepted for a uniform interface and not used."""
+        _check_batch(x1, cond)
+        noise = _randn_like(x1, generator)
+        t = self.sample_t(x1.shape[0], generator, x1.device)
+        drop = _condition_dropout(x1.shape[0], cond, self.cond_drop, generator, x1.device)
+        tb = _broadcast(t, x1)
+        x_t = (1 - tb) * noise + tb * x1
+        pred = model(x_t, t, level=None, cond=cond, drop=drop)
+        loss = _mse_per_sample(pred, x1 - noise).mean()
+        return loss, {"loss_flow": loss.detach()}
+
+
+# ----------------------------------------------------------------------------- shortcut
+
+def log2_steps(m: int, what: str = "shortcut.denoise_timesteps") -> int:
+    if m < 1 or m & (m - 1):
+        raise ValueError(f"{what}: must be a power of two >= 1, got {m}")
+    return m.bit_length() - 1
+
+
+def num_bootstrap(batch_size: int, fraction: float, num_levels: int) -> int:
+    """Rows of a batch that get self-consistency targets.
+
+    round(B * fraction), but at least 1 and at most B - 1 when B >= 2, so both parts are
+    always present; 0 when B == 1 or when there is no bootstrap level (M == 1).
+    """
+    if batch_size < 2 or num_levels == 0:
+        return 0
+    return min(max(int(math.floor(batch_size * fraction + 0.5)), 1), batch_size - 1)
+
+
+def bootstrap_levels(n: int, num_levels: int, generator: Optional[torch.Generator],
+                     device: torch.device, step: Optional[int] = None) -> torch.Tensor:
+    """Levels k in 0..num_levels-1 for ``n`` bootstrap rows, stratified.
+
+    Row i gets (offset + i) mod num_levels: with n >= num_levels every level is present and
+    the counts differ by at most one; with fewer rows the levels are distinct. The offset
+    is (step * n) mod num_levels when ``step`` is given (deterministic rotation: all levels
+    appear within ceil(num_levels / n) consecutive steps), else uniform random (each level
+    equally likely in every batch).
+    """
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    if step is not None:
+        offset = (step * n) % num_levels
+    else:
+        offset = int(_randint(num_levels, 1, generator, torch.device("cpu")).item())
+    return (offset + torch.arange(n, device=device)) % num_levels
+
+
+@dataclass
+class ShortcutBatch:
+    """Inputs and regression targets of one shortcut training batch (flow rows first)."""
+
+    x_t: torch.Tensor
+    t: torch.Tensor                 # [B] float
+    level: torch.Tensor             # [B] long, step size d = 2^-level
+    target: torch.Tensor
+    drop: Optional[torch.Tensor]    # [B] bool, True = null condition; None without a condition
+    is_bootstrap: torch.Tensor      # [B] bool
+    noise: torch.Tensor             # x0 of every row
+
+
+def _teacher_velocity(teacher: ModelCall, x: torch.Tensor, t: torch.Tensor, level: torch.Tensor,
+                      cond: Optional[torch.Tensor], guided_rows: torch.Tensor, scale: float) -> torch.Tensor:
+    """Teacher velocity; rows in ``guided_rows`` get v_u + w (v_c - v_u) on the same x."""
+    n = x.shape[0]
+    keep = None if cond is None else torch.zeros(n, dtype=torch.bool, device=x.device)
+    if guided_rows.numel() == 0:
+        return teacher(x, t, level=level, cond=cond, drop=keep).to(x.dtype)
+    # One doubled forward: all rows conditional, plus the guided rows again with the null condition.
+    rows = torch.cat([torch.arange(n, device=x.device), guided_rows])
+    drop = torch.cat([keep, torch.ones(guided_rows.numel(), dtype=torch.bool, device=x.device)])
+    out = teacher(x[rows], t[rows], level=level[rows], cond=cond[rows.to(cond.device)], drop=drop).to(x.dtype)
+    v, v_uncond = out[:n].clone(), out[n:]
+    v[guided_rows] = v_uncond + scale * (v[guided_rows] - v_uncond)
+    return v
+
+
+def shortcut_targets(teacher: ModelCall, x1: torch.Tensor, cond: Optional[torch.Tensor],
+                     cfg: ShortcutConfig, cond_drop: float = 0.0,
+                     generator: Optional[torch.Generator] = None, step: Optional[int] = None) -> ShortcutBatch:
+    """Build the shortcut batch of SPEC section 5 (no gradient flows through the teacher).
+
+    Rows 0..B-B_b-1 are flow rows: level log2 M, t = i/M, target x1 - x0, condition
+    dropout. Rows B-B_b..B-1 are bootstrap rows: level k stratified over 0..log2 M - 1,
+    t = j 2^-k with t + 2^-k <= 1, real condition, target from two half steps of the
+    teacher at level k + 1. ``cond`` keeps the row order of ``x1``. With ``flow_d_zero``
+    the flow level means d = 0 instead of d = 1/M; it is the same embedding index
+    (log2 M) either way, so only its meaning differs, not the computation.
+    """
+    _check_batch(x1, cond)
+    m = cfg.denoise_timesteps
+    num_levels = log2_steps(m)
+    b = x1.shape[0]
+    n_boot = num_bootstrap(b, cfg.bootstrap_fraction, num_levels)
+    n_flow = b - n_boot
+    device = x1.device
+
+    noise = _randn_like(x1, generator)
+    t_flow = _randint(m, n_flow, generator, device).float() / m
+    level_boot = bootstrap_levels(n_boot, num_levels, generator, device, step)
+    d_boot = torch.pow(2.0, -level_boot.float())
+    # j uniform in [0, 2^k): floor of a uniform draw scaled per row, so t + d <= 1.
+    j = torch.floor(_rand(n_boot, generator, device) * torch.pow(2.0, level_boot.float()))
+    t_boot = j * d_boot
+    t = torch.cat([t_flow, t_boot])
+    level = torch.cat([torch.full((n_flow,), num_levels, dtype=torch.long, device=device), level_boot])
+    is_bootstrap = torch.arange(b, device=device) >= n_flow
+
+    drop = None
+    if cond is not None:
+        drop = torch.zeros(b, dtype=torch.bool, device=device)
+        drop[:n_flow] = _rand(n_flow, generator, device) < cond_drop
+
+    tb = _broadcast(t, x1)
+    x_t = (1 - tb) * noise + tb * x1
+    target = torch.empty_like(x1)
+    target[:n_flow] = x1[:n_flow] - noise[:n_flow]
+
+    if n_boot:
+        xb, tb_boot = x_t[n_flow:], t_boot
+        half = _broadcast(d_boot / 2, x1)
+        cond_boot = None if cond is None else cond[n_flow:]
+        guided_rows = torch.zeros(0, dtype=torch.long, device=device)
+        if cfg.bootstrap_cfg and cond is not None and cfg.cfg_scale != 1.0:
+            guided_rows = torch.nonzero(level_boot == num_levels - 1).flatten()
+        with torch.no_grad():
+            v1 = _teacher_velocity(teacher, xb, tb_boot, level_boot + 1, cond_boot, guided_rows, cfg.cfg_scale)
+            x_mid = torch.clamp(xb + half * v1, -SHORTCUT_CLIP, SHORTCUT_CLIP)
+            v2 = _teacher_velocity(teacher, x_mid, tb_boot + d_boot / 2, level_boot + 1, cond_boot,
+                                   guided_rows, cfg.cfg_scale)
+            target[n_flow:] = torch.clamp((v1 + v2) / 2, -SHORTCUT_CLIP, SHORTCUT_CLIP)
+
+    return ShortcutBatch(x_t=x_t, t=t, level=level, target=target.detach(), drop=drop,
+                         is_bootstrap=is_bootstrap, noise=noise)
+
+
+class ShortcutObjective:
+    """Flow matching plus shortcut self-consistency (Frans et al., ICLR 2025)."""
+
+    def __init__(self, cfg: ShortcutConfig, cond_drop: float = 0.0):
+        self.cfg = cfg
+        self.cond_drop = cond_drop
+        self.num_levels = log2_steps(cfg.denoise_timesteps)
+        if not 0 < cfg.bootstrap_fraction < 1:
+            raise ValueError(f"shortcut.bootstrap_fraction: must be in (0, 1), got {cfg.bootstrap_fraction}")
+
+    @property
+    def num_step_levels(self) -> int:
+        """Levels 0..log2 M: the UNet's step-size embedding table size."""
+        return self.num_levels + 1
+
+    def targets(self, teacher: ModelCall, x1: torch.Tensor, cond: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None, step: Optional[int] = None) -> ShortcutBatch:
+        return shortcut_targets(teacher, x1, cond, self.cfg, self.cond_drop, generator, step)
+
+    def loss_from_targets(self, model: ModelCall, batch: ShortcutBatch,
+                          cond: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Logs]:
+        """One forward with gradient on the whole batch; MSE over all rows."""
+        pred = model(batch.x_t, batch.t, level=batch.level, cond=cond, drop=batch.drop)
+        per_sample = _mse_per_sample(pred, batch.target)
+        loss = per_sample.mean()
+        detached = per_sample.detach()
+        logs = {"loss_flow": detached[~batch.is_bootstrap].mean()}
+        if batch.is_bootstrap.any():
+            logs["loss_bootstrap"] = detached[batch.is_bootstrap].mean()
+        return loss, logs
+
+    def loss(self, model: ModelCall, x1: torch.Tensor, cond: Optional[torch.Tensor] = None,
+             teacher: Optional[ModelCall] = None, generator: Optional[torch.Generator] = None,
+             step: Optional[int] = None) -> tuple[torch.Tensor, Logs]:
+        """``teacher`` None: the online model is its own teacher (still without gradient).
+
+        To use an EMA held by ``EMA.swapped`` as teacher, call ``targets`` inside the swap
+        and ``loss_from_targets`` after it. ``logs`` has no "loss_bootstrap" when the
+        batch has no bootstrap row (B == 1 or M == 1).
+        """
+        batch = self.targets(teacher if teacher is not None else model, x1, cond, generator, step)
+        return self.loss_from_targets(model, batch, cond)
+
+
+# ----------------------------------------------------------------------------- ddpm
+
+class DDPMSchedule:
+    """Stable Diffusion's scaled-linear schedule: betas = linspace(sqrt(b0), sqrt(b1), T)^2."""
+
+    def __init__(self, num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
+        if num_timesteps < 1:
+            raise ValueError(f"ddpm.num_timesteps: must be >= 1, got {num_timesteps}")
+        if not 0 < beta_start <= beta_end < 1:
+            raise ValueError(f"ddpm betas: need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
+        self.num_timesteps = num_timesteps
+        # float64 so products over 1000 steps stay exact to float32 precision.
+        self.betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_timesteps, dtype=torch.float64) ** 2
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+
+    @classmethod
+    def from_config(cls, cfg: DDPMConfig) -> "DDPMSchedule":
+        return cls(cfg.num_timesteps, cfg.beta_start, cfg.beta_end)
+
+    def add_noise(self, x: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """sqrt(abar_t) x + sqrt(1 - abar_t) noise for integer timesteps [B]."""
+        abar = self.alphas_cumprod.to(x.device)[timesteps]
+        return _broadcast(abar.sqrt(), x) * x + _broadcast((1 - abar).sqrt(), x) * noise
+
+
+class DDPMObjective:
+    """Epsilon prediction; the network sees t = timestep / num_timesteps."""
+
+    num_step_levels = 0
+
+    def __init__(self, cfg: DDPMConfig, cond_drop: float = 0.0):
+        self.cfg = cfg
+        self.cond_drop = cond_drop
+        self.schedule = DDPMSchedule.from_config(cfg)
+
+    def loss(self, model: ModelCall, x1: torch.Tensor, cond: Optional[torch.Tensor] = None,
+             teacher: Optional[ModelCall] = None, generator: Optional[torch.Generator] = None,
+             step: Optional[int] = None) -> tuple[torch.Tensor, Logs]:
+        """``teacher`` and ``step`` are accepted for a uniform interface and not used."""
+        _check_batch(x1, cond)
+        noise = _randn_like(x1, generator)
+        timesteps = _randint(self.schedule.num_timesteps, x1.shape[0], generator, x1.device)
+        drop = _condition_dropout(x1.shape[0], cond, self.cond_drop, generator, x1.device)
+        x_t = self.schedule.add_noise(x1, noise, timesteps)
+        pred = model(x_t, timesteps.float() / self.schedule.num_timesteps, level=None, cond=cond, drop=drop)
+        loss = _mse_per_sample(pred, noise).mean()
+        return loss, {"loss_ddpm": loss.detach()}
+
+
+# ----------------------------------------------------------------------------- factory
+
+Objective = FlowObjective | ShortcutObjective | DDPMObjective
+
+
+def build_objective(run_cfg: UNetRunConfig) -> Objective:
+    cond_drop = run_cfg.cond.drop if run_cfg.cond.type != "none" else 0.0
+    if run_cfg.objective == "shortcut":
+        return ShortcutObjective(run_cfg.shortcut, cond_drop)
+    if run_cfg.objective == "flow":
+        return FlowObjective(run_cfg.flow, cond_drop)
+    if run_cfg.objective == "ddpm":
+        return DDPMObjective(run_cfg.ddpm, cond_drop)
+    raise ValueError(f"config key 'objective': {run_cfg.objective!r} is not one of shortcut, flow, ddpm")

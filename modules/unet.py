@@ -1,0 +1,398 @@
+"""The stage-2 network: an SD-style UNet over VAE latents.
+
+Layout (like Stable Diffusion's): ``conv_in``; per level of ``channel_mult`` ``num_res_blocks``
+ResBlocks, each followed by a SpatialTransformer at ``attention_levels``, and a downsample
+between levels; a middle ResBlock-SpatialTransformer-ResBlock; the mirrored up path with
+``num_res_blocks + 1`` blocks per level fed by skip connections; GroupNorm, SiLU and a
+zero-initialised ``conv_out``. ResBlocks take the timestep embedding as a scale and shift
+of their second GroupNorm (ADM's "scale-shift norm").
+
+Conditioning of the timestep embedding: sinusoid of ``t * 1000`` (``t`` in [0, 1]) through
+an MLP, plus the shortcut step-size level embedding and the class embedding when present.
+Models are saved as folders (``config.json`` + ``model.safetensors``, see modules/export.py).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from modules.attention import attention
+from modules.conditioning import Conditioner
+from modules.config import CHOICES, ConfigError, CondConfig, UNetModelConfig, from_dict
+from modules.export import ModelFolderError, read_config, read_weights, save_model_folder
+from modules.wavelet import WaveletDownsample, WaveletUpsample
+
+TIME_SCALE = 1000.0   # t in [0, 1] is embedded as t * 1000: raw [0, 1] would collapse the sinusoid
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoid ``[cos(t * 1000 * f_i), sin(t * 1000 * f_i)]``, ``f_i = max_period^(-i / (dim // 2))``: ``[B, dim]``."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = (t.float() * TIME_SCALE)[:, None] * freqs[None, :]
+    return F.pad(torch.cat([args.cos(), args.sin()], dim=1), (0, dim - 2 * half))
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Zero a layer's weights and bias, so the branch it ends starts as a no-op."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, timestep scale-shift on the second GroupNorm, SiLU-dropout-conv, plus skip."""
+
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, groups: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(temb_dim, 2 * out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """``emb`` is the already SiLU-activated timestep embedding ``[B, temb_dim]``."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)
+        h = torch.addcmul(shift, self.norm2(h), 1 + scale)   # norm * (1 + scale) + shift, one kernel
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with one fused q/k/v projection."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.out(attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from image tokens to context tokens (fused k/v projection)."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(context_dim, 2 * dim, bias=False)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        head_dim = c // self.heads
+        q = self.q(x).view(b, n, self.heads, head_dim).transpose(1, 2)
+        k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.out(attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
+class GEGLU(nn.Module):
+    """Feed-forward ``Linear(dim, 2 * 4dim) -> a * gelu(gate) -> Linear(4dim, dim)``."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * mult * dim)
+        self.out = nn.Linear(mult * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return self.out(a * F.gelu(gate))
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LayerNorm self-attention, cross-attention (only when there is a context) and GEGLU."""
+
+    def __init__(self, dim: int, heads: int, context_dim: Optional[int]):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = SelfAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim) if context_dim else None
+        self.attn2 = CrossAttention(dim, context_dim, heads) if context_dim else None
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = GEGLU(dim)
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor]) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        if self.attn2 is not None:
+            x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm, proj_in, transformer blocks over the ``h * w`` tokens, zero-initialised proj_out, residual."""
+
+    def __init__(self, ch: int, head_dim: int, depth: int, context_dim: Optional[int], groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.proj_in = nn.Linear(ch, ch)
+        self.blocks = nn.ModuleList(BasicTransformerBlock(ch, ch // head_dim, context_dim) for _ in range(depth))
+        self.proj_out = zero_init(nn.Linear(ch, ch))
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor]) -> torch.Tensor:
+        b, c, h, w = x.shape
+        # NCHW -> tokens [B, h*w, C]: a view, not a copy, when x is channels_last.
+        tokens = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c))
+        for block in self.blocks:
+            tokens = block(tokens, context)
+        return x + self.proj_out(tokens).reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 convolution."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def make_resample(kind: str, direction: str, ch: int) -> nn.Module:
+    """``conv`` or ``wavelet`` (Haar DWT with learned sub-band gates) down/up-sampling at width ``ch``."""
+    if kind == "wavelet":
+        return WaveletDownsample(ch, ch) if direction == "down" else WaveletUpsample(ch, ch)
+    return Downsample(ch) if direction == "down" else Upsample(ch)
+
+
+class LevelBlock(nn.Module):
+    """A ResBlock, then a SpatialTransformer at attention levels, then (up path) an upsample."""
+
+    def __init__(self, res: ResBlock, attn: Optional[SpatialTransformer], upsample: Optional[nn.Module] = None):
+        super().__init__()
+        self.res = res
+        self.attn = attn
+        self.upsample = upsample
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: Optional[torch.Tensor]) -> torch.Tensor:
+        x = self.res(x, emb)
+        if self.attn is not None:
+            x = self.attn(x, context)
+        if self.upsample is not None:
+            x = self.upsample(x)
+        return x
+
+
+def check_unet_config(model_cfg: UNetModelConfig, cond_cfg: CondConfig) -> None:
+    """Refuse settings the network cannot be built from; errors name the config key."""
+    for key, value in (("model.resample", model_cfg.resample), ("cond.type", cond_cfg.type),
+                       ("cond.mask_mode", cond_cfg.mask_mode)):
+        if value not in CHOICES[key]:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(CHOICES[key])}")
+    if not model_cfg.channel_mult:
+        raise ConfigError("config key 'model.channel_mult': needs at least one level")
+    for name in ("in_channels", "base_channels", "num_res_blocks", "head_dim", "transformer_depth",
+                 "context_dim", "norm_groups"):
+        if getattr(model_cfg, name) < 1:
+            raise ConfigError(f"config key 'model.{name}': must be > 0, got {getattr(model_cfg, name)}")
+    if model_cfg.num_step_levels < 0:
+        raise ConfigError(f"config key 'model.num_step_levels': must be >= 0, got {model_cfg.num_step_levels}")
+    for mult in model_cfg.channel_mult:
+        ch = model_cfg.base_channels * mult
+        if mult < 1 or ch % model_cfg.norm_groups or ch % model_cfg.head_dim:
+            raise ConfigError(f"config key 'model.channel_mult': width {model_cfg.base_channels} x {mult} must be "
+                              f"positive and divisible by model.norm_groups={model_cfg.norm_groups} and "
+                              f"model.head_dim={model_cfg.head_dim}")
+    bad = [lvl for lvl in model_cfg.attention_levels if not 0 <= lvl < len(model_cfg.channel_mult)]
+    if bad:
+        raise ConfigError(f"config key 'model.attention_levels': level(s) {bad} do not exist "
+                          f"(model.channel_mult has {len(model_cfg.channel_mult)} levels)")
+    if cond_cfg.type == "mask" and cond_cfg.mask_mode != "concat" and model_cfg.context_dim % 4:
+        raise ConfigError(f"config key 'model.context_dim': mask tokens need a multiple of 4 "
+                          f"(2-D sine-cosine positions), got {model_cfg.context_dim}")
+
+
+class UNet(nn.Module):
+    """``forward(x, t, level=None, cond=None, drop=None)`` -> velocity / noise prediction shaped like ``x``.
+
+    x: latents ``[B, in_channels, h, w]`` (h, w divisible by 2^(levels - 1)); t: ``[B]`` float in [0, 1];
+    level: ``[B]`` long step-size level (required iff ``model.num_step_levels > 0``); cond: see
+    :class:`modules.conditioning.Conditioner` (None = null condition for every sample);
+    drop: ``[B]`` bool, True = use the null condition for that sample (classifier-free guidance).
+    Set ``gradient_checkpointing = True`` to recompute block activations in the backward pass.
+    """
+
+    def __init__(self, model_cfg: UNetModelConfig, cond_cfg: CondConfig):
+        super().__init__()
+        check_unet_config(model_cfg, cond_cfg)
+        self.model_cfg = copy.deepcopy(model_cfg)
+        self.cond_cfg = copy.deepcopy(cond_cfg)
+        self.gradient_checkpointing = False
+        m = self.model_cfg
+        base, groups = m.base_channels, m.norm_groups
+        temb_dim = 4 * base
+        self.num_levels = len(m.channel_mult)
+
+        self.time_mlp = nn.Sequential(nn.Linear(base, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.level_emb = nn.Embedding(m.num_step_levels, temb_dim) if m.num_step_levels > 0 else None
+        self.conditioner = Conditioner(self.cond_cfg, m, temb_dim)
+        context_dim = m.context_dim if self.conditioner.provides_context else None
+
+        def res(in_ch: int, out_ch: int) -> ResBlock:
+            return ResBlock(in_ch, out_ch, temb_dim, groups, m.dropout)
+
+        def attn(ch: int, level: int) -> Optional[SpatialTransformer]:
+            if level not in m.attention_levels:
+                return None
+            return SpatialTransformer(ch, m.head_dim, m.transformer_depth, context_dim, groups)
+
+        self.conv_in = nn.Conv2d(m.in_channels + self.conditioner.concat_channels, base, 3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        skip_channels = [base]
+        ch = base
+        for level, mult in enumerate(m.channel_mult):
+            for _ in range(m.num_res_blocks):
+                self.down_blocks.append(LevelBlock(res(ch, base * mult), attn(base * mult, level)))
+                ch = base * mult
+                skip_channels.append(ch)
+            if level != self.num_levels - 1:
+                self.down_blocks.append(make_resample(m.resample, "down", ch))
+                skip_channels.append(ch)
+
+        self.mid_res1 = res(ch, ch)
+        self.mid_attn = SpatialTransformer(ch, m.head_dim, m.transformer_depth, context_dim, groups)
+        self.mid_res2 = res(ch, ch)
+
+        self.up_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(m.channel_mult))):
+            for i in range(m.num_res_blocks + 1):
+                upsample = make_resample(m.resample, "up", base * mult) if level and i == m.num_res_blocks else None
+                self.up_blocks.append(LevelBlock(res(ch + skip_channels.pop(), base * mult),
+                                                 attn(base * mult, level), upsample))
+                ch = base * mult
+
+        self.norm_out = nn.GroupNorm(groups, ch)
+        self.conv_out = zero_init(nn.Conv2d(ch, m.in_channels, 3, padding=1))
+
+    @property
+    def config(self) -> dict:
+        """What :func:`save_unet` writes to config.json (before the caller's extra keys)."""
+        return {"kind": "unet", "model": asdict(self.model_cfg), "cond": asdict(self.cond_cfg)}
+
+    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """MLP of the ``t * 1000`` sinusoid: ``[B, 4 * base_channels]``."""
+        first = self.time_mlp[0]
+        return self.time_mlp(timestep_embedding(t, first.in_features).to(first.weight.dtype))
+
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, level: Optional[torch.Tensor]) -> torch.Tensor:
+        m = self.model_cfg
+        factor = 2 ** (self.num_levels - 1)
+        if x.ndim != 4 or x.shape[1] != m.in_channels or x.shape[2] % factor or x.shape[3] % factor:
+            raise ValueError(f"x must be latents [B, {m.in_channels}, h, w] with h and w divisible by {factor} "
+                             f"({self.num_levels} levels), got shape {list(x.shape)}")
+        b = x.shape[0]
+        if not torch.is_tensor(t) or not t.is_floating_point() or t.shape not in ((), (b,)):
+            raise ValueError(f"t must be a float tensor of shape [{b}] with values in [0, 1], got "
+                             f"{t.dtype if torch.is_tensor(t) else type(t).__name__} "
+                             f"of shape {list(getattr(t, 'shape', []))}")
+        if self.level_emb is None and level is not None:
+            raise ValueError("level given, but this UNet has no step-size embedding (model.num_step_levels=0)")
+        if self.level_emb is not None and (level is None or level.dtype not in (torch.int64, torch.int32)
+                                           or tuple(level.shape) != (b,)):
+            raise ValueError(f"this UNet embeds the step size (model.num_step_levels={m.num_step_levels}): "
+                             f"level must be an integer tensor of shape [{b}], got "
+                             f"{'None' if level is None else f'{level.dtype} of shape {list(level.shape)}'}")
+        return t.expand(b)
+
+    def _run(self, block: nn.Module, *args) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, level: Optional[torch.Tensor] = None,
+                cond: Optional[torch.Tensor] = None, drop: Optional[torch.Tensor] = None) -> torch.Tensor:
+        t = self._check_inputs(x, t, level)
+        emb = self.time_embedding(t)
+        if self.level_emb is not None:
+            emb = emb + self.level_emb(level)
+        emb_add, context, concat = self.conditioner(cond, drop, x.shape[0], (x.shape[2], x.shape[3]))
+        if emb_add is not None:
+            emb = emb + emb_add
+        emb = F.silu(emb)
+        if concat is not None:
+            x = torch.cat([x, concat.to(x.dtype)], dim=1)
+
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down_blocks:
+            h = self._run(block, h, emb, context) if isinstance(block, LevelBlock) else block(h)
+            skips.append(h)
+        h = self._run(self.mid_res1, h, emb)
+        h = self._run(self.mid_attn, h, context)
+        h = self._run(self.mid_res2, h, emb)
+        for block in self.up_blocks:
+            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements (shared parameters counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The UNet inside a torch.compile wrapper."""
+    return getattr(model, "_orig_mod", model)
+
+
+def save_unet(model: nn.Module, folder: str | Path, extra_config: Optional[dict] = None) -> Path:
+    """Write ``folder/config.json`` (``model.config`` plus ``extra_config``) and ``folder/model.safetensors``."""
+    unet = _unwrap(model)
+    if not isinstance(unet, UNet):
+        raise TypeError(f"save_unet expects a UNet (or a compiled one), got {type(model).__name__}")
+    extra = dict(extra_config or {})
+    clash = sorted(set(extra) & set(unet.config))
+    if clash:
+        raise ValueError(f"extra_config may not set the reserved key(s) {clash}")
+    return save_model_folder(folder, unet.state_dict(), {**unet.config, **extra})
+
+
+def load_unet(path: str | Path) -> UNet:
+    """Rebuild a UNet from an exported folder (config.json + model.safetensors), in eval mode."""
+    folder = Path(path)
+    config = read_config(folder, kind="unet")
+    try:
+        model_cfg = from_dict(UNetModelConfig, config["model"])
+        cond_cfg = from_dict(CondConfig, config["cond"])
+    except KeyError as e:
+        raise ModelFolderError(f"{folder / 'config.json'}: missing section {e}") from None
+    except ConfigError as e:
+        raise ModelFolderError(f"{folder / 'config.json'}: {e}") from None
+    model = UNet(model_cfg, cond_cfg)
+    weights = read_weights(folder)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ModelFolderError(f"{folder}: weights do not match config.json ({e})") from None
+    if missing or unexpected:
+        raise ModelFolderError(f"{folder}: weights do not match config.json "
+                               f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    return model.eval()

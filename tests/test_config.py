@@ -1,0 +1,82 @@
+"""Config presets, dotted overrides and their error messages."""
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from modules.config import (ConfigError, UNetRunConfig, VAERunConfig, diff_fields, from_dict, load_config,
+                            to_dict)
+
+
+def test_presets_load_and_round_trip():
+    for cls, stage, name in [(VAERunConfig, "vae", "tiny"), (VAERunConfig, "vae", "kl-f8"),
+                             (UNetRunConfig, "unet", "tiny"), (UNetRunConfig, "unet", "seed"),
+                             (UNetRunConfig, "unet", "sd15")]:
+        cfg = load_config(cls, stage, name)
+        assert from_dict(cls, json.loads(json.dumps(to_dict(cfg)))) == cfg
+
+
+def test_kl_f8_is_the_sd_recipe():
+    cfg = load_config(VAERunConfig, "vae", "kl-f8")
+    assert cfg.model.base_channels == 128 and cfg.model.channel_mult == (1, 2, 4, 4)
+    assert cfg.model.num_res_blocks == 2 and cfg.model.latent_channels == 4
+    assert cfg.model.downsample_factor == 8 and cfg.loss.kl_weight == 1e-6
+
+
+def test_overrides_are_typed():
+    cfg = load_config(UNetRunConfig, "unet", "tiny",
+                      ["train.lr=2e-4", "model.channel_mult=1,2,4", "model.attention_levels=[2]",
+                       "shortcut.bootstrap_cfg=true", "cond.type=class", "train.max_steps=1e3"])
+    assert cfg.train.lr == 2e-4 and cfg.model.channel_mult == (1, 2, 4)
+    assert cfg.model.attention_levels == (2,) and cfg.shortcut.bootstrap_cfg is True
+    assert cfg.cond.type == "class" and cfg.train.max_steps == 1000
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1", "unknown config key 'train.lrr'"),
+    ("nosuch=1", "unknown config key 'nosuch'"),
+    ("train.lr=abc", "config key 'train.lr': expected float"),
+    ("train.batch_size=2.5", "config key 'train.batch_size': expected int"),
+    ("train.hflip=maybe", "unknown config key 'train.hflip'"),
+    ("data.hflip=maybe", "config key 'data.hflip': expected bool"),
+    ("model.base_channels=-8", "config key 'model.base_channels': must be > 0"),
+    ("objective=diffusion", "config key 'objective': 'diffusion' is not one of"),
+    ("shortcut.denoise_timesteps=100", "must be a power of two"),
+    ("train=3", "is a section"),
+    ("train.lr", "not of the form key=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config(UNetRunConfig, "unet", "tiny", [override])
+
+
+def test_vae_image_size_must_divide_by_downsampling():
+    with pytest.raises(ConfigError, match="data.image_size.*not divisible.*8"):
+        load_config(VAERunConfig, "vae", "kl-f8", ["data.image_size=100"])
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ConfigError, match="presets: .*tiny"):
+        load_config(VAERunConfig, "vae", "nope")
+
+
+def test_diff_fields_names_mismatches():
+    a = to_dict(load_config(UNetRunConfig, "unet", "tiny"))
+    b = to_dict(load_config(UNetRunConfig, "unet", "tiny", ["model.base_channels=64"]))
+    assert diff_fields(a, b) == ["model.base_channels: 32 != 64"]
+
+
+KEYS = ["train.lr", "train.batch_size", "model.channel_mult", "data.hflip", "objective", "cond.type",
+        "shortcut.denoise_timesteps", "train", "nosuch.key", "model", ""]
+
+
+@settings(max_examples=150, deadline=None)
+@given(key=st.one_of(st.sampled_from(KEYS), st.text(max_size=20)),
+       value=st.one_of(st.text(max_size=20), st.integers().map(str), st.floats().map(str)))
+def test_random_overrides_parse_or_name_the_problem(key, value):
+    """Whatever the words, the parser either accepts them or raises ConfigError - nothing else."""
+    try:
+        load_config(UNetRunConfig, "unet", "tiny", [f"{key}={value}"])
+    except ConfigError as e:
+        assert str(e)

@@ -1,0 +1,264 @@
+"""Evaluation metrics: Frechet distance vs scipy, folder FID through the Inception code path
+(with a small TorchScript stand-in), PSNR and mask IoU closed forms, evaluate.py CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import evaluate
+from modules.metrics import (INCEPTION_URL, MetricsError, feature_statistics, fid_folder_vs_stats,
+                             fid_from_folders, folder_features, frechet_distance, list_images, load_image,
+                             load_inception, load_stats, mask_iou, psnr, save_stats)
+
+REPO = Path(__file__).resolve().parent.parent
+SIZE = 32   # images are resized to this instead of 299 to keep the stand-in fast
+
+
+def scipy_frechet(mu1, s1, mu2, s2) -> float:
+    """The reference formula (pytorch-fid): sqrtm of the product."""
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+class StandInExtractor(nn.Module):
+    """A fixed random conv net with Inception's call convention: 0..255 images -> [B, 64]."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 16, 5, stride=2)
+        self.conv2 = nn.Conv2d(16, 32, 3, stride=2)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        h = torch.tanh(self.conv1(x / 127.5 - 1))
+        h = torch.tanh(self.conv2(h))
+        feats = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
+        return feats if return_features else feats.sum(dim=1)
+
+
+@pytest.fixture(scope="module")
+def extractor_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "standin.pt"
+    torch.jit.script(StandInExtractor().eval()).save(str(path))
+    return path
+
+
+def write_images(folder: Path, n: int, seed: int, brightness: float = 0.0) -> Path:
+    """Smooth random RGB images (upsampled noise) of varying sizes and formats."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for i in range(n):
+        coarse = rng.uniform(0, 255, size=(4, 4, 3)) * (1 - brightness) + 255 * brightness
+        size = 24 + 8 * (i % 3)
+        img = Image.fromarray(coarse.astype(np.uint8)).resize((size, size), Image.Resampling.BILINEAR)
+        img.save(folder / (f"{i:03d}.png" if i % 4 else f"{i:03d}.jpg"), quality=95)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    return {"a": write_images(root / "a", 96, seed=1),
+            "b": write_images(root / "b", 96, seed=2, brightness=0.3),
+            "empty": _mkdir(root / "empty")}
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+# ----------------------------------------------------------------------------- Frechet distance
+
+def test_frechet_distance_matches_scipy():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 32))
+    b = rng.normal(size=(400, 32)) @ rng.normal(size=(32, 32)) * 0.5 + 0.3
+    mu1, s1 = feature_statistics(a)
+    mu2, s2 = feature_statistics(b)
+    got = frechet_distance(mu1, s1, mu2, s2)
+    assert got == pytest.approx(scipy_frechet(mu1, s1, mu2, s2), rel=1e-6)
+    assert frechet_distance(torch.from_numpy(mu1), torch.from_numpy(s1), mu2, s2) == pytest.approx(got, rel=1e-12)
+    assert mu1.dtype == s1.dtype == np.float64
+    np.testing.assert_allclose(s1, np.cov(a, rowvar=False))
+
+
+def test_frechet_distance_rejects_mismatched_shapes():
+    with pytest.raises(MetricsError, match="shapes"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def test_stats_round_trip_and_bad_files(tmp_path):
+    rng = np.random.default_rng(1)
+    mu, sigma = feature_statistics(rng.normal(size=(20, 5)))
+    path = save_stats(tmp_path / "s.npz", mu, sigma)
+    mu2, sigma2 = load_stats(path)
+    assert np.array_equal(mu, mu2) and np.array_equal(sigma, sigma2)
+
+    np.savez(tmp_path / "wrong.npz", mean=mu)
+    with pytest.raises(MetricsError, match="missing array.*mu"):
+        load_stats(tmp_path / "wrong.npz")
+    np.savez(tmp_path / "pickled.npz", mu=np.array([{"x": 1}], dtype=object), sigma=sigma)
+    with pytest.raises(MetricsError, match="pickled.npz"):
+        load_stats(tmp_path / "pickled.npz")
+    with pytest.raises(MetricsError, match="absent.npz"):
+        load_stats(tmp_path / "absent.npz")
+
+
+# ----------------------------------------------------------------------------- folders
+
+def test_load_image_converts_and_resizes(tmp_path):
+    Image.new("L", (40, 20), color=100).save(tmp_path / "gray.png")
+    Image.new("RGBA", (10, 10), color=(10, 20, 30, 0)).save(tmp_path / "rgba.png")
+    gray = load_image(tmp_path / "gray.png", 16)
+    rgba = load_image(tmp_path / "rgba.png", 16)
+    assert gray.shape == rgba.shape == (3, 16, 16)
+    np.testing.assert_allclose(gray, 100, atol=1e-3)        # resizing keeps a flat image flat
+    np.testing.assert_allclose(rgba[:, 5, 5], [10, 20, 30], atol=1e-3)
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(MetricsError, match="bad.png"):
+        load_image(tmp_path / "bad.png", 16)
+
+
+def test_list_images_follows_manifests_and_metadata(shapes_dir, tmp_path):
+    # imagefolder data set with paired masks: only metadata.jsonl's file_name images count
+    files = list_images(shapes_dir)
+    assert len(files) == 24 and not any("masks" in f.parts for f in files)
+    # sample.py output: the manifest's files, not grid.png
+    out = write_images(tmp_path / "samples", 3, seed=3)
+    names = sorted(p.name for p in out.iterdir())
+    Image.new("RGB", (8, 8)).save(out / "grid.png")
+    (out / "manifest.jsonl").write_text("".join(json.dumps({"file": n, "seed": i}) + "\n"
+                                                for i, n in enumerate(names)))
+    assert [f.name for f in list_images(out)] == names
+    (out / "manifest.jsonl").write_text(json.dumps({"file": "gone.png"}) + "\n")
+    with pytest.raises(MetricsError, match="gone.png"):
+        list_images(out)
+    # a plain folder: every image, recursively, sorted
+    plain = write_images(tmp_path / "plain", 2, seed=4)
+    write_images(plain / "sub", 2, seed=5)
+    assert [f.relative_to(plain).as_posix() for f in list_images(plain)] == [
+        "000.jpg", "001.png", "sub/000.jpg", "sub/001.png"]
+
+
+def test_folder_fid_with_itself_is_zero_and_differs_across_folders(folders, extractor_file, tmp_path):
+    extractor = load_inception(extractor_file)
+    feats = folder_features(folders["a"], extractor, batch_size=20, image_size=SIZE)
+    assert feats.shape == (96, 64) and feats.dtype == np.float64
+    # Batching does not change features: compare against one image at a time, in sorted order.
+    first = sorted(folders["a"].iterdir())[0]
+    single = extractor(torch.from_numpy(load_image(first, SIZE))[None], return_features=True)
+    np.testing.assert_allclose(feats[0], single[0].detach().double().numpy(), rtol=1e-5, atol=1e-6)
+
+    assert abs(fid_from_folders(folders["a"], folders["a"], extractor, 32, image_size=SIZE)) < 1e-6
+    fid_ab = fid_from_folders(folders["a"], folders["b"], extractor, 32, image_size=SIZE)
+    mu_a, s_a = feature_statistics(feats)
+    mu_b, s_b = feature_statistics(folder_features(folders["b"], extractor, 32, image_size=SIZE))
+    assert fid_ab > 1e-3
+    assert fid_ab == pytest.approx(scipy_frechet(mu_a, s_a, mu_b, s_b), rel=1e-6)
+
+    save_stats(tmp_path / "b.npz", mu_b, s_b)
+    assert fid_folder_vs_stats(folders["a"], tmp_path / "b.npz", extractor, 32,
+                               image_size=SIZE) == pytest.approx(fid_ab, rel=1e-9)
+    save_stats(tmp_path / "small.npz", mu_b[:8], s_b[:8, :8])
+    with pytest.raises(MetricsError, match="64-d features but .*small.npz has 8-d"):
+        fid_folder_vs_stats(folders["a"], tmp_path / "small.npz", extractor, 32, image_size=SIZE)
+
+
+def test_folder_and_weights_errors(folders, tmp_path):
+    with pytest.raises(MetricsError, match="has no .png"):
+        folder_features(folders["empty"], StandInExtractor(), image_size=SIZE)
+    with pytest.raises(MetricsError, match="nowhere"):
+        folder_features(tmp_path / "nowhere", StandInExtractor(), image_size=SIZE)
+    with pytest.raises(MetricsError) as err:
+        load_inception(tmp_path / "inception-2015-12-05.pt")
+    assert "inception-2015-12-05.pt" in str(err.value) and INCEPTION_URL in str(err.value)
+    (tmp_path / "not_torchscript.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(MetricsError, match="not a TorchScript archive"):
+        load_inception(tmp_path / "not_torchscript.pt")
+
+
+# ----------------------------------------------------------------------------- PSNR, IoU
+
+def test_psnr_closed_form():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 16, 16, generator=g) * 2 - 1
+    sigma = torch.tensor([0.01, 0.1, 0.5]).view(3, 1, 1, 1)
+    signs = torch.randint(0, 2, x.shape, generator=g) * 2 - 1
+    y = x + sigma * signs                       # noise of variance exactly sigma^2 per image
+    expected = 10 * torch.log10(4.0 / sigma.flatten() ** 2)
+    torch.testing.assert_close(psnr(y, x), expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(psnr((y + 1) / 2, (x + 1) / 2, data_range=1.0), expected, rtol=0, atol=1e-4)
+
+
+def test_mask_iou_known_values():
+    pred = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    target = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [0, 1, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    expected = torch.tensor([1 / 3, 1.0, 0.0, 0.5])
+    torch.testing.assert_close(mask_iou(pred.view(4, 1, 2, 2), target.view(4, 1, 2, 2)), expected)
+    assert mask_iou(pred, target, reduction="mean").item() == pytest.approx(expected.mean().item())
+    with pytest.raises(ValueError, match="boolean"):
+        mask_iou(pred.float(), target)
+
+
+# ----------------------------------------------------------------------------- evaluate.py
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "evaluate.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_errors_are_one_line_messages(folders, tmp_path, extractor_file):
+    missing_weights = run_cli("fid", "--inception", str(tmp_path / "inception-2015-12-05.pt"),
+                              str(folders["a"]), str(folders["b"]))
+    assert missing_weights.returncode == 2
+    assert missing_weights.stderr.startswith("error: ") and "Traceback" not in missing_weights.stderr
+    assert "inception-2015-12-05.pt" in missing_weights.stderr and INCEPTION_URL in missing_weights.stderr
+
+    empty = run_cli("fid", "--inception", str(extractor_file), "--device", "cpu", "--image-size", str(SIZE),
+                    str(folders["a"]), str(folders["empty"]))
+    assert empty.returncode == 2 and "Traceback" not in empty.stderr
+    assert "error: " in empty.stderr and str(folders["empty"]) in empty.stderr
+
+    help_text = run_cli("--help")
+    assert help_text.returncode == 0 and "fid" in help_text.stdout and "stats" in help_text.stdout
+
+
+def test_cli_in_process_errors(folders, tmp_path, capsys, extractor_file):
+    assert evaluate.main(["fid", "--inception", str(extractor_file), str(tmp_path / "nope"), str(folders["a"])]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert evaluate.main(["fid", "--inception", str(extractor_file), str(folders["a"]),
+                          str(tmp_path / "missing.npz")]) == 2
+    assert "missing.npz" in capsys.readouterr().err
+    assert evaluate.main(["stats", "--inception", str(extractor_file), str(folders["a"]),
+                          "--out", str(tmp_path / "stats.txt")]) == 2
+    assert "must end in .npz" in capsys.readouterr().err
+
+
+def test_cli_success_matches_the_library(folders, tmp_path, extractor_file, capsys):
+    stats_a = tmp_path / "a.npz"
+    done = run_cli("fid", "--inception", str(extractor_file), "--device", "cpu", "--batch-size", "25",
+                   "--image-size", str(SIZE), "--save-stats", str(stats_a), str(folders["a"]), str(folders["b"]))
+    assert done.returncode == 0, done.stderr
+    extractor = load_inception(extractor_file)
+    expected = fid_from_folders(folders["a"], folders["b"], extractor, 25, image_size=SIZE)
+    assert float(done.stdout.strip()) == pytest.approx(expected, rel=1e-5)
+
+    stats_b = tmp_path / "b.npz"
+    assert evaluate.main(["stats", "--inception", str(extractor_file), "--device", "cpu", "--image-size",
+                          str(SIZE), str(folders["b"]), "--out", str(stats_b)]) == 0
+    assert evaluate.main(["fid", "--inception", str(extractor_file), "--device", "cpu", "--image-size",
+                          str(SIZE), str(folders["a"]), str(stats_b)]) == 0
+    assert float(capsys.readouterr().out.strip().splitlines()[-1]) == pytest.approx(expected, rel=1e-5)
+    mu, sigma = load_stats(stats_a)
+    np.testing.assert_allclose(frechet_distance(mu, sigma, *load_stats(stats_b)), expected, rtol=1e-9)

@@ -1,0 +1,98 @@
+"""sample.py end to end on a tiny trained model: files, manifest, determinism, refusals."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import sample
+from modules.training import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args):
+    sample.main([*map(str, args)])
+
+
+def read_pngs(folder):
+    return {p.name: np.asarray(Image.open(p), dtype=np.int16) for p in sorted(folder.glob("0*.png"))}
+
+
+def test_writes_images_and_manifest(tiny_unet_run, tmp_path):
+    run("--unet", tiny_unet_run, "--out", tmp_path / "s", "--num-samples", 5, "--steps", 2, "--grid",
+        "--class-label", 1, "--cfg-scale", 1.5)
+    pngs = read_pngs(tmp_path / "s")
+    lines = [json.loads(line) for line in (tmp_path / "s" / "manifest.jsonl").read_text().splitlines()]
+    assert len(pngs) == 5 and len(lines) == 5
+    assert {line["file"] for line in lines} == set(pngs)
+    assert all(line["steps"] == 2 and line["sampler"] == "shortcut" and line["guidance"] == 1.5
+               and line["condition"] == 1 for line in lines)
+    assert next(iter(pngs.values())).shape == (32, 32, 3)
+    assert (tmp_path / "s" / "grid.png").is_file()
+
+
+def test_same_seed_same_images_whatever_the_batch_size(tiny_unet_run, tmp_path):
+    for batch in (1, 3, 7):
+        run("--unet", tiny_unet_run, "--out", tmp_path / f"b{batch}", "--num-samples", 7, "--steps", 4,
+            "--batch-size", batch, "--seed", 5)
+    reference = read_pngs(tmp_path / "b7")
+    for batch in (1, 3):
+        other = read_pngs(tmp_path / f"b{batch}")
+        assert other.keys() == reference.keys()
+        for name in reference:
+            assert np.abs(other[name] - reference[name]).max() <= 2, name
+    run("--unet", tiny_unet_run, "--out", tmp_path / "seed6", "--num-samples", 7, "--steps", 4, "--seed", 6)
+    assert any(np.abs(read_pngs(tmp_path / "seed6")[n] - reference[n]).max() > 2 for n in reference)
+
+
+def test_every_sampler_of_the_objective_runs(tiny_unet_run, tmp_path):
+    for sampler, steps in [("shortcut", 8), ("euler", 3), ("heun", 2)]:
+        run("--unet", tiny_unet_run, "--out", tmp_path / sampler, "--num-samples", 2, "--steps", steps,
+            "--sampler", sampler)
+        assert len(read_pngs(tmp_path / sampler)) == 2
+
+
+def refusal(capsys, *args):
+    with pytest.raises(SystemExit) as info:
+        run_cli(sample.main, [*map(str, args)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("error: ")
+    return err.splitlines()[-1]
+
+
+def test_refusals(tiny_unet_run, tiny_vae_run, tmp_path, capsys):
+    unet = ["--unet", tiny_unet_run]
+    assert "power of two" in refusal(capsys, *unet, "--out", tmp_path / "a", "--steps", 3)
+    assert "exceeds the trained maximum of 8" in refusal(capsys, *unet, "--out", tmp_path / "a", "--steps", 16)
+    assert "classes 0..2" in refusal(capsys, *unet, "--out", tmp_path / "a", "--class-label", 3)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(masks / "m.png")
+    assert "not mask-conditioned" in refusal(capsys, *unet, "--out", tmp_path / "a", "--masks", masks)
+    assert "does not fit a shortcut model" in refusal(capsys, *unet, "--out", tmp_path / "a", "--sampler", "ddim")
+    run(*unet, "--out", tmp_path / "full", "--num-samples", 1)
+    capsys.readouterr()
+    assert "--overwrite" in refusal(capsys, *unet, "--out", tmp_path / "full", "--num-samples", 1)
+    run(*unet, "--out", tmp_path / "full", "--num-samples", 1, "--overwrite")
+    # A VAE other than the recorded one, with another architecture, is refused naming the field.
+    other = tmp_path / "other_vae"
+    shutil.copytree(tiny_vae_run / "vae", other)
+    config = json.loads((other / "config.json").read_text())
+    config["model"]["scale_factor"] = 0.5
+    (other / "config.json").write_text(json.dumps(config))
+    assert "scale_factor" in refusal(capsys, *unet, "--vae", other, "--out", tmp_path / "b")
+    assert "does not exist" in refusal(capsys, *unet, "--vae", tmp_path / "gone", "--out", tmp_path / "b")
+
+
+def test_cli_help_and_error_exit():
+    result = subprocess.run([sys.executable, "sample.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and "--cfg-scale" in result.stdout
+    result = subprocess.run([sys.executable, "sample.py", "--unet", "/nonexistent", "--out", "/tmp/x"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "error:" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,153 @@
+"""Stage 2 end to end: train_unet.py on a tiny VAE; resume, cache, objectives, conditioning, DDP."""
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train_unet
+from modules.export import read_weights
+from modules.generation import GenerationSpec, generate_latents
+from modules.latent_cache import LatentDataset
+from modules.unet import load_unet
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def train(data, vae, out, *extra):
+    train_unet.main(["--config", "tiny", "--data", str(data), "--vae", str(vae), "--output-dir", str(out),
+                     "--report-to", "none", *extra])
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    wa, wb = read_weights(a), read_weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=atol, msg=key)
+
+
+def test_resume_continues_exactly_with_emas(shapes_dir, tiny_vae_run, tmp_path):
+    common = ["cond.type=class", "train.checkpoint_every=4", "train.image_log_every=100", "train.log_every=2"]
+    train(shapes_dir, tiny_vae_run, tmp_path / "straight", "--max-steps", "8", *common)
+    train(shapes_dir, tiny_vae_run, tmp_path / "split", "--max-steps", "4", *common)
+    train(shapes_dir, tiny_vae_run, tmp_path / "split", "--max-steps", "8", "--resume", "latest", *common)
+    for folder in ("unet", "unet_ema"):
+        assert_same_weights(tmp_path / "straight" / folder, tmp_path / "split" / folder)
+    # Both EMAs (sampling and teacher) are in the checkpoint and continued exactly.
+    assert_same_weights(tmp_path / "straight" / "checkpoints" / "step_8" / "ema_rank0.safetensors",
+                        tmp_path / "split" / "checkpoints" / "step_8" / "ema_rank0.safetensors")
+    emas = read_weights(tmp_path / "straight" / "checkpoints" / "step_8" / "ema_rank0.safetensors")
+    assert any(k.startswith("teacher.") for k in emas) and any(k.startswith("sample.") for k in emas)
+    # The exported EMA is not the online model.
+    online, ema = read_weights(tmp_path / "straight" / "unet"), read_weights(tmp_path / "straight" / "unet_ema")
+    assert any(not torch.equal(online[k], ema[k]) for k in online)
+
+
+def test_export_records_vae_and_config(tiny_unet_run, tiny_vae_run):
+    config = json.loads((tiny_unet_run / "unet_ema" / "config.json").read_text())
+    assert config["kind"] == "unet" and config["objective"] == "shortcut"
+    assert Path(config["vae"]["path"]) == (tiny_vae_run / "vae").resolve()
+    assert config["cond"]["num_classes"] == 3 and config["model"]["num_step_levels"] == 4  # log2(8) + 1
+    assert config["run_config"] == json.loads((tiny_unet_run / "config.json").read_text())
+
+
+def test_latent_cache_reused_and_rebuilt(shapes_dir, tiny_vae_run, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    cache = f"cache_dir={tmp_path / 'cache'}"
+    args = ["--max-steps", "1", "train.checkpoint_every=1", "train.image_log_every=100", cache]
+    train(shapes_dir, tiny_vae_run, tmp_path / "a", *args)
+    assert "building latent cache" in caplog.text
+    (first_cache,) = (tmp_path / "cache").glob("latents_*")
+    caplog.clear()
+    train(shapes_dir, tiny_vae_run, tmp_path / "b", *args)
+    assert "using latent cache" in caplog.text and "building" not in caplog.text
+    caplog.clear()
+    train(shapes_dir, tiny_vae_run, tmp_path / "c", *args, "data.image_size=16")
+    assert "building latent cache" in caplog.text
+    caplog.clear()
+    # Another VAE (same architecture, different weights) must not reuse the latents.
+    other_vae = tmp_path / "other_vae"
+    other_vae.mkdir()
+    weights = read_weights(tiny_vae_run / "vae")
+    from safetensors.torch import save_file
+    save_file({k: v + 0.01 for k, v in weights.items()}, other_vae / "model.safetensors")
+    (other_vae / "config.json").write_text((tiny_vae_run / "vae" / "config.json").read_text())
+    train(shapes_dir, other_vae, tmp_path / "d", *args)
+    assert "building latent cache" in caplog.text
+    assert len(list((tmp_path / "cache").glob("latents_*"))) == 3  # one per (VAE, data, size) key
+    # A cache whose writing never finished (no cache_info.json) is rebuilt, not used.
+    caplog.clear()
+    (first_cache / "cache_info.json").unlink()
+    train(shapes_dir, tiny_vae_run, tmp_path / "e", *args)
+    assert "incomplete cache" in caplog.text
+    # The cache stores the posterior (mean and std) of each image and of its flip.
+    folder = first_cache
+    latents = LatentDataset(folder, hflip=True)
+    item = latents[(0, 1)]
+    assert item["mean"].shape == (4, 16, 16) and (item["std"] > 0).all()
+
+
+@pytest.mark.parametrize("objective", ["flow", "ddpm"])
+def test_baseline_objectives_train_and_export(objective, shapes_dir, tiny_vae_run, tmp_path):
+    train(shapes_dir, tiny_vae_run, tmp_path / objective, "--max-steps", "3", f"objective={objective}",
+          "train.checkpoint_every=3", "train.image_log_every=3")
+    config = json.loads((tmp_path / objective / "unet_ema" / "config.json").read_text())
+    assert config["objective"] == objective and config["model"]["num_step_levels"] == 0
+    assert list((tmp_path / objective / "images").glob("*.png"))
+
+
+def test_mask_conditioning_trains(shapes_dir, tiny_vae_run, tmp_path):
+    train(shapes_dir, tiny_vae_run, tmp_path / "mask", "--max-steps", "2", "cond.type=mask", "cond.mask_mode=both",
+          "train.checkpoint_every=2", "train.image_log_every=2")
+    unet = load_unet(tmp_path / "mask" / "unet_ema")
+    assert unet.config["cond"]["type"] == "mask"
+
+
+def test_class_conditional_model_separates_two_classes(tmp_path, tiny_vae_run):
+    """Two classes of flat colour (red vs blue): samples of each class must land nearer to that
+    class's mean latent than to the other's, for at least 90% of samples."""
+    rng = np.random.default_rng(0)
+    for name, colour in [("blue", (40, 60, 220)), ("red", (220, 50, 40))]:
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(16):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 12, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / name / f"{i}.png")
+    out = tmp_path / "run"
+    train(tmp_path / "data", tiny_vae_run, out, "--max-steps", "150", "cond.type=class", "ema.decay=0.9",
+          "train.checkpoint_every=1000", "train.image_log_every=1000", "train.log_every=50",
+          f"cache_dir={tmp_path / 'cache'}")
+    unet = load_unet(out / "unet_ema")
+    config = json.loads((out / "unet_ema" / "config.json").read_text())
+    spec = GenerationSpec.from_export(config)
+    scale = config["vae"]["config"]["model"]["scale_factor"]
+    cached = LatentDataset(next((tmp_path / "cache").glob("latents_*")), hflip=False)
+    labels = torch.stack([cached[i]["label"] for i in range(len(cached))])
+    means = torch.stack([cached[i]["mean"] for i in range(len(cached))]) * scale
+    class_means = torch.stack([means[labels == c].mean(0) for c in (0, 1)])
+    n = 16
+    cond = torch.tensor([0] * n + [1] * n)
+    z = generate_latents(unet, spec, cond, range(2 * n), steps=8)
+    distance = ((z[:, None] - class_means[None]) ** 2).flatten(2).mean(-1)
+    accuracy = (distance.argmin(1) == cond).float().mean().item()
+    assert accuracy >= 0.9, accuracy
+
+
+def test_two_process_ddp_shortcut(shapes_dir, tiny_vae_run, tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_2proc.yaml",
+         "train_unet.py", "--config", "tiny", "--data", str(shapes_dir), "--vae", str(tiny_vae_run),
+         "--output-dir", str(tmp_path / "ddp"), "--report-to", "none", "--max-steps", "4", "cond.type=class",
+         "train.batch_size=4", "train.checkpoint_every=4", "train.image_log_every=4",
+         f"cache_dir={tmp_path / 'cache'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es), distributed type MULTI_CPU" in result.stderr
+    assert "EMA weights identical on all 2 processes" in result.stderr
+    assert (tmp_path / "ddp" / "unet_ema" / "model.safetensors").is_file()

@@ -1,0 +1,265 @@
+"""AutoencoderKL: diffusers / SD weight compatibility, export round trip, wavelet variant, errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from modules.config import VAEModelConfig
+from modules.export import ModelFolderError
+from modules.vae import (AutoencoderKL, DiagonalGaussian, Upsample, convert_diffusers_state_dict, load_vae,
+                         save_vae)
+
+TINY = VAEModelConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
+ATOL = 1e-5
+
+
+def _image(batch: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def _perturb(model: torch.nn.Module, seed: int) -> None:
+    """Move every weight off its init value (GroupNorm 1/0, zero biases) so layouts must really match."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+def _diffusers_vae(norm_groups: int, levels: int = 2):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.AutoencoderKL(
+        block_out_channels=(32, 64, 64)[:levels], layers_per_block=1, norm_num_groups=norm_groups,
+        latent_channels=4, down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels, scaling_factor=0.3)
+    _perturb(model, seed=1)
+    return model.eval()
+
+
+def _assert_same_function(ours: AutoencoderKL, theirs, size: int = 32) -> None:
+    x = _image(size=size)
+    with torch.no_grad():
+        post_theirs = theirs.encode(x).latent_dist
+        post_ours = ours.encode(x)
+        assert torch.allclose(post_ours.mean, post_theirs.mean, atol=ATOL, rtol=0)
+        assert torch.allclose(post_ours.logvar, post_theirs.logvar, atol=ATOL, rtol=0)
+        z = post_theirs.mean + 0.5 * torch.randn(post_theirs.mean.shape, generator=torch.Generator().manual_seed(2))
+        decoded = theirs.decode(z).sample
+        assert decoded.abs().max() > 0.1      # not a trivially small output
+        assert torch.allclose(ours.decode(z), decoded, atol=ATOL, rtol=0)
+
+
+def test_loads_diffusers_folder_and_matches_outputs(tmp_path):
+    theirs = _diffusers_vae(norm_groups=8)
+    theirs.save_pretrained(tmp_path / "diffusers_vae", safe_serialization=True)
+    ours = load_vae(tmp_path / "diffusers_vae")
+    assert ours.config.base_channels == 32 and ours.config.channel_mult == (1, 2)
+    assert ours.config.num_res_blocks == 1 and ours.config.norm_groups == 8
+    assert ours.config.scale_factor == pytest.approx(0.3)
+    _assert_same_function(ours, theirs)
+
+
+def test_loads_diffusers_pipeline_folder_with_vae_subfolder(tmp_path):
+    theirs = _diffusers_vae(norm_groups=8)
+    theirs.save_pretrained(tmp_path / "pipeline" / "vae", safe_serialization=True)
+    (tmp_path / "pipeline" / "model_index.json").write_text("{}")
+    _assert_same_function(load_vae(tmp_path / "pipeline"), theirs)
+
+
+def test_loads_old_diffusers_attention_names(tmp_path):
+    """Hub checkpoints such as sd-vae-ft-mse use query/key/value/proj_attn (sometimes as 1x1 convs)."""
+    theirs = _diffusers_vae(norm_groups=8)
+    theirs.save_pretrained(tmp_path / "old", safe_serialization=True)
+    renames = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+    old = {}
+    for key, value in theirs.state_dict().items():
+        for new, legacy in renames.items():
+            if ".attentions." in key and new in key:
+                key = key.replace(new, legacy)
+                value = value[:, :, None, None] if value.dim() == 2 else value
+        old[key] = value.contiguous()
+    assert any(".query." in k for k in old)
+    save_file(old, str(tmp_path / "old" / "diffusion_pytorch_model.safetensors"))
+    _assert_same_function(load_vae(tmp_path / "old"), theirs)
+    assert set(convert_diffusers_state_dict(old)) == set(theirs.state_dict())
+
+
+def _to_ldm_layout(sd: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
+    """Diffusers keys -> original LDM / SD keys, written independently of modules.vae's mapping."""
+    out = {}
+    for key, value in sd.items():
+        k = key
+        for i in range(levels):
+            k = k.replace(f"encoder.down_blocks.{i}.resnets.", f"encoder.down.{i}.block.")
+            k = k.replace(f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.")
+            k = k.replace(f"decoder.up_blocks.{i}.resnets.", f"decoder.up.{levels - 1 - i}.block.")
+            k = k.replace(f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{levels - 1 - i}.upsample.")
+        k = (k.replace("mid_block.resnets.0.", "mid.block_1.").replace("mid_block.resnets.1.", "mid.block_2.")
+             .replace("mid_block.attentions.0.group_norm.", "mid.attn_1.norm.")
+             .replace("mid_block.attentions.0.to_q.", "mid.attn_1.q.")
+             .replace("mid_block.attentions.0.to_k.", "mid.attn_1.k.")
+             .replace("mid_block.attentions.0.to_v.", "mid.attn_1.v.")
+             .replace("mid_block.attentions.0.to_out.0.", "mid.attn_1.proj_out.")
+             .replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out"))
+        if ".attn_1." in k and k.endswith("weight") and value.dim() == 2:
+            value = value[:, :, None, None]          # LDM stores the projections as 1x1 convs
+        out[k] = value.contiguous()
+    return out
+
+
+@pytest.mark.parametrize("prefix", ["", "first_stage_model."])
+def test_loads_single_ldm_safetensors_file(tmp_path, prefix):
+    # LDM files carry no config: GroupNorm(32) is assumed (SD's), so the reference uses 32 groups.
+    levels = 3
+    theirs = _diffusers_vae(norm_groups=32, levels=levels)
+    ldm = _to_ldm_layout(theirs.state_dict(), levels)
+    assert "decoder.up.0.block.0.conv1.weight" in ldm and "encoder.mid.attn_1.q.weight" in ldm
+    ldm = {prefix + k: v for k, v in ldm.items()}
+    ldm["loss.logvar"] = torch.zeros(())           # LDM checkpoints keep the loss's parameters too
+    path = tmp_path / "vae-ft.safetensors"
+    save_file(ldm, str(path))
+    ours = load_vae(path)
+    assert ours.config.channel_mult == (1, 2, 2) and ours.config.scale_factor == pytest.approx(0.18215)
+    _assert_same_function(ours, theirs)
+
+
+def test_export_then_load_is_exact(tmp_path):
+    torch.manual_seed(0)
+    model = AutoencoderKL(TINY)
+    _perturb(model, seed=3)
+    model.eval()
+    run_config = {"train": {"lr": 1e-3}}
+    save_vae(model, tmp_path / "vae", run_config=run_config)
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert config["kind"] == "vae" and config["run_config"] == run_config
+    loaded = load_vae(tmp_path / "vae")
+    assert loaded.config == model.config
+    x = _image()
+    with torch.no_grad():
+        a, b = model.encode(x), loaded.encode(x)
+        assert torch.equal(a.mean, b.mean) and torch.equal(a.logvar, b.logvar)
+        assert torch.equal(model.decode(a.mean), loaded.decode(a.mean))
+
+
+def test_upsample_equals_nearest_upsample_then_conv():
+    torch.manual_seed(0)
+    up = Upsample(6)
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64)
+    up.double()
+    expected = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    assert torch.allclose(up(x), expected, atol=1e-12)
+
+
+def test_posterior_kl_sample_and_clamp():
+    gen = torch.Generator().manual_seed(0)
+    moments = torch.randn(3, 8, 4, 4, generator=gen)
+    moments[0, 4, 0, 0] = 100.0                         # log-variance above the clamp
+    post = DiagonalGaussian(moments)
+    assert post.logvar.max().item() == 20.0
+    mean, logvar = moments[:, :4], moments[:, 4:].clamp(-30, 20)
+    reference = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mean, torch.exp(0.5 * logvar)), torch.distributions.Normal(0.0, 1.0))
+    assert post.kl().shape == (3,)
+    assert torch.allclose(post.kl(), reference.sum(dim=(1, 2, 3)), rtol=1e-5)
+    a = post.sample(torch.Generator().manual_seed(5))
+    b = post.sample(torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and not torch.equal(a, post.mode())
+    assert torch.equal(post.mode(), mean)
+
+
+def test_forward_trains_and_exposes_last_layer():
+    torch.manual_seed(0)
+    model = AutoencoderKL(TINY)
+    x = _image()
+    recon, posterior = model(x, generator=torch.Generator().manual_seed(0))
+    assert recon.shape == x.shape and posterior.mean.shape == (2, 4, 16, 16)
+    loss = (recon - x).abs().mean() + 1e-6 * posterior.kl().mean()
+    grad, = torch.autograd.grad(loss, model.last_layer_weight)
+    assert model.last_layer_weight is model.decoder.conv_out.weight and grad.abs().sum() > 0
+    recon_mode, _ = model(x, sample_posterior=False)
+    with torch.no_grad():
+        assert torch.allclose(recon_mode, model.decode(model.encode(x).mean), atol=1e-6)
+
+
+def test_bf16_autocast_keeps_activations_low_precision_and_close():
+    torch.manual_seed(0)
+    model = AutoencoderKL(TINY).eval()
+    x = _image(batch=1)
+    with torch.no_grad():
+        reference = model.decode(model.encode(x).mean)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            norm_out = model.encoder.down_blocks[0].resnets[0].norm1(model.encoder.conv_in(x))
+            mixed = model.decode(model.encode(x).mean)
+    assert norm_out.dtype == torch.bfloat16
+    assert (mixed.float() - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_wavelet_variant_shapes_and_downsampling_factor():
+    torch.manual_seed(0)
+    cfg = VAEModelConfig(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8,
+                         resample="wavelet")
+    model = AutoencoderKL(cfg)
+    assert any(k.startswith("encoder.down_blocks.0.downsamplers.0.gate.") for k in model.state_dict())
+    x = _image(size=32)
+    recon, posterior = model(x)
+    assert recon.shape == x.shape
+    assert posterior.mean.shape == (2, 4, 32 // cfg.downsample_factor, 32 // cfg.downsample_factor)
+    assert cfg.downsample_factor == 4
+    recon.abs().mean().backward()
+    gate_grad = model.decoder.up_blocks[0].upsamplers[0].gate.expand.weight.grad
+    assert gate_grad is not None and gate_grad.abs().sum() > 0
+
+
+def test_refuses_image_of_wrong_size():
+    model = AutoencoderKL(TINY)
+    with pytest.raises(ValueError, match="divisible by 2"):
+        model.encode(torch.zeros(1, 3, 31, 32))
+
+
+def test_load_refuses_pickle_file(tmp_path):
+    path = tmp_path / "vae.ckpt"
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelFolderError, match=str(path)):
+        load_vae(path)
+
+
+def test_load_refuses_empty_folder_and_missing_path(tmp_path):
+    with pytest.raises(ModelFolderError, match=str(tmp_path)):
+        load_vae(tmp_path)
+    with pytest.raises(ModelFolderError, match="does not exist"):
+        load_vae(tmp_path / "nowhere")
+
+
+def test_load_refuses_other_model_kinds(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"kind": "unet"}))
+    with pytest.raises(ModelFolderError, match="'unet'"):
+        load_vae(tmp_path)
+
+
+def test_load_names_keys_that_do_not_fit(tmp_path):
+    model = AutoencoderKL(TINY)
+    save_vae(model, tmp_path / "vae")
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    config["model"]["mid_attention"] = False
+    (tmp_path / "vae" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFolderError, match=r"20 unexpected: decoder\.mid_block\.attentions\.0\."):
+        load_vae(tmp_path / "vae")
+    config["model"]["mid_attention"] = True
+    config["model"]["latent_channels"] = 8
+    (tmp_path / "vae" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFolderError, match="shape"):
+        load_vae(tmp_path / "vae")
+
+
+def test_load_refuses_unsupported_diffusers_config(tmp_path):
+    theirs = _diffusers_vae(norm_groups=8)
+    theirs.save_pretrained(tmp_path / "d", safe_serialization=True)
+    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    config["use_quant_conv"] = False
+    (tmp_path / "d" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFolderError, match="use_quant_conv"):
+        load_vae(tmp_path / "d")
