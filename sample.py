@@ -17,12 +17,12 @@ import logging
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from modules.config import ConfigError, diff_fields
+from modules.data import UnreadableImage, mask_tensor
 from modules.export import ModelFolderError, find_model_folder, read_config
 from modules.generation import SAMPLERS_FOR, GenerationSpec, decode_latents, generate_latents, sample_seed
 from modules.samplers import METHODS
@@ -69,9 +69,12 @@ def check_steps(spec: GenerationSpec, sampler: str, steps: int) -> None:
     if sampler not in SAMPLERS_FOR[spec.objective]:
         raise ConfigError(f"--sampler {sampler}: does not fit a {spec.objective} model "
                           f"(use one of {', '.join(SAMPLERS_FOR[spec.objective])})")
+    if sampler in ("ddim", "ddpm") and steps > spec.ddpm.num_timesteps:
+        raise ConfigError(f"--steps {steps}: exceeds the model's {spec.ddpm.num_timesteps} DDPM timesteps")
 
 
 def load_masks(folder: Path, image_size: int) -> tuple[list[str], torch.Tensor]:
+    """Masks read exactly as training reads them (modules/data.py), one sample per file."""
     if not folder.is_dir():
         raise ConfigError(f"--masks {folder}: not a folder")
     files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
@@ -80,11 +83,9 @@ def load_masks(folder: Path, image_size: int) -> tuple[list[str], torch.Tensor]:
     masks = []
     for f in files:
         try:
-            with Image.open(f) as im:
-                m = im.convert("L").resize((image_size, image_size), Image.NEAREST)
-        except OSError as e:
+            masks.append(mask_tensor(f, image_size))
+        except UnreadableImage as e:
             raise ConfigError(f"--masks: cannot read {f} ({e})") from None
-        masks.append(torch.from_numpy((np.asarray(m) >= 128).astype(np.float32))[None])
     return [f.stem for f in files], torch.stack(masks)
 
 
@@ -100,10 +101,10 @@ def load_models(args, device):
     vae_folder = find_model_folder(vae_path, "vae")
     vae = load_vae(vae_folder)
     vae_model = dataclasses.asdict(vae.config)
-    if recorded.get("config"):
+    if recorded.get("model"):
         structural = ["in_channels", "base_channels", "channel_mult", "num_res_blocks", "latent_channels",
                       "resample", "scale_factor"]
-        mismatch = diff_fields({k: recorded["config"]["model"].get(k) for k in structural},
+        mismatch = diff_fields({k: recorded["model"].get(k) for k in structural},
                                {k: vae_model.get(k) for k in structural})
         if mismatch:
             raise ModelFolderError(f"VAE {vae_folder} does not match the one the UNet was trained with: "
@@ -123,6 +124,10 @@ def main(argv=None) -> None:
     check_steps(spec, sampler, args.steps)
     if args.num_samples < 1 or args.batch_size < 1:
         raise ConfigError("--num-samples and --batch-size must be >= 1")
+    if not 0 <= args.eta <= 1:
+        raise ConfigError(f"--eta {args.eta}: must be in [0, 1]")
+    if spec.cond_type == "none" and args.cfg_scale != 1.0:
+        logger.warning("--cfg-scale %s ignored: %s is an unconditional model", args.cfg_scale, unet_folder)
 
     names, cond = None, None
     if args.masks is not None:
@@ -130,6 +135,7 @@ def main(argv=None) -> None:
             raise ConfigError(f"--masks: {unet_folder} is a '{spec.cond_type}'-conditioned model, not mask-conditioned")
         image_size = spec.latent_size * config["cond"]["image_downsample"]
         names, cond = load_masks(Path(args.masks), image_size)
+        logger.info("--masks: one sample per mask file (%d); --num-samples is not used", len(names))
     elif spec.cond_type == "mask":
         raise ConfigError(f"{unet_folder} is mask-conditioned: pass --masks DIR")
     elif spec.cond_type == "class":

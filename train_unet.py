@@ -20,15 +20,15 @@ from tqdm.auto import tqdm
 from modules.config import ConfigError, UNetRunConfig, to_dict
 from modules.data import build_dataset, make_loader
 from modules.ema import EMA
-from modules.export import find_model_folder, read_config, save_model_folder
+from modules.export import find_model_folder, save_model_folder
 from modules.generation import (GenerationSpec, batch_condition, decode_latents, generate_latents,
                                grid_conditions)
 from modules.latent_cache import build_or_load
 from modules.objectives import build_objective
-from modules.training import (Checkpointer, StopRequest, Throughput, TrainingState, count_step,
-                              build_parser, init_trackers, log_image, lr_factor, make_accelerator,
-                              make_grid, memory_stats, prepare_output_dir, resolve_run_config, run_cli,
-                              set_lr, step_generator)
+from modules.training import (SHARED_STREAM, Checkpointer, StopRequest, Throughput, TrainingState, build_parser,
+                              clipped_grad_norm, count_step, init_trackers, log_image, lr_factor, make_accelerator,
+                              make_grid, memory_stats, prepare_output_dir, process_share_randn, resolve_run_config,
+                              run_cli, set_lr, step_generator)
 from modules.unet import UNet
 from modules.vae import load_vae
 
@@ -61,7 +61,8 @@ def check_replicas_agree(accelerator, ema: EMA) -> None:
         logger.info("EMA weights identical on all %d processes", accelerator.num_processes)
 
 
-def export_unet(accelerator, unet, ema: EMA, cfg: UNetRunConfig, vae_folder: Path, output_dir: Path) -> None:
+def export_unet(accelerator, unet, ema: EMA, cfg: UNetRunConfig, vae_folder: Path, vae_config,
+                output_dir: Path) -> None:
     """Write ``unet`` (online weights) and ``unet_ema`` (sampling EMA) model folders."""
     owner = accelerator.unwrap_model(unet)
     online = accelerator.get_state_dict(unet)
@@ -73,7 +74,7 @@ def export_unet(accelerator, unet, ema: EMA, cfg: UNetRunConfig, vae_folder: Pat
     config = {"kind": "unet", "model": to_dict(cfg.model), "cond": to_dict(cfg.cond),
               "objective": cfg.objective, "shortcut": to_dict(cfg.shortcut), "ddpm": to_dict(cfg.ddpm),
               "latent_size": cfg.data.image_size // cfg.cond.image_downsample,
-              "vae": {"path": str(vae_folder.resolve()), "config": read_config(vae_folder)},
+              "vae": {"path": str(vae_folder.resolve()), "model": to_dict(vae_config)},
               "run_config": to_dict(cfg)}
     save_model_folder(output_dir / "unet", online, config)
     save_model_folder(output_dir / "unet_ema", averaged, {**config, "ema_decay": cfg.ema.decay})
@@ -98,6 +99,9 @@ def main(argv=None) -> None:
     scale = vae.config.scale_factor
     cfg.data.masks = cfg.cond.type == "mask"
     dataset = build_dataset(cfg.data)
+    if cfg.data.vflip or cfg.data.rot90 or cfg.data.random_crop_scale < 1:
+        logger.warning("stage 2 trains on cached latents of centre crops and their horizontal flips: "
+                       "data.vflip, data.rot90 and data.random_crop_scale are ignored")
     objective = build_objective(cfg)
     derive_fields(cfg, vae, dataset, objective)
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else output_dir.parent / "latent_cache"
@@ -136,8 +140,10 @@ def main(argv=None) -> None:
     state = TrainingState()
     accelerator.register_for_checkpointing(state)
     checkpointer = Checkpointer(accelerator, output_dir, tcfg.keep_checkpoints, save_emas, load_emas)
-    prepare_output_dir(accelerator, output_dir, cfg, args.resume)
+    prepare_output_dir(accelerator, output_dir, cfg, args.resume,
+                       model_sections=("model", "cond", "objective", "shortcut.denoise_timesteps"))
     checkpointer.load(args.resume)
+    accelerator.step = 0  # resumes sit on an optimizer-step boundary, whatever grad_accum was
 
     loader = make_loader(latents, tcfg.batch_size, tcfg.seed, rank, accelerator.num_processes,
                          state.step * tcfg.grad_accum, cfg.data.num_workers)
@@ -146,7 +152,6 @@ def main(argv=None) -> None:
     grid_cond = grid_conditions(spec, latents, cfg.sample.num_images)
     grid_cond = None if grid_cond is None else grid_cond.to(device)
     init_trackers(accelerator, "ldm-unet", cfg, output_dir, args.report_to)
-    stop = StopRequest(accelerator)
     throughput = Throughput(tcfg.batch_size * tcfg.grad_accum * accelerator.num_processes)
     progress = tqdm(total=tcfg.max_steps, initial=state.step, disable=not accelerator.is_local_main_process,
                     desc=f"unet/{cfg.objective}")
@@ -156,69 +161,76 @@ def main(argv=None) -> None:
         return (step * tcfg.grad_accum + micro) * accelerator.num_processes + rank
 
     # ---- loop
-    while state.step < tcfg.max_steps:
-        lr = set_lr(optimizer, tcfg.lr, lr_factor(state.step, tcfg))
-        unet.train()
-        for micro in range(tcfg.grad_accum):
-            batch = next(batches)
-            generator = step_generator(tcfg.seed, state.step, micro, rank, device)
-            mean, std = batch["mean"].to(device), batch["std"].to(device)
-            x1 = (mean + std * torch.randn(mean.shape, generator=generator, device=device)) * scale
-            cond = batch_condition(batch, cfg.cond.type, device)
-            with accelerator.accumulate(unet), accelerator.autocast():
+    with StopRequest(accelerator) as stop:  # SIGTERM/SIGINT: checkpoint, then exit 0
+        while state.step < tcfg.max_steps:
+            lr = set_lr(optimizer, tcfg.lr, lr_factor(state.step, tcfg))
+            unet.train()
+            for micro in range(tcfg.grad_accum):
+                batch = next(batches)
+                shared = step_generator(tcfg.seed, state.step, micro, SHARED_STREAM, device)
+                generator = step_generator(tcfg.seed, state.step, micro, rank, device)
+                mean, std = batch["mean"].to(device), batch["std"].to(device)
+                x1 = (mean + std * process_share_randn(mean.shape, shared, rank, accelerator.num_processes)) * scale
+                cond = batch_condition(batch, cfg.cond.type, device)
+                with accelerator.accumulate(unet), accelerator.autocast():
+                    if teacher_ema is not None:
+                        # Targets from the fast EMA (weights swapped in), then one forward with gradient.
+                        with teacher_ema.swapped(owner):
+                            targets = objective.targets(unet, x1, cond, generator, step=level_offset(state.step, micro))
+                        loss, logs = objective.loss_from_targets(unet, targets, cond)
+                    else:
+                        loss, logs = objective.loss(unet, x1, cond, generator=generator)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = clipped_grad_norm(accelerator, unet.parameters(), tcfg.grad_clip)
+                        if accelerator.scaler is not None:
+                            # fp16: the GradScaler skips non-finite steps itself and must see every step.
+                            optimizer.step()
+                            finite = not optimizer.step_was_skipped
+                        else:
+                            finite = bool(torch.isfinite(grad_norm) and torch.isfinite(loss))
+                            if finite:
+                                optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+
+            # ---- EMAs follow good steps only; non-finite steps are skipped and counted
+            if finite:
+                ema.update(owner)
                 if teacher_ema is not None:
-                    # Targets from the fast EMA (weights swapped in), then one forward with gradient.
-                    with teacher_ema.swapped(owner):
-                        targets = objective.targets(unet, x1, cond, generator, step=level_offset(state.step, micro))
-                    loss, logs = objective.loss_from_targets(unet, targets, cond)
-                else:
-                    loss, logs = objective.loss(unet, x1, cond, generator=generator)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(unet.parameters(), tcfg.grad_clip or float("inf"))
-                    finite = bool(torch.isfinite(grad_norm) and torch.isfinite(loss))
-                    if finite:
-                        optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                    teacher_ema.update(owner)
+            count_step(state, finite, tcfg.max_bad_steps, checkpointer)
+            throughput.tick()
+            progress.update(1)
 
-        # ---- EMAs follow good steps only; non-finite steps are skipped and counted
-        if finite:
-            ema.update(owner)
-            if teacher_ema is not None:
-                teacher_ema.update(owner)
-        count_step(state, finite, tcfg.max_bad_steps, checkpointer)
-        throughput.tick()
-        progress.update(1)
+            # ---- log: scalars, and sample grids from the slow EMA at several step counts
+            if state.step % tcfg.log_every == 0 or state.step == tcfg.max_steps:
+                scalars = {k: float(v) for k, v in logs.items()}
+                scalars.update(loss=loss.item(), lr=lr, grad_norm=grad_norm.item(), images_per_s=throughput.rate(),
+                               bad_steps=state.bad_steps, **memory_stats(device))
+                accelerator.log(scalars, step=state.step)
+                progress.set_postfix(loss=f"{scalars['loss']:.4f}")
+            if state.step % tcfg.image_log_every == 0 or state.step == tcfg.max_steps:
+                unet.eval()
+                rows = []
+                with ema.swapped(owner):
+                    for steps in cfg.sample.steps:
+                        if cfg.objective == "shortcut" and steps > cfg.shortcut.denoise_timesteps:
+                            continue
+                        z = generate_latents(unet, spec, grid_cond, range(cfg.sample.num_images), steps,
+                                             cfg_scale=cfg.sample.cfg_scale, device=device)
+                        rows.append(decode_latents(vae, z, scale, batch_size=tcfg.batch_size))
+                log_image(accelerator, "samples/rows_" + "_".join(str(s) for s in cfg.sample.steps) + "_steps",
+                          make_grid(rows), state.step, output_dir)
 
-        # ---- log: scalars, and sample grids from the slow EMA at several step counts
-        if state.step % tcfg.log_every == 0 or state.step == tcfg.max_steps:
-            scalars = {k: float(v) for k, v in logs.items()}
-            scalars.update(loss=loss.item(), lr=lr, grad_norm=grad_norm.item(), images_per_s=throughput.rate(),
-                           bad_steps=state.bad_steps, **memory_stats(device))
-            accelerator.log(scalars, step=state.step)
-            progress.set_postfix(loss=f"{scalars['loss']:.4f}")
-        if state.step % tcfg.image_log_every == 0 or state.step == tcfg.max_steps:
-            unet.eval()
-            rows = []
-            with ema.swapped(owner):
-                for steps in cfg.sample.steps:
-                    if cfg.objective == "shortcut" and steps > cfg.shortcut.denoise_timesteps:
-                        continue
-                    z = generate_latents(unet, spec, grid_cond, range(cfg.sample.num_images), steps,
-                                         cfg_scale=cfg.sample.cfg_scale, device=device)
-                    rows.append(decode_latents(vae, z, scale, batch_size=tcfg.batch_size))
-            log_image(accelerator, "samples/rows_" + "_".join(str(s) for s in cfg.sample.steps) + "_steps",
-                      make_grid(rows), state.step, output_dir)
-
-        # ---- checkpoint and export
-        stopping = stop.requested()
-        if state.step % tcfg.checkpoint_every == 0 or state.step == tcfg.max_steps or stopping:
-            checkpointer.save(state.step)
-            export_unet(accelerator, unet, ema, cfg, vae_folder, output_dir)
-        if stopping:
-            logger.info("%s received: saved step %d, exiting; continue with --resume latest",
-                        stop.signal_name or "stop", state.step)
-            break
+            # ---- checkpoint and export
+            stopping = stop.requested()
+            if state.step % tcfg.checkpoint_every == 0 or state.step == tcfg.max_steps or stopping:
+                checkpointer.save(state.step)
+                export_unet(accelerator, unet, ema, cfg, vae_folder, vae.config, output_dir)
+            if stopping:
+                logger.info("%s received: saved step %d, exiting; continue with --resume latest",
+                            stop.signal_name or "stop", state.step)
+                break
 
     progress.close()
     accelerator.end_training()

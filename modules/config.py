@@ -129,12 +129,14 @@ class CondConfig:
 
 @dataclass
 class ShortcutConfig:
+    # The flow part uses the finest level log2 M. The paper calls it d = 0, the official code
+    # d = 1/M: the same embedding index, queried by the finest bootstrap level's teacher and by
+    # M-step sampling either way, so there is nothing to switch.
     denoise_timesteps: int = 128        # M: finest step is 1/M
     bootstrap_fraction: float = 0.25
     teacher_ema_decay: float = 0.95     # 0: the online model is the teacher
     bootstrap_cfg: bool = False
     cfg_scale: float = 1.5              # training guidance scale used with bootstrap_cfg
-    flow_d_zero: bool = False           # paper's d=0 for the flow part instead of d=1/M
 
 
 @dataclass

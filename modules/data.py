@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import random
+import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +166,13 @@ def load_mask(source: Union[PathLike, io.BytesIO], name: str) -> Image.Image:
             logger.warning("mask %s is not binary (values other than 0 and 255); "
                            "thresholded at 128", name)
     return Image.fromarray(binary.astype(np.uint8) * 255, "L")
+
+
+def mask_tensor(source: Union[PathLike, io.BytesIO], size: int) -> torch.Tensor:
+    """A mask file as training sees it without augmentation: centre square, nearest resize, {0, 1} [1,S,S]."""
+    img = load_mask(source, str(source))
+    box = _crop_box(img.width, img.height, None, 1.0)
+    return (_to_tensor(img.resize((size, size), Image.Resampling.NEAREST, box=box)) > 127).float()
 
 
 def _to_tensor(img: Image.Image) -> torch.Tensor:
@@ -802,6 +810,13 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
             batch += 1
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A scheduler's SIGTERM goes to the whole process group: workers must not die of it
+    before the main process has saved its checkpoint (they exit when it does)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, batch_size: int, seed: int, rank: int = 0,
                 world_size: int = 1, start_batch: int = 0, num_workers: int = 0,
                 pin_memory: Optional[bool] = None) -> DataLoader:
@@ -815,6 +830,7 @@ def make_loader(dataset: Dataset, batch_size: int, seed: int, rank: int = 0,
         dataset,
         batch_sampler=sampler,
         num_workers=num_workers,
+        worker_init_fn=_ignore_stop_signals if num_workers > 0 else None,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=num_workers > 0,
     )

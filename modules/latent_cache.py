@@ -32,11 +32,13 @@ def _hash_file(path: Path, h) -> None:
             h.update(block)
 
 
-def vae_fingerprint(vae_folder: Path) -> str:
+def vae_fingerprint(vae_path: Path) -> str:
+    """Hash of a VAE folder's files (or of a single-file checkpoint)."""
     h = hashlib.sha256()
-    for name in sorted(p.name for p in vae_folder.iterdir() if p.is_file()):
-        h.update(name.encode())
-        _hash_file(vae_folder / name, h)
+    files = [vae_path] if vae_path.is_file() else sorted(p for p in vae_path.iterdir() if p.is_file())
+    for path in files:
+        h.update(path.name.encode())
+        _hash_file(path, h)
     return h.hexdigest()[:16]
 
 

@@ -179,9 +179,7 @@ def shortcut_targets(teacher: ModelCall, x1: torch.Tensor, cond: Optional[torch.
     Rows 0..B-B_b-1 are flow rows: level log2 M, t = i/M, target x1 - x0, condition
     dropout. Rows B-B_b..B-1 are bootstrap rows: level k stratified over 0..log2 M - 1,
     t = j 2^-k with t + 2^-k <= 1, real condition, target from two half steps of the
-    teacher at level k + 1. ``cond`` keeps the row order of ``x1``. With ``flow_d_zero``
-    the flow level means d = 0 instead of d = 1/M; it is the same embedding index
-    (log2 M) either way, so only its meaning differs, not the computation.
+    teacher at level k + 1. ``cond`` keeps the row order of ``x1``.
     """
     _check_batch(x1, cond)
     m = cfg.denoise_timesteps

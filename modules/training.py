@@ -25,7 +25,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 
-from modules.config import ConfigError, TrainConfig, load_config, save_json, to_dict
+from modules.config import ConfigError, TrainConfig, diff_fields, load_config, save_json, to_dict
 
 logger = logging.getLogger("modules.training")
 
@@ -111,18 +111,29 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path, report_to: str) -> Acce
     return accelerator
 
 
-def prepare_output_dir(accelerator: Accelerator, output_dir: Path, run_config, resume: Optional[str]) -> None:
-    """Create the run folder and save the resolved config; refuse to mix two runs in one folder."""
+def prepare_output_dir(accelerator: Accelerator, output_dir: Path, run_config, resume: Optional[str],
+                       model_sections: tuple[str, ...]) -> None:
+    """Create the run folder and save the resolved config; refuse to mix two runs in one folder.
+
+    A resumed run must build the same network as the one it continues: a change in
+    ``model_sections`` of the config is refused, naming the fields, before any state is loaded.
+    """
     config_path = output_dir / "config.json"
+    if resume and config_path.is_file():
+        changed = model_changes(json.loads(config_path.read_text()), to_dict(run_config), model_sections)
+        if changed:
+            raise CheckpointError(f"cannot resume {output_dir}: its checkpoints were made with another model "
+                                  f"config ({'; '.join(changed)})")
+    # Checks run on every process (each raises alike), so no process is left waiting at a barrier.
+    if any((output_dir / "checkpoints").glob("step_*")) and not resume:
+        raise CheckpointError(f"output dir {output_dir} already holds checkpoints; "
+                              "pass --resume latest to continue it or choose another --output-dir")
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if not os.access(output_dir, os.W_OK):
-            raise CheckpointError(f"output dir {output_dir} is not writable")
-        has_checkpoints = any((output_dir / "checkpoints").glob("step_*"))
-        if has_checkpoints and not resume:
-            raise CheckpointError(f"output dir {output_dir} already holds checkpoints; "
-                                  "pass --resume latest to continue it or choose another --output-dir")
-        save_json(run_config, config_path)
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            save_json(run_config, config_path)
+        except OSError as e:
+            raise CheckpointError(f"cannot write to output dir {output_dir} ({e.strerror or e})") from None
     accelerator.wait_for_everyone()
 
 
@@ -170,15 +181,36 @@ def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: float) -> f
     return lr
 
 
+SHARED_STREAM = -1  # ``rank`` of the stream every process draws alike (global-batch noise)
+
+
 def step_generator(seed: int, step: int, micro_step: int, rank: int, device: torch.device) -> torch.Generator:
     """Randomness of one micro-batch as a pure function of (seed, step, micro step, rank).
 
     Noise, time and dropout draws then do not depend on what ran before (logging, validation,
-    a resume), which is what makes an interrupted run finish with identical weights.
+    a resume), which is what makes an interrupted run finish with identical weights. Pass
+    ``SHARED_STREAM`` as the rank for the stream all processes share; it never equals a
+    process's own stream.
     """
     g = torch.Generator(device=device)
-    g.manual_seed(((seed * 1_000_003 + step) * 1_009 + micro_step) * 65_537 + rank)
+    g.manual_seed((((seed * 1_000_003 + step) * 1_009 + micro_step) * 65_537 + rank + 1) % 2 ** 63)
     return g
+
+
+def process_share_randn(shape: tuple[int, ...], shared: torch.Generator, rank: int, world_size: int) -> torch.Tensor:
+    """This process's rows of standard normal noise drawn for the whole global batch.
+
+    ``shared`` must be seeded identically on every process. Each sample then gets the same
+    noise whether the global batch runs on one process or is split over several.
+    """
+    full = torch.randn((world_size * shape[0], *shape[1:]), generator=shared, device=shared.device)
+    return full[rank * shape[0]:(rank + 1) * shape[0]]
+
+
+def model_changes(saved: dict, new: dict, sections: tuple[str, ...]) -> list[str]:
+    """Differences between two run configs inside the given (dotted) sections."""
+    return [line for line in diff_fields(saved, new)
+            if any(line.startswith(f"{s}.") or line.startswith(f"{s}:") for s in sections)]
 
 
 # ----------------------------------------------------------------------------- state and checkpoints
@@ -368,8 +400,16 @@ class StopRequest:
     def __init__(self, accelerator: Accelerator):
         self.accelerator = accelerator
         self.signal_name: Optional[str] = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name
@@ -382,8 +422,14 @@ class StopRequest:
         return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
 
 
-def all_finite(*tensors: torch.Tensor) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+def clipped_grad_norm(accelerator: Accelerator, parameters, max_norm: float) -> torch.Tensor:
+    """Clip gradients to ``max_norm`` (0: no clipping) and return their global norm as a tensor.
+
+    DeepSpeed clips inside its engine (``gradient_clipping`` in its config) and reports no
+    norm here; the returned 0 then means "unknown", and only the loss is checked for NaN.
+    """
+    norm = accelerator.clip_grad_norm_(parameters, max_norm or float("inf"))
+    return torch.zeros((), device=accelerator.device) if norm is None else torch.as_tensor(norm)
 
 
 # ----------------------------------------------------------------------------- logging

@@ -58,10 +58,13 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
         self.var = torch.exp(self.logvar)
 
-    def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device,
-                            dtype=self.mean.dtype)
-        return self.mean + self.std * noise
+    def sample(self, generator: Optional[torch.Generator] = None,
+               noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """mean + std * noise; ``noise`` (standard normal, the latent's shape) is drawn when not given."""
+        if noise is None:
+            noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device,
+                                dtype=self.mean.dtype)
+        return self.mean + self.std * noise.to(self.mean.dtype)
 
     def mode(self) -> torch.Tensor:
         return self.mean
@@ -307,10 +310,10 @@ class AutoencoderKL(nn.Module):
         self._check_input(z, self.config.latent_channels, 1, "latent")
         return self.decoder(self.post_quant_conv(z.to(self.post_quant_conv.weight.dtype)))
 
-    def forward(self, x: torch.Tensor, sample_posterior: bool = True,
-                generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, DiagonalGaussian]:
+    def forward(self, x: torch.Tensor, sample_posterior: bool = True, generator: Optional[torch.Generator] = None,
+                noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, DiagonalGaussian]:
         posterior = self.encode(x)
-        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        z = posterior.sample(generator, noise) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
 
 

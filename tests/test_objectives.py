@@ -107,12 +107,10 @@ def test_times_on_grids():
         assert torch.equal(b.target[flow], (x1 - b.noise)[flow])
 
 
-def test_flow_part_uses_top_level_with_flow_d_zero_too():
+def test_flow_part_uses_the_finest_level():
     x1 = torch.randn(16, *SHAPE)
-    for flag in (False, True):
-        cfg = ShortcutConfig(denoise_timesteps=128, flow_d_zero=flag)
-        b = shortcut_targets(zero_model, x1, None, cfg, generator=gen(0))
-        assert (b.level[~b.is_bootstrap] == 7).all()
+    b = shortcut_targets(zero_model, x1, None, ShortcutConfig(denoise_timesteps=128), generator=gen(0))
+    assert (b.level[~b.is_bootstrap] == 7).all()
 
 
 def test_bad_denoise_timesteps():

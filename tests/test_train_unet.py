@@ -53,6 +53,7 @@ def test_export_records_vae_and_config(tiny_unet_run, tiny_vae_run):
     config = json.loads((tiny_unet_run / "unet_ema" / "config.json").read_text())
     assert config["kind"] == "unet" and config["objective"] == "shortcut"
     assert Path(config["vae"]["path"]) == (tiny_vae_run / "vae").resolve()
+    assert config["vae"]["model"]["latent_channels"] == 4 and config["vae"]["model"]["scale_factor"] != 1.0
     assert config["cond"]["num_classes"] == 3 and config["model"]["num_step_levels"] == 4  # log2(8) + 1
     assert config["run_config"] == json.loads((tiny_unet_run / "config.json").read_text())
 
@@ -125,7 +126,7 @@ def test_class_conditional_model_separates_two_classes(tmp_path, tiny_vae_run):
     unet = load_unet(out / "unet_ema")
     config = json.loads((out / "unet_ema" / "config.json").read_text())
     spec = GenerationSpec.from_export(config)
-    scale = config["vae"]["config"]["model"]["scale_factor"]
+    scale = config["vae"]["model"]["scale_factor"]
     cached = LatentDataset(next((tmp_path / "cache").glob("latents_*")), hflip=False)
     labels = torch.stack([cached[i]["label"] for i in range(len(cached))])
     means = torch.stack([cached[i]["mean"] for i in range(len(cached))]) * scale
@@ -151,3 +152,15 @@ def test_two_process_ddp_shortcut(shapes_dir, tiny_vae_run, tmp_path):
     assert "2 process(es), distributed type MULTI_CPU" in result.stderr
     assert "EMA weights identical on all 2 processes" in result.stderr
     assert (tmp_path / "ddp" / "unet_ema" / "model.safetensors").is_file()
+
+
+def test_resume_with_another_model_config_names_the_fields(shapes_dir, tiny_vae_run, tmp_path, capsys):
+    train(shapes_dir, tiny_vae_run, tmp_path / "run", "--max-steps", "1", "train.checkpoint_every=1",
+          "train.image_log_every=100", f"cache_dir={tmp_path / 'cache'}")
+    from modules.training import run_cli
+    with pytest.raises(SystemExit):
+        run_cli(train_unet.main, ["--config", "tiny", "--data", str(shapes_dir), "--vae", str(tiny_vae_run),
+                                  "--output-dir", str(tmp_path / "run"), "--report-to", "none", "--resume", "latest",
+                                  "--max-steps", "2", "model.base_channels=16", f"cache_dir={tmp_path / 'cache'}"])
+    err = capsys.readouterr().err
+    assert "another model config" in err and "model.base_channels: 32 != 16" in err

@@ -1,0 +1,383 @@
+"""Sample quality against step count: a shortcut model and a flow-matching model, mask-conditioned.
+
+    python benchmarks/quality.py --preset cpu --workdir runs/quality_cpu --out results/quality_cpu
+    python benchmarks/quality.py --preset gpu --workdir runs/quality_gpu --out results/quality_gpu
+    python benchmarks/quality.py --preset micro --workdir /tmp/quality_micro   # seconds: smoke test
+
+A miniature of the shortcut paper's main comparison (one-step samples close to 128-step ones
+for a shortcut model, far worse for flow matching), run through the product's own entry
+points: ``main(argv)`` of train_vae.py, train_unet.py and sample.py, in this process, with
+the same arguments as the printed command lines.
+
+1. data: synthetic shapes (modules/synthetic.py) with exact masks: a training set and a
+   held-out evaluation set drawn with another seed;
+2. stage 1: train_vae.py (no GAN, no LPIPS: L1 + KL is enough for flat-coloured shapes);
+3. stage 2: train_unet.py twice, ``objective=shortcut`` and ``objective=flow``, identical
+   otherwise (network, data, steps, batch, lr, EMA, seed), conditioned on masks;
+4. sample.py with every held-out mask at each step count (shortcut sampler for the
+   shortcut model, Euler for the flow model; same noise seeds for both);
+5. per (model, steps):
+   * mask IoU between the conditioning mask and ``foreground_mask`` of the generated image
+     (saturated pixels: shapes are saturated, backgrounds are not), mean over images;
+   * Frechet distance to the held-out real images in two feature spaces that need no
+     download (there is no Inception network here, so these are not FID):
+     ``pixels``: the image area-averaged to 8x8 (192 numbers, colour and layout);
+     ``random conv``: per-channel mean and std of a fixed, randomly initialised (seed 0)
+     three-layer ReLU conv net (128 numbers, local contrast and texture statistics).
+Reference rows: a second independent real set (the Frechet floor at this sample size, and
+the IoU of ``foreground_mask`` on clean images) and VAE reconstructions of the held-out
+images (the best a latent model can reach through this VAE).
+
+Results: a markdown table on stdout, ``OUT/quality.md``, ``OUT/quality.json`` (numbers,
+commands, stage times, machine) and ``OUT/quality_grid.png`` (real images, then one row per
+model and step count, same masks and seeds).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import sample  # noqa: E402
+import train_unet  # noqa: E402
+import train_vae  # noqa: E402
+from modules.export import find_model_folder  # noqa: E402
+from modules.metrics import feature_statistics, frechet_distance, mask_iou  # noqa: E402
+from modules.synthetic import foreground_mask, make_shapes, render_shape_batch  # noqa: E402
+from modules.vae import load_vae  # noqa: E402
+
+OBJECTIVES = ("shortcut", "flow")
+TRAIN_SEED, EVAL_SEED, REFERENCE_SEED = 0, 1, 2
+PIXEL_GRID = 8
+RANDOM_CONV_WIDTHS = (32, 64, 64)
+GRID_IMAGES = 10
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One benchmark size. ``*_args`` are config overrides given to both runs of a stage."""
+
+    image_size: int
+    num_train: int
+    num_eval: int
+    steps: tuple[int, ...]          # sampling step counts; the largest is shortcut.denoise_timesteps
+    vae_steps: int
+    vae_args: tuple[str, ...]
+    unet_steps: int
+    unet_args: tuple[str, ...]
+    sample_batch: int
+
+
+def _vae_args(base: int, mult: str, batch: int, lr: float) -> tuple[str, ...]:
+    # disc_start beyond the run: L1 + KL only (a GAN adds noise to a short benchmark run).
+    return (f"model.base_channels={base}", f"model.channel_mult={mult}", "model.norm_groups=8",
+            f"train.batch_size={batch}", f"train.lr={lr}", "loss.perceptual_weight=0",
+            "loss.disc_start=100000000", "data.num_val_images=16")
+
+
+def _unet_args(base: int, mult: str, attention: str, batch: int, lr: float, ema: float) -> tuple[str, ...]:
+    return (f"model.base_channels={base}", f"model.channel_mult={mult}", f"model.attention_levels={attention}",
+            "model.num_res_blocks=1", f"model.head_dim={min(base, 32)}", f"model.context_dim={base}", "model.norm_groups=8",
+            "cond.type=mask", "cond.mask_mode=concat", "cond.mask_channels=32",
+            f"train.batch_size={batch}", f"train.lr={lr}", "train.weight_decay=0.0", f"ema.decay={ema}")
+
+
+PRESETS = {
+    # The whole pipeline in seconds, for the smoke test; its numbers mean nothing.
+    "micro": Preset(image_size=16, num_train=24, num_eval=8, steps=(1, 2), vae_steps=3,
+                    vae_args=_vae_args(8, "1,2,2", 4, 1e-3), unet_steps=3,
+                    unet_args=_unet_args(16, "1,2", "1", 4, 1e-3, 0.9), sample_batch=8),
+    # Measured on 2 CPU cores (BENCHMARKS.md): 32 px, 8x8x4 latents, a 1M-parameter UNet.
+    "cpu": Preset(image_size=32, num_train=2048, num_eval=512, steps=(1, 2, 4, 8, 128), vae_steps=800,
+                  vae_args=_vae_args(16, "1,2,2", 16, 1e-3), unet_steps=2000,
+                  unet_args=_unet_args(32, "1,2", "1", 32, 1e-3, 0.999), sample_batch=256),
+    # Not measured (no GPU in the session that wrote it): 64 px, 16x16x4 latents, ~30M-parameter UNet.
+    "gpu": Preset(image_size=64, num_train=20000, num_eval=5000, steps=(1, 2, 4, 8, 128), vae_steps=10000,
+                  vae_args=_vae_args(64, "1,2,4", 32, 2e-4) + ("data.num_workers=4",), unet_steps=30000,
+                  unet_args=_unet_args(128, "1,2,2", "1,2", 128, 2e-4, 0.9999) + ("data.num_workers=4",),
+                  sample_batch=500),
+}
+
+
+# ----------------------------------------------------------------------------- stages
+
+@dataclass
+class Stage:
+    name: str
+    command: str
+    seconds: float
+
+
+def run_entry_point(name: str, script: str, main: Callable[[list[str]], None], argv: list[str],
+                    stages: list[Stage]) -> None:
+    """Call a script's ``main(argv)`` and record the equivalent command line and its wall time."""
+    command = f"python {script} {shlex.join(argv)}"
+    print(f"\n[quality] {name}: {command}", flush=True)
+    start = time.perf_counter()
+    main(argv)
+    stages.append(Stage(name, command, time.perf_counter() - start))
+    print(f"[quality] {name}: {stages[-1].seconds:.0f} s", flush=True)
+
+
+def training_args(preset: Preset, max_steps: int, log_every: int) -> list[str]:
+    return [f"data.image_size={preset.image_size}", f"--max-steps={max_steps}", f"train.checkpoint_every={max_steps}",
+            f"train.image_log_every={max_steps}", f"train.log_every={log_every}", f"train.val_every={max_steps}"]
+
+
+def unet_args(preset: Preset, objective: str, data: Path, vae: Path, out: Path, extra: list[str]) -> list[str]:
+    max_sampling = max(preset.steps)
+    return (["--config", "tiny", "--data", str(data), "--vae", str(vae), "--output-dir", str(out),
+             "--report-to", "none", f"objective={objective}", f"shortcut.denoise_timesteps={max_sampling}",
+             f"sample.steps=1,{max_sampling}", "sample.num_images=8"]
+            + training_args(preset, preset.unet_steps, max(1, preset.unet_steps // 20))
+            + list(preset.unet_args) + extra)
+
+
+# ----------------------------------------------------------------------------- images and features
+
+def read_images(files: list[Path]) -> np.ndarray:
+    """uint8 [N, H, W, 3]."""
+    out = []
+    for f in files:
+        with Image.open(f) as im:
+            out.append(np.asarray(im.convert("RGB")))
+    return np.stack(out)
+
+
+def read_masks(files: list[Path]) -> np.ndarray:
+    """bool [N, H, W] (mask PNGs are 0/255)."""
+    out = []
+    for f in files:
+        with Image.open(f) as im:
+            out.append(np.asarray(im.convert("L")) >= 128)
+    return np.stack(out)
+
+
+def to_unit(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def pixel_features(images: np.ndarray) -> np.ndarray:
+    """The image area-averaged to PIXEL_GRID x PIXEL_GRID, flattened: [N, 3 * PIXEL_GRID^2]."""
+    return F.adaptive_avg_pool2d(to_unit(images), PIXEL_GRID).flatten(1).double().numpy()
+
+
+@torch.no_grad()
+def random_conv_features(images: np.ndarray, seed: int = 0, batch: int = 256) -> np.ndarray:
+    """Per-channel mean and std of a fixed random ReLU conv net (He-normal weights from ``seed``)."""
+    generator = torch.Generator().manual_seed(seed)
+    weights, in_ch = [], 3
+    for width in RANDOM_CONV_WIDTHS:
+        weights.append(torch.randn(width, in_ch, 3, 3, generator=generator) * math.sqrt(2.0 / (in_ch * 9)))
+        in_ch = width
+    out = []
+    for chunk in to_unit(images).split(batch):
+        x = chunk
+        for i, w in enumerate(weights):
+            x = F.relu(F.conv2d(x, w, stride=1 if i == 0 else 2, padding=1))
+        out.append(torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1))
+    return torch.cat(out).double().numpy()
+
+
+FEATURES = {"fd_pixels": pixel_features, "fd_random_conv": random_conv_features}
+
+
+class Scorer:
+    """Mask IoU against the conditioning masks and Frechet distances to the held-out images."""
+
+    def __init__(self, real_images: np.ndarray, masks: np.ndarray):
+        self.masks = torch.from_numpy(masks)
+        self.reference = {name: feature_statistics(fn(real_images)) for name, fn in FEATURES.items()}
+
+    def score(self, images: np.ndarray, masks: Optional[np.ndarray] = None) -> dict[str, float]:
+        target = self.masks if masks is None else torch.from_numpy(masks)
+        scores = {"mask_iou": float(mask_iou(torch.from_numpy(foreground_mask(images)), target, "mean"))}
+        for name, fn in FEATURES.items():
+            mu, sigma = feature_statistics(fn(images))
+            scores[name] = frechet_distance(mu, sigma, *self.reference[name])
+        return scores
+
+
+@torch.no_grad()
+def vae_reconstructions(vae_dir: Path, images: np.ndarray, batch: int, device: str) -> np.ndarray:
+    """Posterior-mean encode and decode, rounded to uint8 as sample.py rounds its outputs."""
+    vae = load_vae(find_model_folder(vae_dir, "vae")).to(device).eval()
+    out = []
+    for chunk in to_unit(images).split(batch):
+        decoded = vae.decode(vae.encode(chunk.to(device)).mode()).float().clamp(-1, 1)
+        out.append(((decoded + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def save_grid(rows: list[np.ndarray], path: Path, pad: int = 2) -> None:
+    """Rows of uint8 [n, H, W, 3] images (same n) as one PNG on a black background."""
+    n, h, w, _ = rows[0].shape
+    grid = np.zeros((len(rows) * (h + pad) + pad, n * (w + pad) + pad, 3), dtype=np.uint8)
+    for r, row in enumerate(rows):
+        for i, image in enumerate(row):
+            top, left = pad + r * (h + pad), pad + i * (w + pad)
+            grid[top:top + h, left:left + w] = image
+    Image.fromarray(grid).save(path)
+
+
+# ----------------------------------------------------------------------------- report
+
+def machine() -> dict:
+    cpu = platform.processor() or "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| model | sampler | steps | mask IoU | FD pixels 8x8 | FD random conv |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        steps = "-" if r["steps"] is None else str(r["steps"])
+        lines.append(f"| {r['model']} | {r['sampler']} | {steps} | {r['mask_iou']:.3f} | "
+                     f"{r['fd_pixels']:.3f} | {r['fd_random_conv']:.3f} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--workdir", type=Path, required=True,
+                   help="folder for data, runs and samples; must be empty or absent")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default: WORKDIR/results)")
+    p.add_argument("--vae", type=Path, default=None,
+                   help="use this trained VAE (folder or train_vae.py output dir) instead of training stage 1")
+    p.add_argument("--unet-steps", type=int, default=None, help="override the preset's UNet training steps")
+    p.add_argument("--vae-steps", type=int, default=None, help="override the preset's VAE training steps")
+    p.add_argument("--unet-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra train_unet.py override for both runs (repeatable), e.g. shortcut.teacher_ema_decay=0.99")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for sample.py")
+    args = p.parse_args(argv)
+    if args.workdir.exists() and any(args.workdir.iterdir()):
+        p.error(f"--workdir {args.workdir} is not empty; choose a new folder")
+    if args.vae is not None and not args.vae.exists():
+        p.error(f"--vae {args.vae}: not found")
+    for name in ("unet_steps", "vae_steps", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    bad = [w for w in args.unet_override if "=" not in w]
+    if bad:
+        p.error(f"--unet-override {bad[0]!r} is not of the form key=value")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = parse_args(argv)
+    preset = PRESETS[args.preset]
+    overrides = {k: v for k, v in (("unet_steps", args.unet_steps), ("vae_steps", args.vae_steps)) if v is not None}
+    preset = Preset(**{**asdict(preset), **overrides})
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    work = args.workdir.resolve()
+    out_dir = (args.out or work / "results").resolve()
+    stages: list[Stage] = []
+    start = time.perf_counter()
+
+    # ---- 1. data: training set (class folders + metadata with masks) and a flat held-out set
+    t0 = time.perf_counter()
+    train_dir = make_shapes(work / "data" / "train", preset.num_train, preset.image_size, TRAIN_SEED)
+    eval_dir = make_shapes(work / "data" / "eval", preset.num_eval, preset.image_size, EVAL_SEED, layout="flat")
+    stages.append(Stage("data", "modules.synthetic.make_shapes (train seed 0, eval seed 1)", time.perf_counter() - t0))
+
+    # ---- 2. stage 1
+    vae_dir = args.vae.resolve() if args.vae is not None else work / "vae"
+    if args.vae is None:
+        argv_vae = (["--config", "tiny", "--data", str(train_dir), "--output-dir", str(vae_dir), "--report-to", "none",
+                     "scale_samples=256"]
+                    + training_args(preset, preset.vae_steps, max(1, preset.vae_steps // 20)) + list(preset.vae_args))
+        run_entry_point("vae", "train_vae.py", train_vae.main, argv_vae, stages)
+
+    # ---- 3. stage 2: the same run twice, only the objective differs
+    for objective in OBJECTIVES:
+        run_entry_point(f"unet_{objective}", "train_unet.py", train_unet.main,
+                        unet_args(preset, objective, train_dir, vae_dir, work / f"unet_{objective}",
+                                  args.unet_override), stages)
+
+    # ---- 4. samples from the held-out masks: file i is named like mask i, seed i is the same for all
+    names = sorted(p.name for p in (eval_dir / "masks").iterdir())
+    for objective in OBJECTIVES:
+        for steps in preset.steps:
+            argv_sample = ["--unet", str(work / f"unet_{objective}"), "--out", str(work / "samples" / f"{objective}_{steps}"),
+                           "--masks", str(eval_dir / "masks"), "--steps", str(steps),
+                           "--batch-size", str(preset.sample_batch), "--seed", "0", "--device", args.device]
+            run_entry_point(f"sample_{objective}_{steps}", "sample.py", sample.main, argv_sample, stages)
+
+    # ---- 5. metrics
+    t0 = time.perf_counter()
+    real = read_images([eval_dir / n for n in names])
+    masks = read_masks([eval_dir / "masks" / n for n in names])
+    scorer = Scorer(real, masks)
+    reference_images, reference_masks, _ = render_shape_batch(preset.num_eval, preset.image_size, REFERENCE_SEED)
+    reconstructions = vae_reconstructions(vae_dir, real, preset.sample_batch, args.device)
+    rows = [{"model": "reference: second real set", "sampler": "-", "steps": None,
+             **scorer.score(reference_images, reference_masks)},
+            {"model": "reference: VAE reconstruction", "sampler": "-", "steps": None,
+             **scorer.score(reconstructions)}]
+    grid_rows = [real[:GRID_IMAGES], np.repeat(masks[:GRID_IMAGES, :, :, None] * np.uint8(255), 3, axis=3),
+                 reconstructions[:GRID_IMAGES]]
+    for objective in OBJECTIVES:
+        for steps in preset.steps:
+            generated = read_images([work / "samples" / f"{objective}_{steps}" / n for n in names])
+            sampler = "shortcut" if objective == "shortcut" else "euler"
+            rows.append({"model": objective, "sampler": sampler, "steps": steps, **scorer.score(generated)})
+            grid_rows.append(generated[:GRID_IMAGES])
+    stages.append(Stage("metrics", "benchmarks/quality.py (in process)", time.perf_counter() - t0))
+    total = time.perf_counter() - start
+
+    # ---- report
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_grid(grid_rows, out_dir / "quality_grid.png")
+    table = markdown_table(rows)
+    header = (f"Quality benchmark, preset `{args.preset}`: {preset.num_train} training / {preset.num_eval} held-out "
+              f"shapes at {preset.image_size} px, VAE {preset.vae_steps if args.vae is None else 'given'} steps, "
+              f"UNets {preset.unet_steps} steps each; wall time {total / 60:.1f} min")
+    report = {"preset": args.preset, "settings": asdict(preset), "unet_overrides": args.unet_override,
+              "vae": str(vae_dir), "features": {"fd_pixels": f"images area-averaged to {PIXEL_GRID}x{PIXEL_GRID}, "
+                                                               f"{3 * PIXEL_GRID ** 2} values in [-1, 1]",
+                                                 "fd_random_conv": f"per-channel mean and std of a random ReLU conv "
+                                                                   f"net, widths {list(RANDOM_CONV_WIDTHS)}, seed 0"},
+              "rows": rows, "stages": [asdict(s) for s in stages], "wall_time_s": total, "machine": machine()}
+    (out_dir / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "quality.md").write_text(header + "\n\n" + table + "\n")
+    print("\n" + header + "\n\n" + table)
+    print(f"\n[quality] results in {out_dir}", flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()

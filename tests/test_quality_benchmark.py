@@ -1,0 +1,85 @@
+"""Smoke test of benchmarks/quality.py: the whole pipeline at the ``micro`` preset, and its numbers
+re-derived from the files it wrote (a plain numpy IoU, and the Frechet distance through the
+nuclear norm of the centred feature product instead of an eigendecomposition)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import quality  # noqa: E402
+
+
+def frechet_by_nuclear_norm(a: np.ndarray, b: np.ndarray) -> float:
+    """With centred features A, B scaled by 1/sqrt(n - 1): cov_a = A^T A, cov_b = B^T B and
+    tr sqrt(cov_a cov_b) is the sum of the singular values of A B^T (exact at any rank)."""
+    ca = (a - a.mean(0)) / np.sqrt(len(a) - 1)
+    cb = (b - b.mean(0)) / np.sqrt(len(b) - 1)
+    cross = np.linalg.svd(ca @ cb.T, compute_uv=False).sum()
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + (ca ** 2).sum() + (cb ** 2).sum() - 2 * cross)
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory) -> tuple[Path, dict]:
+    work = tmp_path_factory.mktemp("quality") / "work"
+    report = quality.main(["--preset", "micro", "--workdir", str(work), "--threads", "2"])
+    return work, report
+
+
+def test_report_has_every_model_and_step_count(micro_run):
+    work, report = micro_run
+    preset = quality.PRESETS["micro"]
+    rows = [(r["model"], r["steps"]) for r in report["rows"] if r["steps"] is not None]
+    assert rows == [(m, s) for m in quality.OBJECTIVES for s in preset.steps]
+    on_disk = json.loads((work / "results" / "quality.json").read_text())
+    assert on_disk["rows"] == report["rows"]
+    table = (work / "results" / "quality.md").read_text()
+    assert "| shortcut | shortcut | 1 |" in table and "| flow | euler | 2 |" in table
+    assert (work / "results" / "quality_grid.png").is_file()
+    commands = [s["command"] for s in report["stages"]]
+    assert any(c.startswith("python train_unet.py") and "objective=flow" in c for c in commands)
+
+
+def test_clean_images_score_perfect_iou(micro_run):
+    # foreground_mask recovers the exact mask of a clean shapes image: the metric's ceiling is 1.
+    _, report = micro_run
+    reference = next(r for r in report["rows"] if r["model"] == "reference: second real set")
+    assert reference["mask_iou"] == 1.0
+
+
+def test_scores_match_an_independent_computation(micro_run):
+    work, report = micro_run
+    eval_dir = work / "data" / "eval"
+    names = sorted(p.name for p in (eval_dir / "masks").iterdir())
+    real = quality.read_images([eval_dir / n for n in names])
+    masks = quality.read_masks([eval_dir / "masks" / n for n in names])
+    generated = quality.read_images([work / "samples" / "flow_1" / n for n in names])
+    row = next(r for r in report["rows"] if r["model"] == "flow" and r["steps"] == 1)
+
+    fg = quality.foreground_mask(generated)
+    ious = [(f & m).sum() / (f | m).sum() if (f | m).any() else 1.0 for f, m in zip(fg, masks)]
+    assert row["mask_iou"] == pytest.approx(np.mean(ious), abs=1e-6)
+    for name, features in quality.FEATURES.items():
+        expected = frechet_by_nuclear_norm(features(generated), features(real))
+        assert row[name] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_pixel_features_are_area_averages():
+    image = np.zeros((1, 16, 16, 3), dtype=np.uint8)
+    image[0, :2, :2, 0] = 255                       # one 2x2 block of the 8x8 grid, red channel
+    features = quality.pixel_features(image).reshape(3, 8, 8)
+    assert features[0, 0, 0] == pytest.approx(1.0)
+    assert features[0, 0, 1] == pytest.approx(-1.0)
+    assert np.allclose(features[1:], -1.0)
+
+
+def test_refuses_a_non_empty_workdir(tmp_path):
+    (tmp_path / "old.txt").write_text("x")
+    with pytest.raises(SystemExit):
+        quality.main(["--preset", "micro", "--workdir", str(tmp_path)])
