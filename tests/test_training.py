@@ -1,0 +1,62 @@
+"""Loop mechanics: LR schedule, random streams, global-batch noise, step accounting."""
+import math
+
+import pytest
+import torch
+
+from modules.config import TrainConfig
+from modules.training import (SHARED_STREAM, TrainingAborted, TrainingState, count_step, lr_factor,
+                              process_share_randn, step_generator)
+
+
+def test_lr_schedule_is_a_function_of_the_step():
+    cfg = TrainConfig(max_steps=110, lr_warmup_steps=10, lr_schedule="cosine")
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(110, cfg) == pytest.approx(0.0, abs=1e-12)
+    linear = TrainConfig(max_steps=100, lr_schedule="linear")
+    assert lr_factor(25, linear) == pytest.approx(0.75)
+    assert lr_factor(50, TrainConfig(lr_schedule="constant")) == 1.0
+
+
+def test_random_streams_are_reproducible_and_distinct():
+    def draw(rank, step=3, micro=0):
+        return torch.randn(8, generator=step_generator(7, step, micro, rank, torch.device("cpu")))
+
+    assert torch.equal(draw(0), draw(0))
+    streams = [draw(SHARED_STREAM), draw(0), draw(1), draw(0, step=4), draw(0, micro=1)]
+    for i in range(len(streams)):
+        for j in range(i):
+            assert not torch.allclose(streams[i], streams[j])
+
+
+def test_global_batch_noise_does_not_depend_on_the_split():
+    def shared():
+        return step_generator(0, 5, 0, SHARED_STREAM, torch.device("cpu"))
+
+    whole = process_share_randn((4, 2, 3), shared(), rank=0, world_size=1)
+    halves = [process_share_randn((2, 2, 3), shared(), rank=r, world_size=2) for r in range(2)]
+    assert torch.equal(torch.cat(halves), whole)
+
+
+class FakeCheckpointer:
+    root = "checkpoints"
+
+    def __init__(self):
+        self.saved = []
+
+    def save(self, step):
+        self.saved.append(step)
+
+
+def test_bad_steps_are_counted_and_abort_after_the_limit():
+    state, ckpt = TrainingState(), FakeCheckpointer()
+    for finite in (True, False, True, False, False):
+        count_step(state, finite, max_bad_steps=3, checkpointer=ckpt)
+    assert (state.step, state.bad_steps, state.consecutive_bad_steps) == (5, 3, 2)
+    with pytest.raises(TrainingAborted, match="3 consecutive non-finite steps at step 6"):
+        count_step(state, False, max_bad_steps=3, checkpointer=ckpt)
+    assert ckpt.saved == [6]
+    restored = TrainingState()
+    restored.load_state_dict(state.state_dict())
+    assert restored == state
