@@ -26,9 +26,9 @@ from modules.generation import (GenerationSpec, batch_condition, decode_latents,
 from modules.latent_cache import build_or_load
 from modules.objectives import build_objective
 from modules.training import (SHARED_STREAM, Checkpointer, StopRequest, Throughput, TrainingState, build_parser,
-                              clipped_grad_norm, count_step, init_trackers, log_image, lr_factor, make_accelerator,
-                              make_grid, memory_stats, prepare_output_dir, process_share_randn, resolve_run_config,
-                              run_cli, set_lr, step_generator)
+                              clipped_grad_norm, count_step, export_or_fail, init_trackers, log_image, lr_factor,
+                              make_accelerator, make_grid, memory_stats, prepare_output_dir, process_share_randn,
+                              resolve_run_config, run_cli, set_lr, step_generator)
 from modules.unet import UNet
 from modules.vae import load_vae
 
@@ -138,8 +138,7 @@ def main(argv=None) -> None:
             teacher_ema.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("teacher.")})
 
     state = TrainingState()
-    accelerator.register_for_checkpointing(state)
-    checkpointer = Checkpointer(accelerator, output_dir, tcfg.keep_checkpoints, save_emas, load_emas)
+    checkpointer = Checkpointer(accelerator, output_dir, tcfg.keep_checkpoints, state, save_emas, load_emas)
     prepare_output_dir(accelerator, output_dir, cfg, args.resume,
                        model_sections=("model", "cond", "objective", "shortcut.denoise_timesteps"))
     checkpointer.load(args.resume)
@@ -159,6 +158,13 @@ def main(argv=None) -> None:
     def level_offset(step: int, micro: int) -> int:
         """Rotates the shortcut levels of small bootstrap batches across micro-batches and processes."""
         return (step * tcfg.grad_accum + micro) * accelerator.num_processes + rank
+
+    def export() -> None:
+        export_unet(accelerator, unet, ema, cfg, vae_folder, vae.config, output_dir)
+
+    if state.step >= tcfg.max_steps:
+        # Resumed with no step left: killed after its last checkpoint, perhaps before the export.
+        export_or_fail(export, output_dir, state.step)
 
     # ---- loop
     with StopRequest(accelerator) as stop:  # SIGTERM/SIGINT: checkpoint, then exit 0
@@ -226,7 +232,7 @@ def main(argv=None) -> None:
             stopping = stop.requested()
             if state.step % tcfg.checkpoint_every == 0 or state.step == tcfg.max_steps or stopping:
                 checkpointer.save(state.step)
-                export_unet(accelerator, unet, ema, cfg, vae_folder, vae.config, output_dir)
+                export_or_fail(export, output_dir, state.step)
             if stopping:
                 logger.info("%s received: saved step %d, exiting; continue with --resume latest",
                             stop.signal_name or "stop", state.step)

@@ -20,9 +20,9 @@ from modules.data import build_dataset, make_loader, split_validation
 from modules.losses import VAELoss
 from modules.metrics import psnr
 from modules.training import (SHARED_STREAM, Checkpointer, StopRequest, Throughput, TrainingState, build_parser,
-                              clipped_grad_norm, count_step, init_trackers, log_image, lr_factor, make_accelerator,
-                              make_grid, memory_stats, prepare_output_dir, process_share_randn, resolve_run_config,
-                              run_cli, set_lr, step_generator)
+                              clipped_grad_norm, count_step, export_or_fail, init_trackers, log_image, lr_factor,
+                              make_accelerator, make_grid, memory_stats, prepare_output_dir, process_share_randn,
+                              resolve_run_config, run_cli, set_lr, step_generator)
 from modules.vae import AutoencoderKL, save_vae
 
 logger = logging.getLogger("train_vae")
@@ -89,8 +89,7 @@ def main(argv=None) -> None:
     loss_fn.discriminator = discriminator
 
     state = TrainingState()
-    accelerator.register_for_checkpointing(state)
-    checkpointer = Checkpointer(accelerator, output_dir, tcfg.keep_checkpoints)
+    checkpointer = Checkpointer(accelerator, output_dir, tcfg.keep_checkpoints, state)
     prepare_output_dir(accelerator, output_dir, cfg, args.resume, model_sections=("model",))
     checkpointer.load(args.resume)
     accelerator.step = 0  # resumes sit on an optimizer-step boundary, whatever grad_accum was
@@ -104,6 +103,13 @@ def main(argv=None) -> None:
     last_layer = accelerator.unwrap_model(vae).last_layer_weight
     progress = tqdm(total=tcfg.max_steps, initial=state.step, disable=not accelerator.is_local_main_process,
                     desc="vae")
+
+    def export() -> None:
+        export_vae(accelerator, vae, cfg, train_set, output_dir)
+
+    if state.step >= tcfg.max_steps:
+        # Resumed with no step left: killed after its last checkpoint, perhaps before the export.
+        export_or_fail(export, output_dir, state.step)
 
     # ---- loop
     with StopRequest(accelerator) as stop:  # SIGTERM/SIGINT: checkpoint, then exit 0
@@ -164,7 +170,7 @@ def main(argv=None) -> None:
             stopping = stop.requested()
             if state.step % tcfg.checkpoint_every == 0 or state.step == tcfg.max_steps or stopping:
                 checkpointer.save(state.step)
-                export_vae(accelerator, vae, cfg, train_set, output_dir)
+                export_or_fail(export, output_dir, state.step)
             if stopping:
                 logger.info("%s received: saved step %d, exiting; continue with --resume latest",
                             stop.signal_name or "stop", state.step)

@@ -24,13 +24,14 @@ the same arguments as the printed command lines.
      ``pixels``: the image area-averaged to 8x8 (192 numbers, colour and layout);
      ``random conv``: per-channel mean and std of a fixed, randomly initialised (seed 0)
      three-layer ReLU conv net (128 numbers, local contrast and texture statistics).
-Reference rows: a second independent real set (the Frechet floor at this sample size, and
-the IoU of ``foreground_mask`` on clean images) and VAE reconstructions of the held-out
-images (the best a latent model can reach through this VAE).
+Reference rows: an independent real set with its own masks (the Frechet distance between two
+real samples of this size, and the IoU of ``foreground_mask`` on clean images, 1.0) and VAE
+reconstructions of the held-out images (the best a latent model can reach through this VAE).
 
 Results: a markdown table on stdout, ``OUT/quality.md``, ``OUT/quality.json`` (numbers,
-commands, stage times, machine) and ``OUT/quality_grid.png`` (real images, then one row per
-model and step count, same masks and seeds).
+commands, stage times, machine) and ``OUT/quality_grid.png`` (held-out images, their masks,
+their VAE reconstructions, then one row per model and step count: same masks, same seeds).
+On a CPU the default is one torch thread (see ``--threads``).
 """
 from __future__ import annotations
 
@@ -93,8 +94,11 @@ def _vae_args(base: int, mult: str, batch: int, lr: float) -> tuple[str, ...]:
 
 
 def _unet_args(base: int, mult: str, attention: str, batch: int, lr: float, ema: float) -> tuple[str, ...]:
+    """Masks concatenated to the latents (spatially aligned: the cheapest to learn), no weight decay
+    (a few thousand steps); the rest from configs/unet/tiny.json and the defaults."""
     return (f"model.base_channels={base}", f"model.channel_mult={mult}", f"model.attention_levels={attention}",
-            "model.num_res_blocks=1", f"model.head_dim={min(base, 32)}", f"model.context_dim={base}", "model.norm_groups=8",
+            "model.num_res_blocks=1", f"model.head_dim={min(base, 32)}", f"model.context_dim={base}",
+            "model.norm_groups=8",
             "cond.type=mask", "cond.mask_mode=concat", "cond.mask_channels=32",
             f"train.batch_size={batch}", f"train.lr={lr}", "train.weight_decay=0.0", f"ema.decay={ema}")
 
@@ -105,10 +109,10 @@ PRESETS = {
                     vae_args=_vae_args(8, "1,2,2", 4, 1e-3), unet_steps=3,
                     unet_args=_unet_args(16, "1,2", "1", 4, 1e-3, 0.9), sample_batch=8),
     # Measured on 2 CPU cores (BENCHMARKS.md): 32 px, 8x8x4 latents, a 1M-parameter UNet.
-    "cpu": Preset(image_size=32, num_train=2048, num_eval=512, steps=(1, 2, 4, 8, 128), vae_steps=800,
+    "cpu": Preset(image_size=32, num_train=2048, num_eval=512, steps=(1, 2, 4, 8, 128), vae_steps=2000,
                   vae_args=_vae_args(16, "1,2,2", 16, 1e-3), unet_steps=2000,
                   unet_args=_unet_args(32, "1,2", "1", 32, 1e-3, 0.999), sample_batch=256),
-    # Not measured (no GPU in the session that wrote it): 64 px, 16x16x4 latents, ~30M-parameter UNet.
+    # Not measured (no GPU in the session that wrote it): 64 px, 16x16x4 latents, a 26M-parameter UNet.
     "gpu": Preset(image_size=64, num_train=20000, num_eval=5000, steps=(1, 2, 4, 8, 128), vae_steps=10000,
                   vae_args=_vae_args(64, "1,2,4", 32, 2e-4) + ("data.num_workers=4",), unet_steps=30000,
                   unet_args=_unet_args(128, "1,2,2", "1,2", 128, 2e-4, 0.9999) + ("data.num_workers=4",),
@@ -198,6 +202,18 @@ def random_conv_features(images: np.ndarray, seed: int = 0, batch: int = 256) ->
 
 
 FEATURES = {"fd_pixels": pixel_features, "fd_random_conv": random_conv_features}
+FEATURE_NOTES = {
+    "fd_pixels": f"images area-averaged to {PIXEL_GRID}x{PIXEL_GRID}: {3 * PIXEL_GRID ** 2} values in [-1, 1]",
+    "fd_random_conv": f"per-channel mean and std of a fixed random ReLU conv net (widths {list(RANDOM_CONV_WIDTHS)}, "
+                      f"He-normal, seed 0): {2 * RANDOM_CONV_WIDTHS[-1]} values"}
+REFERENCE_REAL = "reference: independent real set"
+REFERENCE_VAE = "reference: VAE reconstruction"
+LEGEND = ("mask IoU: foreground_mask of each image against its conditioning (held-out) mask; the independent real "
+          "set is scored against its own masks. FD: Frechet distance to the held-out real images in "
+          f"{FEATURE_NOTES['fd_pixels']} (pixels) and {FEATURE_NOTES['fd_random_conv']} (random conv); not FID. "
+          "The independent real set has other masks than the held-out set, generated images share them, so "
+          "generated sets can score below it; VAE reconstructions are the held-out images themselves after the "
+          "VAE (the best a latent model can do through it).")
 
 
 class Scorer:
@@ -247,7 +263,7 @@ def machine() -> dict:
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                  if line.startswith("model name")]
         cpu = names[0] if names else cpu
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu, "cpu_count": os.cpu_count(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "torch": torch.__version__, "python": platform.python_version(),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
@@ -276,45 +292,39 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                    help="use this trained VAE (folder or train_vae.py output dir) instead of training stage 1")
     p.add_argument("--unet-steps", type=int, default=None, help="override the preset's UNet training steps")
     p.add_argument("--vae-steps", type=int, default=None, help="override the preset's VAE training steps")
+    p.add_argument("--num-eval", type=int, default=None, help="override the preset's number of held-out images")
     p.add_argument("--unet-override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra train_unet.py override for both runs (repeatable), e.g. shortcut.teacher_ema_decay=0.99")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 without CUDA, where a second job on a 2-core machine made "
+                        "two-thread steps 5x slower than one-thread ones; all cores with CUDA)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for sample.py")
     args = p.parse_args(argv)
     if args.workdir.exists() and any(args.workdir.iterdir()):
         p.error(f"--workdir {args.workdir} is not empty; choose a new folder")
     if args.vae is not None and not args.vae.exists():
         p.error(f"--vae {args.vae}: not found")
+    if args.threads is None:
+        args.threads = 1 if args.device == "cpu" else (os.cpu_count() or 1)
     for name in ("unet_steps", "vae_steps", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.num_eval is not None and args.num_eval < 2:
+        p.error("--num-eval must be >= 2 (a Frechet distance needs a covariance)")
     bad = [w for w in args.unet_override if "=" not in w]
     if bad:
         p.error(f"--unet-override {bad[0]!r} is not of the form key=value")
     return args
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
-    args = parse_args(argv)
-    preset = PRESETS[args.preset]
-    overrides = {k: v for k, v in (("unet_steps", args.unet_steps), ("vae_steps", args.vae_steps)) if v is not None}
-    preset = Preset(**{**asdict(preset), **overrides})
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    os.environ.setdefault("WANDB_MODE", "offline")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-    work = args.workdir.resolve()
-    out_dir = (args.out or work / "results").resolve()
-    stages: list[Stage] = []
-    start = time.perf_counter()
-
-    # ---- 1. data: training set (class folders + metadata with masks) and a flat held-out set
+def train_and_sample(args: argparse.Namespace, preset: Preset, work: Path, stages: list[Stage]) -> tuple[Path, Path]:
+    """Stages 1-4: data, VAE, both UNets, samples. Returns (held-out folder, VAE folder)."""
     t0 = time.perf_counter()
     train_dir = make_shapes(work / "data" / "train", preset.num_train, preset.image_size, TRAIN_SEED)
     eval_dir = make_shapes(work / "data" / "eval", preset.num_eval, preset.image_size, EVAL_SEED, layout="flat")
-    stages.append(Stage("data", "modules.synthetic.make_shapes (train seed 0, eval seed 1)", time.perf_counter() - t0))
+    stages.append(Stage("data", f"modules.synthetic.make_shapes (train seed {TRAIN_SEED}, held-out seed {EVAL_SEED})",
+                        time.perf_counter() - t0))
 
-    # ---- 2. stage 1
     vae_dir = args.vae.resolve() if args.vae is not None else work / "vae"
     if args.vae is None:
         argv_vae = (["--config", "tiny", "--data", str(train_dir), "--output-dir", str(vae_dir), "--report-to", "none",
@@ -322,59 +332,87 @@ def main(argv: Optional[list[str]] = None) -> dict:
                     + training_args(preset, preset.vae_steps, max(1, preset.vae_steps // 20)) + list(preset.vae_args))
         run_entry_point("vae", "train_vae.py", train_vae.main, argv_vae, stages)
 
-    # ---- 3. stage 2: the same run twice, only the objective differs
+    # the same run twice, only the objective differs
     for objective in OBJECTIVES:
         run_entry_point(f"unet_{objective}", "train_unet.py", train_unet.main,
                         unet_args(preset, objective, train_dir, vae_dir, work / f"unet_{objective}",
                                   args.unet_override), stages)
 
-    # ---- 4. samples from the held-out masks: file i is named like mask i, seed i is the same for all
-    names = sorted(p.name for p in (eval_dir / "masks").iterdir())
+    # sample i is named like held-out mask i and has seed i, whatever the model and step count
     for objective in OBJECTIVES:
         for steps in preset.steps:
-            argv_sample = ["--unet", str(work / f"unet_{objective}"), "--out", str(work / "samples" / f"{objective}_{steps}"),
+            argv_sample = ["--unet", str(work / f"unet_{objective}"), "--out", str(samples_dir(work, objective, steps)),
                            "--masks", str(eval_dir / "masks"), "--steps", str(steps),
                            "--batch-size", str(preset.sample_batch), "--seed", "0", "--device", args.device]
             run_entry_point(f"sample_{objective}_{steps}", "sample.py", sample.main, argv_sample, stages)
+    return eval_dir, vae_dir
 
-    # ---- 5. metrics
-    t0 = time.perf_counter()
+
+def samples_dir(work: Path, objective: str, steps: int) -> Path:
+    return work / "samples" / f"{objective}_{steps}"
+
+
+def score_all(preset: Preset, work: Path, eval_dir: Path, vae_dir: Path, device: str,
+              grid_path: Path) -> list[dict]:
+    """Stage 5: one row per reference and per (model, steps); writes the comparison grid."""
+    names = sorted(p.name for p in (eval_dir / "masks").iterdir())
     real = read_images([eval_dir / n for n in names])
     masks = read_masks([eval_dir / "masks" / n for n in names])
     scorer = Scorer(real, masks)
-    reference_images, reference_masks, _ = render_shape_batch(preset.num_eval, preset.image_size, REFERENCE_SEED)
-    reconstructions = vae_reconstructions(vae_dir, real, preset.sample_batch, args.device)
-    rows = [{"model": "reference: second real set", "sampler": "-", "steps": None,
-             **scorer.score(reference_images, reference_masks)},
-            {"model": "reference: VAE reconstruction", "sampler": "-", "steps": None,
-             **scorer.score(reconstructions)}]
+    independent, independent_masks, _ = render_shape_batch(preset.num_eval, preset.image_size, REFERENCE_SEED)
+    reconstructions = vae_reconstructions(vae_dir, real, preset.sample_batch, device)
+    rows = [{"model": REFERENCE_REAL, "sampler": "-", "steps": None, **scorer.score(independent, independent_masks)},
+            {"model": REFERENCE_VAE, "sampler": "-", "steps": None, **scorer.score(reconstructions)}]
     grid_rows = [real[:GRID_IMAGES], np.repeat(masks[:GRID_IMAGES, :, :, None] * np.uint8(255), 3, axis=3),
                  reconstructions[:GRID_IMAGES]]
     for objective in OBJECTIVES:
         for steps in preset.steps:
-            generated = read_images([work / "samples" / f"{objective}_{steps}" / n for n in names])
+            generated = read_images([samples_dir(work, objective, steps) / n for n in names])
             sampler = "shortcut" if objective == "shortcut" else "euler"
             rows.append({"model": objective, "sampler": sampler, "steps": steps, **scorer.score(generated)})
             grid_rows.append(generated[:GRID_IMAGES])
-    stages.append(Stage("metrics", "benchmarks/quality.py (in process)", time.perf_counter() - t0))
+    grid_path.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(grid_rows, grid_path)
+    return rows
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = parse_args(argv)
+    preset = PRESETS[args.preset]
+    overrides = {k: getattr(args, k) for k in ("unet_steps", "vae_steps", "num_eval") if getattr(args, k) is not None}
+    preset = Preset(**{**asdict(preset), **overrides})
+    os.environ.setdefault("WANDB_MODE", "offline")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    work = args.workdir.resolve()
+    out_dir = (args.out or work / "results").resolve()
+    machine_at_start = machine()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    stages: list[Stage] = []
+    start = time.perf_counter()
+    try:
+        eval_dir, vae_dir = train_and_sample(args, preset, work, stages)
+        t0 = time.perf_counter()
+        rows = score_all(preset, work, eval_dir, vae_dir, args.device, out_dir / "quality_grid.png")
+        stages.append(Stage("metrics", "benchmarks/quality.py (in process)", time.perf_counter() - t0))
+    finally:
+        torch.set_num_threads(previous_threads)   # callers in the same process keep their setting
     total = time.perf_counter() - start
 
-    # ---- report
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_grid(grid_rows, out_dir / "quality_grid.png")
-    table = markdown_table(rows)
+    vae_text = f"VAE {preset.vae_steps} steps" if args.vae is None else f"VAE from {args.vae}"
     header = (f"Quality benchmark, preset `{args.preset}`: {preset.num_train} training / {preset.num_eval} held-out "
-              f"shapes at {preset.image_size} px, VAE {preset.vae_steps if args.vae is None else 'given'} steps, "
-              f"UNets {preset.unet_steps} steps each; wall time {total / 60:.1f} min")
+              f"shapes at {preset.image_size} px, {vae_text}, UNets {preset.unet_steps} steps each, "
+              f"{args.threads} thread(s); wall time {total / 60:.1f} min")
+    table = markdown_table(rows)
     report = {"preset": args.preset, "settings": asdict(preset), "unet_overrides": args.unet_override,
-              "vae": str(vae_dir), "features": {"fd_pixels": f"images area-averaged to {PIXEL_GRID}x{PIXEL_GRID}, "
-                                                               f"{3 * PIXEL_GRID ** 2} values in [-1, 1]",
-                                                 "fd_random_conv": f"per-channel mean and std of a random ReLU conv "
-                                                                   f"net, widths {list(RANDOM_CONV_WIDTHS)}, seed 0"},
-              "rows": rows, "stages": [asdict(s) for s in stages], "wall_time_s": total, "machine": machine()}
+              "threads": args.threads, "vae": str(vae_dir), "features": FEATURE_NOTES, "rows": rows,
+              "stages": [asdict(s) for s in stages], "wall_time_s": total,
+              "machine_at_start": machine_at_start, "machine_at_end": machine()}
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "quality.md").write_text(header + "\n\n" + table + "\n")
-    print("\n" + header + "\n\n" + table)
+    (out_dir / "quality.md").write_text(header + "\n\n" + table + "\n\n" + LEGEND + "\n")
+    print("\n" + header + "\n\n" + table + "\n\n" + LEGEND)
     print(f"\n[quality] results in {out_dir}", flush=True)
     return report
 

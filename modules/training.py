@@ -24,12 +24,14 @@ from typing import Callable, Optional
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
+from safetensors import SafetensorError
 
 from modules.config import ConfigError, TrainConfig, diff_fields, load_config, save_json, to_dict
 
 logger = logging.getLogger("modules.training")
 
 MANIFEST = "manifest.json"
+STATE_NAME = "training_state.json"
 TRACKERS = ("wandb", "tensorboard", "mlflow", "none")
 
 
@@ -231,6 +233,26 @@ class TrainingState:
             setattr(self, key, int(value))
 
 
+# A write that fails (disk full, quota, read-only or vanished folder) surfaces as OSError from
+# Python, RuntimeError from torch.save and SafetensorError from safetensors.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+def _write_failure(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return f"{type(e).__name__}: {e}; is the disk full?"
+
+
+def export_or_fail(export: Callable[[], None], output_dir: Path, step: int) -> None:
+    """Run ``export`` (written after checkpoint ``step``); a failed write is a CheckpointError."""
+    try:
+        export()
+    except WRITE_ERRORS as e:
+        raise CheckpointError(f"could not write the exported models in {output_dir} ({_write_failure(e)}); "
+                              f"checkpoint step_{step} is saved and the previous exports are untouched") from None
+
+
 def count_step(state: TrainingState, finite: bool, max_bad_steps: int, checkpointer: "Checkpointer") -> None:
     """Advance the step counter; a non-finite step (its update was skipped) is counted, and
     ``max_bad_steps`` of them in a row save the last good state and abort the run."""
@@ -254,15 +276,18 @@ class Checkpointer:
     A checkpoint is written into ``checkpoints/.tmp_step_N``, a manifest of every file and its
     size is written last, then the folder is renamed. A folder counts as a checkpoint only if
     its manifest is present and every listed file has its recorded size, so a half-written or
-    truncated checkpoint is never chosen for a resume.
+    truncated checkpoint is never chosen for a resume. The counters of ``state`` are stored as
+    JSON rather than registered with Accelerate, which would unpickle them without restriction:
+    a resume never runs code from a checkpoint's files.
     """
 
-    def __init__(self, accelerator: Accelerator, output_dir: Path, keep: int,
+    def __init__(self, accelerator: Accelerator, output_dir: Path, keep: int, state: TrainingState,
                  extra_save: Callable[[Path], None] = lambda path: None,
                  extra_load: Callable[[Path], None] = lambda path: None):
         self.accelerator = accelerator
         self.root = output_dir / "checkpoints"
         self.keep = keep
+        self.state = state
         self.extra_save = extra_save
         self.extra_load = extra_load
 
@@ -279,6 +304,8 @@ class Checkpointer:
             acc.wait_for_everyone()
             acc.save_state(str(tmp), safe_serialization=True)
             self.extra_save(tmp)
+            if acc.is_main_process:
+                (tmp / STATE_NAME).write_text(json.dumps(self.state.state_dict()))
             acc.wait_for_everyone()
             if acc.is_main_process:
                 files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -288,10 +315,10 @@ class Checkpointer:
                 tmp.rename(final)
                 _fsync_dir(self.root)
                 self._prune()
-        except OSError as e:
+        except WRITE_ERRORS as e:
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"could not write checkpoint {final} ({e.strerror or e}); "
+            raise CheckpointError(f"could not write checkpoint {final} ({_write_failure(e)}); "
                                   "the previous checkpoints are untouched") from None
         acc.wait_for_everyone()
         return final
@@ -336,6 +363,7 @@ class Checkpointer:
             try:
                 self.accelerator.load_state(str(path))
                 self.extra_load(path)
+                self.state.load_state_dict(json.loads((path / STATE_NAME).read_text()))
                 logger.info("resumed from %s", path)
                 return path
             except Exception as e:  # a damaged file raises whatever its reader raises

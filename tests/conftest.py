@@ -11,12 +11,19 @@ import pytest
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tiny models on 2 cores: one thread each is faster, and does not collapse when another
+# process holds a core (OpenMP threads spin-wait). Subprocesses inherit the variable.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 from modules.synthetic import make_shapes  # noqa: E402
+
+torch.set_num_threads(1)
 
 SHAPES_NUM_IMAGES = 24
 SHAPES_IMAGE_SIZE = 32

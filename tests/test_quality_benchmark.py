@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -28,7 +29,9 @@ def frechet_by_nuclear_norm(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def micro_run(tmp_path_factory) -> tuple[Path, dict]:
     work = tmp_path_factory.mktemp("quality") / "work"
-    report = quality.main(["--preset", "micro", "--workdir", str(work), "--threads", "2"])
+    threads = torch.get_num_threads()
+    report = quality.main(["--preset", "micro", "--workdir", str(work), "--device", "cpu"])
+    assert torch.get_num_threads() == threads   # the run's one-thread setting does not leak
     return work, report
 
 
@@ -49,7 +52,7 @@ def test_report_has_every_model_and_step_count(micro_run):
 def test_clean_images_score_perfect_iou(micro_run):
     # foreground_mask recovers the exact mask of a clean shapes image: the metric's ceiling is 1.
     _, report = micro_run
-    reference = next(r for r in report["rows"] if r["model"] == "reference: second real set")
+    reference = next(r for r in report["rows"] if r["model"] == "reference: independent real set")
     assert reference["mask_iou"] == 1.0
 
 
