@@ -186,6 +186,7 @@ def _fsdp2_worker(rank, port):
         assert torch.allclose(teacher_out, reference(x), atol=1e-6), "swapped forward did not use the shadow"
         reference.load_state_dict(online)
         assert torch.allclose(after_out, reference(x), atol=1e-6), "forward after the swap used stale weights"
+        dist.barrier()  # neither rank tears gloo down while the other is still in a collective
     finally:
         dist.destroy_process_group()
 
