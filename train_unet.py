@@ -26,9 +26,9 @@ from modules.generation import (GenerationSpec, batch_condition, decode_latents,
 from modules.latent_cache import build_or_load
 from modules.objectives import build_objective
 from modules.training import (SHARED_STREAM, Checkpointer, StopRequest, Throughput, TrainingState, build_parser,
-                              clipped_grad_norm, count_step, export_or_fail, init_trackers, log_image, lr_factor,
-                              make_accelerator, make_grid, memory_stats, prepare_output_dir, process_share_randn,
-                              resolve_run_config, run_cli, set_lr, step_generator)
+                              checkpoint_if_due, clipped_grad_norm, count_step, export_or_fail, init_trackers,
+                              log_image, lr_factor, make_accelerator, make_grid, memory_stats, prepare_output_dir,
+                              process_share_randn, resolve_run_config, run_cli, set_lr, step_generator)
 from modules.unet import UNet
 from modules.vae import load_vae
 
@@ -229,13 +229,7 @@ def main(argv=None) -> None:
                           make_grid(rows), state.step, output_dir)
 
             # ---- checkpoint and export
-            stopping = stop.requested()
-            if state.step % tcfg.checkpoint_every == 0 or state.step == tcfg.max_steps or stopping:
-                checkpointer.save(state.step)
-                export_or_fail(export, output_dir, state.step)
-            if stopping:
-                logger.info("%s received: saved step %d, exiting; continue with --resume latest",
-                            stop.signal_name or "stop", state.step)
+            if checkpoint_if_due(state, tcfg, stop, checkpointer, export, output_dir):
                 break
 
     progress.close()

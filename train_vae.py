@@ -20,9 +20,9 @@ from modules.data import build_dataset, make_loader, split_validation
 from modules.losses import VAELoss
 from modules.metrics import psnr
 from modules.training import (SHARED_STREAM, Checkpointer, StopRequest, Throughput, TrainingState, build_parser,
-                              clipped_grad_norm, count_step, export_or_fail, init_trackers, log_image, lr_factor,
-                              make_accelerator, make_grid, memory_stats, prepare_output_dir, process_share_randn,
-                              resolve_run_config, run_cli, set_lr, step_generator)
+                              checkpoint_if_due, clipped_grad_norm, count_step, export_or_fail, init_trackers,
+                              log_image, lr_factor, make_accelerator, make_grid, memory_stats, prepare_output_dir,
+                              process_share_randn, resolve_run_config, run_cli, set_lr, step_generator)
 from modules.vae import AutoencoderKL, save_vae
 
 logger = logging.getLogger("train_vae")
@@ -167,13 +167,7 @@ def main(argv=None) -> None:
                               state.step, output_dir)
 
             # ---- checkpoint (and export, so later stages always find a model)
-            stopping = stop.requested()
-            if state.step % tcfg.checkpoint_every == 0 or state.step == tcfg.max_steps or stopping:
-                checkpointer.save(state.step)
-                export_or_fail(export, output_dir, state.step)
-            if stopping:
-                logger.info("%s received: saved step %d, exiting; continue with --resume latest",
-                            stop.signal_name or "stop", state.step)
+            if checkpoint_if_due(state, tcfg, stop, checkpointer, export, output_dir):
                 break
 
     progress.close()

@@ -253,6 +253,20 @@ def export_or_fail(export: Callable[[], None], output_dir: Path, step: int) -> N
                               f"checkpoint step_{step} is saved and the previous exports are untouched") from None
 
 
+def checkpoint_if_due(state: TrainingState, cfg: TrainConfig, stop: "StopRequest", checkpointer: "Checkpointer",
+                      export: Callable[[], None], output_dir: Path) -> bool:
+    """Checkpoint and export every ``checkpoint_every`` steps, at the last step and when a stop
+    signal arrived; returns True when the run must stop now."""
+    stopping = stop.requested()
+    if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps or stopping:
+        checkpointer.save(state.step)
+        export_or_fail(export, output_dir, state.step)
+    if stopping:
+        logger.info("%s received: saved step %d, exiting; continue with --resume latest",
+                    stop.signal_name or "stop", state.step)
+    return stopping
+
+
 def count_step(state: TrainingState, finite: bool, max_bad_steps: int, checkpointer: "Checkpointer") -> None:
     """Advance the step counter; a non-finite step (its update was skipped) is counted, and
     ``max_bad_steps`` of them in a row save the last good state and abort the run."""
