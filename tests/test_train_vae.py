@@ -9,9 +9,7 @@ import pytest
 import torch
 
 import train_vae
-from modules.data import DataError
 from modules.export import read_weights
-from modules.config import ConfigError
 from modules.synthetic import make_shapes
 from modules.training import run_cli
 from modules.vae import load_vae
@@ -72,7 +70,7 @@ def test_overfits_eight_images(tmp_path):
           "data.num_val_images=1", "train.checkpoint_every=1000", "train.val_every=1000",
           "train.image_log_every=1000", "data.hflip=false")
     torch.manual_seed(0)
-    from modules.config import VAEModelConfig, load_config, VAERunConfig
+    from modules.config import VAERunConfig, load_config
     from modules.vae import AutoencoderKL
     initial = AutoencoderKL(load_config(VAERunConfig, "vae", "tiny").model).eval()
     before, after = l1(initial), l1(load_vae(tmp_path / "run"))
