@@ -182,7 +182,8 @@ def main(argv=None) -> None:
                     if teacher_ema is not None:
                         # Targets from the fast EMA (weights swapped in), then one forward with gradient.
                         with teacher_ema.swapped(owner):
-                            targets = objective.targets(unet, x1, cond, generator, step=level_offset(state.step, micro))
+                            targets = objective.targets(unet, x1, cond, generator,
+                                                        step=level_offset(state.step, micro))
                         loss, logs = objective.loss_from_targets(unet, targets, cond)
                     else:
                         loss, logs = objective.loss(unet, x1, cond, generator=generator)

@@ -127,7 +127,8 @@ def main(argv=None) -> None:
                 with accelerator.accumulate(vae, discriminator):
                     with accelerator.autocast():
                         reconstructions, posterior = vae(images, noise=noise)
-                        g_loss, logs = loss_fn.generator_loss(images, reconstructions, posterior, last_layer, state.step)
+                        g_loss, logs = loss_fn.generator_loss(images, reconstructions, posterior, last_layer,
+                                                              state.step)
                     accelerator.backward(g_loss)
                     with accelerator.autocast():
                         d_loss, d_logs = loss_fn.discriminator_loss(images, reconstructions.detach(), state.step)
