@@ -14,24 +14,23 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
-from modules.config import ConfigError, diff_fields
-from modules.data import UnreadableImage, mask_tensor
-from modules.export import ModelFolderError, find_model_folder, read_config
-from modules.generation import SAMPLERS_FOR, GenerationSpec, decode_latents, generate_latents, sample_seed
+from modules.cli import run_cli
+from modules.config import DEFAULT_SAMPLER, sampling_problem
+from modules.config_io import diff_fields
+from modules.errors import ConfigError, ModelFolderError
+from modules.export import find_model_folder, load_unet, read_unet_export
+from modules.generation import GenerationSpec, decode_latents, generate_latents
+from modules.image_io import UnreadableImage, find_images, mask_tensor, save_png, tile, to_uint8
 from modules.samplers import METHODS
-from modules.training import make_grid, run_cli
-from modules.unet import load_unet
-from modules.vae import load_vae
+from modules.seeding import image_seed
+from modules.vae_loading import load_vae
 
 logger = logging.getLogger("sample")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,28 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_steps(spec: GenerationSpec, sampler: str, steps: int) -> None:
-    if steps < 1:
-        raise ConfigError(f"--steps must be >= 1, got {steps}")
-    if sampler == "shortcut":
-        if steps & (steps - 1):
-            raise ConfigError(f"--steps {steps}: shortcut sampling needs a power of two (1, 2, 4, ..., "
-                              f"{spec.denoise_timesteps})")
-        if steps > spec.denoise_timesteps:
-            raise ConfigError(f"--steps {steps}: exceeds the trained maximum of {spec.denoise_timesteps} "
-                              "(shortcut.denoise_timesteps)")
-    if sampler not in SAMPLERS_FOR[spec.objective]:
-        raise ConfigError(f"--sampler {sampler}: does not fit a {spec.objective} model "
-                          f"(use one of {', '.join(SAMPLERS_FOR[spec.objective])})")
-    if sampler in ("ddim", "ddpm") and steps > spec.ddpm.num_timesteps:
-        raise ConfigError(f"--steps {steps}: exceeds the model's {spec.ddpm.num_timesteps} DDPM timesteps")
-
-
 def load_masks(folder: Path, image_size: int) -> tuple[list[str], torch.Tensor]:
     """Masks read exactly as training reads them (modules/data.py), one sample per file."""
     if not folder.is_dir():
         raise ConfigError(f"--masks {folder}: not a folder")
-    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    files = find_images(folder, recursive=False)
     if not files:
         raise ConfigError(f"--masks {folder}: no mask images found")
     masks = []
@@ -91,8 +73,8 @@ def load_masks(folder: Path, image_size: int) -> tuple[list[str], torch.Tensor]:
 
 def load_models(args, device):
     unet_folder = find_model_folder(args.unet, "unet_ema")
-    config = read_config(unet_folder, kind="unet")
-    recorded = config.get("vae", {})
+    export = read_unet_export(unet_folder)
+    recorded = export.vae
     vae_path = args.vae or recorded.get("path")
     if not vae_path:
         raise ModelFolderError(f"{unet_folder}: records no VAE; pass --vae")
@@ -101,7 +83,7 @@ def load_models(args, device):
     vae_folder = find_model_folder(vae_path, "vae")
     vae = load_vae(vae_folder)
     vae_model = dataclasses.asdict(vae.config)
-    if recorded.get("model"):
+    if isinstance(recorded.get("model"), dict):
         structural = ["in_channels", "base_channels", "channel_mult", "num_res_blocks", "latent_channels",
                       "resample", "scale_factor"]
         mismatch = diff_fields({k: recorded["model"].get(k) for k in structural},
@@ -109,19 +91,21 @@ def load_models(args, device):
         if mismatch:
             raise ModelFolderError(f"VAE {vae_folder} does not match the one the UNet was trained with: "
                                    + "; ".join(mismatch))
-    if vae.config.latent_channels != config["model"]["in_channels"]:
+    if vae.config.latent_channels != export.config.model.in_channels:
         raise ModelFolderError(f"VAE {vae_folder} has {vae.config.latent_channels} latent channels, "
-                               f"the UNet expects {config['model']['in_channels']}")
-    return load_unet(unet_folder).to(device), vae.to(device).eval(), config, unet_folder
+                               f"the UNet expects {export.config.model.in_channels}")
+    return load_unet(unet_folder, export).to(device), vae.to(device).eval(), export, unet_folder
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     device = torch.device(args.device)
-    unet, vae, config, unet_folder = load_models(args, device)
-    spec = GenerationSpec.from_export(config)
-    sampler = args.sampler or {"shortcut": "shortcut", "flow": "euler", "ddpm": "ddim"}[spec.objective]
-    check_steps(spec, sampler, args.steps)
+    unet, vae, export, unet_folder = load_models(args, device)
+    spec = GenerationSpec.from_run_config(export.config)
+    sampler = args.sampler or DEFAULT_SAMPLER[spec.objective]
+    problem = sampling_problem(spec.objective, sampler, args.steps, spec.denoise_timesteps, spec.ddpm.num_timesteps)
+    if problem:
+        raise ConfigError(f"--sampler {sampler} --steps {args.steps}: {problem}")
     if args.num_samples < 1 or args.batch_size < 1:
         raise ConfigError("--num-samples and --batch-size must be >= 1")
     if not 0 <= args.eta <= 1:
@@ -133,8 +117,7 @@ def main(argv=None) -> None:
     if args.masks is not None:
         if spec.cond_type != "mask":
             raise ConfigError(f"--masks: {unet_folder} is a '{spec.cond_type}'-conditioned model, not mask-conditioned")
-        image_size = spec.latent_size * config["cond"]["image_downsample"]
-        names, cond = load_masks(Path(args.masks), image_size)
+        names, cond = load_masks(Path(args.masks), export.config.data.image_size)
         logger.info("--masks: one sample per mask file (%d); --num-samples is not used", len(names))
     elif spec.cond_type == "mask":
         raise ConfigError(f"{unet_folder} is mask-conditioned: pass --masks DIR")
@@ -161,14 +144,14 @@ def main(argv=None) -> None:
     images_all, records = [], []
     for start in tqdm(range(0, count, args.batch_size), desc="sampling"):
         idx = list(range(start, min(count, start + args.batch_size)))
-        seeds = [sample_seed(args.seed, i) for i in idx]
+        seeds = [image_seed(args.seed, i) for i in idx]
         batch_cond = None if cond is None else cond[idx].to(device)
         with autocast:
             z = generate_latents(unet, spec, batch_cond, seeds, args.steps, sampler, args.cfg_scale, args.eta, device)
             images = decode_latents(vae, z.float(), scale, args.batch_size)
-        arrays = ((images + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
+        arrays = to_uint8(images)
         for j, i in enumerate(idx):
-            Image.fromarray(arrays[j]).save(out / files[i])
+            save_png(arrays[j], out / files[i])
             condition = None if cond is None else (f"mask:{names[i]}" if names is not None else int(cond[i]))
             records.append({"file": files[i], "seed": seeds[j], "steps": args.steps, "sampler": sampler,
                             "guidance": args.cfg_scale, "condition": condition})
@@ -177,14 +160,7 @@ def main(argv=None) -> None:
     with open(out / "manifest.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     if args.grid:
-        images = torch.cat(images_all)
-        per_row = math.ceil(math.sqrt(count))
-        rows = [images[i:i + per_row] for i in range(0, count, per_row)]
-        if len(rows[-1]) < per_row:
-            pad = torch.full((per_row - len(rows[-1]), *images.shape[1:]), -1.0)
-            rows[-1] = torch.cat([rows[-1], pad])
-        grid = make_grid(rows)
-        Image.fromarray(((grid + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()).save(out / "grid.png")
+        save_png(to_uint8(tile(torch.cat(images_all))), out / "grid.png")
     logger.info("wrote %d images and manifest.jsonl to %s", count, out)
 
 

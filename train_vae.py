@@ -3,8 +3,8 @@
     accelerate launch train_vae.py --config kl-f8 --data ./my_images --output-dir runs/vae
     python train_vae.py --config tiny --data data/shapes --output-dir runs/vae_tiny --report-to none
 
-Reads top to bottom: setup, loop (generator step, discriminator step), checkpoint, log,
-export. The shared mechanics (checkpoints, resume, signals, schedule) are in modules/training.py.
+Reads top to bottom: setup, loop (generator and discriminator losses, one optimizer step for
+both), log, checkpoint, export. The loop's mechanics are in modules/optim.py and modules/checkpoint.py.
 """
 from __future__ import annotations
 
@@ -13,17 +13,26 @@ import logging
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
-from modules.config import ConfigError, VAERunConfig, to_dict
-from modules.data import build_dataset, make_loader, split_validation
+from modules.accelerator import make_accelerator
+from modules.checkpoint import Checkpointer, StopRequest, TrainingState, checkpoint_if_due, count_step, export_or_fail
+from modules.cli import build_parser, resolve_run_config, run_cli
+from modules.config import VAERunConfig
+from modules.config_io import to_dict
+from modules.data import build_dataset, split_validation
+from modules.errors import ConfigError
+from modules.image_io import make_grid
 from modules.losses import VAELoss
 from modules.metrics import psnr
-from modules.training import (SHARED_STREAM, Checkpointer, StopRequest, Throughput, TrainingState, build_parser,
-                              checkpoint_if_due, clipped_grad_norm, count_step, export_or_fail, init_trackers,
-                              log_image, lr_factor, make_accelerator, make_grid, memory_stats, prepare_output_dir,
-                              process_share_randn, resolve_run_config, run_cli, set_lr, step_generator)
-from modules.vae import AutoencoderKL, save_vae
+from modules.optim import apply_update, lr_factor, set_lr
+from modules.order import make_loader
+from modules.run_folder import prepare_output_dir
+from modules.seeding import SHARED_STREAM, process_share_randn, step_generator
+from modules.tracking import Throughput, init_trackers, log_image, memory_stats
+from modules.vae import AutoencoderKL
+from modules.vae_loading import save_vae
 
 logger = logging.getLogger("train_vae")
 
@@ -65,7 +74,7 @@ def main(argv=None) -> None:
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(cfg.train, output_dir, args.report_to)
     device, tcfg = accelerator.device, cfg.train
-    if accelerator.mixed_precision == "fp16" or accelerator.distributed_type.value == "DEEPSPEED":
+    if accelerator.mixed_precision == "fp16" or accelerator.distributed_type == DistributedType.DEEPSPEED:
         # Two optimizers cannot share one GradScaler, and DeepSpeed drives a single model.
         raise ConfigError(f"train_vae.py does not support {accelerator.mixed_precision} / "
                           f"{accelerator.distributed_type.value}: use bf16 or no mixed precision, with DDP or FSDP")
@@ -94,15 +103,12 @@ def main(argv=None) -> None:
     checkpointer.load(args.resume)
     accelerator.step = 0  # resumes sit on an optimizer-step boundary, whatever grad_accum was
 
-    loader = make_loader(train_set, tcfg.batch_size, tcfg.seed, accelerator.process_index,
-                         accelerator.num_processes, state.step * tcfg.grad_accum, cfg.data.num_workers)
-    batches = iter(loader)
+    batches = iter(make_loader(train_set, tcfg.batch_size, tcfg.seed, accelerator.process_index,
+                               accelerator.num_processes, state.step * tcfg.grad_accum, cfg.data.num_workers))
     val_images = torch.stack([val_set[i]["image"] for i in range(len(val_set))]).to(device)
     init_trackers(accelerator, "ldm-vae", cfg, output_dir, args.report_to)
     throughput = Throughput(tcfg.batch_size * tcfg.grad_accum * accelerator.num_processes)
     last_layer = accelerator.unwrap_model(vae).last_layer_weight
-    progress = tqdm(total=tcfg.max_steps, initial=state.step, disable=not accelerator.is_local_main_process,
-                    desc="vae")
 
     def export() -> None:
         export_vae(accelerator, vae, cfg, train_set, output_dir)
@@ -112,11 +118,13 @@ def main(argv=None) -> None:
         export_or_fail(export, output_dir, state.step)
 
     # ---- loop
-    with StopRequest(accelerator) as stop:  # SIGTERM/SIGINT: checkpoint, then exit 0
+    with StopRequest(accelerator) as stop, tqdm(total=tcfg.max_steps, initial=state.step, desc="vae",
+                                                disable=not accelerator.is_local_main_process) as progress:
         while state.step < tcfg.max_steps:
             lr = set_lr(opt_g, tcfg.lr, lr_factor(state.step, tcfg))
             set_lr(opt_d, cfg.loss.disc_lr, lr_factor(state.step, tcfg))
             vae.train()
+            losses = []
             for micro in range(tcfg.grad_accum):
                 batch = next(batches)
                 images = batch["image"].to(device, non_blocking=True)
@@ -133,45 +141,39 @@ def main(argv=None) -> None:
                     with accelerator.autocast():
                         d_loss, d_logs = loss_fn.discriminator_loss(images, reconstructions.detach(), state.step)
                     accelerator.backward(d_loss)
-                    logs.update(d_logs)
-                    if accelerator.sync_gradients:
-                        g_norm = clipped_grad_norm(accelerator, vae.parameters(), tcfg.grad_clip)
-                        d_norm = clipped_grad_norm(accelerator, discriminator.parameters(), tcfg.grad_clip)
-                        finite = bool(torch.isfinite(g_norm) and torch.isfinite(d_norm) and torch.isfinite(g_loss))
-                        if finite:
-                            opt_g.step()
-                            opt_d.step()
-                    opt_g.zero_grad(set_to_none=True)
-                    opt_d.zero_grad(set_to_none=True)
+                logs.update(d_logs)
+                losses += [g_loss.detach(), d_loss.detach()]
+            update = apply_update(accelerator, {"vae": (opt_g, vae.parameters()),
+                                                "discriminator": (opt_d, discriminator.parameters())},
+                                  losses, tcfg.grad_clip)
 
-            # ---- a non-finite step skipped its update: the weights are still the last good ones
-            count_step(state, finite, tcfg.max_bad_steps, checkpointer)
+            # ---- a skipped (non-finite) step left the weights as they were: count it
+            count_step(state, update.applied, tcfg.max_bad_steps, checkpointer)
             throughput.tick()
             progress.update(1)
 
             # ---- log
-            if state.step % tcfg.log_every == 0 or state.step == tcfg.max_steps:
+            if state.due(tcfg.log_every, tcfg.max_steps):
                 scalars = {k: float(v) for k, v in logs.items()}
-                scalars.update(lr=lr, grad_norm=float(g_norm), disc_grad_norm=float(d_norm),
+                scalars.update(lr=lr, grad_norm=float(update.grad_norms["vae"]),
+                               disc_grad_norm=float(update.grad_norms["discriminator"]),
                                images_per_s=throughput.rate(), bad_steps=state.bad_steps,
                                substituted_images=state.substituted_images,
                                skipped_images=dataset.skipped_at_scan, **memory_stats(device))
                 accelerator.log(scalars, step=state.step)
                 progress.set_postfix(loss=f"{scalars.get('loss_l1', 0.0):.4f}")
-            if state.step % tcfg.val_every == 0 or state.step == tcfg.max_steps:
+            if state.due(tcfg.val_every, tcfg.max_steps):
                 vae.eval()
                 with torch.no_grad(), accelerator.autocast():
                     recon_val, _ = vae(val_images, sample_posterior=False)
                 accelerator.log({"val/psnr": psnr(recon_val.float(), val_images).mean().item()}, step=state.step)
-                if state.step % tcfg.image_log_every == 0 or state.step == tcfg.max_steps:
+                if state.due(tcfg.image_log_every, tcfg.max_steps):
                     log_image(accelerator, "val/input_vs_reconstruction", make_grid([val_images, recon_val]),
                               state.step, output_dir)
 
             # ---- checkpoint (and export, so later stages always find a model)
             if checkpoint_if_due(state, tcfg, stop, checkpointer, export, output_dir):
                 break
-
-    progress.close()
     accelerator.end_training()
 
 

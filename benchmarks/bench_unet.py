@@ -30,7 +30,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modules.attention import attention_backend  # noqa: E402
-from modules.config import ConfigError, UNetRunConfig, load_config  # noqa: E402
+from modules.config import ConfigError, UNetRunConfig  # noqa: E402
+from modules.config_io import load_config  # noqa: E402
 from modules.unet import UNet, count_parameters  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -62,7 +62,7 @@ import train_vae  # noqa: E402
 from modules.export import find_model_folder  # noqa: E402
 from modules.metrics import feature_statistics, frechet_distance, mask_iou  # noqa: E402
 from modules.synthetic import foreground_mask, make_shapes, render_shape_batch  # noqa: E402
-from modules.vae import load_vae  # noqa: E402
+from modules.vae_loading import load_vae  # noqa: E402
 
 OBJECTIVES = ("shortcut", "flow")
 TRAIN_SEED, EVAL_SEED, REFERENCE_SEED = 0, 1, 2

@@ -11,9 +11,11 @@ outside ``named_parameters``) is refused; stages 1 and 2 keep full parameters an
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 try:
@@ -167,3 +169,32 @@ class EMA:
             for name, shadow in self.shadow.items():
                 shadow.copy_(state_dict[SHADOW_PREFIX + name])
         self.num_updates = int(state_dict[COUNT_KEY])
+
+
+# ----------------------------------------------------------------------------- in checkpoints
+
+def ema_file(checkpoint: Path, rank: int) -> Path:
+    return checkpoint / f"ema_rank{rank}.safetensors"
+
+
+def save_emas(checkpoint: Path, emas: dict[str, EMA], rank: int) -> None:
+    """Write named EMAs into one file of a checkpoint, their tensors keyed ``<name>.<key>``."""
+    tensors = {f"{name}.{key}": value for name, ema in emas.items() for key, value in ema.state_dict().items()}
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, ema_file(checkpoint, rank))
+
+
+def load_emas(checkpoint: Path, emas: dict[str, EMA], rank: int, device: torch.device) -> None:
+    tensors = load_file(ema_file(checkpoint, rank), device=str(device))
+    for name, ema in emas.items():
+        ema.load_state_dict({k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")})
+
+
+def replicas_agree(emas: dict[str, EMA], gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Replicated (not sharded) EMAs must be bit-identical on every process; fail loudly otherwise.
+
+    ``gather`` collects one tensor from every process (``accelerator.gather``).
+    """
+    local = torch.stack([v.double().sum() for ema in emas.values() for v in ema.state_dict().values()]).sum()
+    sums = gather(local.reshape(1))
+    if not torch.all(sums == sums[0]):
+        raise RuntimeError(f"EMA weights differ between processes (checksums {sums.tolist()})")

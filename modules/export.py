@@ -2,23 +2,29 @@
 
 Weights are only ever read from safetensors, so nothing is unpickled from a user's file.
 Folders are written into a temporary sibling and renamed, so a crash never leaves a
-half-written export under the final name.
+half-written export under the final name. A UNet export's ``config.json`` holds the resolved
+run config it was trained with (``run_config``, validated when read back like a command-line
+config, and the one source a loader reads), a summary of it (``model``, ``cond``,
+``objective``, ...), which weights it holds (``online`` or ``ema``) and the VAE it was trained with.
 """
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from modules.config import UNetRunConfig, check_trained
+from modules.config_io import diff_fields, from_dict, read_json, to_dict
+from modules.errors import ConfigError, ModelFolderError
+from modules.unet import UNet
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-class ModelFolderError(ValueError):
-    """A model folder that is missing, incomplete or of the wrong kind."""
 
 
 def save_model_folder(folder: str | Path, state_dict: dict[str, torch.Tensor], config: dict) -> Path:
@@ -47,12 +53,12 @@ def read_config(folder: str | Path, kind: str | None = None) -> dict:
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise ModelFolderError(f"{folder}: no {CONFIG_NAME}; expected an exported model folder")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelFolderError(f"{path}: invalid JSON ({e})") from None
+    config = read_json(path, ModelFolderError)
+    if not isinstance(config, dict):
+        raise ModelFolderError(f"{path}: expected a JSON object, got {type(config).__name__}")
     if kind is not None and config.get("kind") != kind:
-        raise ModelFolderError(f"{folder}: holds a '{config.get('kind')}' model, expected a '{kind}'")
+        found = f"a '{config['kind']}' model" if config.get("kind") else "no 'kind' entry"
+        raise ModelFolderError(f"{folder}: {CONFIG_NAME} holds {found}, expected a '{kind}'")
     return config
 
 
@@ -83,3 +89,69 @@ def find_model_folder(path: str | Path, subfolder: str) -> Path:
         return path
     raise ModelFolderError(f"{path}: neither a model folder (config.json + {WEIGHTS_NAME}) nor a training "
                            f"output dir with a '{subfolder}' export")
+
+
+# ----------------------------------------------------------------------------- the stage-2 network
+
+@dataclass
+class UNetExport:
+    """What an exported UNet folder says about itself."""
+    folder: Path
+    config: UNetRunConfig      # the resolved run config, derived fields included
+    weights: str               # "online" or "ema"
+    vae: dict                  # the VAE it was trained with: {"path": ..., "model": {...}}
+
+
+def unet_export_config(cfg: UNetRunConfig, vae: dict, weights: str) -> dict:
+    """``config.json`` of a UNet export: the run config, and a summary of it for a reader's eye."""
+    summary = {"model": to_dict(cfg.model), "cond": to_dict(cfg.cond), "objective": cfg.objective,
+               "shortcut": to_dict(cfg.shortcut), "ddpm": to_dict(cfg.ddpm), "latent_size": cfg.latent_size}
+    ema = {"ema_decay": cfg.ema.decay} if weights == "ema" else {}
+    return {"kind": "unet", "weights": weights, **summary, **ema, "vae": vae, "run_config": to_dict(cfg)}
+
+
+def save_unet(folder: str | Path, state_dict: dict[str, torch.Tensor], cfg: UNetRunConfig, vae: dict,
+              weights: str) -> Path:
+    """The one way a UNet is exported: its weights, its run config and its VAE's record."""
+    return save_model_folder(folder, state_dict, unet_export_config(cfg, vae, weights))
+
+
+def read_unet_export(folder: str | Path) -> UNetExport:
+    """Read and validate an export's config.json: the run config is checked like a command-line
+    one, and the summary entries must agree with it (an edited summary is refused)."""
+    folder = Path(folder)
+    path = folder / CONFIG_NAME
+    raw = read_config(folder, kind="unet")
+    try:
+        if not isinstance(raw.get("run_config"), dict):
+            raise ConfigError("no 'run_config' entry (the run config the model was trained with)")
+        cfg = from_dict(UNetRunConfig, raw["run_config"], str(path))
+        check_trained(cfg)
+    except ConfigError as e:
+        raise ModelFolderError(f"{path}: {e}") from None
+    weights = raw.get("weights", "ema" if "ema_decay" in raw else "online")   # exports before 2026-12: no entry
+    vae = raw.get("vae")
+    if not isinstance(vae, dict):
+        raise ModelFolderError(f"{path}: 'vae' must be the record of the VAE the model was trained with, "
+                               f"got {vae!r}")
+    expected = unet_export_config(cfg, vae, weights)
+    edited = diff_fields({k: raw.get(k) for k in expected}, expected)
+    if edited:
+        raise ModelFolderError(f"{path}: its entries do not match its run_config ({'; '.join(edited[:3])}); "
+                               "was it edited? Change run_config instead")
+    return UNetExport(folder, cfg, weights, vae)
+
+
+def load_unet(folder: str | Path, export: Optional[UNetExport] = None) -> UNet:
+    """Rebuild a UNet from an exported folder (config.json + model.safetensors), in eval mode."""
+    export = export or read_unet_export(folder)
+    model = UNet(export.config.model, export.config.cond)
+    weights = read_weights(folder)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ModelFolderError(f"{folder}: weights do not match config.json ({e})") from None
+    if missing or unexpected:
+        raise ModelFolderError(f"{folder}: weights do not match config.json "
+                               f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    return model.eval()

@@ -22,18 +22,16 @@ from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from modules.errors import MetricsError
+from modules.image_io import find_images, open_image
 
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
                  "inception-2015-12-05.pt")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 Array = Union[np.ndarray, torch.Tensor]
 FeatureExtractor = Callable[..., torch.Tensor]
-
-
-class MetricsError(ValueError):
-    """Unusable metric input (folder, image, statistics file, weights); the message names it."""
 
 
 # ----------------------------------------------------------------------------- Frechet distance
@@ -129,7 +127,8 @@ def list_images(folder: str | Path) -> list[Path]:
     * a ``sample.py`` output (``manifest.jsonl``): the files it lists, so ``grid.png`` is left out;
     * an imagefolder data set with ``metadata.jsonl`` / ``metadata.csv``: its ``file_name``
       column, so paired masks (``mask_file_name``) are left out;
-    * otherwise every PNG/JPEG under ``folder``, recursively (class sub-folders), sorted by path.
+    * otherwise every image file under ``folder`` (``modules.image_io.find_images``: the same
+      files training reads), recursively (class sub-folders), sorted by path.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -141,9 +140,9 @@ def list_images(folder: str | Path) -> list[Path]:
         if missing:
             raise MetricsError(f"image folder {folder}: {len(missing)} listed file(s) missing, e.g. {missing[0]}")
     else:
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = find_images(folder)
     if not files:
-        raise MetricsError(f"image folder {folder} has no {'/'.join(IMAGE_EXTENSIONS)} files")
+        raise MetricsError(f"image folder {folder} has no .png, .jpg, .webp or other image files")
     return files
 
 
@@ -170,12 +169,14 @@ def _listed_files(folder: Path) -> Optional[list[str]]:
 
 
 def load_image(path: Path, image_size: Optional[int]) -> np.ndarray:
-    """RGB float32 [3, S, S] in 0..255, resized clean-fid style (per-channel float bicubic)."""
+    """RGB float32 [3, S, S] in 0..255, converted and resized as clean-fid does (``convert("RGB")``,
+    which drops alpha, then per-channel float bicubic), so scores compare with its statistics.
+    Decompression bombs are refused as in training (``open_image``)."""
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             rgb = np.asarray(img.convert("RGB"), dtype=np.float32)
-    except (OSError, UnidentifiedImageError) as e:
-        raise MetricsError(f"image {path}: cannot be read ({e})") from None
+    except Exception as e:  # PIL plugins raise many exception types on corrupt data
+        raise MetricsError(f"image {path}: cannot be read ({type(e).__name__}: {e})") from None
     if image_size is not None and rgb.shape[:2] != (image_size, image_size):
         rgb = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(rgb[..., c]))
                                    .resize((image_size, image_size), Image.Resampling.BICUBIC))

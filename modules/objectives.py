@@ -1,15 +1,18 @@
-"""Training objectives for the latent UNet: flow matching, shortcut models and DDPM.
+"""Training objectives for the latent network: flow matching, shortcut models and DDPM.
 
-Objectives hold no networks and no training state: ``loss`` takes the network (and, for
-shortcut models, an optional teacher) as arguments, so the trainer owns all weights, EMAs
-and optimizers. Every network is called as ``model(x, t, level=None, cond=None, drop=None)``
-with ``t`` a float in [0, 1] (flow convention: 0 noise, 1 data; DDPM passes
-timestep / num_timesteps). ``cond`` is only ever passed through or indexed by batch row.
-A ``torch.Generator`` makes the noise, time, level and dropout draws reproducible.
+Every objective is one class with one call, ``loss(model, x1, cond, draws) -> (loss, logs)``:
+the training loop calls nothing else, so a new objective is a new class. Objectives hold no
+weights and no training state (the trainer owns networks, EMAs and optimizers); the shortcut
+objective is given, at construction, how to run its teacher. Every network is called as
+``model(x, t, level=None, cond=None, drop=None)`` with ``t`` a float in [0, 1] (flow
+convention: 0 noise, 1 data; DDPM passes timestep / num_timesteps). ``cond`` is only ever
+passed through or indexed by batch row. :class:`Draws` makes every random choice reproducible.
+Configs are validated where they are built (modules/config.py); objectives trust them.
 """
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -19,6 +22,21 @@ from modules.config import DDPMConfig, FlowConfig, ShortcutConfig, UNetRunConfig
 
 ModelCall = Callable[..., torch.Tensor]
 Logs = dict[str, torch.Tensor]
+# How the shortcut objective runs its teacher: a context in which it gets the teacher's model
+# call (for the EMA teacher: the training network with the EMA weights swapped in).
+Teacher = Callable[[], AbstractContextManager]
+
+
+@dataclass
+class Draws:
+    """The randomness of one micro-batch.
+
+    ``generator`` makes every random draw (noise, times, dropout, levels); ``index`` is the
+    micro-batch's place in the run (over steps, micro-steps and processes), for choices that
+    rotate deterministically rather than being drawn. ``index`` None draws them too.
+    """
+    generator: Optional[torch.Generator] = None
+    index: Optional[int] = None
 
 # Shortcut targets and the intermediate teacher point are clipped here, as in the paper's code.
 SHORTCUT_CLIP = 4.0
@@ -56,16 +74,7 @@ def _condition_dropout(n: int, cond: Optional[torch.Tensor], cond_drop: float,
     return _rand(n, generator, device) < cond_drop
 
 
-def _check_batch(x1: torch.Tensor, cond: Optional[torch.Tensor]) -> None:
-    if x1.dim() < 2 or x1.shape[0] == 0:
-        raise ValueError(f"objective: expected a non-empty batch of latents [B, C, h, w], got shape {tuple(x1.shape)}")
-    if cond is not None and cond.shape[0] != x1.shape[0]:
-        raise ValueError(f"objective: the condition has {cond.shape[0]} rows but the batch has {x1.shape[0]}")
-
-
 def _mse_per_sample(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    if pred.shape != target.shape:
-        raise ValueError(f"objective: the network returned shape {tuple(pred.shape)}, expected {tuple(target.shape)}")
     return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
 
 
@@ -74,11 +83,7 @@ def _mse_per_sample(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class FlowObjective:
     """Flow matching: x_t = (1 - t) x0 + t x1, regress the velocity x1 - x0."""
 
-    num_step_levels = 0
-
     def __init__(self, cfg: FlowConfig, cond_drop: float = 0.0):
-        if cfg.time_sampling not in ("uniform", "logit_normal"):
-            raise ValueError(f"flow.time_sampling: {cfg.time_sampling!r} is not one of uniform, logit_normal")
         self.cfg = cfg
         self.cond_drop = cond_drop
 
@@ -89,11 +94,9 @@ class FlowObjective:
             return torch.sigmoid(z)
         return _rand(n, generator, device)
 
-    def loss(self, model: ModelCall, x1: torch.Tensor, cond: Optional[torch.Tensor] = None,
-             teacher: Optional[ModelCall] = None, generator: Optional[torch.Generator] = None,
-             step: Optional[int] = None) -> tuple[torch.Tensor, Logs]:
-        """``teacher`` and ``step`` are accepted for a uniform interface and not used."""
-        _check_batch(x1, cond)
+    def loss(self, model: ModelCall, x1: torch.Tensor, cond: Optional[torch.Tensor],
+             draws: Draws) -> tuple[torch.Tensor, Logs]:
+        generator = draws.generator
         noise = _randn_like(x1, generator)
         t = self.sample_t(x1.shape[0], generator, x1.device)
         drop = _condition_dropout(x1.shape[0], cond, self.cond_drop, generator, x1.device)
@@ -105,12 +108,6 @@ class FlowObjective:
 
 
 # ----------------------------------------------------------------------------- shortcut
-
-def log2_steps(m: int, what: str = "shortcut.denoise_timesteps") -> int:
-    if m < 1 or m & (m - 1):
-        raise ValueError(f"{what}: must be a power of two >= 1, got {m}")
-    return m.bit_length() - 1
-
 
 def num_bootstrap(batch_size: int, fraction: float, num_levels: int) -> int:
     """Rows of a batch that get self-consistency targets.
@@ -124,19 +121,19 @@ def num_bootstrap(batch_size: int, fraction: float, num_levels: int) -> int:
 
 
 def bootstrap_levels(n: int, num_levels: int, generator: Optional[torch.Generator],
-                     device: torch.device, step: Optional[int] = None) -> torch.Tensor:
+                     device: torch.device, index: Optional[int] = None) -> torch.Tensor:
     """Levels k in 0..num_levels-1 for ``n`` bootstrap rows, stratified.
 
     Row i gets (offset + i) mod num_levels: with n >= num_levels every level is present and
     the counts differ by at most one; with fewer rows the levels are distinct. The offset
-    is (step * n) mod num_levels when ``step`` is given (deterministic rotation: all levels
-    appear within ceil(num_levels / n) consecutive steps), else uniform random (each level
-    equally likely in every batch).
+    is (index * n) mod num_levels when the micro-batch ``index`` is given (deterministic
+    rotation: all levels appear within ceil(num_levels / n) consecutive micro-batches), else
+    uniform random (each level equally likely in every batch).
     """
     if n == 0:
         return torch.zeros(0, dtype=torch.long, device=device)
-    if step is not None:
-        offset = (step * n) % num_levels
+    if index is not None:
+        offset = (index * n) % num_levels
     else:
         offset = int(_randint(num_levels, 1, generator, torch.device("cpu")).item())
     return (offset + torch.arange(n, device=device)) % num_levels
@@ -173,17 +170,17 @@ def _teacher_velocity(teacher: ModelCall, x: torch.Tensor, t: torch.Tensor, leve
 
 def shortcut_targets(teacher: ModelCall, x1: torch.Tensor, cond: Optional[torch.Tensor],
                      cfg: ShortcutConfig, cond_drop: float = 0.0,
-                     generator: Optional[torch.Generator] = None, step: Optional[int] = None) -> ShortcutBatch:
+                     generator: Optional[torch.Generator] = None, index: Optional[int] = None) -> ShortcutBatch:
     """Build the shortcut batch of SPEC section 5 (no gradient flows through the teacher).
 
     Rows 0..B-B_b-1 are flow rows: level log2 M, t = i/M, target x1 - x0, condition
     dropout. Rows B-B_b..B-1 are bootstrap rows: level k stratified over 0..log2 M - 1,
     t = j 2^-k with t + 2^-k <= 1, real condition, target from two half steps of the
-    teacher at level k + 1. ``cond`` keeps the row order of ``x1``.
+    teacher at level k + 1. ``cond`` keeps the row order of ``x1``; ``index`` is
+    :attr:`Draws.index`.
     """
-    _check_batch(x1, cond)
     m = cfg.denoise_timesteps
-    num_levels = log2_steps(m)
+    num_levels = cfg.num_levels
     b = x1.shape[0]
     n_boot = num_bootstrap(b, cfg.bootstrap_fraction, num_levels)
     n_flow = b - n_boot
@@ -191,7 +188,7 @@ def shortcut_targets(teacher: ModelCall, x1: torch.Tensor, cond: Optional[torch.
 
     noise = _randn_like(x1, generator)
     t_flow = _randint(m, n_flow, generator, device).float() / m
-    level_boot = bootstrap_levels(n_boot, num_levels, generator, device, step)
+    level_boot = bootstrap_levels(n_boot, num_levels, generator, device, index)
     d_boot = torch.pow(2.0, -level_boot.float())
     # j uniform in [0, 2^k): floor of a uniform draw scaled per row, so t + d <= 1.
     j = torch.floor(_rand(n_boot, generator, device) * torch.pow(2.0, level_boot.float()))
@@ -229,27 +226,23 @@ def shortcut_targets(teacher: ModelCall, x1: torch.Tensor, cond: Optional[torch.
 
 
 class ShortcutObjective:
-    """Flow matching plus shortcut self-consistency (Frans et al., ICLR 2025)."""
+    """Flow matching plus shortcut self-consistency (Frans et al., ICLR 2025).
 
-    def __init__(self, cfg: ShortcutConfig, cond_drop: float = 0.0):
+    ``teacher`` gives the model call that builds the bootstrap targets (see :data:`Teacher`);
+    None: the online model teaches (still without gradient).
+    """
+
+    def __init__(self, cfg: ShortcutConfig, cond_drop: float = 0.0, teacher: Optional[Teacher] = None):
         self.cfg = cfg
         self.cond_drop = cond_drop
-        self.num_levels = log2_steps(cfg.denoise_timesteps)
-        if not 0 < cfg.bootstrap_fraction < 1:
-            raise ValueError(f"shortcut.bootstrap_fraction: must be in (0, 1), got {cfg.bootstrap_fraction}")
+        self.teacher = teacher
 
-    @property
-    def num_step_levels(self) -> int:
-        """Levels 0..log2 M: the UNet's step-size embedding table size."""
-        return self.num_levels + 1
-
-    def targets(self, teacher: ModelCall, x1: torch.Tensor, cond: Optional[torch.Tensor] = None,
-                generator: Optional[torch.Generator] = None, step: Optional[int] = None) -> ShortcutBatch:
-        return shortcut_targets(teacher, x1, cond, self.cfg, self.cond_drop, generator, step)
-
-    def loss_from_targets(self, model: ModelCall, batch: ShortcutBatch,
-                          cond: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Logs]:
-        """One forward with gradient on the whole batch; MSE over all rows."""
+    def loss(self, model: ModelCall, x1: torch.Tensor, cond: Optional[torch.Tensor],
+             draws: Draws) -> tuple[torch.Tensor, Logs]:
+        """Targets from the teacher, then one forward with gradient on the whole batch; MSE over
+        all rows. ``logs`` has no "loss_bootstrap" when the batch has no bootstrap row (B == 1 or M == 1)."""
+        with (self.teacher() if self.teacher is not None else nullcontext(model)) as teacher:
+            batch = shortcut_targets(teacher, x1, cond, self.cfg, self.cond_drop, draws.generator, draws.index)
         pred = model(batch.x_t, batch.t, level=batch.level, cond=cond, drop=batch.drop)
         per_sample = _mse_per_sample(pred, batch.target)
         loss = per_sample.mean()
@@ -259,18 +252,6 @@ class ShortcutObjective:
             logs["loss_bootstrap"] = detached[batch.is_bootstrap].mean()
         return loss, logs
 
-    def loss(self, model: ModelCall, x1: torch.Tensor, cond: Optional[torch.Tensor] = None,
-             teacher: Optional[ModelCall] = None, generator: Optional[torch.Generator] = None,
-             step: Optional[int] = None) -> tuple[torch.Tensor, Logs]:
-        """``teacher`` None: the online model is its own teacher (still without gradient).
-
-        To use an EMA held by ``EMA.swapped`` as teacher, call ``targets`` inside the swap
-        and ``loss_from_targets`` after it. ``logs`` has no "loss_bootstrap" when the
-        batch has no bootstrap row (B == 1 or M == 1).
-        """
-        batch = self.targets(teacher if teacher is not None else model, x1, cond, generator, step)
-        return self.loss_from_targets(model, batch, cond)
-
 
 # ----------------------------------------------------------------------------- ddpm
 
@@ -278,10 +259,6 @@ class DDPMSchedule:
     """Stable Diffusion's scaled-linear schedule: betas = linspace(sqrt(b0), sqrt(b1), T)^2."""
 
     def __init__(self, num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
-        if num_timesteps < 1:
-            raise ValueError(f"ddpm.num_timesteps: must be >= 1, got {num_timesteps}")
-        if not 0 < beta_start <= beta_end < 1:
-            raise ValueError(f"ddpm betas: need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
         self.num_timesteps = num_timesteps
         # float64 so products over 1000 steps stay exact to float32 precision.
         self.betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_timesteps, dtype=torch.float64) ** 2
@@ -301,18 +278,14 @@ class DDPMSchedule:
 class DDPMObjective:
     """Epsilon prediction; the network sees t = timestep / num_timesteps."""
 
-    num_step_levels = 0
-
     def __init__(self, cfg: DDPMConfig, cond_drop: float = 0.0):
         self.cfg = cfg
         self.cond_drop = cond_drop
         self.schedule = DDPMSchedule.from_config(cfg)
 
-    def loss(self, model: ModelCall, x1: torch.Tensor, cond: Optional[torch.Tensor] = None,
-             teacher: Optional[ModelCall] = None, generator: Optional[torch.Generator] = None,
-             step: Optional[int] = None) -> tuple[torch.Tensor, Logs]:
-        """``teacher`` and ``step`` are accepted for a uniform interface and not used."""
-        _check_batch(x1, cond)
+    def loss(self, model: ModelCall, x1: torch.Tensor, cond: Optional[torch.Tensor],
+             draws: Draws) -> tuple[torch.Tensor, Logs]:
+        generator = draws.generator
         noise = _randn_like(x1, generator)
         timesteps = _randint(self.schedule.num_timesteps, x1.shape[0], generator, x1.device)
         drop = _condition_dropout(x1.shape[0], cond, self.cond_drop, generator, x1.device)
@@ -327,12 +300,11 @@ class DDPMObjective:
 Objective = FlowObjective | ShortcutObjective | DDPMObjective
 
 
-def build_objective(run_cfg: UNetRunConfig) -> Objective:
+def build_objective(run_cfg: UNetRunConfig, teacher: Optional[Teacher] = None) -> Objective:
+    """The objective of ``run_cfg``; ``teacher`` is the shortcut teacher (None: the online model)."""
     cond_drop = run_cfg.cond.drop if run_cfg.cond.type != "none" else 0.0
     if run_cfg.objective == "shortcut":
-        return ShortcutObjective(run_cfg.shortcut, cond_drop)
+        return ShortcutObjective(run_cfg.shortcut, cond_drop, teacher)
     if run_cfg.objective == "flow":
         return FlowObjective(run_cfg.flow, cond_drop)
-    if run_cfg.objective == "ddpm":
-        return DDPMObjective(run_cfg.ddpm, cond_drop)
-    raise ValueError(f"config key 'objective': {run_cfg.objective!r} is not one of shortcut, flow, ddpm")
+    return DDPMObjective(run_cfg.ddpm, cond_drop)

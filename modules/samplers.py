@@ -1,10 +1,11 @@
-"""Samplers: shortcut, Euler / Heun flow ODE, DDIM and ancestral DDPM, plus CFG and seeded noise.
+"""Samplers: shortcut, Euler / Heun flow ODE, DDIM and ancestral DDPM, plus classifier-free guidance.
 
 Samplers call a model *function* ``fn(x, t, level) -> Tensor`` (t [B] float in [0, 1], flow
 convention t = 0 noise, t = 1 data; level [B] long or None) and know nothing about the
-network; :func:`guided` turns a conditional network into such a function. Noise is drawn
-per sample from its own generator, so a sample depends on its seed only, never on the batch
-it was generated in.
+network; :func:`guided` turns a conditional network into such a function. Stochastic samplers
+draw from one generator per sample (``modules.seeding.noise_generators``), so a sample depends
+on its seed only, never on the batch it was generated in. Which step counts a model can be
+sampled with is a config rule (``modules.config.sampling_problem``), checked before sampling.
 """
 from __future__ import annotations
 
@@ -17,31 +18,10 @@ from modules.objectives import DDPMSchedule, ModelCall
 SampleFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 METHODS = ("shortcut", "euler", "heun", "ddim", "ddpm")
 
-# Per-sample stochastic-sampler streams are seeded apart from the initial-noise stream.
-_STREAM_OFFSET = 0x9E3779B97F4A7C15
-
-
-# ----------------------------------------------------------------------------- noise
-
-def initial_noise(seeds: Sequence[int], shape: Sequence[int], device: torch.device | str = "cpu",
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[len(seeds), *shape] standard normal; row i drawn on CPU from Generator(seeds[i])."""
-    rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-    if not rows:
-        raise ValueError("initial_noise: no seeds given")
-    return torch.stack(rows).to(device=device, dtype=dtype)
-
-
-def noise_generators(seeds: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per sample for stochastic samplers, independent of initial_noise's."""
-    return [torch.Generator().manual_seed((int(s) + _STREAM_OFFSET) % 2 ** 64) for s in seeds]
-
 
 def _per_sample_randn(like: torch.Tensor, generators: Optional[Sequence[torch.Generator]]) -> torch.Tensor:
     if generators is None:
         return torch.randn_like(like)
-    if len(generators) != like.shape[0]:
-        raise ValueError(f"sampler: {len(generators)} generators for a batch of {like.shape[0]}")
     rows = [torch.randn(tuple(like.shape[1:]), generator=g, device=g.device) for g in generators]
     return torch.stack(rows).to(device=like.device, dtype=like.dtype)
 
@@ -58,13 +38,9 @@ def guided(model: ModelCall, cond: Optional[torch.Tensor], cfg_scale: float) -> 
     if cond is None:
         return lambda x, t, level=None: model(x, t, level=level, cond=None, drop=None)
     scale = float(cfg_scale)
-    if scale != scale or scale in (float("inf"), float("-inf")):
-        raise ValueError(f"guided: cfg_scale must be finite, got {cfg_scale}")
 
     def fn(x: torch.Tensor, t: torch.Tensor, level: Optional[torch.Tensor] = None) -> torch.Tensor:
         b = x.shape[0]
-        if cond.shape[0] != b:
-            raise ValueError(f"guided: the condition has {cond.shape[0]} rows but the batch has {b}")
         if scale == 1.0:
             return model(x, t, level=level, cond=cond, drop=None)
         if scale == 0.0:
@@ -81,32 +57,20 @@ def guided(model: ModelCall, cond: Optional[torch.Tensor], cfg_scale: float) -> 
 
 # ----------------------------------------------------------------------------- flow samplers
 
-def _check_steps(steps: int, method: str) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"{method} sampler: steps must be an integer >= 1, got {steps!r}")
-
-
 def _times(x: torch.Tensor, value: float) -> torch.Tensor:
     return torch.full((x.shape[0],), value, dtype=torch.float32, device=x.device)
 
 
 @torch.no_grad()
-def sample_shortcut(fn: SampleFn, noise: torch.Tensor, steps: int, max_steps: int) -> torch.Tensor:
-    """x <- x + (1/steps) fn(x, i/steps, level=log2 steps), i = 0..steps-1."""
-    _check_steps(steps, "shortcut")
-    if steps & (steps - 1) or steps > max_steps:
-        raise ValueError(f"shortcut sampler: steps must be a power of two between 1 and the model's "
-                         f"denoise_timesteps={max_steps} (1, 2, 4, ..., {max_steps}), got {steps}")
+def sample_shortcut(fn: SampleFn, noise: torch.Tensor, steps: int) -> torch.Tensor:
+    """Euler steps that ask the model for its step size: x <- x + (1/steps) fn(x, i/steps, level=log2 steps)."""
     level = torch.full((noise.shape[0],), steps.bit_length() - 1, dtype=torch.long, device=noise.device)
-    x = noise
-    for i in range(steps):
-        x = x + fn(x, _times(x, i / steps), level).to(x.dtype) / steps
-    return x
+    return sample_euler(lambda x, t, _: fn(x, t, level), noise, steps)
 
 
 @torch.no_grad()
 def sample_euler(fn: SampleFn, noise: torch.Tensor, steps: int) -> torch.Tensor:
-    _check_steps(steps, "euler")
+    """x <- x + (1/steps) fn(x, i/steps, None), i = 0..steps-1."""
     x = noise
     for i in range(steps):
         x = x + fn(x, _times(x, i / steps), None).to(x.dtype) / steps
@@ -116,7 +80,6 @@ def sample_euler(fn: SampleFn, noise: torch.Tensor, steps: int) -> torch.Tensor:
 @torch.no_grad()
 def sample_heun(fn: SampleFn, noise: torch.Tensor, steps: int) -> torch.Tensor:
     """Heun's second-order method (2 evaluations per step, the last one at t = 1)."""
-    _check_steps(steps, "heun")
     x = noise
     h = 1.0 / steps
     for i in range(steps):
@@ -130,9 +93,6 @@ def sample_heun(fn: SampleFn, noise: torch.Tensor, steps: int) -> torch.Tensor:
 
 def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
     """'Trailing' spacing (Lin et al. 2023): starts at T - 1, so 1 step starts from the noisiest level."""
-    _check_steps(steps, "ddim")
-    if steps > num_timesteps:
-        raise ValueError(f"ddim sampler: steps must be <= the schedule's {num_timesteps} timesteps, got {steps}")
     stride = num_timesteps / steps
     return [int(round(num_timesteps - i * stride)) - 1 for i in range(steps)]
 
@@ -144,8 +104,6 @@ def sample_ddim(fn: SampleFn, noise: torch.Tensor, steps: int, schedule: DDPMSch
 
     The last step goes to the model's x0 estimate (alpha_cumprod of 'step -1' taken as 1).
     """
-    if eta < 0:
-        raise ValueError(f"ddim sampler: eta must be >= 0, got {eta}")
     timesteps = ddim_timesteps(schedule.num_timesteps, steps)
     abar = schedule.alphas_cumprod.tolist()
     x = noise
@@ -170,7 +128,7 @@ def sample_ddpm(fn: SampleFn, noise: torch.Tensor, schedule: DDPMSchedule, steps
 # ----------------------------------------------------------------------------- dispatch
 
 def sample(method: str, fn: SampleFn, noise: torch.Tensor, steps: Optional[int], **kw) -> torch.Tensor:
-    """shortcut: max_steps=M; ddim: schedule, eta, generators; ddpm: schedule, generators."""
+    """ddim: schedule, eta, generators; ddpm: schedule, generators."""
     if method == "shortcut":
         return sample_shortcut(fn, noise, steps, **kw)
     if method == "euler":

@@ -4,8 +4,8 @@ Each image holds one shape (its class) at a random position, size and rotation o
 background of smooth noise or stripes, with its exact binary foreground mask. Shapes are
 strongly saturated colours and backgrounds are low-saturation tints, so the foreground of a
 clean image is recovered by :func:`foreground_mask` (saturation threshold); this is how the
-mask fidelity of generated images can be measured. One folder written by :func:`make_shapes`
-serves unconditional, class-conditional and mask-conditional training.
+mask fidelity of generated images is measured (with ``modules.metrics.mask_iou``). One folder
+written by :func:`make_shapes` serves unconditional, class-conditional and mask-conditional training.
 
 Image i of a seed is the same whatever the number of images requested.
 """
@@ -113,13 +113,6 @@ def foreground_mask(image_uint8: np.ndarray) -> np.ndarray:
     high, low = rgb.max(axis=-1), rgb.min(axis=-1)
     saturation = (high - low) / np.maximum(high, 1.0)
     return (saturation >= FOREGROUND_SATURATION) & (high >= 32)
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union of two bool masks (1.0 when both are empty)."""
-    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
 def make_shapes(out_dir: str | Path, num_images: int, image_size: int = 64, seed: int = 0,

@@ -10,13 +10,12 @@ of their second GroupNorm (ADM's "scale-shift norm").
 Conditioning of the timestep embedding: sinusoid of ``t * 1000`` (``t`` in [0, 1]) through
 an MLP, plus the shortcut step-size level embedding and the class embedding when present.
 Models are saved as folders (``config.json`` + ``model.safetensors``, see modules/export.py).
+The configs are validated where they are built (modules/config.py); the network trusts them.
 """
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -26,8 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from modules.attention import attention
 from modules.conditioning import Conditioner
-from modules.config import CHOICES, ConfigError, CondConfig, UNetModelConfig, from_dict
-from modules.export import ModelFolderError, read_config, read_weights, save_model_folder
+from modules.config import CondConfig, UNetModelConfig
 from modules.wavelet import WaveletDownsample, WaveletUpsample
 
 TIME_SCALE = 1000.0   # t in [0, 1] is embedded as t * 1000: raw [0, 1] would collapse the sinusoid
@@ -201,35 +199,6 @@ class LevelBlock(nn.Module):
         return x
 
 
-def check_unet_config(model_cfg: UNetModelConfig, cond_cfg: CondConfig) -> None:
-    """Refuse settings the network cannot be built from; errors name the config key."""
-    for key, value in (("model.resample", model_cfg.resample), ("cond.type", cond_cfg.type),
-                       ("cond.mask_mode", cond_cfg.mask_mode)):
-        if value not in CHOICES[key]:
-            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(CHOICES[key])}")
-    if not model_cfg.channel_mult:
-        raise ConfigError("config key 'model.channel_mult': needs at least one level")
-    for name in ("in_channels", "base_channels", "num_res_blocks", "head_dim", "transformer_depth",
-                 "context_dim", "norm_groups"):
-        if getattr(model_cfg, name) < 1:
-            raise ConfigError(f"config key 'model.{name}': must be > 0, got {getattr(model_cfg, name)}")
-    if model_cfg.num_step_levels < 0:
-        raise ConfigError(f"config key 'model.num_step_levels': must be >= 0, got {model_cfg.num_step_levels}")
-    for mult in model_cfg.channel_mult:
-        ch = model_cfg.base_channels * mult
-        if mult < 1 or ch % model_cfg.norm_groups or ch % model_cfg.head_dim:
-            raise ConfigError(f"config key 'model.channel_mult': width {model_cfg.base_channels} x {mult} must be "
-                              f"positive and divisible by model.norm_groups={model_cfg.norm_groups} and "
-                              f"model.head_dim={model_cfg.head_dim}")
-    bad = [lvl for lvl in model_cfg.attention_levels if not 0 <= lvl < len(model_cfg.channel_mult)]
-    if bad:
-        raise ConfigError(f"config key 'model.attention_levels': level(s) {bad} do not exist "
-                          f"(model.channel_mult has {len(model_cfg.channel_mult)} levels)")
-    if cond_cfg.type == "mask" and cond_cfg.mask_mode != "concat" and model_cfg.context_dim % 4:
-        raise ConfigError(f"config key 'model.context_dim': mask tokens need a multiple of 4 "
-                          f"(2-D sine-cosine positions), got {model_cfg.context_dim}")
-
-
 class UNet(nn.Module):
     """``forward(x, t, level=None, cond=None, drop=None)`` -> velocity / noise prediction shaped like ``x``.
 
@@ -242,7 +211,6 @@ class UNet(nn.Module):
 
     def __init__(self, model_cfg: UNetModelConfig, cond_cfg: CondConfig):
         super().__init__()
-        check_unet_config(model_cfg, cond_cfg)
         self.model_cfg = copy.deepcopy(model_cfg)
         self.cond_cfg = copy.deepcopy(cond_cfg)
         self.gradient_checkpointing = False
@@ -292,34 +260,48 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(groups, ch)
         self.conv_out = zero_init(nn.Conv2d(ch, m.in_channels, 3, padding=1))
 
-    @property
-    def config(self) -> dict:
-        """What :func:`save_unet` writes to config.json (before the caller's extra keys)."""
-        return {"kind": "unet", "model": asdict(self.model_cfg), "cond": asdict(self.cond_cfg)}
-
     def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
         """MLP of the ``t * 1000`` sinusoid: ``[B, 4 * base_channels]``."""
         first = self.time_mlp[0]
         return self.time_mlp(timestep_embedding(t, first.in_features).to(first.weight.dtype))
 
-    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, level: Optional[torch.Tensor]) -> torch.Tensor:
-        m = self.model_cfg
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, level: Optional[torch.Tensor],
+                      cond: Optional[torch.Tensor], drop: Optional[torch.Tensor]) -> torch.Tensor:
+        """The network's one input check (shapes and dtypes only: no device sync), because a wrong
+        shape would otherwise fail deep inside torch or, worse, broadcast silently."""
+        m, c = self.model_cfg, self.cond_cfg
         factor = 2 ** (self.num_levels - 1)
         if x.ndim != 4 or x.shape[1] != m.in_channels or x.shape[2] % factor or x.shape[3] % factor:
             raise ValueError(f"x must be latents [B, {m.in_channels}, h, w] with h and w divisible by {factor} "
                              f"({self.num_levels} levels), got shape {list(x.shape)}")
         b = x.shape[0]
+        problems = []
         if not torch.is_tensor(t) or not t.is_floating_point() or t.shape not in ((), (b,)):
-            raise ValueError(f"t must be a float tensor of shape [{b}] with values in [0, 1], got "
-                             f"{t.dtype if torch.is_tensor(t) else type(t).__name__} "
-                             f"of shape {list(getattr(t, 'shape', []))}")
+            problems.append(f"t must be a float tensor of shape [{b}] with values in [0, 1], got "
+                            f"{t.dtype if torch.is_tensor(t) else type(t).__name__} of shape {list(getattr(t, 'shape', []))}")
         if self.level_emb is None and level is not None:
-            raise ValueError("level given, but this UNet has no step-size embedding (model.num_step_levels=0)")
+            problems.append("level given, but this UNet has no step-size embedding (model.num_step_levels=0)")
         if self.level_emb is not None and (level is None or level.dtype not in (torch.int64, torch.int32)
                                            or tuple(level.shape) != (b,)):
-            raise ValueError(f"this UNet embeds the step size (model.num_step_levels={m.num_step_levels}): "
-                             f"level must be an integer tensor of shape [{b}], got "
-                             f"{'None' if level is None else f'{level.dtype} of shape {list(level.shape)}'}")
+            problems.append(f"this UNet embeds the step size (model.num_step_levels={m.num_step_levels}): "
+                            f"level must be an integer tensor of shape [{b}], got "
+                            f"{'None' if level is None else f'{level.dtype} of shape {list(level.shape)}'}")
+        if c.type == "none" and cond is not None:
+            problems.append("this UNet is unconditional (cond.type=none) but a condition was given")
+        if c.type == "class" and cond is not None and (cond.dtype not in (torch.int64, torch.int32)
+                                                         or tuple(cond.shape) != (b,)):
+            problems.append(f"class condition must be an integer tensor of shape [{b}], "
+                            f"got {cond.dtype} of shape {list(cond.shape)}")
+        expected_mask = (b, 1, x.shape[2] * c.image_downsample, x.shape[3] * c.image_downsample)
+        if c.type == "mask" and cond is not None and (not cond.is_floating_point()
+                                                        or tuple(cond.shape) != expected_mask):
+            problems.append(f"mask condition must be a float tensor of shape {list(expected_mask)} (image "
+                            f"resolution = latent size x cond.image_downsample={c.image_downsample}), "
+                            f"got {cond.dtype} of shape {list(cond.shape)}")
+        if drop is not None and (drop.dtype != torch.bool or tuple(drop.shape) != (b,)):
+            problems.append(f"drop must be a bool tensor of shape [{b}], got {drop.dtype} of shape {list(drop.shape)}")
+        if problems:
+            raise ValueError("; ".join(problems))
         return t.expand(b)
 
     def _run(self, block: nn.Module, *args) -> torch.Tensor:
@@ -329,7 +311,7 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, level: Optional[torch.Tensor] = None,
                 cond: Optional[torch.Tensor] = None, drop: Optional[torch.Tensor] = None) -> torch.Tensor:
-        t = self._check_inputs(x, t, level)
+        t = self._check_inputs(x, t, level, cond, drop)
         emb = self.time_embedding(t)
         if self.level_emb is not None:
             emb = emb + self.level_emb(level)
@@ -356,43 +338,3 @@ class UNet(nn.Module):
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameter elements (shared parameters counted once)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The UNet inside a torch.compile wrapper."""
-    return getattr(model, "_orig_mod", model)
-
-
-def save_unet(model: nn.Module, folder: str | Path, extra_config: Optional[dict] = None) -> Path:
-    """Write ``folder/config.json`` (``model.config`` plus ``extra_config``) and ``folder/model.safetensors``."""
-    unet = _unwrap(model)
-    if not isinstance(unet, UNet):
-        raise TypeError(f"save_unet expects a UNet (or a compiled one), got {type(model).__name__}")
-    extra = dict(extra_config or {})
-    clash = sorted(set(extra) & set(unet.config))
-    if clash:
-        raise ValueError(f"extra_config may not set the reserved key(s) {clash}")
-    return save_model_folder(folder, unet.state_dict(), {**unet.config, **extra})
-
-
-def load_unet(path: str | Path) -> UNet:
-    """Rebuild a UNet from an exported folder (config.json + model.safetensors), in eval mode."""
-    folder = Path(path)
-    config = read_config(folder, kind="unet")
-    try:
-        model_cfg = from_dict(UNetModelConfig, config["model"])
-        cond_cfg = from_dict(CondConfig, config["cond"])
-    except KeyError as e:
-        raise ModelFolderError(f"{folder / 'config.json'}: missing section {e}") from None
-    except ConfigError as e:
-        raise ModelFolderError(f"{folder / 'config.json'}: {e}") from None
-    model = UNet(model_cfg, cond_cfg)
-    weights = read_weights(folder)
-    try:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise ModelFolderError(f"{folder}: weights do not match config.json ({e})") from None
-    if missing or unexpected:
-        raise ModelFolderError(f"{folder}: weights do not match config.json "
-                               f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
-    return model.eval()

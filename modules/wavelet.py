@@ -35,6 +35,12 @@ def _check_image(x: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what}: expected a [B, C, H, W] tensor, got shape {tuple(x.shape)}")
 
 
+def _haar(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The 4x4 half-Hadamard butterfly; it is its own inverse, so dwt and idwt both apply it."""
+    sum_ab, diff_ab, sum_cd, diff_cd = a + b, a - b, c + d, c - d
+    return ((sum_ab + sum_cd) * 0.5, (sum_ab - sum_cd) * 0.5, (diff_ab + diff_cd) * 0.5, (diff_ab - diff_cd) * 0.5)
+
+
 def dwt(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal Haar DWT: ``[B, C, H, W]`` -> ``[B, 4C, H/2, W/2]`` (LL, LH, HL, HH blocks)."""
     _check_image(x, "dwt")
@@ -43,13 +49,7 @@ def dwt(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"dwt: height and width must be even, got {h}x{w} (shape {tuple(x.shape)})")
     # pixel_unshuffle puts the 2x2 block of channel c at channels 4c + (0: a, 1: b, 2: c, 3: d).
     blocks = F.pixel_unshuffle(x, 2).view(b, c, NUM_BANDS, h // 2, w // 2)
-    top_left, top_right, bottom_left, bottom_right = blocks.unbind(2)
-    row_sum_top, row_diff_top = top_left + top_right, top_left - top_right
-    row_sum_bottom, row_diff_bottom = bottom_left + bottom_right, bottom_left - bottom_right
-    ll = (row_sum_top + row_sum_bottom) * 0.5
-    lh = (row_sum_top - row_sum_bottom) * 0.5
-    hl = (row_diff_top + row_diff_bottom) * 0.5
-    hh = (row_diff_top - row_diff_bottom) * 0.5
+    ll, lh, hl, hh = _haar(*blocks.unbind(2))
     return torch.cat([ll, lh, hl, hh], dim=1)
 
 
@@ -60,12 +60,7 @@ def idwt(bands: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"idwt: channel count must be a multiple of 4 (LL, LH, HL, HH blocks), "
                          f"got shape {tuple(bands.shape)}")
     ll, lh, hl, hh = bands.chunk(NUM_BANDS, dim=1)
-    row_sum_top, row_sum_bottom = ll + lh, ll - lh
-    row_diff_top, row_diff_bottom = hl + hh, hl - hh
-    top_left = (row_sum_top + row_diff_top) * 0.5
-    top_right = (row_sum_top - row_diff_top) * 0.5
-    bottom_left = (row_sum_bottom + row_diff_bottom) * 0.5
-    bottom_right = (row_sum_bottom - row_diff_bottom) * 0.5
+    top_left, top_right, bottom_left, bottom_right = _haar(ll, lh, hl, hh)
     b, c, h, w = ll.shape
     blocks = torch.stack([top_left, top_right, bottom_left, bottom_right], dim=2)
     return F.pixel_shuffle(blocks.view(b, c * NUM_BANDS, h, w), 2)

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modules.config import (ConfigError, UNetRunConfig, VAERunConfig, diff_fields, from_dict, load_config,
-                            to_dict)
+from modules.config import ConfigError, UNetRunConfig, VAERunConfig
+from modules.config_io import diff_fields, from_dict, load_config, to_dict
 
 
 def test_presets_load_and_round_trip():
@@ -80,3 +80,32 @@ def test_random_overrides_parse_or_name_the_problem(key, value):
         load_config(UNetRunConfig, "unet", "tiny", [f"{key}={value}"])
     except ConfigError as e:
         assert str(e)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("cond.drop=1.5", "config key 'cond.drop': must be in [0, 1], got 1.5"),
+    ("ema.decay=1", "config key 'ema.decay': must be in [0, 1), got 1.0"),
+    ("train.seed=-1", "config key 'train.seed': must be >= 0"),
+    ("model.base_channels=1000000000", "config key 'model.base_channels': must be <= 8192"),
+    ("sample.steps=1,3", "config key 'sample.steps': shortcut sampling needs a power of two"),
+    ("sample.steps=16", "exceeds the trained maximum of 8"),
+])
+def test_each_field_has_its_own_rules(override, message):
+    """Rules come from each field's declaration (not from its name), all at start-up."""
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        load_config(UNetRunConfig, "unet", "tiny", [override])
+
+
+def test_ddpm_sample_steps_are_checked_against_the_schedule():
+    with pytest.raises(ConfigError, match="sample.steps.*2000 steps: must be <= the schedule's 1000"):
+        load_config(UNetRunConfig, "unet", "tiny", ["objective=ddpm", "sample.steps=1,2000"])
+
+
+def test_saved_configs_are_validated_like_command_line_ones():
+    values = to_dict(load_config(UNetRunConfig, "unet", "tiny"))
+    values["model"]["base_channels"] = -8
+    with pytest.raises(ConfigError, match="config key 'model.base_channels': must be > 0"):
+        from_dict(UNetRunConfig, values)
+    for junk in ([1, 2], "text", None):
+        with pytest.raises(ConfigError, match="expected a JSON object"):
+            from_dict(UNetRunConfig, junk)

@@ -18,12 +18,18 @@ from hypothesis import strategies as st
 from PIL import Image
 from scipy import ndimage
 
-from modules import data as data_module
+from modules import image_io
 from modules.config import DataConfig
-from modules.data import (DataError, ResumableBatchSampler, build_dataset, make_loader,
-                          split_validation)
-from modules.synthetic import (SHAPES, foreground_mask, make_shapes, mask_iou,
-                               render_shape_batch)
+from modules.data import build_dataset, split_validation
+from modules.errors import DataError
+from modules.metrics import mask_iou as batch_mask_iou
+from modules.order import ResumableBatchSampler, make_loader
+from modules.synthetic import SHAPES, foreground_mask, make_shapes, render_shape_batch
+
+
+def mask_iou(a, b) -> float:
+    """IoU of two bool masks [H, W] (numpy)."""
+    return batch_mask_iou(torch.as_tensor(a)[None], torch.as_tensor(b)[None]).item()
 
 SIZE = 16
 
@@ -175,7 +181,7 @@ def test_decompression_bomb_is_skipped_and_logged(tmp_path, caplog, monkeypatch)
     assert "bomb.png" in caplog.text
 
     # our own limit, below PIL's: a 20x20 image is a bomb when the limit is 100 pixels
-    monkeypatch.setattr(data_module, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr(image_io, "MAX_IMAGE_PIXELS", 100)
     save(tmp_path / "small.png", solid((0, 0, 255), (5, 5)))
     ds = build_dataset(cfg(tmp_path))
     assert len(ds) == 1 and sorted(Path(p).name for p in ds.skipped_files) == ["bomb.png", "good.png"]

@@ -262,3 +262,19 @@ def test_cli_success_matches_the_library(folders, tmp_path, extractor_file, caps
     assert float(capsys.readouterr().out.strip().splitlines()[-1]) == pytest.approx(expected, rel=1e-5)
     mu, sigma = load_stats(stats_a)
     np.testing.assert_allclose(frechet_distance(mu, sigma, *load_stats(stats_b)), expected, rtol=1e-9)
+
+
+def test_every_reader_accepts_the_same_image_files(tmp_path):
+    """One definition of "an image file" (modules/image_io.py): FID folders take .webp and .gif
+    like the training data does; before, FID silently ignored them."""
+    from modules.data import build_dataset
+    from modules.config import DataConfig
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, ext in enumerate(["png", "webp", "gif", "bmp", "tif"]):
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(folder / f"{i}.{ext}")
+    (folder / "notes.txt").write_text("not an image")
+    fid_files = [f.name for f in list_images(folder)]
+    assert fid_files == ["0.png", "1.webp", "2.gif", "3.bmp", "4.tif"]
+    assert len(build_dataset(DataConfig(path=str(folder), image_size=8))) == len(fid_files)

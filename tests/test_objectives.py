@@ -7,8 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from contextlib import nullcontext
+
 from modules.config import DDPMConfig, FlowConfig, ShortcutConfig, UNetRunConfig
-from modules.objectives import (DDPMObjective, DDPMSchedule, FlowObjective, ShortcutObjective,
+from modules.config_io import load_config
+from modules.objectives import (DDPMObjective, DDPMSchedule, Draws, FlowObjective, ShortcutObjective,
                                 bootstrap_levels, build_objective, num_bootstrap, shortcut_targets)
 
 SHAPE = (4, 4, 4)   # per-sample latent shape used by the closed-form tests
@@ -16,6 +19,15 @@ SHAPE = (4, 4, 4)   # per-sample latent shape used by the closed-form tests
 
 def gen(seed):
     return torch.Generator().manual_seed(seed)
+
+
+def draws(seed):
+    return Draws(gen(seed))
+
+
+def taught_by(network):
+    """A shortcut teacher that is another network (the trainer's is the EMA-swapped model)."""
+    return lambda: nullcontext(network)
 
 
 def zero_model(x, t, level=None, cond=None, drop=None):
@@ -73,7 +85,7 @@ def test_small_batches_get_distinct_rotating_levels():
     cfg = ShortcutConfig(denoise_timesteps=128, bootstrap_fraction=0.25)   # B_b = 2 < 7 levels
     seen_by_step = set()
     for step in range(4):   # ceil(7 / 2) steps cover every level when the step is given
-        levels = shortcut_targets(zero_model, x1, None, cfg, generator=gen(step), step=step).level[6:]
+        levels = shortcut_targets(zero_model, x1, None, cfg, generator=gen(step), index=step).level[6:]
         assert levels.unique().numel() == 2
         seen_by_step |= set(levels.tolist())
     assert seen_by_step == set(range(7))
@@ -115,7 +127,7 @@ def test_flow_part_uses_the_finest_level():
 
 def test_bad_denoise_timesteps():
     with pytest.raises(ValueError, match="power of two"):
-        ShortcutObjective(ShortcutConfig(denoise_timesteps=12))
+        load_config(UNetRunConfig, "unet", "tiny", ["shortcut.denoise_timesteps=12"])
 
 
 # ----------------------------------------------------------------------------- teacher
@@ -136,9 +148,9 @@ class Affine(nn.Module):
 
 
 def test_teacher_gets_no_gradient():
-    obj = ShortcutObjective(ShortcutConfig(denoise_timesteps=128))
     model, teacher = Affine(seed=0), Affine(seed=1)
-    loss, logs = obj.loss(model, torch.randn(16, *SHAPE), teacher=teacher, generator=gen(0))
+    obj = ShortcutObjective(ShortcutConfig(denoise_timesteps=128), teacher=taught_by(teacher))
+    loss, logs = obj.loss(model, torch.randn(16, *SHAPE), None, draws(0))
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
@@ -149,7 +161,7 @@ def test_model_as_own_teacher_gets_gradient_only_from_the_student_forward():
     obj = ShortcutObjective(ShortcutConfig(denoise_timesteps=128))
     x1 = torch.randn(16, *SHAPE)
     model = Affine()
-    loss, _ = obj.loss(model, x1, generator=gen(3))
+    loss, _ = obj.loss(model, x1, None, draws(3))
     loss.backward()
     # Reference: targets from a frozen copy, same draws; the gradients must agree exactly.
     frozen, student = Affine(), Affine()
@@ -164,21 +176,22 @@ def test_model_as_own_teacher_gets_gradient_only_from_the_student_forward():
 
 
 def test_teacher_argument_is_honoured():
-    obj = ShortcutObjective(ShortcutConfig(denoise_timesteps=128, bootstrap_fraction=0.5))
+    cfg = ShortcutConfig(denoise_timesteps=128, bootstrap_fraction=0.5)
+    obj = ShortcutObjective(cfg)
     x1 = torch.randn(16, *SHAPE)
     const = lambda v: (lambda x, t, level=None, cond=None, drop=None: torch.full_like(x, v))
-    b1 = obj.targets(const(0.5), x1, generator=gen(0))
-    b2 = obj.targets(const(-7.0), x1, generator=gen(0))
+    b1 = shortcut_targets(const(0.5), x1, None, cfg, generator=gen(0))
+    b2 = shortcut_targets(const(-7.0), x1, None, cfg, generator=gen(0))
     boot = b1.is_bootstrap
     assert torch.equal(b1.target[boot], torch.full_like(b1.target[boot], 0.5))
     assert torch.equal(b2.target[boot], torch.full_like(b2.target[boot], -4.0))   # clipped
     assert torch.equal(b1.target[~boot], b2.target[~boot])
 
     model = Recorder(const(1.0))
-    obj.loss(model, x1, generator=gen(0))                       # teacher None: the model teaches
+    obj.loss(model, x1, None, draws(0))                         # teacher None: the model teaches
     assert len(model.calls) == 3
     teacher, model = Recorder(const(1.0)), Recorder(const(1.0))
-    obj.loss(model, x1, teacher=teacher, generator=gen(0))
+    ShortcutObjective(cfg, teacher=taught_by(teacher)).loss(model, x1, None, draws(0))
     assert len(model.calls) == 1 and len(teacher.calls) == 2
     # Teacher queries: bootstrap rows only, level k + 1, second query at t + d/2.
     k = b1.level[boot]
@@ -211,14 +224,14 @@ def test_condition_dropout_only_on_flow_rows():
     dropped, flow_rows = 0, 0
     for seed in range(150):
         teacher = Recorder(zero_model)
-        b = obj.targets(teacher, x1, labels, generator=gen(seed))
+        b = shortcut_targets(teacher, x1, labels, obj.cfg, obj.cond_drop, generator=gen(seed))
         assert not b.drop[b.is_bootstrap].any()
         assert all(not call["drop"].any() for call in teacher.calls)
         assert all(torch.equal(call["cond"], labels[b.is_bootstrap]) for call in teacher.calls)
         dropped += int(b.drop[~b.is_bootstrap].sum())
         flow_rows += int((~b.is_bootstrap).sum())
     assert abs(dropped / flow_rows - 0.3) < 0.02   # 7200 rows: std 0.0054
-    assert obj.targets(zero_model, x1, None, generator=gen(0)).drop is None
+    assert shortcut_targets(zero_model, x1, None, obj.cfg, obj.cond_drop, generator=gen(0)).drop is None
 
 
 def labelled_velocity(uncond_value):
@@ -250,31 +263,32 @@ def test_bootstrap_cfg_guides_only_the_finest_level():
 # ----------------------------------------------------------------------------- losses
 
 def test_shortcut_loss_is_the_mse_of_one_forward():
-    obj = ShortcutObjective(ShortcutConfig(denoise_timesteps=32, bootstrap_fraction=0.25), cond_drop=0.2)
-    x1, labels = torch.randn(12, *SHAPE), torch.arange(12)
     model, teacher = Affine(levels=6, seed=0), Affine(levels=6, seed=1)
-    loss, logs = obj.loss(model, x1, labels, teacher=teacher, generator=gen(5))
-    b = obj.targets(teacher, x1, labels, generator=gen(5))
+    obj = ShortcutObjective(ShortcutConfig(denoise_timesteps=32, bootstrap_fraction=0.25), cond_drop=0.2,
+                            teacher=taught_by(teacher))
+    x1, labels = torch.randn(12, *SHAPE), torch.arange(12)
+    loss, logs = obj.loss(model, x1, labels, draws(5))
+    b = shortcut_targets(teacher, x1, labels, obj.cfg, obj.cond_drop, generator=gen(5))
     pred = model(b.x_t, b.t, level=b.level)
     per_sample = ((pred - b.target) ** 2).mean(dim=(1, 2, 3))
     assert torch.allclose(loss, F.mse_loss(pred, b.target))
     assert torch.allclose(logs["loss_flow"], per_sample[:9].mean())
     assert torch.allclose(logs["loss_bootstrap"], per_sample[9:].mean())
     assert not logs["loss_flow"].requires_grad
-    again, _ = obj.loss(model, x1, labels, teacher=teacher, generator=gen(5))
-    other, _ = obj.loss(model, x1, labels, teacher=teacher, generator=gen(6))
+    again, _ = obj.loss(model, x1, labels, draws(5))
+    other, _ = obj.loss(model, x1, labels, draws(6))
     assert torch.equal(loss, again) and not torch.equal(loss, other)
 
 
 def test_flow_loss_closed_form():
     obj = FlowObjective(FlowConfig())
     c = 0.7
-    loss, logs = obj.loss(zero_model, torch.full((64, 4, 16, 16), c), generator=gen(0))
+    loss, logs = obj.loss(zero_model, torch.full((64, 4, 16, 16), c), None, draws(0))
     assert abs(loss.item() - (c * c + 1)) < 0.03   # E (c - x0)^2 = c^2 + 1; 65536 values
     # x_t and target share the noise: x0 recovered from x_t gives the loss exactly.
     x1 = torch.randn(32, *SHAPE)
     rec = Recorder(zero_model)
-    loss, logs = obj.loss(rec, x1, generator=gen(1))
+    loss, logs = obj.loss(rec, x1, None, draws(1))
     t = rec.calls[0]["t"].view(-1, 1, 1, 1)
     x0 = (rec.calls[0]["x"] - t * x1) / (1 - t)
     assert torch.allclose(loss, ((x1 - x0) ** 2).mean(), rtol=1e-4)
@@ -296,7 +310,7 @@ def test_flow_condition_dropout_rate():
     obj = FlowObjective(FlowConfig(), cond_drop=0.25)
     rec = Recorder(zero_model)
     for seed in range(40):
-        obj.loss(rec, torch.randn(100, *SHAPE), torch.arange(100), generator=gen(seed))
+        obj.loss(rec, torch.randn(100, *SHAPE), torch.arange(100), draws(seed))
     rate = torch.cat([c["drop"] for c in rec.calls]).float().mean().item()
     assert abs(rate - 0.25) < 0.025
 
@@ -316,7 +330,7 @@ def test_ddpm_objective_noising():
     abar = obj.schedule.alphas_cumprod
     x1 = torch.randn(256, *SHAPE)
     rec = Recorder(zero_model)
-    loss, logs = obj.loss(rec, x1, generator=gen(0))
+    loss, logs = obj.loss(rec, x1, None, draws(0))
     t = rec.calls[0]["t"]
     steps = (t * 1000).round().long()
     assert torch.allclose(steps.float() / 1000, t) and steps.min() >= 0 and steps.max() <= 999
@@ -331,13 +345,13 @@ def test_build_objective():
     cfg = UNetRunConfig()
     cfg.cond.drop = 0.3
     obj = build_objective(cfg)
-    assert isinstance(obj, ShortcutObjective) and obj.num_step_levels == 8 and obj.cond_drop == 0
+    assert isinstance(obj, ShortcutObjective) and cfg.num_step_levels == 8 and obj.cond_drop == 0
     cfg.cond.type = "class"
     assert build_objective(cfg).cond_drop == 0.3
     cfg.objective = "flow"
-    assert isinstance(build_objective(cfg), FlowObjective) and build_objective(cfg).num_step_levels == 0
+    assert isinstance(build_objective(cfg), FlowObjective) and cfg.num_step_levels == 0
     cfg.objective = "ddpm"
-    assert isinstance(build_objective(cfg), DDPMObjective) and build_objective(cfg).num_step_levels == 0
+    assert isinstance(build_objective(cfg), DDPMObjective) and cfg.num_step_levels == 0
 
 
 # ----------------------------------------------------------------------------- overfitting
@@ -384,13 +398,13 @@ def test_overfit_four_latents(name, one_thread):
     obj = {"flow": FlowObjective(FlowConfig()),
            "shortcut": ShortcutObjective(ShortcutConfig(denoise_timesteps=8, bootstrap_fraction=0.25)),
            "ddpm": DDPMObjective(DDPMConfig())}[name]
-    net = TinyNet(math.prod(SHAPE), obj.num_step_levels)
+    net = TinyNet(math.prod(SHAPE), {"shortcut": 4}.get(name, 0))   # levels 0 .. log2 8
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     g = gen(0)
     losses = []
     for _ in range(200):
         x1 = data[torch.randint(0, 4, (32,), generator=g)]
-        loss, _ = obj.loss(net, x1, generator=g)
+        loss, _ = obj.loss(net, x1, None, Draws(g))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -29,14 +29,20 @@ import pytest
 import torch
 from PIL import Image
 
+import modules.export as export_module
 import train_unet
 import train_vae
-from modules.config import DataConfig, UNetRunConfig, VAERunConfig, from_dict
-from modules.data import ResumableBatchSampler, build_dataset
-from modules.export import ModelFolderError, read_weights
-from modules.training import MANIFEST, STATE_NAME, checkpoint_problem, run_cli
-from modules.unet import UNet, load_unet
-from modules.vae import AutoencoderKL, load_vae
+from modules.checkpoint import MANIFEST, STATE_NAME, checkpoint_problem
+from modules.cli import run_cli
+from modules.config import DataConfig, UNetRunConfig, VAERunConfig
+from modules.config_io import from_dict
+from modules.data import build_dataset
+from modules.errors import ModelFolderError
+from modules.export import load_unet, read_weights
+from modules.order import ResumableBatchSampler
+from modules.unet import UNet
+from modules.vae import AutoencoderKL
+from modules.vae_loading import load_vae
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
@@ -492,7 +498,7 @@ def test_disk_full_while_exporting_is_a_clear_error_and_keeps_the_previous_expor
                                                                                    capsys):
     out = tmp_path / "run"
     checkpoints = out / "checkpoints"
-    real_save = train_unet.save_model_folder
+    real_save = export_module.save_model_folder
     calls = []
 
     def save_until_full(folder, state_dict, config):
@@ -501,7 +507,7 @@ def test_disk_full_while_exporting_is_a_clear_error_and_keeps_the_previous_expor
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
         return real_save(folder, state_dict, config)
 
-    monkeypatch.setattr(train_unet, "save_model_folder", save_until_full)
+    monkeypatch.setattr(export_module, "save_model_folder", save_until_full)
     with pytest.raises(SystemExit) as exit_info:
         run_cli(train_unet.main, unet_args(stage2, out))
     assert exit_info.value.code == 2
@@ -512,7 +518,7 @@ def test_disk_full_while_exporting_is_a_clear_error_and_keeps_the_previous_expor
     # The previous export (step 2) is intact and loads.
     assert_same_weights(out / "unet", checkpoints / "step_2" / "model.safetensors", atol=0)
     assert load_unet(out / "unet_ema") is not None
-    monkeypatch.setattr(train_unet, "save_model_folder", real_save)
+    monkeypatch.setattr(export_module, "save_model_folder", real_save)
     train_unet.main(unet_args(stage2, out, "--resume", "latest"))
     assert_matches_reference(stage2, out)
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import sample
-from modules.training import run_cli
+from modules.cli import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,3 +97,17 @@ def test_cli_help_and_error_exit():
     result = subprocess.run([sys.executable, "sample.py", "--unet", "/nonexistent", "--out", "/tmp/x"],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_gif_masks_are_read_as_training_reads_them(tmp_path):
+    """sample.py --masks takes every image file type training takes (.gif included; it skipped them)."""
+    from modules.image_io import mask_tensor
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 4:12] = 255
+    Image.fromarray(mask).save(folder / "a.gif")
+    Image.fromarray(255 - mask).save(folder / "b.png")
+    names, masks = sample.load_masks(folder, 16)
+    assert names == ["a", "b"] and masks.shape == (2, 1, 16, 16)
+    assert torch.equal(masks[0], mask_tensor(folder / "a.gif", 16)) and masks[0].sum() == 8 * 4

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from modules.attention import reset_attention_backends
-from modules.config import ConfigError, CondConfig, UNetModelConfig, UNetRunConfig, load_config
-from modules.export import ModelFolderError
-from modules.unet import UNet, count_parameters, load_unet, save_unet, timestep_embedding
+from modules.config import ConfigError, CondConfig, UNetModelConfig, UNetRunConfig, check_trained
+from modules.config_io import load_config, validate
+from modules.errors import ModelFolderError
+from modules.export import load_unet, save_unet
+from modules.unet import UNet, count_parameters, timestep_embedding
 
 TINY = UNetModelConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
                        head_dim=16, context_dim=32, norm_groups=8)
@@ -200,16 +202,22 @@ def test_bad_inputs_are_refused_with_a_message():
         model(x, t, cond=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="class condition"):
         tiny(CondConfig(type="class", num_classes=3))(x, t, cond=torch.tensor([0.5, 1.0]))
+
+
+def test_configs_the_network_cannot_be_built_from_are_refused_where_they_are_built():
     with pytest.raises(ConfigError, match="attention_levels"):
-        tiny(attention_levels=(2,))
+        validate(UNetRunConfig(model=dataclasses.replace(TINY, attention_levels=(2,))))
     with pytest.raises(ConfigError, match="num_classes"):
-        tiny(CondConfig(type="class", num_classes=0))
+        check_trained(UNetRunConfig(model=TINY, cond=CondConfig(type="class", num_classes=0), objective="flow"))
 
 
 def test_save_load_round_trip_is_exact(tmp_path):
     cond = CondConfig(type="mask", mask_mode="both", mask_channels=16, image_downsample=DOWNSAMPLE)
     model = perturbed(tiny(cond, num_step_levels=4))
-    folder = save_unet(model, tmp_path / "unet", {"objective": "shortcut", "vae": "runs/vae"})
+    run = UNetRunConfig(model=dataclasses.replace(TINY, num_step_levels=4), cond=cond,
+                        shortcut=dataclasses.replace(UNetRunConfig().shortcut, denoise_timesteps=8),
+                        sample=dataclasses.replace(UNetRunConfig().sample, steps=(1, 8)))
+    folder = save_unet(tmp_path / "unet", model.state_dict(), run, {"path": "runs/vae"}, weights="ema")
     config = json.loads((folder / "config.json").read_text())
     assert config["kind"] == "unet" and config["objective"] == "shortcut"
     assert config["model"]["num_step_levels"] == 4 and config["cond"]["mask_mode"] == "both"
@@ -218,8 +226,6 @@ def test_save_load_round_trip_is_exact(tmp_path):
     args = dict(level=torch.tensor([1, 2]), cond=masks(2, 0.5), drop=torch.tensor([False, True]))
     with torch.no_grad():
         assert torch.equal(model(x, t, **args), loaded(x, t, **args))
-    with pytest.raises(ValueError, match="reserved"):
-        save_unet(model, tmp_path / "other", {"model": {}})
     config["model"]["base_channels"] = 64
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelFolderError, match="do not match"):

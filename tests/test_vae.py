@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from modules.config import VAEModelConfig
-from modules.export import ModelFolderError
-from modules.vae import (AutoencoderKL, DiagonalGaussian, Upsample, convert_diffusers_state_dict, load_vae,
-                         save_vae)
+from modules.errors import ModelFolderError
+from modules.vae import AutoencoderKL, DiagonalGaussian, Upsample
+from modules.vae_loading import convert_diffusers_state_dict, load_vae, save_vae
 
 TINY = VAEModelConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
 ATOL = 1e-5

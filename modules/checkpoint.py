@@ -1,0 +1,286 @@
+"""Checkpoints, resume and pre-emption: the machinery that makes a killed run lose nothing.
+
+``checkpoints/step_N`` folders are written atomically (:class:`Checkpointer`); a stop signal
+(SIGTERM, SIGINT, SIGHUP) makes the loop save and exit 0 at the end of the step
+(:class:`StopRequest`); non-finite steps are counted and too many in a row abort with the last
+good weights saved (:func:`count_step`). Every write goes through :func:`write_or_fail`, so a
+full disk is a one-line error that names what was kept, never a traceback.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from accelerate import Accelerator
+from safetensors import SafetensorError
+
+from modules.config import TrainConfig
+from modules.errors import CheckpointError, TrainingAborted
+
+logger = logging.getLogger("modules.checkpoint")
+
+MANIFEST = "manifest.json"
+STATE_NAME = "training_state.json"
+_STEP_FOLDER = re.compile(r"step_(\d+)")
+
+
+@dataclass
+class TrainingState:
+    """Counters that must survive a resume (saved with every checkpoint)."""
+    step: int = 0                     # optimizer steps done
+    bad_steps: int = 0                # non-finite steps skipped in total
+    consecutive_bad_steps: int = 0
+    substituted_images: int = 0       # unreadable images replaced at load time
+
+    def state_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, int(value))
+
+    def due(self, every: int, last_step: int) -> bool:
+        """Whether a thing done every ``every`` steps, and after the last one, is due at this step."""
+        return self.step % every == 0 or self.step == last_step
+
+
+# A write that fails (disk full, quota, read-only or vanished folder) surfaces as OSError from
+# Python, RuntimeError from torch.save and SafetensorError from safetensors.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+def write_failure(e: BaseException) -> str:
+    """What went wrong with a write, for a one-line message."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return f"{type(e).__name__}: {e}; is the disk full?"
+
+
+def write_or_fail(write: Callable[[], None], what: str, kept: str) -> None:
+    """Run ``write``; a failed write is a CheckpointError saying ``what`` failed and what is ``kept``."""
+    try:
+        write()
+    except WRITE_ERRORS as e:
+        raise CheckpointError(f"could not write {what} ({write_failure(e)}); {kept}") from None
+
+
+def export_or_fail(export: Callable[[], None], output_dir: Path, step: int) -> None:
+    """Run ``export`` (written after checkpoint ``step``); a failed write is a CheckpointError."""
+    write_or_fail(export, f"the exported models in {output_dir}",
+                  f"checkpoint step_{step} is saved and the previous exports are untouched")
+
+
+def checkpoint_if_due(state: TrainingState, cfg: TrainConfig, stop: "StopRequest", checkpointer: "Checkpointer",
+                      export: Callable[[], None], output_dir: Path) -> bool:
+    """Checkpoint and export every ``checkpoint_every`` steps, at the last step and when a stop
+    signal arrived; returns True when the run must stop now."""
+    stopping = stop.requested()
+    if state.due(cfg.checkpoint_every, cfg.max_steps) or stopping:
+        checkpointer.save(state.step)
+        export_or_fail(export, output_dir, state.step)
+    if stopping:
+        logger.info("%s received: saved step %d, exiting; continue with --resume latest",
+                    stop.signal_name or "stop", state.step)
+    return stopping
+
+
+def count_step(state: TrainingState, applied: bool, max_bad_steps: int, checkpointer: "Checkpointer") -> None:
+    """Advance the step counter; a skipped (non-finite) step is counted, and ``max_bad_steps``
+    of them in a row save the last good state and abort the run."""
+    state.step += 1
+    if applied:
+        state.consecutive_bad_steps = 0
+        return
+    state.bad_steps += 1
+    state.consecutive_bad_steps += 1
+    logger.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                   state.step, state.consecutive_bad_steps)
+    if state.consecutive_bad_steps >= max_bad_steps:
+        checkpointer.save(state.step)
+        raise TrainingAborted(f"{state.consecutive_bad_steps} consecutive non-finite steps at step {state.step}; "
+                              f"saved the last good weights in {checkpointer.root}")
+
+
+class Checkpointer:
+    """``checkpoints/step_N`` folders written atomically, the newest ``keep`` kept.
+
+    A checkpoint is written into ``checkpoints/.tmp_step_N``, a manifest of every file and its
+    size is written last, then the folder is renamed. A folder counts as a checkpoint only if
+    its manifest is present and every listed file has its recorded size, so a half-written or
+    truncated checkpoint is never chosen for a resume. The counters of ``state`` are stored as
+    JSON rather than registered with Accelerate, which would unpickle them without restriction:
+    a resume never runs code from a checkpoint's files.
+    """
+
+    def __init__(self, accelerator: Accelerator, output_dir: Path, keep: int, state: TrainingState,
+                 extra_save: Callable[[Path], None] = lambda path: None,
+                 extra_load: Callable[[Path], None] = lambda path: None):
+        self.accelerator = accelerator
+        self.root = output_dir / "checkpoints"
+        self.keep = keep
+        self.state = state
+        self.extra_save = extra_save
+        self.extra_load = extra_load
+
+    def save(self, step: int) -> Path:
+        acc = self.accelerator
+        final = self.root / f"step_{step}"
+        tmp = self.root / f".tmp_step_{step}"
+        try:
+            if acc.is_main_process:
+                self.root.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir()
+            acc.wait_for_everyone()
+            acc.save_state(str(tmp), safe_serialization=True)
+            self.extra_save(tmp)
+            if acc.is_main_process:
+                (tmp / STATE_NAME).write_text(json.dumps(self.state.state_dict()))
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+                _write_synced(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
+                if final.exists():
+                    shutil.rmtree(final)
+                tmp.rename(final)
+                _fsync_dir(self.root)
+                self._prune()
+        except WRITE_ERRORS as e:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"could not write checkpoint {final} ({write_failure(e)}); "
+                                  "the previous checkpoints are untouched") from None
+        acc.wait_for_everyone()
+        return final
+
+    def _prune(self) -> None:
+        for _, path in self.valid()[:-self.keep] if self.keep > 0 else []:
+            shutil.rmtree(path, ignore_errors=True)
+        for stale in self.root.glob(".tmp_step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def valid(self) -> list[tuple[int, Path]]:
+        """(step, folder) of complete checkpoints, oldest first."""
+        return sorted((step, path) for step, path in self._candidates() if checkpoint_problem(path) is None)
+
+    def _candidates(self) -> list[tuple[int, Path]]:
+        """(step, folder) of every ``step_N`` folder; copies such as ``step_60_bak`` are not checkpoints."""
+        found = []
+        for path in self.root.glob("step_*"):
+            match = _STEP_FOLDER.fullmatch(path.name)
+            if match:
+                found.append((int(match.group(1)), path))
+        return found
+
+    def resolve(self, resume: Optional[str]) -> list[Path]:
+        """Checkpoints to try for ``--resume``, best first ([] = start fresh)."""
+        if not resume:
+            return []
+        if resume != "latest":
+            path = Path(resume)
+            problem = checkpoint_problem(path)
+            if problem:
+                raise CheckpointError(f"cannot resume from {path}: {problem}")
+            return [path]
+        for _, path in sorted(self._candidates(), reverse=True):
+            problem = checkpoint_problem(path)
+            if problem:
+                logger.warning("skipping checkpoint %s: %s", path, problem)
+        return [path for _, path in reversed(self.valid())]
+
+    def load(self, resume: Optional[str]) -> Optional[Path]:
+        """Load the newest loadable checkpoint; falls back to older ones and says so."""
+        candidates = self.resolve(resume)
+        if resume == "latest" and not candidates:
+            logger.info("--resume latest: no checkpoint in %s, starting from scratch", self.root)
+        for i, path in enumerate(candidates):
+            try:
+                self.accelerator.load_state(str(path))
+                self.extra_load(path)
+                self.state.load_state_dict(json.loads((path / STATE_NAME).read_text()))
+                logger.info("resumed from %s", path)
+                return path
+            except Exception as e:  # a damaged file raises whatever its reader raises
+                if resume != "latest" or i == len(candidates) - 1:
+                    raise CheckpointError(f"cannot resume from {path}: {type(e).__name__}: {e}") from None
+                logger.warning("checkpoint %s failed to load (%s: %s); falling back to %s",
+                               path, type(e).__name__, e, candidates[i + 1])
+        return None
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why ``path`` is not a complete checkpoint, or None when it is."""
+    manifest = path / MANIFEST
+    if not path.is_dir():
+        return "no such folder"
+    if not manifest.is_file():
+        return f"no {MANIFEST} (the checkpoint was not finished)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as e:
+        return f"unreadable {MANIFEST} ({e})"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"missing file {name}"
+        if f.stat().st_size != size:
+            return f"file {name} has {f.stat().st_size} bytes, expected {size} (truncated?)"
+    return None
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class StopRequest:
+    """SIGTERM / SIGINT / SIGHUP set a flag; the loop saves a checkpoint at the next step and exits 0.
+
+    In a multi-process run every process must take the same decision at the same step, so
+    the flag is combined across processes with an all-reduce (one scalar per step).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self.signal_name: Optional[str] = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in self.SIGNALS:
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def requested(self) -> bool:
+        flag = self.signal_name is not None
+        if self.accelerator.num_processes == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
