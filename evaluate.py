@@ -17,13 +17,18 @@ from typing import Optional
 
 import torch
 
-from modules.metrics import (INCEPTION_URL, MetricsError, feature_statistics, folder_features,
-                             frechet_distance, load_inception, load_stats, save_stats)
+from modules.errors import MetricsError
+from modules.metrics import (INCEPTION_URL, feature_statistics, folder_features, frechet_distance, load_inception,
+                             load_stats, save_stats)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inception", required=True, metavar="PATH",
                         help=f"local TorchScript inception-2015-12-05.pt (from {INCEPTION_URL})")
+    parser.add_argument("--inception-sha256", default=None, metavar="HEX",
+                        help="the SHA-256 the Inception file must have (a TorchScript file runs code when loaded)")
+    parser.add_argument("--trust-inception-code", action="store_true",
+                        help="load the Inception file without checking its SHA-256: this runs its code")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when available, else cpu")
@@ -60,6 +65,19 @@ def _stats(folder: str, extractor, args: argparse.Namespace, device: torch.devic
     return feature_statistics(feats)
 
 
+def writable(out: Path) -> None:
+    """Refuse a statistics file that could not be written, before the (slow) feature extraction."""
+    if out.suffix != ".npz":
+        raise MetricsError(f"statistics file {out}: must end in .npz")
+    probe = out.with_name(f".{out.name}.probe")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise MetricsError(f"statistics file {out}: cannot be written ({e.strerror or e})") from None
+
+
 def run(args: argparse.Namespace) -> None:
     if args.image_size < 1:
         raise MetricsError(f"--image-size must be >= 1, got {args.image_size}")
@@ -76,9 +94,9 @@ def run(args: argparse.Namespace) -> None:
         if not Path(folder).is_dir():
             raise MetricsError(f"image folder {folder} not found")
     out = args.out if args.command == "stats" else args.save_stats
-    if out and not out.endswith(".npz"):
-        raise MetricsError(f"statistics file {out}: must end in .npz")
-    extractor = load_inception(args.inception, device)
+    if out:
+        writable(Path(out))
+    extractor = load_inception(args.inception, device, args.inception_sha256, args.trust_inception_code)
 
     stats_a = _stats(folders[0], extractor, args, device)
     if args.command == "stats":

@@ -5,8 +5,9 @@
     python sample.py --unet runs/unet --out samples --masks my_masks/ --steps 1
 
 Writes one PNG per image and ``manifest.jsonl`` (one JSON line per image: file, seed,
-steps, sampler, guidance, condition). Image i depends only on (--seed, i) and its
-condition, so the batch size never changes the result.
+steps, sampler, guidance, condition), a line appended as soon as its PNG is complete, so an
+interrupted run's manifest lists exactly the images it finished. Image i depends only on
+(--seed, i) and its condition, so the batch size never changes the result.
 """
 from __future__ import annotations
 
@@ -14,23 +15,27 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from modules.checkpoint import WRITE_ERRORS, write_failure
 from modules.cli import run_cli
 from modules.config import DEFAULT_SAMPLER, sampling_problem
 from modules.config_io import diff_fields
-from modules.errors import ConfigError, ModelFolderError
+from modules.errors import CheckpointError, ConfigError, ModelFolderError
 from modules.export import find_model_folder, load_unet, read_unet_export
 from modules.generation import GenerationSpec, decode_latents, generate_latents
 from modules.image_io import UnreadableImage, find_images, mask_tensor, save_png, tile, to_uint8
 from modules.samplers import METHODS
 from modules.seeding import image_seed
-from modules.vae_loading import load_vae
+from modules.vae_loading import load_vae, vae_identity
 
 logger = logging.getLogger("sample")
+GRID_MAX = 256
+MANIFEST = "manifest.jsonl"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,19 +54,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
-    p.add_argument("--grid", action="store_true", help="also write grid.png")
+    p.add_argument("--grid", action="store_true", help=f"also write grid.png (of the first {GRID_MAX} images)")
     p.add_argument("--overwrite", action="store_true", help="allow replacing files in --out")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
 
 def load_masks(folder: Path, image_size: int) -> tuple[list[str], torch.Tensor]:
-    """Masks read exactly as training reads them (modules/data.py), one sample per file."""
+    """Masks read exactly as training reads them (modules/data.py), one sample per file, named by stem."""
     if not folder.is_dir():
         raise ConfigError(f"--masks {folder}: not a folder")
     files = find_images(folder, recursive=False)
     if not files:
         raise ConfigError(f"--masks {folder}: no mask images found")
+    by_name: dict[str, list[str]] = {}
+    for f in files:
+        by_name.setdefault(f.stem.lower(), []).append(f.name)
+    clashes = [names for names in by_name.values() if len(names) > 1]
+    if clashes:
+        raise ConfigError(f"--masks {folder}: {', '.join(clashes[0])} would write the same output file "
+                          f"({len(clashes)} such clash(es)); rename them")
     masks = []
     for f in files:
         try:
@@ -71,11 +83,38 @@ def load_masks(folder: Path, image_size: int) -> tuple[list[str], torch.Tensor]:
     return [f.stem for f in files], torch.stack(masks)
 
 
+def parse_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name}: not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available here (use --device cpu)")
+    return device
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """Create ``out``; an earlier run's images there need --overwrite, which first removes its
+    manifest (so a new manifest never describes old images)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        existing = [p.name for p in out.iterdir() if p.name == MANIFEST or p.suffix == ".png"]
+        if existing and not overwrite:
+            raise ConfigError(f"--out {out} already holds {sorted(existing)[0]} (and {len(existing) - 1} more); "
+                              "pass --overwrite or choose another folder")
+        for name in (MANIFEST, "grid.png"):
+            (out / name).unlink(missing_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
 def load_models(args, device):
     unet_folder = find_model_folder(args.unet, "unet_ema")
     export = read_unet_export(unet_folder)
     recorded = export.vae
-    vae_path = args.vae or recorded.get("path")
+    # The training run's own copy first: the VAE it came from may have trained on since.
+    kept = recorded.get("copy")
+    vae_path = args.vae or (kept if kept and Path(kept, "config.json").is_file() else recorded.get("path"))
     if not vae_path:
         raise ModelFolderError(f"{unet_folder}: records no VAE; pass --vae")
     if not Path(vae_path).exists():
@@ -91,6 +130,9 @@ def load_models(args, device):
         if mismatch:
             raise ModelFolderError(f"VAE {vae_folder} does not match the one the UNet was trained with: "
                                    + "; ".join(mismatch))
+    if recorded.get("identity") and vae_identity(vae) != recorded["identity"]:
+        raise ModelFolderError(f"VAE {vae_folder} has other weights than the one the UNet was trained with "
+                               f"(identity {vae_identity(vae)[:16]}, recorded {recorded['identity'][:16]})")
     if vae.config.latent_channels != export.config.model.in_channels:
         raise ModelFolderError(f"VAE {vae_folder} has {vae.config.latent_channels} latent channels, "
                                f"the UNet expects {export.config.model.in_channels}")
@@ -99,69 +141,78 @@ def load_models(args, device):
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    device = torch.device(args.device)
+    device = parse_device(args.device)
+    if args.num_samples < 1 or args.batch_size < 1:
+        raise ConfigError("--num-samples and --batch-size must be >= 1")
+    if not 0 <= args.eta <= 1:
+        raise ConfigError(f"--eta {args.eta}: must be in [0, 1]")
+    if not math.isfinite(args.cfg_scale):
+        raise ConfigError(f"--cfg-scale {args.cfg_scale}: must be a finite number")
     unet, vae, export, unet_folder = load_models(args, device)
     spec = GenerationSpec.from_run_config(export.config)
     sampler = args.sampler or DEFAULT_SAMPLER[spec.objective]
     problem = sampling_problem(spec.objective, sampler, args.steps, spec.denoise_timesteps, spec.ddpm.num_timesteps)
     if problem:
         raise ConfigError(f"--sampler {sampler} --steps {args.steps}: {problem}")
-    if args.num_samples < 1 or args.batch_size < 1:
-        raise ConfigError("--num-samples and --batch-size must be >= 1")
-    if not 0 <= args.eta <= 1:
-        raise ConfigError(f"--eta {args.eta}: must be in [0, 1]")
     if spec.cond_type == "none" and args.cfg_scale != 1.0:
         logger.warning("--cfg-scale %s ignored: %s is an unconditional model", args.cfg_scale, unet_folder)
 
-    names, cond = None, None
+    names, masks = None, None
     if args.masks is not None:
         if spec.cond_type != "mask":
             raise ConfigError(f"--masks: {unet_folder} is a '{spec.cond_type}'-conditioned model, not mask-conditioned")
-        names, cond = load_masks(Path(args.masks), export.config.data.image_size)
+        names, masks = load_masks(Path(args.masks), export.config.data.image_size)
+        if args.grid and "grid" in (n.lower() for n in names):
+            raise ConfigError(f"--masks {args.masks}: a mask named 'grid' would be overwritten by --grid's grid.png")
         logger.info("--masks: one sample per mask file (%d); --num-samples is not used", len(names))
     elif spec.cond_type == "mask":
         raise ConfigError(f"{unet_folder} is mask-conditioned: pass --masks DIR")
     elif spec.cond_type == "class":
         if args.class_label is not None and not 0 <= args.class_label < spec.num_classes:
             raise ConfigError(f"--class-label {args.class_label}: the model knows classes 0..{spec.num_classes - 1}")
-        labels = [args.class_label if args.class_label is not None else i % spec.num_classes
-                  for i in range(args.num_samples)]
-        cond = torch.tensor(labels)
     elif args.class_label is not None:
         raise ConfigError(f"--class-label: {unet_folder} is an unconditional model")
     count = len(names) if names is not None else args.num_samples
 
-    out = Path(args.out)
-    files = [f"{names[i]}.png" if names is not None else f"{i:06d}.png" for i in range(count)]
-    existing = [f for f in files + ["manifest.jsonl", "grid.png"] if (out / f).exists()]
-    if existing and not args.overwrite:
-        raise ConfigError(f"--out {out} already holds {existing[0]} (and {len(existing) - 1} more); "
-                          "pass --overwrite or choose another folder")
-    out.mkdir(parents=True, exist_ok=True)
+    def condition(i: int):
+        """Image i's condition: its mask, its class (the chosen one, or all classes in turn), or none."""
+        if masks is not None:
+            return masks[i], f"mask:{names[i]}"
+        if spec.cond_type == "class":
+            label = args.class_label if args.class_label is not None else i % spec.num_classes
+            return torch.tensor(label), label
+        return None, None
 
+    out = Path(args.out)
+    prepare_out(out, args.overwrite)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    scale = vae.config.scale_factor
-    images_all, records = [], []
-    for start in tqdm(range(0, count, args.batch_size), desc="sampling"):
-        idx = list(range(start, min(count, start + args.batch_size)))
-        seeds = [image_seed(args.seed, i) for i in idx]
-        batch_cond = None if cond is None else cond[idx].to(device)
-        with autocast:
-            z = generate_latents(unet, spec, batch_cond, seeds, args.steps, sampler, args.cfg_scale, args.eta, device)
-            images = decode_latents(vae, z.float(), scale, args.batch_size)
-        arrays = to_uint8(images)
-        for j, i in enumerate(idx):
-            save_png(arrays[j], out / files[i])
-            condition = None if cond is None else (f"mask:{names[i]}" if names is not None else int(cond[i]))
-            records.append({"file": files[i], "seed": seeds[j], "steps": args.steps, "sampler": sampler,
-                            "guidance": args.cfg_scale, "condition": condition})
+    grid_images, written = [], 0
+    try:
+        with open(out / MANIFEST, "w") as manifest:
+            for start in tqdm(range(0, count, args.batch_size), desc="sampling"):
+                idx = range(start, min(count, start + args.batch_size))
+                seeds = [image_seed(args.seed, i) for i in idx]
+                conds = [condition(i) for i in idx]
+                batch_cond = None if conds[0][0] is None else torch.stack([c for c, _ in conds]).to(device)
+                with autocast:
+                    z = generate_latents(unet, spec, batch_cond, seeds, args.steps, sampler, args.cfg_scale, args.eta,
+                                         device)
+                    images = decode_latents(vae, z.float(), vae.config.scale_factor, args.batch_size)
+                for j, (i, array) in enumerate(zip(idx, to_uint8(images))):
+                    file = f"{names[i]}.png" if names is not None else f"{i:06d}.png"
+                    save_png(array, out / file)
+                    manifest.write(json.dumps({"file": file, "seed": seeds[j], "steps": args.steps, "sampler": sampler,
+                                               "guidance": args.cfg_scale, "condition": conds[j][1]}) + "\n")
+                    written += 1
+                manifest.flush()
+                if args.grid and len(grid_images) < GRID_MAX:
+                    grid_images.extend(images[:GRID_MAX - len(grid_images)].cpu())
         if args.grid:
-            images_all.append(images.cpu())
-    with open(out / "manifest.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    if args.grid:
-        save_png(to_uint8(tile(torch.cat(images_all))), out / "grid.png")
-    logger.info("wrote %d images and manifest.jsonl to %s", count, out)
+            save_png(to_uint8(tile(torch.stack(grid_images))), out / "grid.png")
+    except WRITE_ERRORS as e:
+        raise CheckpointError(f"could not write to --out {out} ({write_failure(e)}); the {written} images "
+                              f"written before are complete and listed in {MANIFEST}") from None
+    logger.info("wrote %d images and %s to %s", count, MANIFEST, out)
 
 
 if __name__ == "__main__":

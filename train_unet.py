@@ -19,7 +19,8 @@ from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from modules.accelerator import make_accelerator
-from modules.checkpoint import Checkpointer, StopRequest, TrainingState, checkpoint_if_due, count_step, export_or_fail
+from modules.checkpoint import (Checkpointer, RunIdentity, StopRequest, TrainingState, checkpoint_if_due, count_step,
+                               export_or_fail, saved_on_data_error, write_or_fail)
 from modules.cli import build_parser, resolve_run_config, run_cli
 from modules.config import UNetRunConfig
 from modules.config_io import to_dict
@@ -33,13 +34,14 @@ from modules.latent_cache import build_or_load
 from modules.objectives import Draws, build_objective
 from modules.optim import apply_update, lr_factor, set_lr
 from modules.order import make_loader
-from modules.run_folder import prepare_output_dir
+from modules.run_folder import claim_output_dir, save_run_config
 from modules.seeding import SHARED_STREAM, process_share_randn, step_generator
-from modules.tracking import Throughput, init_trackers, log_image, memory_stats
+from modules.tracking import Throughput, check_tracker, init_trackers, log_image, memory_stats
 from modules.unet import UNet
-from modules.vae_loading import load_vae
+from modules.vae_loading import load_vae, save_vae, vae_identity
 
 logger = logging.getLogger("train_unet")
+MODEL_SECTIONS = ("model", "cond", "objective", "shortcut.denoise_timesteps")   # what a resume may not change
 
 
 def derive_fields(cfg: UNetRunConfig, vae, dataset) -> None:
@@ -75,15 +77,25 @@ def main(argv=None) -> None:
     cfg = resolve_run_config(args, UNetRunConfig, "unet")
     if not cfg.vae:
         raise ConfigError("no VAE given: pass --vae PATH (an exported VAE folder or a train_vae.py output dir)")
+    check_tracker(args.report_to)
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(cfg.train, output_dir, args.report_to)
+    with claim_output_dir(accelerator, output_dir, args.resume):
+        train(cfg, args, accelerator, output_dir)
+    accelerator.end_training()
+
+
+def train(cfg: UNetRunConfig, args, accelerator, output_dir: Path) -> None:
     device, tcfg = accelerator.device, cfg.train
     rank, world = accelerator.process_index, accelerator.num_processes
 
     # ---- frozen VAE, data, latent cache
     vae_folder = find_model_folder(cfg.vae, "vae")
     vae = load_vae(vae_folder).to(device).eval().requires_grad_(False)
-    vae_record = {"path": str(vae_folder.resolve()), "model": to_dict(vae.config)}
+    vae_id = vae_identity(vae)
+    frozen_vae = output_dir / "frozen_vae"     # this run's copy: its UNets stay usable if the VAE trains on
+    vae_record = {"path": str(vae_folder.resolve()), "copy": str(frozen_vae.resolve()), "identity": vae_id,
+                  "model": to_dict(vae.config)}
     scale = vae.config.scale_factor
     cfg.data.masks = cfg.cond.type == "mask"
     dataset = build_dataset(cfg.data)
@@ -92,7 +104,7 @@ def main(argv=None) -> None:
                        "data.vflip, data.rot90 and data.random_crop_scale are ignored")
     derive_fields(cfg, vae, dataset)
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else output_dir.parent / "latent_cache"
-    latents = build_or_load(accelerator, vae, vae_folder, dataset, cfg.data, cache_root, tcfg.batch_size)
+    latents = build_or_load(accelerator, vae, vae_id, dataset, cfg.data, cache_root, tcfg.batch_size)
 
     # ---- network, optimizer, the two EMAs (slow: sampling/export; fast: shortcut teacher)
     torch.manual_seed(tcfg.seed)
@@ -125,12 +137,15 @@ def main(argv=None) -> None:
             save_emas(path, emas, rank)
 
     state = TrainingState()
-    checkpointer = Checkpointer(accelerator, output_dir, tcfg.keep_checkpoints, state, save_ema_state,
+    identity = RunIdentity("train_unet", to_dict(cfg), MODEL_SECTIONS, vae=vae_id, data=dataset.fingerprint())
+    checkpointer = Checkpointer(accelerator, output_dir, tcfg.keep_checkpoints, state, identity, save_ema_state,
                                 lambda path: load_emas(path, emas, rank if per_rank_ema else 0, device))
-    prepare_output_dir(accelerator, output_dir, cfg, args.resume,
-                       model_sections=("model", "cond", "objective", "shortcut.denoise_timesteps"))
+    save_run_config(accelerator, output_dir, cfg)
     checkpointer.load(args.resume)
     accelerator.step = 0  # resumes sit on an optimizer-step boundary, whatever grad_accum was
+    if accelerator.is_main_process and (not args.resume or not (frozen_vae / "config.json").is_file()):
+        write_or_fail(lambda: save_vae(vae, frozen_vae), f"the copy of the VAE in {frozen_vae}",
+                      "the checkpoints are untouched")
 
     batches = iter(make_loader(latents, tcfg.batch_size, tcfg.seed, rank, world, state.step * tcfg.grad_accum,
                                cfg.data.num_workers))
@@ -148,9 +163,9 @@ def main(argv=None) -> None:
         export_or_fail(export, output_dir, state.step)
 
     # ---- loop
-    with StopRequest(accelerator) as stop, tqdm(total=tcfg.max_steps, initial=state.step,
-                                                disable=not accelerator.is_local_main_process,
-                                                desc=f"unet/{cfg.objective}") as progress:
+    with StopRequest(accelerator) as stop, saved_on_data_error(checkpointer, state), \
+            tqdm(total=tcfg.max_steps, initial=state.step, disable=not accelerator.is_local_main_process,
+                 desc=f"unet/{cfg.objective}") as progress:
         while state.step < tcfg.max_steps:
             lr = set_lr(optimizer, tcfg.lr, lr_factor(state.step, tcfg))
             unet.train()
@@ -200,7 +215,6 @@ def main(argv=None) -> None:
             # ---- checkpoint and export
             if checkpoint_if_due(state, tcfg, stop, checkpointer, export, output_dir):
                 break
-    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from modules.accelerator import make_accelerator
-from modules.checkpoint import Checkpointer, StopRequest, TrainingState, checkpoint_if_due, count_step, export_or_fail
+from modules.checkpoint import (Checkpointer, RunIdentity, StopRequest, TrainingState, checkpoint_if_due, count_step,
+                               export_or_fail, saved_on_data_error)
 from modules.cli import build_parser, resolve_run_config, run_cli
 from modules.config import VAERunConfig
 from modules.config_io import to_dict
@@ -28,9 +29,9 @@ from modules.losses import VAELoss
 from modules.metrics import psnr
 from modules.optim import apply_update, lr_factor, set_lr
 from modules.order import make_loader
-from modules.run_folder import prepare_output_dir
+from modules.run_folder import claim_output_dir, save_run_config
 from modules.seeding import SHARED_STREAM, process_share_randn, step_generator
-from modules.tracking import Throughput, init_trackers, log_image, memory_stats
+from modules.tracking import Throughput, check_tracker, init_trackers, log_image, memory_stats
 from modules.vae import AutoencoderKL
 from modules.vae_loading import save_vae
 
@@ -71,13 +72,20 @@ def export_vae(accelerator, vae, cfg: VAERunConfig, train_set, output_dir: Path)
 def main(argv=None) -> None:
     args = build_parser(__doc__.split("\n\n")[0]).parse_intermixed_args(argv)
     cfg = resolve_run_config(args, VAERunConfig, "vae")
+    check_tracker(args.report_to)
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(cfg.train, output_dir, args.report_to)
-    device, tcfg = accelerator.device, cfg.train
     if accelerator.mixed_precision == "fp16" or accelerator.distributed_type == DistributedType.DEEPSPEED:
         # Two optimizers cannot share one GradScaler, and DeepSpeed drives a single model.
         raise ConfigError(f"train_vae.py does not support {accelerator.mixed_precision} / "
                           f"{accelerator.distributed_type.value}: use bf16 or no mixed precision, with DDP or FSDP")
+    with claim_output_dir(accelerator, output_dir, args.resume):
+        train(cfg, args, accelerator, output_dir)
+    accelerator.end_training()
+
+
+def train(cfg: VAERunConfig, args, accelerator, output_dir: Path) -> None:
+    device, tcfg = accelerator.device, cfg.train
 
     # ---- data: errors here (missing dir, no images, missing masks) come before any training
     dataset = build_dataset(cfg.data)
@@ -98,8 +106,9 @@ def main(argv=None) -> None:
     loss_fn.discriminator = discriminator
 
     state = TrainingState()
-    checkpointer = Checkpointer(accelerator, output_dir, tcfg.keep_checkpoints, state)
-    prepare_output_dir(accelerator, output_dir, cfg, args.resume, model_sections=("model",))
+    identity = RunIdentity("train_vae", to_dict(cfg), ("model",), data=dataset.fingerprint())
+    checkpointer = Checkpointer(accelerator, output_dir, tcfg.keep_checkpoints, state, identity)
+    save_run_config(accelerator, output_dir, cfg)
     checkpointer.load(args.resume)
     accelerator.step = 0  # resumes sit on an optimizer-step boundary, whatever grad_accum was
 
@@ -118,8 +127,9 @@ def main(argv=None) -> None:
         export_or_fail(export, output_dir, state.step)
 
     # ---- loop
-    with StopRequest(accelerator) as stop, tqdm(total=tcfg.max_steps, initial=state.step, desc="vae",
-                                                disable=not accelerator.is_local_main_process) as progress:
+    with StopRequest(accelerator) as stop, saved_on_data_error(checkpointer, state), \
+            tqdm(total=tcfg.max_steps, initial=state.step, desc="vae",
+                 disable=not accelerator.is_local_main_process) as progress:
         while state.step < tcfg.max_steps:
             lr = set_lr(opt_g, tcfg.lr, lr_factor(state.step, tcfg))
             set_lr(opt_d, cfg.loss.disc_lr, lr_factor(state.step, tcfg))
@@ -174,7 +184,6 @@ def main(argv=None) -> None:
             # ---- checkpoint (and export, so later stages always find a model)
             if checkpoint_if_due(state, tcfg, stop, checkpointer, export, output_dir):
                 break
-    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -59,7 +59,6 @@ def _probe_xformers(device: torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
-@torch.compiler.assume_constant_result
 def attention_backend(device: torch.device | str, dtype: torch.dtype) -> str:
     """``"xformers"`` or ``"sdpa"``: the backend :func:`attention` uses for this device type and dtype.
 
@@ -77,6 +76,11 @@ def attention_backend(device: torch.device | str, dtype: torch.dtype) -> str:
         reason = " (forced by LDM_ATTENTION)" if forced else ""
         logger.info("attention backend for %s/%s: %s%s", device.type, dtype, _backends[key], reason)
     return _backends[key]
+
+
+# What torch.compiler.assume_constant_result does, without importing torch._dynamo at import
+# time (2.7 s of every script's start-up); tests/test_attention.py checks compile still works.
+attention_backend._dynamo_marked_constant = True
 
 
 def reset_attention_backends() -> None:

@@ -8,6 +8,8 @@ full disk is a one-line error that names what was kept, never a traceback.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -16,20 +18,57 @@ import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError
 
 from modules.config import TrainConfig
-from modules.errors import CheckpointError, TrainingAborted
+from modules.config_io import changes_in
+from modules.errors import CheckpointError, DataError, TrainingAborted
+from modules.export import file_sha256
 
 logger = logging.getLogger("modules.checkpoint")
 
 MANIFEST = "manifest.json"
 STATE_NAME = "training_state.json"
+IDENTITY_NAME = "identity.json"
 _STEP_FOLDER = re.compile(r"step_(\d+)")
+
+
+@dataclass
+class RunIdentity:
+    """What made a checkpoint; checked before it is continued, so nothing is loaded on a mismatch.
+
+    Another script, another network (``model_sections`` of the config) or another frozen VAE
+    is refused: the weights would not fit, or would silently train in another latent space.
+    Changed training data is allowed, with a warning.
+    """
+    script: str                         # "train_vae" | "train_unet"
+    config: dict                        # the resolved run config
+    model_sections: tuple[str, ...]     # config entries that define the network
+    vae: Optional[str] = None           # identity of the frozen VAE (stage 2)
+    data: Optional[str] = None          # fingerprint of the training data
+
+    def check(self, saved: dict, path: Path) -> None:
+        """Refuse ``path`` (whose identity is ``saved``) when it cannot be continued by this run."""
+        if saved.get("script") != self.script:
+            raise CheckpointError(f"cannot resume from {path}: it was made by {saved.get('script')}.py, "
+                                  f"not {self.script}.py")
+        changed = changes_in(saved.get("config") or {}, self.config, self.model_sections)
+        if changed:
+            raise CheckpointError(f"cannot resume from {path}: its checkpoints were made with another model "
+                                  f"config ({'; '.join(changed)})")
+        if saved.get("vae") != self.vae:
+            raise CheckpointError(
+                f"cannot resume from {path}: it was trained with another VAE (identity {str(saved.get('vae'))[:16]}; "
+                f"the VAE given now is {str(self.vae)[:16]}), whose latent space differs. Resume with the VAE it "
+                "was trained with (the run keeps a copy in frozen_vae/: --vae OUTPUT_DIR/frozen_vae) "
+                "or start a new run")
+        if saved.get("data") != self.data:
+            logger.warning("the training data changed since %s was saved (files added, removed or replaced); "
+                           "training continues on the data as it is now", path)
 
 
 @dataclass
@@ -109,24 +148,40 @@ def count_step(state: TrainingState, applied: bool, max_bad_steps: int, checkpoi
                               f"saved the last good weights in {checkpointer.root}")
 
 
+@contextlib.contextmanager
+def saved_on_data_error(checkpointer: "Checkpointer", state: TrainingState) -> Iterator[None]:
+    """Data that fails mid-run (its folder vanished, every image unreadable) saves the last good
+    state before the one-line error, so no step done is lost."""
+    try:
+        yield
+    except DataError as e:
+        checkpointer.save(state.step)
+        # A DataLoader worker's error arrives with its traceback in the message: keep the last line.
+        reason = str(e).strip().splitlines()[-1].removeprefix(f"{DataError.__module__}.DataError: ")
+        raise DataError(f"{reason}; saved step {state.step} in {checkpointer.root}: once the data is back, "
+                        "continue with --resume latest") from None
+
+
 class Checkpointer:
     """``checkpoints/step_N`` folders written atomically, the newest ``keep`` kept.
 
-    A checkpoint is written into ``checkpoints/.tmp_step_N``, a manifest of every file and its
-    size is written last, then the folder is renamed. A folder counts as a checkpoint only if
-    its manifest is present and every listed file has its recorded size, so a half-written or
-    truncated checkpoint is never chosen for a resume. The counters of ``state`` are stored as
+    A checkpoint is written into ``checkpoints/.tmp_step_N``, a manifest of every file, its size
+    and its SHA-256 (after an fsync) is written last, then the folder is renamed. A folder counts
+    as a checkpoint only if its manifest is present and every listed file has its recorded size,
+    so a half-written or truncated checkpoint is never chosen for a resume; the hashes are checked
+    before a checkpoint is loaded, and one whose content changed falls back to the previous one. The counters of ``state`` are stored as
     JSON rather than registered with Accelerate, which would unpickle them without restriction:
     a resume never runs code from a checkpoint's files.
     """
 
     def __init__(self, accelerator: Accelerator, output_dir: Path, keep: int, state: TrainingState,
-                 extra_save: Callable[[Path], None] = lambda path: None,
+                 identity: RunIdentity, extra_save: Callable[[Path], None] = lambda path: None,
                  extra_load: Callable[[Path], None] = lambda path: None):
         self.accelerator = accelerator
         self.root = output_dir / "checkpoints"
         self.keep = keep
         self.state = state
+        self.identity = identity
         self.extra_save = extra_save
         self.extra_load = extra_load
 
@@ -145,9 +200,11 @@ class Checkpointer:
             self.extra_save(tmp)
             if acc.is_main_process:
                 (tmp / STATE_NAME).write_text(json.dumps(self.state.state_dict()))
+                (tmp / IDENTITY_NAME).write_text(json.dumps(dataclasses.asdict(self.identity), indent=1))
             acc.wait_for_everyone()
             if acc.is_main_process:
-                files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+                files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _synced_sha256(p)}
+                         for p in sorted(tmp.rglob("*")) if p.is_file()}
                 _write_synced(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
                 if final.exists():
                     shutil.rmtree(final)
@@ -203,7 +260,9 @@ class Checkpointer:
         if resume == "latest" and not candidates:
             logger.info("--resume latest: no checkpoint in %s, starting from scratch", self.root)
         for i, path in enumerate(candidates):
+            self._check_identity(path)
             try:
+                _verify_contents(path)
                 self.accelerator.load_state(str(path))
                 self.extra_load(path)
                 self.state.load_state_dict(json.loads((path / STATE_NAME).read_text()))
@@ -217,6 +276,19 @@ class Checkpointer:
         return None
 
 
+    def _check_identity(self, path: Path) -> None:
+        saved_path = path / IDENTITY_NAME
+        if not saved_path.is_file():
+            logger.warning("%s was made by an older version, without %s: its model config, VAE and data "
+                           "are not checked", path, IDENTITY_NAME)
+            return
+        try:
+            saved = json.loads(saved_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"cannot resume from {path}: unreadable {IDENTITY_NAME} ({e})") from None
+        self.identity.check(saved if isinstance(saved, dict) else {}, path)
+
+
 def checkpoint_problem(path: Path) -> Optional[str]:
     """Why ``path`` is not a complete checkpoint, or None when it is."""
     manifest = path / MANIFEST
@@ -228,13 +300,28 @@ def checkpoint_problem(path: Path) -> Optional[str]:
         files = json.loads(manifest.read_text())["files"]
     except (json.JSONDecodeError, KeyError) as e:
         return f"unreadable {MANIFEST} ({e})"
-    for name, size in files.items():
+    for name, entry in files.items():
         f = path / name
+        size = entry["size"] if isinstance(entry, dict) else entry
         if not f.is_file():
             return f"missing file {name}"
         if f.stat().st_size != size:
             return f"file {name} has {f.stat().st_size} bytes, expected {size} (truncated?)"
     return None
+
+
+def _verify_contents(path: Path) -> None:
+    """The files' SHA-256 against the manifest (read in full, so done once, before loading)."""
+    for name, entry in json.loads((path / MANIFEST).read_text())["files"].items():
+        if isinstance(entry, dict) and file_sha256(path / name) != entry["sha256"]:
+            raise CheckpointError(f"file {name} differs from the manifest (SHA-256): damaged on disk")
+
+
+def _synced_sha256(path: Path) -> str:
+    """The file's SHA-256, after forcing its data to disk: a manifest never lists data a power cut can lose."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    return file_sha256(path)
 
 
 def _write_synced(path: Path, text: str) -> None:

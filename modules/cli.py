@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from modules.config_io import load_config
-from modules.errors import TrainingAborted, UserError
+from modules.config_io import load_config, read_json
+from modules.errors import ConfigError, TrainingAborted, UserError
 
 TRACKERS = ("wandb", "tensorboard", "mlflow", "none")
+logger = logging.getLogger("modules.cli")
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -42,7 +43,15 @@ def resolve_run_config(args: argparse.Namespace, cls, stage: str):
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
     saved = Path(args.output_dir) / "config.json"
-    if args.resume and saved.is_file() and args.config is None:
+    if args.resume and args.config is not None and saved.is_file():
+        try:
+            read_json(saved)
+        except ConfigError as e:
+            logger.warning("%s; it is replaced by the config of this run (--config %s)", e, args.config)
+    if args.resume and args.config is None:
+        if not saved.is_file():
+            raise ConfigError(f"--resume {args.resume}: {args.output_dir} has no config.json to continue from; "
+                              "pass --config (the preset the run was started with)")
         return load_config(cls, stage, str(saved), overrides)
     return load_config(cls, stage, args.config, overrides)
 

@@ -60,6 +60,10 @@ class ImageDataset(Dataset):
     def skipped_at_scan(self) -> int:
         return len(self.skipped_files)
 
+    def fingerprint(self) -> str:
+        """Identity of the data set's files (see ``Source.fingerprint``)."""
+        return self._source.fingerprint()
+
     @property
     def labels(self) -> np.ndarray:
         """Label of every item (int64, -1 when unlabelled), without decoding images."""

@@ -10,6 +10,7 @@ outside ``named_parameters``) is refused; stages 1 and 2 keep full parameters an
 """
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -17,16 +18,6 @@ from typing import Callable, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-
-try:
-    from torch.distributed.fsdp import FSDPModule as _FSDP2Module
-except ImportError:
-    _FSDP2Module = None
-try:
-    from torch.distributed.fsdp import FullyShardedDataParallel as _FSDP1Module
-    from torch.distributed.fsdp._runtime_utils import _reshard as _fsdp1_reshard
-except ImportError:
-    _FSDP1Module = None
 
 SHADOW_PREFIX = "shadow."
 COUNT_KEY = "num_updates"
@@ -40,15 +31,20 @@ def _release_gathered(model: nn.Module) -> None:
     (swap in or out) the next forward would silently run on the old values. FSDP2 has a
     public ``reshard``; FSDP1 only its internal ``_reshard`` (what its own backward calls).
     """
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None:   # nothing is FSDP-wrapped unless FSDP was imported (importing it costs 1.3 s)
+        return
+    from torch.distributed.fsdp._runtime_utils import _reshard as fsdp1_reshard
+    fsdp2_module = getattr(fsdp, "FSDPModule", None)
     for module in model.modules():
-        if _FSDP2Module is not None and isinstance(module, _FSDP2Module):
+        if fsdp2_module is not None and isinstance(module, fsdp2_module):
             module.reshard()
-        elif _FSDP1Module is not None and isinstance(module, _FSDP1Module):
+        elif isinstance(module, fsdp.FullyShardedDataParallel):
             handle = module._handle
             gathered = (handle is not None and handle.uses_sharded_strategy
                         and hasattr(handle.flat_param, "_full_param_padded") and not handle.needs_unshard())
             if gathered:
-                _fsdp1_reshard(module, handle, True)
+                fsdp1_reshard(module, handle, True)
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:

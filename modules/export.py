@@ -9,6 +9,7 @@ config, and the one source a loader reads), a summary of it (``model``, ``cond``
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ def save_model_folder(folder: str | Path, state_dict: dict[str, torch.Tensor], c
     tmp.mkdir(parents=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     save_file(tensors, tmp / WEIGHTS_NAME)
+    config = {**config, "sha256": {WEIGHTS_NAME: file_sha256(tmp / WEIGHTS_NAME)}}
     (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     if folder.exists():
         old = folder.with_name(folder.name + ".old")
@@ -62,8 +64,28 @@ def read_config(folder: str | Path, kind: str | None = None) -> dict:
     return config
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_folder_weights(folder: Path, config: dict) -> dict[str, torch.Tensor]:
+    """A model folder's weights, checked against the SHA-256 its config.json recorded (when it did)."""
+    path = Path(folder) / WEIGHTS_NAME
+    tensors = read_weights(path)
+    expected = config.get("sha256", {}).get(WEIGHTS_NAME) if isinstance(config.get("sha256"), dict) else None
+    if expected and file_sha256(path) != expected:
+        raise ModelFolderError(f"{path}: its SHA-256 is {file_sha256(path)[:16]}..., not the {expected[:16]}... "
+                               "recorded in config.json: the file is damaged or was replaced")
+    return tensors
+
+
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a safetensors file; anything else is refused rather than unpickled."""
+    """Load a safetensors file; anything else is refused rather than unpickled, and so are
+    weights holding NaN or infinity (they would give black images without a word)."""
     path = Path(path)
     if path.is_dir():
         path = path / WEIGHTS_NAME
@@ -73,9 +95,13 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise ModelFolderError(f"{path}: only .safetensors weights are accepted "
                                "(pickle-based .ckpt/.bin/.pt files can run code when loaded)")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise ModelFolderError(f"{path}: not a readable safetensors file ({e})") from None
+    broken = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise ModelFolderError(f"{path}: {len(broken)} tensor(s) hold NaN or infinite values, e.g. '{broken[0]}'")
+    return tensors
 
 
 def find_model_folder(path: str | Path, subfolder: str) -> Path:
@@ -146,7 +172,7 @@ def load_unet(folder: str | Path, export: Optional[UNetExport] = None) -> UNet:
     """Rebuild a UNet from an exported folder (config.json + model.safetensors), in eval mode."""
     export = export or read_unet_export(folder)
     model = UNet(export.config.model, export.config.cond)
-    weights = read_weights(folder)
+    weights = read_folder_weights(Path(folder), read_config(folder))
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as e:  # shape mismatches

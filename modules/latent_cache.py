@@ -3,72 +3,50 @@
 Each image is stored as its posterior mean and std (float16), and the same for its
 horizontal flip when flips are on, so stage 2 draws a fresh latent sample every step
 without running the encoder. The cache is a ``datasets`` folder named by a key over the
-VAE's weights and config, the data's files, the image size and the flip setting, and holds
-``cache_info.json`` (written last) with that key. A cache whose key or size does not match
-is rebuilt, never used.
+VAE's identity (its weights and config), the data's fingerprint (every file's path, size,
+mtime, ctime and inode), the image size and the flip setting. ``cache_info.json``, written
+last, holds that key and the SHA-256 of every file, checked before each use: a cache whose
+key, size or content does not match is rebuilt (saying why), never used.
+
+One process builds a given cache at a time (an OS lock on ``.<folder>.lock``); another run
+that needs it waits, then uses the finished cache. A failed write (a full disk) is one line,
+and no half-written folder is left behind.
+
+``python -m modules.latent_cache list CACHE_DIR`` shows the caches and their sizes;
+``python -m modules.latent_cache remove FOLDER ...`` deletes old ones.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import random
 import shutil
+import sys
+import time
 from pathlib import Path
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
+from modules.checkpoint import WRITE_ERRORS, write_failure
 from modules.config import DataConfig
+from modules.errors import CheckpointError
+from modules.export import file_sha256
 
 logger = logging.getLogger("modules.latent_cache")
 INFO_NAME = "cache_info.json"
+FORMAT = 2
 
 
-def _hash_file(path: Path, h) -> None:
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-
-
-def vae_fingerprint(vae_path: Path) -> str:
-    """Hash of a VAE folder's files (or of a single-file checkpoint)."""
-    h = hashlib.sha256()
-    files = [vae_path] if vae_path.is_file() else sorted(p for p in vae_path.iterdir() if p.is_file())
-    for path in files:
-        h.update(path.name.encode())
-        _hash_file(path, h)
-    return h.hexdigest()[:16]
-
-
-def data_fingerprint(path: str) -> str:
-    """Hash of every file's relative path, size and modification time (or the hub name)."""
-    h = hashlib.sha256()
-    root = Path(path)
-    if not root.exists():
-        h.update(path.encode())
-        return h.hexdigest()[:16]
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            f = Path(dirpath) / name
-            st = f.stat()
-            h.update(f"{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def cache_key(vae_folder: Path, data_cfg: DataConfig, with_masks: bool) -> dict:
-    return {
-        "vae": vae_fingerprint(vae_folder),
-        "data": data_fingerprint(data_cfg.path),
-        "data_path": str(data_cfg.path),
-        "split": data_cfg.split,
-        "image_size": data_cfg.image_size,
-        "hflip": data_cfg.hflip,
-        "masks": with_masks,
-        "format": 1,
-    }
+def cache_key(vae_identity: str, data_fingerprint: str, data_cfg: DataConfig, with_masks: bool) -> dict:
+    return {"vae": vae_identity[:32], "data": data_fingerprint[:32], "split": data_cfg.split,
+            "image_size": data_cfg.image_size, "hflip": data_cfg.hflip, "masks": with_masks, "format": FORMAT}
 
 
 def cache_folder(cache_root: Path, key: dict) -> Path:
@@ -76,18 +54,52 @@ def cache_folder(cache_root: Path, key: dict) -> Path:
     return cache_root / f"latents_{digest}"
 
 
-def cache_problem(folder: Path, key: dict, num_items: int) -> str | None:
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {str(path.relative_to(folder)): file_sha256(path)
+            for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != INFO_NAME)}
+
+
+def cache_problem(folder: Path, key: dict, num_items: int) -> Optional[str]:
     """Why ``folder`` cannot be used as the cache for ``key``, or None if it can."""
     info_path = folder / INFO_NAME
     if not info_path.is_file():
         return "no cache yet" if not folder.exists() else "incomplete cache (no cache_info.json)"
-    info = json.loads(info_path.read_text())
-    if info.get("key") != key:
-        changed = sorted(k for k in key if info.get("key", {}).get(k) != key[k])
+    try:
+        info = json.loads(info_path.read_text())
+        saved_key, files = info["key"], info["files"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        return f"damaged cache (unreadable {INFO_NAME}: {e})"
+    if saved_key != key:
+        changed = sorted(k for k in key if not isinstance(saved_key, dict) or saved_key.get(k) != key[k])
         return f"stale cache (changed: {', '.join(changed)})"
     if info.get("num_items") != num_items:
         return f"cache holds {info.get('num_items')} items, the data set has {num_items}"
+    found = file_hashes(folder)
+    damaged = sorted(set(files) ^ set(found) | {n for n in files if found.get(n) != files[n]})
+    if damaged:
+        return f"damaged cache (missing, extra or changed files: {', '.join(damaged[:3])})"
     return None
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path, accelerator) -> Iterator[None]:
+    """The main process holds ``.<folder>.lock`` (waiting for another run's build to finish)."""
+    fd = None
+    if accelerator.is_main_process:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder.with_name(f".{folder.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("another run is building latent cache %s; waiting for it", folder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+    accelerator.wait_for_everyone()
+    try:
+        yield
+    finally:
+        accelerator.wait_for_everyone()
+        if fd is not None:
+            os.close(fd)
 
 
 @torch.no_grad()
@@ -112,32 +124,21 @@ def _encode_shard(vae, dataset, indices: list[int], batch_size: int, device, wit
             yield row
 
 
-def build_or_load(accelerator, vae, vae_folder: Path, dataset, data_cfg: DataConfig, cache_root: Path,
-                  batch_size: int) -> "LatentDataset":
-    """Return the cached latents of ``dataset``, encoding them first if needed (all processes help)."""
+def _build(accelerator, vae, dataset, data_cfg: DataConfig, folder: Path, key: dict, batch_size: int) -> None:
+    """Encode ``dataset`` (all processes share the work) into ``folder``, atomically."""
     import datasets
-    datasets.disable_progress_bars()
-
-    with_masks = bool(getattr(dataset, "has_masks", False))
-    key = cache_key(vae_folder, data_cfg, with_masks)
-    folder = cache_folder(cache_root, key)
-    problem = cache_problem(folder, key, len(dataset))
-    if problem is None:
-        logger.info("using latent cache %s", folder)
-        return LatentDataset(folder, data_cfg.hflip)
-    logger.info("building latent cache %s (%s)", folder, problem)
     rank, world = accelerator.process_index, accelerator.num_processes
-    shard_dir = folder.with_name(folder.name + ".shards")
+    shard_dir, tmp = folder.with_name(folder.name + ".shards"), folder.with_name(folder.name + ".tmp")
     if accelerator.is_main_process:
-        shutil.rmtree(folder, ignore_errors=True)
-        shutil.rmtree(shard_dir, ignore_errors=True)
+        for stale in (folder, shard_dir, tmp):
+            shutil.rmtree(stale, ignore_errors=True)
         shard_dir.mkdir(parents=True)
     accelerator.wait_for_everyone()
     was_training = getattr(dataset, "training", False)
     dataset.train(False)
     indices = list(range(rank, len(dataset), world))
     shard = datasets.Dataset.from_list(list(_encode_shard(
-        vae, dataset, indices, batch_size, accelerator.device, data_cfg.hflip, with_masks)))
+        vae, dataset, indices, batch_size, accelerator.device, data_cfg.hflip, key["masks"])))
     shard.save_to_disk(str(shard_dir / f"rank_{rank}"))
     dataset.train(was_training)
     accelerator.wait_for_everyone()
@@ -145,15 +146,35 @@ def build_or_load(accelerator, vae, vae_folder: Path, dataset, data_cfg: DataCon
         parts = [datasets.load_from_disk(str(shard_dir / f"rank_{r}")) for r in range(world)]
         merged = datasets.concatenate_datasets(parts)
         merged = merged.select(np.argsort(np.asarray(merged["index"])))
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
         merged.save_to_disk(str(tmp))
-        substituted = int(sum(merged["substituted"]))
-        (tmp / INFO_NAME).write_text(json.dumps(
-            {"key": key, "num_items": len(merged), "substituted": substituted}, indent=1))
+        info = {"key": key, "num_items": len(merged), "substituted": int(sum(merged["substituted"])),
+                "files": file_hashes(tmp), "built": time.strftime("%Y-%m-%d %H:%M:%S")}
+        (tmp / INFO_NAME).write_text(json.dumps(info, indent=1))
         tmp.rename(folder)
         shutil.rmtree(shard_dir, ignore_errors=True)
-    accelerator.wait_for_everyone()
+
+
+def build_or_load(accelerator, vae, vae_identity: str, dataset, data_cfg: DataConfig, cache_root: Path,
+                  batch_size: int) -> "LatentDataset":
+    """Return the cached latents of ``dataset``, encoding them first if needed (all processes help)."""
+    import datasets
+    datasets.disable_progress_bars()
+    key = cache_key(vae_identity, dataset.fingerprint(), data_cfg, bool(getattr(dataset, "has_masks", False)))
+    folder = cache_folder(cache_root, key)
+    try:
+        with _build_lock(folder, accelerator):
+            problem = cache_problem(folder, key, len(dataset))
+            if problem is not None:
+                logger.info("building latent cache %s (%s)", folder, problem)
+                _build(accelerator, vae, dataset, data_cfg, folder, key, batch_size)
+            else:
+                logger.info("using latent cache %s", folder)
+    except WRITE_ERRORS as e:
+        if accelerator.is_main_process:
+            for part in (".shards", ".tmp"):
+                shutil.rmtree(folder.with_name(folder.name + part), ignore_errors=True)
+        raise CheckpointError(f"could not write the latent cache {folder} ({write_failure(e)}); "
+                              "nothing was trained yet, and no half-written cache is left") from None
     return LatentDataset(folder, data_cfg.hflip)
 
 
@@ -182,3 +203,48 @@ class LatentDataset(torch.utils.data.Dataset):
             mask = row["mask"].float()[None]
             out["mask"] = torch.flip(mask, dims=[2]) if flip else mask
         return out
+
+
+# ----------------------------------------------------------------------------- housekeeping
+
+def _folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m modules.latent_cache",
+                                     description="List or remove latent caches (default location: "
+                                                 "<output-dir>/../latent_cache).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the caches in CACHE_DIR, their keys and sizes").add_argument("cache_dir")
+    remove = sub.add_parser("remove", help="delete cache folders (a run rebuilds what it needs)")
+    remove.add_argument("folders", nargs="+")
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        root = Path(args.cache_dir)
+        if not root.is_dir():
+            print(f"error: {root} is not a folder", file=sys.stderr)
+            return 2
+        for folder in sorted(root.glob("latents_*")):
+            if folder.suffix in (".tmp", ".shards") or not folder.is_dir():
+                continue
+            try:
+                info = json.loads((folder / INFO_NAME).read_text())
+                what = (f"{info['num_items']} images, {info['key']['image_size']} px, "
+                        f"built {info.get('built', '?')}, data {info['key']['data'][:8]}, VAE {info['key']['vae'][:8]}")
+            except (OSError, ValueError, KeyError, TypeError):
+                what = "incomplete or damaged (safe to remove)"
+            print(f"{folder}  {_folder_size(folder) / 2 ** 20:.1f} MiB  {what}")
+        return 0
+    for name in args.folders:
+        folder = Path(name)
+        if not folder.name.startswith("latents_") or not folder.is_dir():
+            print(f"error: {folder} is not a latent cache folder (latents_*)", file=sys.stderr)
+            return 2
+        shutil.rmtree(folder)
+        print(f"removed {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from modules.errors import MetricsError
+from modules.export import file_sha256
 from modules.image_io import find_images, open_image
 
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
@@ -102,17 +103,35 @@ def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise MetricsError(f"statistics file {path}: mu {mu.shape} and sigma {sigma.shape} are not a "
                            "mean vector and its square covariance")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise MetricsError(f"statistics file {path}: mu or sigma holds NaN or infinite values")
+    lowest = np.linalg.eigvalsh((sigma + sigma.T) / 2).min() if len(mu) else 0.0
+    if not np.allclose(sigma, sigma.T, rtol=1e-6, atol=1e-9) or lowest < -1e-6 * max(1.0, np.abs(sigma).max()):
+        raise MetricsError(f"statistics file {path}: sigma is not a covariance (symmetric, no negative "
+                           f"eigenvalue; its lowest is {lowest:.3g})")
     return mu, sigma
 
 
 # ----------------------------------------------------------------------------- Inception and folders
 
-def load_inception(path: str | Path, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
-    """NVIDIA's TorchScript Inception-v3 from a local file, in eval mode on ``device``."""
+def load_inception(path: str | Path, device: str | torch.device = "cpu", sha256: Optional[str] = None,
+                   trust_code: bool = False) -> torch.jit.ScriptModule:
+    """NVIDIA's TorchScript Inception-v3 from a local file, in eval mode on ``device``.
+
+    A TorchScript file runs its own code when it is loaded and called (it can write any file),
+    so only a file the user vouches for is loaded: its SHA-256 must equal ``sha256`` (the hash
+    published with the file the user downloaded), or ``trust_code`` must be set.
+    """
     path = Path(path)
     if not path.is_file():
         raise MetricsError(f"Inception weights {path} not found; download inception-2015-12-05.pt "
                            f"(TorchScript, not the .pkl) from {INCEPTION_URL}")
+    actual = file_sha256(path)
+    if not trust_code and actual != (sha256 or "").strip().lower():
+        given = f"not the {sha256} given by --inception-sha256" if sha256 else "and no --inception-sha256 was given"
+        raise MetricsError(f"Inception weights {path}: a TorchScript file runs its own code when loaded, so it is "
+                           f"loaded only when vouched for. Its SHA-256 is {actual}, {given}. Pass the SHA-256 "
+                           "published for the file you downloaded, or --trust-inception-code to run it anyway")
     try:
         model = torch.jit.load(str(path), map_location=device)
     except Exception as e:  # TorchScript raises RuntimeError/ValueError for non-archives

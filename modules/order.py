@@ -65,8 +65,8 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
 def _ignore_stop_signals(worker_id: int) -> None:
     """A scheduler's SIGTERM goes to the whole process group: workers must not die of it
     before the main process has saved its checkpoint (they exit when it does)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def make_loader(dataset: Dataset, batch_size: int, seed: int, rank: int = 0,

@@ -11,8 +11,9 @@ inside the data folder.
 from __future__ import annotations
 
 import csv
-import json
+import hashlib
 import io
+import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +43,16 @@ class FileRecords:
         self.images = images
         self.masks = masks
 
+    def fingerprint(self) -> str:
+        """Changes when any listed file is added, removed or replaced: its path, size, mtime, ctime
+        and inode (the fields git's index watches; ``cp -p`` keeps a replaced file's size and mtime,
+        never its ctime or inode), without reading the files."""
+        h = hashlib.sha256()
+        for path in [*self.images, *(self.masks or [])]:
+            st = os.stat(path)
+            h.update(os.fsencode(path) + f"|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}\n".encode())
+        return h.hexdigest()
+
     def name(self, row: int) -> str:
         return self.images[row]
 
@@ -63,6 +74,10 @@ class ArrowRecords:
         self.image_column = image_column
         self.mask_column = mask_column
         self.origin = origin
+
+    def fingerprint(self) -> str:
+        """``datasets``' own fingerprint of the table (it changes with the table's content)."""
+        return hashlib.sha256(f"{self.table._fingerprint}|{self.image_column}|{self.mask_column}".encode()).hexdigest()
 
     def name(self, row: int) -> str:
         return f"{self.origin}[{row}]"
@@ -96,6 +111,10 @@ class Source:
     has_masks: bool
     description: str
 
+    def fingerprint(self) -> str:
+        """Identity of the data: the latent cache's key, and what a resumed run compares."""
+        return self.records.fingerprint()
+
 
 # ----------------------------------------------------------------------------- local folders
 
@@ -105,25 +124,42 @@ def _read_metadata(root: Path) -> Optional[tuple[Path, list[dict[str, Any]]]]:
         if not path.is_file():
             continue
         rows: list[dict[str, Any]] = []
+        try:
+            text = path.read_text(encoding="utf-8-sig")     # a spreadsheet's byte-order mark is not a column
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e})") from None
         if name.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as f:
-                for line_no, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}, line {line_no}: invalid JSON ({e})") from None
-                    if not isinstance(row, dict):
-                        raise DataError(f"{path}, line {line_no}: expected a JSON object")
-                    rows.append(row)
+            for line_no, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}, line {line_no}: invalid JSON ({e})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}, line {line_no}: expected a JSON object")
+                rows.append(row)
         else:
-            with open(path, encoding="utf-8", newline="") as f:
-                rows = list(csv.DictReader(f))
-        if rows and any("file_name" not in r for r in rows):
-            raise DataError(f"{path}: every row needs a 'file_name' column")
+            rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        for line_no, row in enumerate(rows, 1):
+            for column in ("file_name", "mask_file_name"):
+                if column == "file_name" and column not in row:
+                    raise DataError(f"{path}: every row needs a 'file_name' column (row {line_no} has "
+                                    f"{', '.join(map(str, row)) or 'none'})")
+                value = row.get(column)
+                if (column == "file_name" or value not in (None, "")) and not (isinstance(value, str) and value):
+                    raise DataError(f"{path}, row {line_no}: '{column}' must be a path string, got {value!r}")
         return path, rows
     return None
+
+
+def _inside(root: Path, name: str, where: str) -> Path:
+    """``root / name`` for a relative path that stays inside ``root``; anything else is refused."""
+    normal = os.path.normpath(name)
+    if os.path.isabs(name) or normal == ".." or normal.startswith(".." + os.sep):
+        raise DataError(f"{where}: {name!r} is outside the data folder {root}; metadata paths must be "
+                        "relative paths inside it")
+    return root / normal
 
 
 def _labels_from_values(values: list[Any]) -> tuple[list[int], list[str]]:
@@ -200,7 +236,7 @@ def _listing_from_metadata(root: Path, meta_path: Path, rows: list[dict[str, Any
                            cfg: DataConfig) -> _Listing:
     if not rows:
         raise DataError(f"{meta_path}: no rows (no images listed)")
-    rel_images = [Path(r["file_name"]) for r in rows]
+    rel_images = [_inside(root, r["file_name"], f"{meta_path}, file_name").relative_to(root) for r in rows]
     missing = [str(p) for p in rel_images if not (root / p).is_file()]
     if missing:
         raise DataError(f"{meta_path} refers to {len(missing)} missing image file(s) in {root}, "
@@ -225,10 +261,11 @@ def _listing_from_metadata(root: Path, meta_path: Path, rows: list[dict[str, Any
             if name in (None, ""):
                 raise DataError(f"{meta_path}: no mask_file_name for image {r['file_name']} "
                                 "(data.masks is set)")
-            if not (root / name).is_file():
+            mask = _inside(root, name, f"{meta_path}, mask_file_name")
+            if not mask.is_file():
                 raise DataError(f"{meta_path}: mask {name} of image {r['file_name']} "
                                 f"does not exist in {root}")
-            listing.masks.append(str(root / name))
+            listing.masks.append(str(mask))
     return listing
 
 

@@ -5,8 +5,12 @@ run goes on to its next checkpoint, which fails cleanly if the disk is still ful
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
+import netrc
+import os
 import time
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -14,9 +18,33 @@ from accelerate import Accelerator
 
 from modules.checkpoint import WRITE_ERRORS, write_failure
 from modules.config_io import to_dict
+from modules.errors import ConfigError
 from modules.image_io import save_png, to_uint8
 
 logger = logging.getLogger("modules.tracking")
+
+
+def check_tracker(report_to: str) -> None:
+    """Refuse, before anything runs, a tracker that would fail after setup."""
+    if report_to in ("tensorboard", "mlflow") and importlib.util.find_spec(report_to) is None:
+        raise ConfigError(f"--report-to {report_to}: the {report_to} package is not installed "
+                          f"(pip install {report_to}, or choose --report-to wandb or none)")
+    if report_to == "wandb" and os.environ.get("WANDB_MODE", "").lower() not in ("offline", "disabled", "dryrun") \
+            and not _wandb_api_key():
+        raise ConfigError("--report-to wandb: no wandb API key on this machine; run `wandb login` (or set "
+                          "WANDB_API_KEY), or set WANDB_MODE=offline to log locally, or pass --report-to none")
+
+
+def _wandb_api_key() -> bool:
+    """Whether wandb will find an API key: the environment, or a netrc entry for its host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def init_trackers(accelerator: Accelerator, project: str, run_config, output_dir: Path, report_to: str) -> None:

@@ -9,6 +9,8 @@ only ever read from safetensors. Errors are :class:`ModelFolderError` naming the
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Optional
@@ -18,7 +20,7 @@ import torch
 from modules.config import VAEModelConfig
 from modules.config_io import from_dict, read_json
 from modules.errors import ConfigError, ModelFolderError
-from modules.export import CONFIG_NAME, read_weights, save_model_folder
+from modules.export import CONFIG_NAME, read_folder_weights, read_weights, save_model_folder
 from modules.vae import AutoencoderKL
 
 SD_SCALE_FACTOR = 0.18215
@@ -113,6 +115,16 @@ def convert_ldm_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 # ----------------------------------------------------------------------------- save / load
+
+def vae_identity(model: AutoencoderKL) -> str:
+    """SHA-256 over the VAE's config and weights, whatever file format they came from: the key of
+    its latent caches, and what a stage-2 checkpoint records of the VAE it was trained with."""
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
 
 def save_vae(model: AutoencoderKL, folder: str | Path, run_config: Optional[dict] = None) -> Path:
     """Write ``folder/config.json`` (kind "vae", the model config, the run config) + ``model.safetensors``."""
@@ -250,7 +262,7 @@ def load_vae(path: str | Path) -> AutoencoderKL:
             raise ModelFolderError(f"{path / CONFIG_NAME}: expected a JSON object, got {type(config).__name__}")
         if config.get("kind") == "vae":
             cfg = _model_config(config.get("model") or {}, path / CONFIG_NAME)
-            model = _load_state(AutoencoderKL(cfg), read_weights(path), path)
+            model = _load_state(AutoencoderKL(cfg), read_folder_weights(path, config), path)
         elif config.get("_class_name") == "AutoencoderKL":
             model = _load_diffusers_folder(path, config)
         elif "kind" in config:

@@ -2,6 +2,7 @@
 (with a small TorchScript stand-in), PSNR and mask IoU closed forms, evaluate.py CLI."""
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -51,6 +52,16 @@ def extractor_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "standin.pt"
     torch.jit.script(StandInExtractor().eval()).save(str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def pin(extractor_file) -> list[str]:
+    """The command-line words that vouch for the stand-in extractor (its SHA-256)."""
+    return ["--inception-sha256", hashlib.sha256(extractor_file.read_bytes()).hexdigest()]
+
+
+def load_pinned(path: Path):
+    return load_inception(path, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
 
 
 def write_images(folder: Path, n: int, seed: int, brightness: float = 0.0) -> Path:
@@ -152,7 +163,7 @@ def test_list_images_follows_manifests_and_metadata(shapes_dir, tmp_path):
 
 
 def test_folder_fid_with_itself_is_zero_and_differs_across_folders(folders, extractor_file, tmp_path):
-    extractor = load_inception(extractor_file)
+    extractor = load_pinned(extractor_file)
     feats = folder_features(folders["a"], extractor, batch_size=20, image_size=SIZE)
     assert feats.shape == (96, 64) and feats.dtype == np.float64
     # Batching does not change features: compare against one image at a time, in sorted order.
@@ -185,7 +196,7 @@ def test_folder_and_weights_errors(folders, tmp_path):
     assert "inception-2015-12-05.pt" in str(err.value) and INCEPTION_URL in str(err.value)
     (tmp_path / "not_torchscript.pt").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(MetricsError, match="not a TorchScript archive"):
-        load_inception(tmp_path / "not_torchscript.pt")
+        load_inception(tmp_path / "not_torchscript.pt", trust_code=True)
 
 
 # ----------------------------------------------------------------------------- PSNR, IoU
@@ -218,14 +229,14 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
-def test_cli_errors_are_one_line_messages(folders, tmp_path, extractor_file):
+def test_cli_errors_are_one_line_messages(folders, tmp_path, extractor_file, pin):
     missing_weights = run_cli("fid", "--inception", str(tmp_path / "inception-2015-12-05.pt"),
                               str(folders["a"]), str(folders["b"]))
     assert missing_weights.returncode == 2
     assert missing_weights.stderr.startswith("error: ") and "Traceback" not in missing_weights.stderr
     assert "inception-2015-12-05.pt" in missing_weights.stderr and INCEPTION_URL in missing_weights.stderr
 
-    empty = run_cli("fid", "--inception", str(extractor_file), "--device", "cpu", "--image-size", str(SIZE),
+    empty = run_cli("fid", "--inception", str(extractor_file), *pin, "--device", "cpu", "--image-size", str(SIZE),
                     str(folders["a"]), str(folders["empty"]))
     assert empty.returncode == 2 and "Traceback" not in empty.stderr
     assert "error: " in empty.stderr and str(folders["empty"]) in empty.stderr
@@ -234,30 +245,31 @@ def test_cli_errors_are_one_line_messages(folders, tmp_path, extractor_file):
     assert help_text.returncode == 0 and "fid" in help_text.stdout and "stats" in help_text.stdout
 
 
-def test_cli_in_process_errors(folders, tmp_path, capsys, extractor_file):
-    assert evaluate.main(["fid", "--inception", str(extractor_file), str(tmp_path / "nope"), str(folders["a"])]) == 2
+def test_cli_in_process_errors(folders, tmp_path, capsys, extractor_file, pin):
+    assert evaluate.main(["fid", "--inception", str(extractor_file), *pin, str(tmp_path / "nope"),
+                          str(folders["a"])]) == 2
     assert "nope" in capsys.readouterr().err
-    assert evaluate.main(["fid", "--inception", str(extractor_file), str(folders["a"]),
+    assert evaluate.main(["fid", "--inception", str(extractor_file), *pin, str(folders["a"]),
                           str(tmp_path / "missing.npz")]) == 2
     assert "missing.npz" in capsys.readouterr().err
-    assert evaluate.main(["stats", "--inception", str(extractor_file), str(folders["a"]),
+    assert evaluate.main(["stats", "--inception", str(extractor_file), *pin, str(folders["a"]),
                           "--out", str(tmp_path / "stats.txt")]) == 2
     assert "must end in .npz" in capsys.readouterr().err
 
 
-def test_cli_success_matches_the_library(folders, tmp_path, extractor_file, capsys):
+def test_cli_success_matches_the_library(folders, tmp_path, extractor_file, pin, capsys):
     stats_a = tmp_path / "a.npz"
-    done = run_cli("fid", "--inception", str(extractor_file), "--device", "cpu", "--batch-size", "25",
+    done = run_cli("fid", "--inception", str(extractor_file), *pin, "--device", "cpu", "--batch-size", "25",
                    "--image-size", str(SIZE), "--save-stats", str(stats_a), str(folders["a"]), str(folders["b"]))
     assert done.returncode == 0, done.stderr
-    extractor = load_inception(extractor_file)
+    extractor = load_pinned(extractor_file)
     expected = fid_from_folders(folders["a"], folders["b"], extractor, 25, image_size=SIZE)
     assert float(done.stdout.strip()) == pytest.approx(expected, rel=1e-5)
 
     stats_b = tmp_path / "b.npz"
-    assert evaluate.main(["stats", "--inception", str(extractor_file), "--device", "cpu", "--image-size",
+    assert evaluate.main(["stats", "--inception", str(extractor_file), *pin, "--device", "cpu", "--image-size",
                           str(SIZE), str(folders["b"]), "--out", str(stats_b)]) == 0
-    assert evaluate.main(["fid", "--inception", str(extractor_file), "--device", "cpu", "--image-size",
+    assert evaluate.main(["fid", "--inception", str(extractor_file), *pin, "--device", "cpu", "--image-size",
                           str(SIZE), str(folders["a"]), str(stats_b)]) == 0
     assert float(capsys.readouterr().out.strip().splitlines()[-1]) == pytest.approx(expected, rel=1e-5)
     mu, sigma = load_stats(stats_a)

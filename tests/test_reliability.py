@@ -39,6 +39,7 @@ from modules.config_io import from_dict
 from modules.data import build_dataset
 from modules.errors import ModelFolderError
 from modules.export import load_unet, read_weights
+from modules.latent_cache import file_hashes
 from modules.order import ResumableBatchSampler
 from modules.unet import UNet
 from modules.vae import AutoencoderKL
@@ -408,7 +409,11 @@ def poison_cache(clean_root: Path, poisoned_root: Path, rows: list[int]) -> None
         columns[name][rows] = np.nan
     target = poisoned_root / folder.name
     datasets.Dataset.from_dict(columns, features=table.features).save_to_disk(str(target))
-    shutil.copy(folder / "cache_info.json", target / "cache_info.json")
+    # Sealed like a real cache (the latents are what a broken VAE could have written), so the
+    # checksums do not flag it as damaged and rebuild it.
+    info = json.loads((folder / "cache_info.json").read_text())
+    info["files"] = file_hashes(target)
+    (target / "cache_info.json").write_text(json.dumps(info))
 
 
 def test_a_nan_batch_is_skipped_and_counted(stage2, tmp_path, monkeypatch, caplog):

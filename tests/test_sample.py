@@ -12,6 +12,7 @@ from PIL import Image
 
 import sample
 from modules.cli import run_cli
+from modules.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,3 +112,13 @@ def test_gif_masks_are_read_as_training_reads_them(tmp_path):
     names, masks = sample.load_masks(folder, 16)
     assert names == ["a", "b"] and masks.shape == (2, 1, 16, 16)
     assert torch.equal(masks[0], mask_tensor(folder / "a.gif", 16)) and masks[0].sum() == 8 * 4
+
+
+def test_colliding_mask_names_are_refused(tmp_path):
+    """m.png, m.jpg and m.PNG would all write m.png: one would silently replace the others."""
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    for name in ("m.png", "m.jpg", "n.png"):
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(folder / name)
+    with pytest.raises(ConfigError, match="m.jpg, m.png would write the same output file"):
+        sample.load_masks(folder, 16)

@@ -78,7 +78,9 @@ def test_latent_cache_reused_and_rebuilt(shapes_dir, tiny_vae_run, tmp_path, cap
     weights = read_weights(tiny_vae_run / "vae")
     from safetensors.torch import save_file
     save_file({k: v + 0.01 for k, v in weights.items()}, other_vae / "model.safetensors")
-    (other_vae / "config.json").write_text((tiny_vae_run / "vae" / "config.json").read_text())
+    other_config = json.loads((tiny_vae_run / "vae" / "config.json").read_text())
+    other_config.pop("sha256")       # hand-made weights: no recorded hash to check them against
+    (other_vae / "config.json").write_text(json.dumps(other_config))
     train(shapes_dir, other_vae, tmp_path / "d", *args)
     assert "building latent cache" in caplog.text
     assert len(list((tmp_path / "cache").glob("latents_*"))) == 3  # one per (VAE, data, size) key
