@@ -83,24 +83,25 @@ def read_folder_weights(folder: Path, config: dict) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+def read_weights(path: str | Path, error: type[Exception] = ModelFolderError) -> dict[str, torch.Tensor]:
     """Load a safetensors file; anything else is refused rather than unpickled, and so are
-    weights holding NaN or infinity (they would give black images without a word)."""
+    weights holding NaN or infinity (they would give black images without a word). Problems
+    raise ``error`` naming the file."""
     path = Path(path)
     if path.is_dir():
         path = path / WEIGHTS_NAME
     if not path.is_file():
-        raise ModelFolderError(f"{path}: weights file not found")
+        raise error(f"{path}: weights file not found")
     if path.suffix != ".safetensors":
-        raise ModelFolderError(f"{path}: only .safetensors weights are accepted "
-                               "(pickle-based .ckpt/.bin/.pt files can run code when loaded)")
+        raise error(f"{path}: only .safetensors weights are accepted "
+                    "(pickle-based .ckpt/.bin/.pt files can run code when loaded)")
     try:
         tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for bad headers
-        raise ModelFolderError(f"{path}: not a readable safetensors file ({e})") from None
+        raise error(f"{path}: not a readable safetensors file ({e})") from None
     broken = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:
-        raise ModelFolderError(f"{path}: {len(broken)} tensor(s) hold NaN or infinite values, e.g. '{broken[0]}'")
+        raise error(f"{path}: {len(broken)} tensor(s) hold NaN or infinite values, e.g. '{broken[0]}'")
     return tensors
 
 

@@ -33,9 +33,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from accelerate.utils import extract_model_from_parallel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from modules.config import VAELossConfig
+from modules.errors import UserError
+from modules.export import read_weights
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ _IMAGENET_SHIFT = (-0.030, -0.088, -0.188)
 _IMAGENET_SCALE = (0.458, 0.448, 0.450)
 
 
-class PerceptualWeightsError(ValueError):
+class PerceptualWeightsError(UserError, ValueError):
     """A perceptual-loss weights file that is missing, unreadable or of the wrong layout."""
 
 
@@ -113,13 +115,7 @@ class LPIPS(nn.Module):
                 f"perceptual weights file {path} not found; build it with `python -m modules.losses "
                 "convert --vgg vgg16-397923af.pth --lpips vgg.pth --out lpips_vgg16.safetensors` "
                 "or set loss.perceptual_weights=null to train without the perceptual loss")
-        if path.suffix != ".safetensors":
-            raise PerceptualWeightsError(f"perceptual weights file {path}: only .safetensors is accepted; "
-                                         "convert official .pth files with `python -m modules.losses convert`")
-        try:
-            state = load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types for bad headers
-            raise PerceptualWeightsError(f"perceptual weights file {path}: not a readable safetensors file ({e})") from None
+        state = read_weights(path, PerceptualWeightsError)
         model = cls()
         _check_layout(state, expected_lpips_shapes(), str(path))
         model.load_state_dict(state)

@@ -46,15 +46,14 @@ from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from modules.synthetic import make_shapes  # noqa: E402  (stable helper: the example data set)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_DATASETS_OFFLINE": "1",
        "HF_HUB_OFFLINE": "1"}
 TIMEOUT_S = 300       # bound on any one subprocess or wait; reached only when something is broken
 POLL_S = 0.005
 TINY = ["--config", "tiny", "--report-to", "none"]
-VAE_STEPS = 4
-UNET_STEPS = 4
+VAE_STEPS = 30       # the shared runs of tests/conftest.py: tiny_vae_run has checkpoints/step_30,
+UNET_STEPS = 6       # tiny_unet_run checkpoints/step_6
 torch.set_num_threads(1)
 
 
@@ -209,16 +208,13 @@ def work(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ctx(work) -> SimpleNamespace:
-    """The shared runs, never written into by a test: ``shapes`` (24 images, 32 px, class folders
-    circle/ square/ triangle/, masks via metadata.jsonl), ``vae`` (a tiny VAE run: checkpoints
-    step_2 and step_4, export vae/), ``unet`` (a class-conditional tiny shortcut UNet on it, M = 8,
-    same layout) and its latent cache ``cache``."""
-    shapes = make_shapes(work / "shapes", 24, image_size=32, seed=0)
-    vae, unet, cache = work / "vae_run", work / "unet_run", work / "latent_cache"
-    succeeded(cli("train_vae.py", *vae_args(shapes, vae)))
-    succeeded(cli("train_unet.py", *unet_args(shapes, vae, unet, cache, "cond.type=class")))
-    return SimpleNamespace(work=work, shapes=shapes, vae=vae, unet=unet, cache=cache)
+def ctx(work, shapes_dir, tiny_vae_run, tiny_unet_run) -> SimpleNamespace:
+    """The session's shared runs (tests/conftest.py), never written into by a test: ``shapes``
+    (24 images, 32 px, class folders, masks via metadata.jsonl), ``vae`` (a tiny VAE run,
+    checkpoints/step_30, export vae/), ``unet`` (a class-conditional tiny shortcut UNet on it,
+    M = 8, checkpoints/step_6) and its latent cache ``cache``."""
+    return SimpleNamespace(work=work, shapes=shapes_dir, vae=tiny_vae_run, unet=tiny_unet_run,
+                           cache=tiny_unet_run.parent / "latent_cache")
 
 
 QUICK: dict[str, Callable] = {}
@@ -504,7 +500,7 @@ def _m5(ctx, folder):
     out = folder / "vae"
     shutil.copytree(ctx.vae, out)
     shutil.copytree(out / "checkpoints" / f"step_{VAE_STEPS}", out / "checkpoints" / f"step_{VAE_STEPS}_bak")
-    shutil.copytree(out / "checkpoints" / "step_2", out / "checkpoints" / "step_2 copy")
+    shutil.copytree(out / "checkpoints" / f"step_{VAE_STEPS}", out / "checkpoints" / f"step_{VAE_STEPS} copy")
     return {"resume": functools.partial(cli, "train_vae.py", *vae_args(ctx.shapes, out, "--max-steps", VAE_STEPS + 2),
                                         "--resume", "latest")}
 
