@@ -11,7 +11,6 @@ samplers in modules/samplers.py, the loop's mechanics in modules/optim.py and mo
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from modules.cli import build_parser, resolve_run_config, run_cli
 from modules.config import UNetRunConfig
 from modules.config_io import to_dict
 from modules.data import build_dataset
-from modules.ema import EMA, load_emas, replicas_agree, save_emas
+from modules.ema import EMA, load_emas, replicas_agree, save_emas, teacher
 from modules.errors import ConfigError
 from modules.export import find_model_folder, save_unet
 from modules.generation import GenerationSpec, batch_condition, decode_latents, generate_latents, grid_conditions
@@ -113,17 +112,10 @@ def train(cfg: UNetRunConfig, args, accelerator, output_dir: Path) -> None:
                                   weight_decay=tcfg.weight_decay)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     owner = accelerator.unwrap_model(unet)  # holds the (possibly sharded) parameters the EMAs mirror
-    emas = {"sample": EMA(owner, cfg.ema.decay, cfg.ema.warmup)}
+    emas = {"sample": EMA(owner, cfg.ema.decay, cfg.ema.warmup, root=unet)}
     if cfg.objective == "shortcut" and cfg.shortcut.teacher_ema_decay > 0:
-        emas["teacher"] = EMA(owner, cfg.shortcut.teacher_ema_decay, warmup=False)
-
-    @contextmanager
-    def teacher_weights():
-        """The training network with the teacher EMA's weights swapped in (bootstrap targets)."""
-        with emas["teacher"].swapped(owner):
-            yield unet
-
-    objective = build_objective(cfg, teacher_weights if "teacher" in emas else None)
+        emas["teacher"] = EMA(owner, cfg.shortcut.teacher_ema_decay, warmup=False, root=unet)
+    objective = build_objective(cfg, teacher(unet, owner, emas.get("teacher")))
 
     # ---- checkpoints carry both EMAs (per process under FSDP, so shards stay with their owner)
     per_rank_ema = accelerator.distributed_type == DistributedType.FSDP

@@ -69,16 +69,25 @@ def export_vae(accelerator, vae, cfg: VAERunConfig, train_set, output_dir: Path)
     logger.info("exported %s (latent scale factor %.5f)", output_dir / "vae", export_model.config.scale_factor)
 
 
+def check_setup(mixed_precision: str, distributed_type: DistributedType) -> None:
+    """The setups stage 1 cannot train in, refused before anything runs."""
+    if mixed_precision == "fp16":
+        raise ConfigError("train_vae.py does not support fp16 (its two optimizers cannot share one GradScaler): "
+                          "use bf16 or no mixed precision")
+    if distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        # The generator's pass through the discriminator and the adaptive GAN weight need the full,
+        # unsharded weights (FSDP1 crashed there once the discriminator started, at step 50 001).
+        raise ConfigError(f"train_vae.py does not support {distributed_type.value}: the autoencoder fits on one GPU "
+                          "(84M parameters for kl-f8), so use DDP (accelerate_configs/multi_gpu_ddp.yaml)")
+
+
 def main(argv=None) -> None:
     args = build_parser(__doc__.split("\n\n")[0]).parse_intermixed_args(argv)
     cfg = resolve_run_config(args, VAERunConfig, "vae")
     check_tracker(args.report_to)
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(cfg.train, output_dir, args.report_to)
-    if accelerator.mixed_precision == "fp16" or accelerator.distributed_type == DistributedType.DEEPSPEED:
-        # Two optimizers cannot share one GradScaler, and DeepSpeed drives a single model.
-        raise ConfigError(f"train_vae.py does not support {accelerator.mixed_precision} / "
-                          f"{accelerator.distributed_type.value}: use bf16 or no mixed precision, with DDP or FSDP")
+    check_setup(accelerator.mixed_precision, accelerator.distributed_type)
     with claim_output_dir(accelerator, output_dir, args.resume):
         train(cfg, args, accelerator, output_dir)
     accelerator.end_training()

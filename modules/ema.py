@@ -11,9 +11,9 @@ outside ``named_parameters``) is refused; stages 1 and 2 keep full parameters an
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -58,23 +58,29 @@ def _preview(names: list[str], limit: int = 5) -> str:
 
 
 class EMA:
-    """decay at update n (n = updates done so far) = min(decay, (1 + n) / (10 + n)) with warmup."""
+    """decay at update n (n = updates done so far) = min(decay, (1 + n) / (10 + n)) with warmup.
 
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
+    ``model`` is the module whose parameters are mirrored (``accelerator.unwrap_model``'s
+    result); ``root`` is the outermost wrapper around it, when there is one (what
+    ``accelerator.prepare`` returned): FSDP keeps the root unit's gathered parameters there, so
+    that is where they must be released before the shards are read or written.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True, root: Optional[nn.Module] = None):
         if not 0 <= decay < 1:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.warmup = warmup
         self.num_updates = 0
+        self.root = root
         with torch.no_grad():
             self.shadow: dict[str, torch.Tensor] = {
                 name: _local(p).detach().float().clone() for name, p in self._named(model).items()}
         if not self.shadow:
             raise ValueError("EMA: the model has no parameters that require grad")
 
-    @staticmethod
-    def _named(model: nn.Module) -> dict[str, torch.Tensor]:
-        _release_gathered(model)
+    def _named(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        _release_gathered(self.root if self.root is not None else model)
         named = {name: p for name, p in model.named_parameters() if p.requires_grad}
         partitioned = [name for name, p in named.items() if hasattr(p, "ds_tensor")]
         if partitioned:
@@ -140,7 +146,7 @@ class EMA:
             yield model
         finally:
             with torch.no_grad():
-                _release_gathered(model)
+                _release_gathered(self.root if self.root is not None else model)
                 for (_, local), original in zip(pairs, backup):
                     local.copy_(original)
 
@@ -165,6 +171,24 @@ class EMA:
             for name, shadow in self.shadow.items():
                 shadow.copy_(state_dict[SHADOW_PREFIX + name])
         self.num_updates = int(state_dict[COUNT_KEY])
+
+
+# ----------------------------------------------------------------------------- the shortcut teacher
+
+def teacher(model: nn.Module, owner: nn.Module, ema: Optional[EMA]) -> Callable[[], AbstractContextManager]:
+    """The shortcut objective's teacher: ``model`` in eval mode (no dropout noise in the bootstrap
+    targets, as the official code's ``train=False``), with ``ema``'s weights swapped in when given
+    (``owner``: the module the EMA mirrors); None: the online weights teach."""
+    @contextmanager
+    def weights() -> Iterator[nn.Module]:
+        was_training = model.training
+        model.eval()
+        try:
+            with ema.swapped(owner) if ema is not None else nullcontext():
+                yield model
+        finally:
+            model.train(was_training)
+    return weights
 
 
 # ----------------------------------------------------------------------------- in checkpoints

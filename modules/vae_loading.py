@@ -91,7 +91,7 @@ def _ldm_key(key: str, num_levels: int) -> Optional[str]:
     elif rest[0] == "mid":
         if rest[1].startswith("block_"):
             tail = [_LDM_RESNET_NAMES.get(rest[2], rest[2])] + rest[3:]
-            rest = ["mid_block", "resnets", str(int(rest[1][len("block_"):]) - 1)] + tail
+            rest = ["mid_block", "resnets", str(int(rest[1].removeprefix("block_")) - 1)] + tail
         elif rest[1] == "attn_1":
             rest = ["mid_block", "attentions", "0", _LDM_ATTENTION_NAMES.get(rest[2], rest[2])] + rest[3:]
     else:
@@ -104,7 +104,7 @@ def convert_ldm_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     optionally prefixed ``first_stage_model.`` as inside a full SD checkpoint) in our layout."""
     prefix = "first_stage_model."
     if any(k.startswith(prefix) for k in sd):
-        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        sd = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
     num_levels = _ldm_num_levels(sd)
     out = {}
     for key, value in sd.items():

@@ -202,3 +202,83 @@ def test_swapped_under_fsdp2_with_two_ranks():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_fsdp2_worker, args=(port,), nprocs=2)
+
+
+# ----------------------------------------------------------------------------- FSDP1 (two CPU ranks, gloo)
+
+def _fsdp1_worker(rank, port):
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        def build():
+            torch.manual_seed(0)
+            return nn.Sequential(nn.Linear(4, 6), nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 2)))
+
+        x = torch.ones(3, 4)
+        # accelerate's FSDP1 setup: the root unit (holding the first Linear) and a nested unit.
+        root = FSDP(build(), device_id=torch.device("cpu"), use_orig_params=True,
+                    auto_wrap_policy=ModuleWrapPolicy({nn.Sequential}))
+        owner = root.module                      # what accelerator.unwrap_model returns
+        with torch.no_grad():
+            root(x)                              # FSDP1 now keeps the root unit's gathered parameters
+        ema = EMA(owner, decay=0.5, warmup=False, root=root)
+        with torch.no_grad():
+            for p in owner.parameters():
+                p.mul_(3.0)
+        ema.update(owner)                        # shadow = 2 w, the online weights are 3 w
+        with FSDP.summon_full_params(root):
+            online = {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone() for n, p in owner.named_parameters()}
+        with ema.swapped(owner), torch.no_grad():
+            teacher_out = root(x)
+        with torch.no_grad():
+            after_out = root(x)
+        reference = build()
+        reference.load_state_dict({n: v * 2 / 3 for n, v in online.items()})
+        assert torch.allclose(teacher_out, reference(x), atol=1e-6), "the swapped forward did not use the shadow"
+        reference.load_state_dict(online)
+        assert torch.allclose(after_out, reference(x), atol=1e-6), "the forward after the swap used stale weights"
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_swapped_under_fsdp1_reaches_the_root_unit():
+    """accelerate's unwrap_model strips the root FSDP1 wrapper: the EMA must release the root's
+    gathered parameters through ``root``, or the swap silently does not happen there."""
+    import socket
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fsdp1_worker, args=(port,), nprocs=2)
+
+
+def test_the_teacher_runs_in_eval_mode_with_the_ema_weights():
+    """Bootstrap targets carry no dropout noise (the official code calls the teacher with train=False)."""
+    from modules.ema import teacher
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Dropout(0.5), nn.Linear(16, 2)).train()
+    ema = EMA(model, decay=0.5, warmup=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    ema.update(model)
+    x = torch.randn(4, 3)
+    reference = nn.Sequential(nn.Linear(3, 16), nn.Dropout(0.5), nn.Linear(16, 2)).eval()
+    reference.load_state_dict(ema.shadow)
+    with teacher(model, model, ema)() as t, torch.no_grad():
+        first, second = t(x), t(x)
+    assert torch.equal(first, second) and torch.allclose(first, reference(x), atol=1e-6)
+    assert model.training                        # back in train mode, with its own weights
+    with teacher(model, model, None)() as t, torch.no_grad():
+        assert torch.equal(t(x), t(x)) and not t.training

@@ -152,3 +152,16 @@ def test_two_cpu_processes(shapes_dir, tmp_path):
     checkpoints = list((tmp_path / "ddp" / "checkpoints").iterdir())
     assert [c.name for c in checkpoints] == ["step_4"]
     assert (tmp_path / "ddp" / "vae" / "model.safetensors").is_file()
+
+
+def test_setups_stage1_cannot_train_in_are_refused_at_start_up():
+    """FSDP crashed at the step the discriminator started (50 001 by default): now refused at once."""
+    from accelerate.utils import DistributedType
+
+    from modules.errors import ConfigError
+    for mixed, dist, word in [("fp16", DistributedType.MULTI_GPU, "fp16"), ("bf16", DistributedType.FSDP, "FSDP"),
+                              ("no", DistributedType.DEEPSPEED, "DEEPSPEED")]:
+        with pytest.raises(ConfigError, match=f"{word}.*"):
+            train_vae.check_setup(mixed, dist)
+    for dist in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+        train_vae.check_setup("bf16", dist)
