@@ -17,7 +17,7 @@ import torch
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
-from modules.accelerator import make_accelerator
+from modules.accelerator import adam, make_accelerator, prepare_network
 from modules.checkpoint import (Checkpointer, RunIdentity, StopRequest, TrainingState, checkpoint_if_due, count_step,
                                export_or_fail, saved_on_data_error, write_or_fail)
 from modules.cli import build_parser, resolve_run_config, run_cli
@@ -108,9 +108,8 @@ def train(cfg: UNetRunConfig, args, accelerator, output_dir: Path) -> None:
     # ---- network, optimizer, the two EMAs (slow: sampling/export; fast: shortcut teacher)
     torch.manual_seed(tcfg.seed)
     unet = UNet(cfg.model, cfg.cond)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=tcfg.lr, betas=(tcfg.adam_beta1, tcfg.adam_beta2),
-                                  weight_decay=tcfg.weight_decay)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    optimizer = adam(unet.parameters(), tcfg.lr, tcfg, device, tcfg.weight_decay)
+    unet, optimizer = prepare_network(accelerator, tcfg, unet, optimizer)
     owner = accelerator.unwrap_model(unet)  # holds the (possibly sharded) parameters the EMAs mirror
     emas = {"sample": EMA(owner, cfg.ema.decay, cfg.ema.warmup, root=unet)}
     if cfg.objective == "shortcut" and cfg.shortcut.teacher_ema_decay > 0:
@@ -168,8 +167,10 @@ def train(cfg: UNetRunConfig, args, accelerator, output_dir: Path) -> None:
                 # index: this micro-batch's place in the run, which rotates the shortcut levels
                 draws = Draws(step_generator(tcfg.seed, state.step, micro, rank, device),
                               index=(state.step * tcfg.grad_accum + micro) * world + rank)
-                mean, std = batch["mean"].to(device), batch["std"].to(device)
+                mean, std = batch["mean"].to(device, non_blocking=True), batch["std"].to(device, non_blocking=True)
                 x1 = (mean + std * process_share_randn(mean.shape, shared, rank, world)) * scale
+                if tcfg.channels_last:
+                    x1 = x1.contiguous(memory_format=torch.channels_last)
                 cond = batch_condition(batch, cfg.cond.type, device)
                 with accelerator.accumulate(unet):
                     with accelerator.autocast():

@@ -16,7 +16,7 @@ import torch
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
-from modules.accelerator import make_accelerator
+from modules.accelerator import adam, make_accelerator, prepare_network
 from modules.checkpoint import (Checkpointer, RunIdentity, StopRequest, TrainingState, checkpoint_if_due, count_step,
                                export_or_fail, saved_on_data_error)
 from modules.cli import build_parser, resolve_run_config, run_cli
@@ -107,11 +107,9 @@ def train(cfg: VAERunConfig, args, accelerator, output_dir: Path) -> None:
     torch.manual_seed(tcfg.seed)
     vae = AutoencoderKL(cfg.model)
     loss_fn = VAELoss(cfg.loss).to(device)
-    opt_g = torch.optim.Adam(vae.parameters(), lr=tcfg.lr, betas=(tcfg.adam_beta1, tcfg.adam_beta2),
-                             weight_decay=tcfg.weight_decay)
-    opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=cfg.loss.disc_lr,
-                             betas=(tcfg.adam_beta1, tcfg.adam_beta2))
-    vae, discriminator, opt_g, opt_d = accelerator.prepare(vae, loss_fn.discriminator, opt_g, opt_d)
+    opt_g = adam(vae.parameters(), tcfg.lr, tcfg, device, tcfg.weight_decay, decoupled_weight_decay=False)
+    opt_d = adam(loss_fn.discriminator.parameters(), cfg.loss.disc_lr, tcfg, device, 0.0, decoupled_weight_decay=False)
+    vae, discriminator, opt_g, opt_d = prepare_network(accelerator, tcfg, vae, loss_fn.discriminator, opt_g, opt_d)
     loss_fn.discriminator = discriminator
 
     state = TrainingState()
@@ -147,6 +145,8 @@ def train(cfg: VAERunConfig, args, accelerator, output_dir: Path) -> None:
             for micro in range(tcfg.grad_accum):
                 batch = next(batches)
                 images = batch["image"].to(device, non_blocking=True)
+                if tcfg.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
                 state.substituted_images += int(batch["substituted"].sum())
                 shared = step_generator(tcfg.seed, state.step, micro, SHARED_STREAM, device)
                 noise = process_share_randn(latent_shape(images, cfg), shared, accelerator.process_index,

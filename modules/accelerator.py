@@ -1,4 +1,5 @@
-"""The Accelerator of a training run: processes, devices, mixed precision, collective timeouts."""
+"""The Accelerator of a training run (processes, devices, mixed precision, collective timeouts),
+and the network and optimizer set up on it with the speed and memory switches."""
 from __future__ import annotations
 
 import logging
@@ -16,6 +17,7 @@ logger = logging.getLogger("modules.accelerator")
 
 
 def make_accelerator(cfg: TrainConfig, output_dir: Path, report_to: str) -> Accelerator:
+    """The run's Accelerator; also sets TF32 for CUDA matmuls and convolutions (``train.tf32``)."""
     mixed_precision = None if cfg.mixed_precision == "auto" else cfg.mixed_precision
     # Several processes on a machine without GPUs: accelerate only wires them up (gloo) when
     # told to use the CPU; otherwise each process silently trains alone.
@@ -33,8 +35,33 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path, report_to: str) -> Acce
         logger.info("%d process(es), distributed type %s, device %s, mixed precision %s",
                     accelerator.num_processes, accelerator.distributed_type.value, accelerator.device,
                     accelerator.mixed_precision)
+    if accelerator.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # We feed our own data loader, so DeepSpeed cannot infer the micro-batch size.
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         ds_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
     return accelerator
+
+
+def adam(params, lr: float, cfg: TrainConfig, device: torch.device, weight_decay: float,
+         decoupled_weight_decay: bool = True) -> torch.optim.Optimizer:
+    """AdamW (or, ``decoupled_weight_decay=False``, Adam with L2 weight decay) with ``train.adam_beta*``;
+    the fused kernel on CUDA (``train.fused_optimizer``)."""
+    cls = torch.optim.AdamW if decoupled_weight_decay else torch.optim.Adam
+    fused = {"fused": True} if cfg.fused_optimizer and device.type == "cuda" else {}
+    return cls(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=weight_decay, **fused)
+
+
+def prepare_network(accelerator: Accelerator, cfg: TrainConfig, network: torch.nn.Module, *others):
+    """``accelerator.prepare(network, *others)`` with the network's memory and speed switches:
+    channels_last and gradient checkpointing before wrapping, torch.compile after it."""
+    if cfg.gradient_checkpointing:
+        network.gradient_checkpointing = True
+    if cfg.channels_last:
+        network.to(memory_format=torch.channels_last)
+    network, *others = accelerator.prepare(network, *others)
+    if cfg.compile:
+        network = torch.compile(network)
+    return (network, *others)

@@ -121,6 +121,14 @@ class TrainConfig:
     val_every: int = setting(1000, positive)
     max_bad_steps: int = setting(20, positive)               # consecutive non-finite steps before aborting
     process_timeout_s: int = setting(1800, positive)         # collective-op timeout: a dead peer ends the run
+    # Speed and memory (README "Fast on GPUs"): compile the network's training forward and backward,
+    # recompute block activations in the backward pass (stage 2), channels_last tensors, TF32
+    # matmuls and convolutions on CUDA, the fused AdamW kernel on CUDA.
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    channels_last: bool = False
+    tf32: bool = True
+    fused_optimizer: bool = True
 
 
 def _check_widths(prefix: str, base: int, mult: tuple[int, ...], groups: int) -> None:
@@ -172,6 +180,8 @@ class VAERunConfig:
     scale_samples: int = setting(256, positive)        # images used to measure the latent scale factor
 
     def check(self, prefix: str) -> None:
+        if self.train.gradient_checkpointing:
+            raise fail(f"{prefix}train.gradient_checkpointing", "is a stage-2 (UNet) switch; the VAE has none")
         f = self.model.downsample_factor
         if self.data.image_size % f:
             raise fail(f"{prefix}data.image_size", f"{self.data.image_size} is not divisible by the VAE's "

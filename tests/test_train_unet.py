@@ -166,3 +166,13 @@ def test_resume_with_another_model_config_names_the_fields(shapes_dir, tiny_vae_
                                   "--max-steps", "2", "model.base_channels=16", f"cache_dir={tmp_path / 'cache'}"])
     err = capsys.readouterr().err
     assert "another model config" in err and "model.base_channels: 32 != 16" in err
+
+
+def test_memory_switches_train_the_same_weights(shapes_dir, tiny_vae_run, tmp_path):
+    """train.gradient_checkpointing and train.channels_last change memory, not the result."""
+    common = ["--max-steps", "2", "cond.type=class", "train.checkpoint_every=2", "train.image_log_every=100",
+              f"cache_dir={tmp_path / 'cache'}"]
+    train(shapes_dir, tiny_vae_run, tmp_path / "plain", *common)
+    train(shapes_dir, tiny_vae_run, tmp_path / "switched", *common, "train.gradient_checkpointing=true",
+          "train.channels_last=true")
+    assert_same_weights(tmp_path / "plain" / "unet", tmp_path / "switched" / "unet", atol=1e-5)

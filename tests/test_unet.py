@@ -323,3 +323,33 @@ def test_seed_preset_parameter_count():
     assert n == expected_parameter_count(cfg.model)
     assert 440e6 < n < 460e6   # 452,372,164: most of it in the 768-wide levels 3-5
     assert expected_parameter_count(TINY) == count_parameters(tiny())
+
+
+def test_compiled_training_step_matches_eager_and_compiles_once():
+    """train.compile: the shortcut loss and gradients through torch.compile equal eager ones, and
+    later steps (new times, levels and dropout) reuse the graphs instead of recompiling. The
+    aot_eager backend traces exactly what inductor gets (inductor's CPU build takes minutes here;
+    measured once: gradients within 1.6e-7 of eager)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from modules.config import ShortcutConfig
+    from modules.objectives import Draws, ShortcutObjective
+
+    def step(model, seed):
+        objective = ShortcutObjective(ShortcutConfig(denoise_timesteps=8), cond_drop=0.2)
+        x1 = torch.randn(8, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(seed))
+        loss, _ = objective.loss(model, x1, torch.arange(8) % 3, Draws(torch.Generator().manual_seed(seed), seed))
+        loss.backward()
+        return loss.detach()
+
+    eager = perturbed(tiny(CondConfig(type="class", num_classes=3), num_step_levels=4)).train()
+    compiled_net = perturbed(tiny(CondConfig(type="class", num_classes=3), num_step_levels=4)).train()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(compiled_net, backend=counter)
+    assert torch.allclose(step(eager, 0), step(compiled, 0), atol=1e-6)
+    for a, b in zip(eager.parameters(), compiled_net.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+    first = counter.frame_count
+    for seed in (1, 2):
+        step(compiled, seed)
+    assert counter.frame_count == first, f"recompiled: {first} -> {counter.frame_count} frames"
