@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="store_true", help=f"also write grid.png (of the first {GRID_MAX} images)")
     p.add_argument("--overwrite", action="store_true", help="allow replacing files in --out")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="weights and compute (auto: bfloat16 on CUDA, float32 elsewhere); latents accumulate in float32")
     return p
 
 
@@ -149,6 +151,10 @@ def main(argv=None) -> None:
     if not math.isfinite(args.cfg_scale):
         raise ConfigError(f"--cfg-scale {args.cfg_scale}: must be a finite number")
     unet, vae, export, unet_folder = load_models(args, device)
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda") \
+        else torch.float32
+    unet.to(dtype)
+    vae.to(dtype)
     spec = GenerationSpec.from_run_config(export.config)
     sampler = args.sampler or DEFAULT_SAMPLER[spec.objective]
     problem = sampling_problem(spec.objective, sampler, args.steps, spec.denoise_timesteps, spec.ddpm.num_timesteps)
@@ -185,7 +191,7 @@ def main(argv=None) -> None:
 
     out = Path(args.out)
     prepare_out(out, args.overwrite)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     grid_images, written = [], 0
     try:
         with open(out / MANIFEST, "w") as manifest:
