@@ -1,0 +1,39 @@
+"""The GPU benchmarks run at CPU smoke sizes: every row is produced, ours and diffusers alike.
+
+They measure speed, which a CPU here says nothing about (BENCHMARKS.md has the GPU commands);
+what is checked is that the scripts run and report both models, and that the compared networks
+really have the widths they claim.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import bench_sample  # noqa: E402
+import bench_unet  # noqa: E402
+import bench_vae  # noqa: E402
+
+
+def test_bench_sample_times_ours_and_diffusers(capsys):
+    pytest.importorskip("diffusers")
+    report = bench_sample.main(["--unet-preset", "tiny", "--vae-preset", "tiny", "--device", "cpu",
+                                "--batch", "1,2", "--steps", "1,2", "--repeats", "1"])
+    cells = {(r["model"], r["batch"], r["steps"]) for r in report["rows"]}
+    assert cells == {(m, b, s) for m in ("ours", "diffusers") for b in (1, 2) for s in (1, 2)}
+    assert all(r["ms"] > 0 for r in report["rows"])
+    assert "| 2 | 2 |" in capsys.readouterr().out
+
+
+def test_bench_unet_and_bench_vae_run_at_smoke_sizes():
+    pytest.importorskip("diffusers")
+    unet = bench_unet.main(["--preset", "tiny", "--batch", "2", "--steps", "1", "--warmup", "0",
+                            "--latent-size", "8", "--device", "cpu"])
+    assert [r["model"] for r in unet["results"]] == ["ours", "diffusers"]
+    vae = bench_vae.main(["--size", "32", "--batch", "2", "--steps", "1", "--warmup", "0", "--channels", "32",
+                          "--channel-mult", "1,2", "--device", "cpu", "--dtype", "fp32"])
+    assert set(vae["results"]) == {"ours", "diffusers"}
+    assert vae["max_abs_output_difference"] < 1e-4     # the compared VAEs are the same function
