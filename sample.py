@@ -4,21 +4,27 @@
     python sample.py --unet runs/unet --out samples --steps 4 --class-label 2 --cfg-scale 1.5 --grid
     python sample.py --unet runs/unet --out samples --masks my_masks/ --steps 1
 
-Writes one PNG per image and ``manifest.jsonl`` (one JSON line per image: file, seed,
-steps, sampler, guidance, condition), a line appended as soon as its PNG is complete, so an
-interrupted run's manifest lists exactly the images it finished. Image i depends only on
-(--seed, i) and its condition, so the batch size never changes the result.
+    accelerate launch sample.py --unet runs/unet --out s1 --num-samples 50000 --steps 1 --npz
+
+Writes one PNG per image and ``manifest.jsonl`` (one JSON line per image: index, file, seed,
+steps, sampler, guidance, condition; see modules/sample_folder.py). Image i depends only on
+(--seed, i) and its condition, so neither the batch size nor the number of processes changes
+the result; under ``accelerate launch`` each process makes its share. Killed and run again with
+the same command, it keeps the finished images and makes only the rest.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
+import os
 from pathlib import Path
+from typing import Optional
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from modules.checkpoint import WRITE_ERRORS, write_failure
@@ -26,16 +32,17 @@ from modules.cli import run_cli
 from modules.config import DEFAULT_SAMPLER, sampling_problem
 from modules.config_io import diff_fields
 from modules.errors import CheckpointError, ConfigError, ModelFolderError
-from modules.export import find_model_folder, load_unet, read_unet_export
+from modules.export import find_model_folder, load_unet, read_config, read_unet_export
 from modules.generation import GenerationSpec, decode_latents, generate_latents
-from modules.image_io import UnreadableImage, find_images, mask_tensor, save_png, tile, to_uint8
+from modules.image_io import UnreadableImage, find_images, image_tensor, mask_tensor, save_png, tile, to_uint8
+from modules.sample_folder import MANIFEST, SampleFolder
 from modules.samplers import METHODS
-from modules.seeding import image_seed
+from modules.seeding import image_seed, mix_seed
 from modules.vae_loading import load_vae, vae_identity
 
 logger = logging.getLogger("sample")
 GRID_MAX = 256
-MANIFEST = "manifest.jsonl"
+LABEL_STREAM = 2        # --class-label random: the labels' own random stream
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,12 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=METHODS, default=None, help="default: shortcut / euler / ddim by objective")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance w (1 = conditional only)")
     cond = p.add_mutually_exclusive_group()
-    cond.add_argument("--class-label", type=int, default=None)
+    cond.add_argument("--class-label", default=None,
+                      help="a class number, 'all' (classes in turn, the default) or 'random' (drawn by seed)")
     cond.add_argument("--masks", default=None, help="folder of mask images: one sample per mask, named by its stem")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--grid", action="store_true", help=f"also write grid.png (of the first {GRID_MAX} images)")
+    p.add_argument("--npz", action="store_true", help="also write samples.npz: every image in one uint8 NHWC "
+                   "array arr_0 (the ADM evaluation suite's format)")
     p.add_argument("--overwrite", action="store_true", help="allow replacing files in --out")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
@@ -95,21 +105,6 @@ def parse_device(name: str) -> torch.device:
     return device
 
 
-def prepare_out(out: Path, overwrite: bool) -> None:
-    """Create ``out``; an earlier run's images there need --overwrite, which first removes its
-    manifest (so a new manifest never describes old images)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        existing = [p.name for p in out.iterdir() if p.name == MANIFEST or p.suffix == ".png"]
-        if existing and not overwrite:
-            raise ConfigError(f"--out {out} already holds {sorted(existing)[0]} (and {len(existing) - 1} more); "
-                              "pass --overwrite or choose another folder")
-        for name in (MANIFEST, "grid.png"):
-            (out / name).unlink(missing_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out {out}: cannot write there ({e.strerror or e})") from None
-
-
 def load_models(args, device):
     unet_folder = find_model_folder(args.unet, "unet_ema")
     export = read_unet_export(unet_folder)
@@ -141,9 +136,18 @@ def load_models(args, device):
     return load_unet(unet_folder, export).to(device), vae.to(device).eval(), export, unet_folder
 
 
+def parse_class_label(value: Optional[str]) -> Optional[str]:
+    if value in (None, "all", "random") or (value.lstrip("-").isdigit()):
+        return value
+    raise ConfigError(f"--class-label {value}: expected a class number, 'all' (classes in turn) or 'random' "
+                      "(drawn by seed)")
+
+
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    device = parse_device(args.device)
+    args.class_label = parse_class_label(args.class_label)
+    state = PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    device = state.device if state.num_processes > 1 else parse_device(args.device)
     if args.num_samples < 1 or args.batch_size < 1:
         raise ConfigError("--num-samples and --batch-size must be >= 1")
     if not 0 <= args.eta <= 1:
@@ -174,51 +178,87 @@ def main(argv=None) -> None:
     elif spec.cond_type == "mask":
         raise ConfigError(f"{unet_folder} is mask-conditioned: pass --masks DIR")
     elif spec.cond_type == "class":
-        if args.class_label is not None and not 0 <= args.class_label < spec.num_classes:
+        if args.class_label not in (None, "all", "random") and not 0 <= int(args.class_label) < spec.num_classes:
             raise ConfigError(f"--class-label {args.class_label}: the model knows classes 0..{spec.num_classes - 1}")
     elif args.class_label is not None:
         raise ConfigError(f"--class-label: {unet_folder} is an unconditional model")
     count = len(names) if names is not None else args.num_samples
 
     def condition(i: int):
-        """Image i's condition: its mask, its class (the chosen one, or all classes in turn), or none."""
+        """Image i's condition: its mask, its class (one, all in turn, or drawn by seed), or none."""
         if masks is not None:
             return masks[i], f"mask:{names[i]}"
         if spec.cond_type == "class":
-            label = args.class_label if args.class_label is not None else i % spec.num_classes
+            if args.class_label == "random":
+                label = mix_seed(args.seed, i, LABEL_STREAM) % spec.num_classes
+            elif args.class_label in (None, "all"):
+                label = i % spec.num_classes
+            else:
+                label = int(args.class_label)
             return torch.tensor(label), label
         return None, None
 
-    out = Path(args.out)
-    prepare_out(out, args.overwrite)
+    request = {"unet": str(unet_folder.resolve()), "unet_sha256": read_config(unet_folder).get("sha256"),
+               "vae": vae_identity(vae), "sampler": sampler, "steps": args.steps, "cfg_scale": args.cfg_scale,
+               "eta": args.eta, "seed": args.seed, "count": count, "dtype": str(dtype),
+               "conditions": names if names is not None else (args.class_label or spec.cond_type)}
+    folder = SampleFolder(Path(args.out), request, state.process_index)
+    done = None
+    if state.is_main_process:
+        try:
+            done = folder.open(args.overwrite)
+        except ConfigError as e:
+            done = str(e)
+    done = broadcast(done, state)      # every process gets the verdict, so none waits alone
+    if isinstance(done, str):
+        raise ConfigError(done)
+    todo = [i for i in range(count) if i not in done][state.process_index::state.num_processes]
+    if done and state.is_main_process:
+        logger.info("%s: %d of %d images already made; making the other %d", args.out, len(done), count,
+                    count - len(done))
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    grid_images, written = [], 0
+    written = 0
     try:
-        with open(out / MANIFEST, "w") as manifest:
-            for start in tqdm(range(0, count, args.batch_size), desc="sampling"):
-                idx = range(start, min(count, start + args.batch_size))
-                seeds = [image_seed(args.seed, i) for i in idx]
-                conds = [condition(i) for i in idx]
-                batch_cond = None if conds[0][0] is None else torch.stack([c for c, _ in conds]).to(device)
-                with autocast:
-                    z = generate_latents(unet, spec, batch_cond, seeds, args.steps, sampler, args.cfg_scale, args.eta,
-                                         device)
-                    images = decode_latents(vae, z.float(), vae.config.scale_factor, args.batch_size)
-                for j, (i, array) in enumerate(zip(idx, to_uint8(images))):
-                    file = f"{names[i]}.png" if names is not None else f"{i:06d}.png"
-                    save_png(array, out / file)
-                    manifest.write(json.dumps({"file": file, "seed": seeds[j], "steps": args.steps, "sampler": sampler,
-                                               "guidance": args.cfg_scale, "condition": conds[j][1]}) + "\n")
-                    written += 1
-                manifest.flush()
-                if args.grid and len(grid_images) < GRID_MAX:
-                    grid_images.extend(images[:GRID_MAX - len(grid_images)].cpu())
-        if args.grid:
-            save_png(to_uint8(tile(torch.stack(grid_images))), out / "grid.png")
+        for start in tqdm(range(0, len(todo), args.batch_size), desc="sampling", disable=not state.is_main_process):
+            idx = todo[start:start + args.batch_size]
+            seeds = [image_seed(args.seed, i) for i in idx]
+            conds = [condition(i) for i in idx]
+            batch_cond = None if conds[0][0] is None else torch.stack([c for c, _ in conds]).to(device)
+            with autocast:
+                z = generate_latents(unet, spec, batch_cond, seeds, args.steps, sampler, args.cfg_scale, args.eta,
+                                     device)
+                images = decode_latents(vae, z.float(), vae.config.scale_factor, args.batch_size)
+            records = []
+            for j, (i, array) in enumerate(zip(idx, to_uint8(images))):
+                file = f"{names[i]}.png" if names is not None else f"{i:06d}.png"
+                save_png(array, folder.out / file)
+                records.append({"index": i, "file": file, "seed": seeds[j], "steps": args.steps, "sampler": sampler,
+                                "guidance": args.cfg_scale, "condition": conds[j][1]})
+            folder.record(records)
+            written += len(records)
+        folder.close()
+        state.wait_for_everyone()
+        if state.is_main_process:
+            records = folder.merge(count)
+            if args.grid:
+                grid = tile(torch.stack([image_tensor(folder.out / r["file"]) for r in records[:GRID_MAX]]))
+                save_png(to_uint8(grid), folder.out / "grid.png")
+            if args.npz:
+                logger.info("wrote %s", folder.write_npz(records))
     except WRITE_ERRORS as e:
-        raise CheckpointError(f"could not write to --out {out} ({write_failure(e)}); the {written} images "
-                              f"written before are complete and listed in {MANIFEST}") from None
-    logger.info("wrote %d images and %s to %s", count, MANIFEST, out)
+        raise CheckpointError(f"could not write to --out {args.out} ({write_failure(e)}); the images written "
+                              f"before are complete and listed: the same command again makes the rest") from None
+    if state.is_main_process:
+        logger.info("wrote %d images (%d by this run) and %s to %s", count, count - len(done), MANIFEST, args.out)
+
+
+def broadcast(value, state):
+    """``value`` of the main process, on every process."""
+    if state.num_processes == 1:
+        return value
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
 
 
 if __name__ == "__main__":

@@ -152,6 +152,9 @@ def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise MetricsError(f"image folder {folder} not found")
+    if (folder / "request.json").is_file() and not (folder / "manifest.jsonl").is_file():
+        raise MetricsError(f"image folder {folder}: its sampling run did not finish (no manifest.jsonl); "
+                           "run the same sample.py command again to complete it")
     listed = _listed_files(folder)
     if listed is not None:
         files = [folder / name for name in listed]

@@ -80,8 +80,9 @@ def test_refusals(tiny_unet_run, tiny_vae_run, tmp_path, capsys):
     assert "does not fit a shortcut model" in refusal(capsys, *unet, "--out", tmp_path / "a", "--sampler", "ddim")
     run(*unet, "--out", tmp_path / "full", "--num-samples", 1)
     capsys.readouterr()
-    assert "--overwrite" in refusal(capsys, *unet, "--out", tmp_path / "full", "--num-samples", 1)
-    run(*unet, "--out", tmp_path / "full", "--num-samples", 1, "--overwrite")
+    # The same command again continues (nothing left to make); another request needs --overwrite.
+    assert "--overwrite" in refusal(capsys, *unet, "--out", tmp_path / "full", "--num-samples", 1, "--steps", 2)
+    run(*unet, "--out", tmp_path / "full", "--num-samples", 1, "--steps", 2, "--overwrite")
     # A VAE other than the recorded one, with another architecture, is refused naming the field.
     other = tmp_path / "other_vae"
     shutil.copytree(tiny_vae_run / "vae", other)
@@ -131,3 +132,58 @@ def test_bfloat16_weights_give_nearly_the_float32_images(tiny_unet_run, tmp_path
     full, half = read_pngs(tmp_path / "float32"), read_pngs(tmp_path / "bfloat16")
     errors = [np.abs(full[n] - half[n]).mean() for n in full]
     assert 0 < max(errors) < 1, errors    # mean absolute difference in 0..255 levels; measured 0.09-0.14
+
+
+def read_manifest(folder):
+    return [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+
+
+def same_folder(a, b):
+    """The same images (within 2/255: batches differ) and the same manifest."""
+    assert read_manifest(a) == read_manifest(b)
+    pa, pb = read_pngs(a), read_pngs(b)
+    assert pa.keys() == pb.keys()
+    for name in pa:
+        assert np.abs(pa[name] - pb[name]).max() <= 2, name
+
+
+def test_two_processes_write_the_same_folder_as_one(tiny_unet_run, tmp_path):
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    args = ["sample.py", "--unet", str(tiny_unet_run), "--num-samples", "7", "--steps", "2", "--batch-size", "2",
+            "--class-label", "random", "--npz"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_2proc.yaml"]
+    result = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run(*args[1:], "--out", tmp_path / "one")
+    same_folder(tmp_path / "one", tmp_path / "two")
+    labels = [r["condition"] for r in read_manifest(tmp_path / "one")]
+    assert set(labels) <= {0, 1, 2} and labels != [i % 3 for i in range(7)]      # drawn by seed, recorded
+    arrays = np.load(tmp_path / "two" / "samples.npz")["arr_0"]
+    assert arrays.shape == (7, 32, 32, 3) and arrays.dtype == np.uint8
+    assert np.array_equal(arrays[3], read_pngs(tmp_path / "two")["000003.png"].astype(np.uint8))
+
+
+def test_a_killed_run_continues_where_it_stopped(tiny_unet_run, tmp_path):
+    import os
+    import signal
+    import time
+    args = ["--unet", str(tiny_unet_run), "--num-samples", "12", "--steps", "8", "--batch-size", "1"]
+    run(*args, "--out", tmp_path / "straight")
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "sample.py", *args, "--out", str(out)], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while len(list(out.glob("0*.png"))) < 4 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    made = len(list(out.glob("0*.png")))
+    assert 4 <= made < 12 and not (out / "manifest.jsonl").exists(), made
+    listed = [json.loads(line)["file"] for line in (out / ".parts" / "rank_0.jsonl").read_text().splitlines()]
+    kept = {name: (out / name).stat().st_mtime_ns for name in listed}
+    run(*args, "--out", out)
+    same_folder(tmp_path / "straight", out)
+    assert {name: (out / name).stat().st_mtime_ns for name in listed} == kept     # not made again
+    assert not (out / ".parts").exists()
