@@ -1,25 +1,40 @@
-"""Evaluation entry point: FID between image folders or against saved statistics.
+"""Evaluation: FID, KID, precision / recall and Inception Score of generated images, and sweeps.
 
-    python evaluate.py fid --inception inception-2015-12-05.pt samples/ data/train/
-    python evaluate.py fid --inception inception-2015-12-05.pt samples/ train_stats.npz
-    python evaluate.py stats --inception inception-2015-12-05.pt data/train/ --out train_stats.npz
+    python evaluate.py stats   --inception inception-2015-12-05.pt data/train --out ref.npz
+    python evaluate.py fid     --inception inception-2015-12-05.pt samples/ ref.npz
+    python evaluate.py metrics --inception inception-2015-12-05.pt samples/ ref.npz --kid --pr --is
+    accelerate launch evaluate.py sweep --inception inception-2015-12-05.pt --unet runs/unet --ref ref.npz \\
+        --steps 1,2,4,8,16,32,64,128 --cfg-scales 1,1.5,2 --num-samples 50000 --out runs/unet/sweep
 
-Images: the files of a sample.py manifest or an imagefolder metadata file, else every PNG/JPEG
-under the folder (recursively, sorted); converted to RGB and resized to 299x299 with
-clean-fid's float bicubic filter; see modules/metrics.py. The FID is printed on stdout.
+A reference is an image folder, a ``datasets`` save_to_disk folder, an ADM reference ``.npz``
+(images ``arr_0``) or a statistics ``.npz`` written by ``stats`` (mu, sigma and the features,
+so KID and precision/recall work against it). Images: the files of a sample.py manifest or an
+imagefolder metadata file, else every image file under the folder; read and resized as
+clean-fid does (modules/features.py). Under ``accelerate launch`` every process extracts (and,
+in a sweep, generates) its share. The Inception file runs code when loaded: vouch for it with
+``--inception-sha256`` (or ``--trust-inception-code``).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
+from accelerate import PartialState
 
-from modules.errors import MetricsError
-from modules.metrics import (INCEPTION_URL, feature_statistics, folder_features, frechet_distance, load_inception,
-                             load_stats, save_stats)
+from modules.accelerator import broadcast, finish
+from modules.errors import MetricsError, UserError
+from modules.features import (INCEPTION_URL, extract, list_images, load_features, load_inception, load_stats,
+                              reference_sources, save_stats)
+from modules.metrics import (feature_statistics, frechet_distance, inception_score, kernel_inception_distance,
+                             precision_recall)
+from modules.plots import line_plot
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -31,45 +46,111 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="load the Inception file without checking its SHA-256: this runs its code")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                        help="default: cuda when available, else cpu")
+                        help="default: cuda when available, else cpu (each process's own GPU when launched)")
     parser.add_argument("--image-size", type=int, default=299,
                         help="images are resized to this square size before the extractor (default 299)")
     parser.add_argument("--workers", type=int, default=4, help="image-decoding threads")
 
 
+def _add_metric_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kid", action="store_true", help="also KID (needs the reference's features)")
+    parser.add_argument("--pr", action="store_true", help="also precision and recall, k = 3 (needs the features)")
+    parser.add_argument("--is", dest="inception_score", action="store_true", help="also the Inception Score")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="FID evaluation of image folders.")
+    parser = argparse.ArgumentParser(description="Evaluation of generated images.")
     sub = parser.add_subparsers(dest="command", required=True)
-    fid = sub.add_parser("fid", help="FID between FOLDER_A and FOLDER_B or a saved STATS.npz")
+    fid = sub.add_parser("fid", help="FID between FOLDER_A and a reference (printed alone)")
     _add_common(fid)
     fid.add_argument("folder_a", metavar="FOLDER_A", help="image folder (e.g. generated samples)")
-    fid.add_argument("reference", metavar="FOLDER_B|STATS.npz", help="image folder or statistics file")
+    fid.add_argument("reference", metavar="REFERENCE", help="image folder, save_to_disk folder or .npz")
     fid.add_argument("--save-stats", metavar="OUT.npz", help="also save FOLDER_A's statistics")
-    stats = sub.add_parser("stats", help="save the feature statistics of an image folder")
+    metrics = sub.add_parser("metrics", help="FID and the chosen metrics as one JSON line")
+    _add_common(metrics)
+    _add_metric_flags(metrics)
+    metrics.add_argument("folder_a", metavar="FOLDER_A")
+    metrics.add_argument("reference", metavar="REFERENCE")
+    stats = sub.add_parser("stats", help="save a reference's statistics and features (compute them once)")
     _add_common(stats)
-    stats.add_argument("folder", metavar="FOLDER")
+    stats.add_argument("folder", metavar="REFERENCE")
     stats.add_argument("--out", required=True, metavar="OUT.npz")
+    sweep = sub.add_parser("sweep", help="sample and score every (steps, guidance) combination; resumable")
+    _add_common(sweep)
+    _add_metric_flags(sweep)
+    sweep.add_argument("--unet", required=True, help="exported UNet folder or train_unet.py output dir")
+    sweep.add_argument("--ref", required=True, help="reference (best: a stats .npz, computed once)")
+    sweep.add_argument("--steps", default="1,2,4,8,16,32,64,128")
+    sweep.add_argument("--cfg-scales", default="1")
+    sweep.add_argument("--num-samples", type=int, default=50000)
+    sweep.add_argument("--sample-batch-size", type=int, default=64)
+    sweep.add_argument("--seed", type=int, default=0)
+    sweep.add_argument("--out", required=True, help="folder for the samples, sweep.md, sweep.json and sweep.png")
     return parser
 
 
-def _device(name: Optional[str]) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MetricsError("--device cuda: no CUDA device is available (use --device cpu)")
-    return torch.device(name)
+# ----------------------------------------------------------------------------- features and scores
 
+class Evaluator:
+    """The extractor and the settings every command shares, on this process's device."""
 
-def _stats(folder: str, extractor, args: argparse.Namespace, device: torch.device):
-    feats = folder_features(folder, extractor, args.batch_size, device, args.image_size, args.workers)
-    return feature_statistics(feats)
+    def __init__(self, args: argparse.Namespace, state: PartialState):
+        if args.image_size < 1 or args.batch_size < 1:
+            raise MetricsError("--image-size and --batch-size must be >= 1")
+        self.args, self.state = args, state
+        self.device = self._device(args.device)
+        self.extractor = load_inception(args.inception, self.device, args.inception_sha256, args.trust_inception_code)
+
+    def _device(self, name: Optional[str]) -> torch.device:
+        if name == "cuda" and not torch.cuda.is_available():
+            raise MetricsError("--device cuda: no CUDA device is available (use --device cpu)")
+        if self.state.num_processes > 1:
+            return self.state.device
+        return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def features(self, sources, probabilities: bool = False):
+        a = self.args
+        return extract(sources, self.extractor, a.batch_size, self.device, a.image_size, a.workers, probabilities,
+                       self.state if self.state.num_processes > 1 else None)
+
+    def reference(self, reference: str) -> tuple[tuple[np.ndarray, np.ndarray], Optional[np.ndarray]]:
+        """((mu, sigma), features or None) of a reference, its features extracted when it is made of images."""
+        sources = reference_sources(reference)
+        if sources is None:
+            return load_stats(reference), load_features(reference)
+        found = self.features(sources)
+        if found is None:           # another process: the main one has the result
+            return (None, None), None
+        return feature_statistics(found.features), found.features
+
+    def scores(self, sample_features, reference, want_kid: bool, want_pr: bool, want_is: bool) -> dict:
+        """Main process: FID and the chosen metrics of extracted samples against a reference."""
+        (mu, sigma), ref_features = reference
+        feats = sample_features.features
+        if feats.shape[1] != mu.shape[0]:
+            raise MetricsError(f"the reference has {mu.shape[0]}-d features but the extractor gives "
+                               f"{feats.shape[1]}-d: statistics from a different network")
+        if feats.shape[0] < 2:
+            raise MetricsError(f"{feats.shape[0]} sample(s): FID needs at least 2")
+        result = {"num_samples": int(feats.shape[0]), "fid": frechet_distance(*feature_statistics(feats), mu, sigma)}
+        if (want_kid or want_pr) and ref_features is None:
+            raise MetricsError("KID and precision/recall need the reference's features: make it with "
+                               "`evaluate.py stats` (or pass the image folder)")
+        if want_kid:
+            result["kid"], result["kid_std_error"] = kernel_inception_distance(feats, ref_features)
+        if want_pr:
+            result["precision"], result["recall"] = precision_recall(ref_features, feats)
+        if want_is:
+            result["inception_score"], result["inception_score_std"] = inception_score(
+                sample_features.probabilities, splits=min(10, feats.shape[0]))
+        return result
 
 
 def writable(out: Path) -> None:
     """Refuse a statistics file that could not be written, before the (slow) feature extraction."""
     if out.suffix != ".npz":
         raise MetricsError(f"statistics file {out}: must end in .npz")
-    probe = out.with_name(f".{out.name}.probe")
+    probe = out.with_name(f".{out.name}.{os.getpid()}.probe")     # every process probes, each its own file
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
@@ -78,47 +159,102 @@ def writable(out: Path) -> None:
         raise MetricsError(f"statistics file {out}: cannot be written ({e.strerror or e})") from None
 
 
-def run(args: argparse.Namespace) -> None:
-    if args.image_size < 1:
-        raise MetricsError(f"--image-size must be >= 1, got {args.image_size}")
-    device = _device(args.device)
-    # Check every input path before the (slow) feature extraction starts.
-    folders = [args.folder_a] if args.command == "fid" else [args.folder]
-    reference_is_stats = args.command == "fid" and args.reference.endswith(".npz")
-    if args.command == "fid":
-        if reference_is_stats:
-            reference = load_stats(args.reference)
-        else:
-            folders.append(args.reference)
-    for folder in folders:
-        if not Path(folder).is_dir():
-            raise MetricsError(f"image folder {folder} not found")
-    out = args.out if args.command == "stats" else args.save_stats
-    if out:
-        writable(Path(out))
-    extractor = load_inception(args.inception, device, args.inception_sha256, args.trust_inception_code)
+# ----------------------------------------------------------------------------- commands
 
-    stats_a = _stats(folders[0], extractor, args, device)
-    if args.command == "stats":
-        print(f"wrote {save_stats(args.out, *stats_a)}")
+def preflight(args) -> None:
+    """Every input and output checked before the Inception network is loaded or anything extracted."""
+    reference = args.folder if args.command == "stats" else args.ref if args.command == "sweep" else args.reference
+    if not Path(reference).exists():
+        raise MetricsError(f"reference {reference} not found")
+    if reference_sources(reference) is None:
+        load_stats(reference)               # a statistics file: validated now
+    if args.command in ("fid", "metrics") and not Path(args.folder_a).is_dir():
+        raise MetricsError(f"image folder {args.folder_a} not found")
+    for out in (getattr(args, "out", None) if args.command == "stats" else None, getattr(args, "save_stats", None)):
+        if out:
+            writable(Path(out))
+
+
+def run_stats(ev: Evaluator, args) -> None:
+    (mu, sigma), features = ev.reference(args.folder)
+    if ev.state.is_main_process:
+        print(f"wrote {save_stats(args.out, mu, sigma, features)}")
+
+
+def run_scores(ev: Evaluator, args) -> None:
+    want = (getattr(args, "kid", False), getattr(args, "pr", False), getattr(args, "inception_score", False))
+    samples = ev.features(list_images(args.folder_a), probabilities=want[2])
+    reference = ev.reference(args.reference)
+    if not ev.state.is_main_process:
         return
-    if args.save_stats:
-        save_stats(args.save_stats, *stats_a)
-    if not reference_is_stats:
-        reference = _stats(args.reference, extractor, args, device)
-    if reference[0].shape != stats_a[0].shape:
-        raise MetricsError(f"{args.reference} has {reference[0].shape[0]}-d features but the extractor "
-                           f"gives {stats_a[0].shape[0]}-d: statistics from a different network")
-    print(f"{frechet_distance(*stats_a, *reference):.6f}")
+    if getattr(args, "save_stats", None):
+        save_stats(args.save_stats, *feature_statistics(samples.features), samples.features)
+    result = ev.scores(samples, reference, *want)
+    print(f"{result['fid']:.6f}" if args.command == "fid" else json.dumps(result))
+
+
+def run_sweep(ev: Evaluator, args) -> None:
+    import sample
+    steps = [int(s) for s in args.steps.split(",")]
+    scales = [float(w) for w in args.cfg_scales.split(",")]
+    out = Path(args.out)
+    reference = ev.reference(args.ref)
+    table_path = out / "sweep.json"
+    done = json.loads(table_path.read_text()) if ev.state.is_main_process and table_path.is_file() else {}
+    rows = []
+    for scale in scales:
+        for n in steps:
+            key = f"steps_{n}_cfg_{scale:g}"
+            folder = out / "samples" / key
+            sample.main(["--unet", args.unet, "--out", str(folder), "--num-samples", str(args.num_samples),
+                         "--steps", str(n), "--cfg-scale", str(scale), "--seed", str(args.seed),
+                         "--batch-size", str(args.sample_batch_size)])
+            scored = broadcast(key in done and done[key]["num_samples"] == args.num_samples, ev.state)
+            if scored:                      # by an earlier, interrupted sweep
+                rows.append(done.get(key))
+                continue
+            samples = ev.features(list_images(folder), probabilities=args.inception_score)
+            if ev.state.is_main_process:
+                row = {"steps": n, "cfg_scale": scale,
+                       **ev.scores(samples, reference, args.kid, args.pr, args.inception_score)}
+                rows.append(row)
+                done[key] = row
+                table_path.write_text(json.dumps(done, indent=1) + "\n")
+            ev.state.wait_for_everyone()
+    if ev.state.is_main_process:
+        write_sweep_report(out, rows, args)
+
+
+def write_sweep_report(out: Path, rows: list[dict], args) -> None:
+    columns = ["steps", "cfg_scale", "fid"] + [c for c in ("kid", "precision", "recall", "inception_score")
+                                                if c in rows[0]]
+    lines = [f"Sweep of {args.unet}: {args.num_samples} samples per cell against {args.ref}", "",
+             "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c])
+                                       for c in columns) + " |")
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    series = {}
+    for row in rows:
+        series.setdefault(f"cfg {row['cfg_scale']:g}", []).append((math.log2(row["steps"]), row["fid"]))
+    line_plot(series, out / "sweep.png", title=f"FID-{args.num_samples // 1000 or args.num_samples}"
+              f"{'k' if args.num_samples >= 1000 else ''} against sampling steps",
+              x_label="steps (log2)", y_label="FID", x_ticks={math.log2(s): str(s) for s in sorted(
+                  {r["steps"] for r in rows})})
+    print("\n".join(lines))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    state = PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
     try:
-        run(args)
-    except MetricsError as e:
+        preflight(args)
+        ev = Evaluator(args, state)
+        {"stats": run_stats, "fid": run_scores, "metrics": run_scores, "sweep": run_sweep}[args.command](ev, args)
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finish(state)
     return 0
 
 

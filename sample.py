@@ -24,9 +24,9 @@ from typing import Optional
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
+from modules.accelerator import broadcast, finish
 from modules.checkpoint import WRITE_ERRORS, write_failure
 from modules.cli import run_cli
 from modules.config import DEFAULT_SAMPLER, sampling_problem
@@ -252,14 +252,6 @@ def main(argv=None) -> None:
         logger.info("wrote %d images (%d by this run) and %s to %s", count, count - len(done), MANIFEST, args.out)
 
 
-def broadcast(value, state):
-    """``value`` of the main process, on every process."""
-    if state.num_processes == 1:
-        return value
-    box = [value]
-    broadcast_object_list(box, from_process=0)
-    return box[0]
-
-
 if __name__ == "__main__":
     run_cli(main)
+    finish(PartialState())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list
 
 from modules.config import TrainConfig
 
@@ -65,3 +65,20 @@ def prepare_network(accelerator: Accelerator, cfg: TrainConfig, network: torch.n
     if cfg.compile:
         network = torch.compile(network)
     return (network, *others)
+
+
+def broadcast(value, state):
+    """``value`` of the main process, on every process of ``state`` (an Accelerator or PartialState)."""
+    if state.num_processes == 1:
+        return value
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def finish(state) -> None:
+    """End a multi-process run cleanly: wait for every process, then tear the process group down
+    (a process that exits with gloo still up can abort with 'terminate called')."""
+    if state.num_processes > 1 and torch.distributed.is_initialized():
+        state.wait_for_everyone()
+        torch.distributed.destroy_process_group()

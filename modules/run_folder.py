@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 
+from modules.accelerator import broadcast
 from modules.config_io import save_json
 from modules.errors import CheckpointError
 
@@ -60,12 +60,10 @@ def claim_output_dir(accelerator: Accelerator, output_dir: Path, resume: Optiona
         fd, problem = _take_lock(output_dir)
         if problem is None and not resume:
             problem = _owned_by_another_run(output_dir)
-    verdict = [problem]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(verdict, from_process=0)
+    verdict = broadcast(problem, accelerator)
     try:
-        if verdict[0]:
-            raise CheckpointError(verdict[0])
+        if verdict:
+            raise CheckpointError(verdict)
         yield
     finally:
         if fd is not None:

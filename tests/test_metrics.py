@@ -16,9 +16,11 @@ import torch.nn as nn
 from PIL import Image
 
 import evaluate
-from modules.metrics import (INCEPTION_URL, MetricsError, feature_statistics, fid_folder_vs_stats,
-                             fid_from_folders, folder_features, frechet_distance, list_images, load_image,
-                             load_inception, load_stats, mask_iou, psnr, save_stats)
+from modules.errors import MetricsError
+from modules.features import (INCEPTION_URL, fid_folder_vs_stats, fid_from_folders, folder_features, list_images,
+                              load_image, load_inception, load_stats, save_stats)
+from modules.metrics import (feature_statistics, frechet_distance, inception_score, kernel_inception_distance,
+                             mask_iou, precision_recall, psnr)
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 32   # images are resized to this instead of 299 to keep the stand-in fast
@@ -32,19 +34,21 @@ def scipy_frechet(mu1, s1, mu2, s2) -> float:
 
 
 class StandInExtractor(nn.Module):
-    """A fixed random conv net with Inception's call convention: 0..255 images -> [B, 64]."""
+    """A fixed random conv net with Inception's call convention: 0..255 images -> [B, 64] features,
+    or (``return_features=False``) probabilities over 10 classes."""
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.conv1 = nn.Conv2d(3, 16, 5, stride=2)
         self.conv2 = nn.Conv2d(16, 32, 3, stride=2)
+        self.classes = nn.Linear(64, 10)
 
-    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_features: bool = False, no_output_bias: bool = False) -> torch.Tensor:
         h = torch.tanh(self.conv1(x / 127.5 - 1))
         h = torch.tanh(self.conv2(h))
         feats = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
-        return feats if return_features else feats.sum(dim=1)
+        return feats if return_features else torch.softmax(self.classes(feats) * 20, dim=1)
 
 
 @pytest.fixture(scope="module")
@@ -290,3 +294,109 @@ def test_every_reader_accepts_the_same_image_files(tmp_path):
     fid_files = [f.name for f in list_images(folder)]
     assert fid_files == ["0.png", "1.webp", "2.gif", "3.bmp", "4.tif"]
     assert len(build_dataset(DataConfig(path=str(folder), image_size=8))) == len(fid_files)
+
+
+# ----------------------------------------------------------------------------- KID, precision / recall, IS
+
+def mmd2_unbiased_loops(x: np.ndarray, y: np.ndarray) -> float:
+    """The unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3, written out term by term (Gretton et al. 2012)."""
+    d, m, n = x.shape[1], len(x), len(y)
+    k = lambda a, b: (a @ b / d + 1) ** 3
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return float(xx + yy - 2 * xy)
+
+
+def test_kid_is_the_unbiased_mmd_and_near_zero_for_one_gaussian():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(30, 8)), rng.normal(size=(30, 8)) + 0.5
+    kid, _ = kernel_inception_distance(a, b, num_subsets=1, max_subset_size=30)   # one subset: all rows
+    assert kid == pytest.approx(mmd2_unbiased_loops(a, b), rel=1e-9)
+    same = kernel_inception_distance(rng.normal(size=(400, 16)), rng.normal(size=(400, 16)), num_subsets=50,
+                                     max_subset_size=100)
+    other = kernel_inception_distance(rng.normal(size=(400, 16)), rng.normal(size=(400, 16)) + 0.3, num_subsets=50,
+                                      max_subset_size=100)
+    assert abs(same[0]) < 4 * same[1] and other[0] > 10 * other[1] > 0
+
+
+def brute_force_precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
+    def radii(x):
+        d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+        return np.sort(d, axis=1)[:, k]                 # index 0 is the point itself
+
+    def inside(points, centres, r):
+        d = np.sqrt(((points[:, None] - centres[None]) ** 2).sum(-1))
+        return (d <= r[None]).any(axis=1).mean()
+    return float(inside(fake, real, radii(real))), float(inside(real, fake, radii(fake)))
+
+
+def test_precision_recall_match_a_brute_force_computation():
+    rng = np.random.default_rng(1)
+    real = rng.normal(size=(120, 6))
+    fake = np.concatenate([rng.normal(size=(60, 6)) * 0.5, rng.normal(size=(40, 6)) + 4])   # narrow, plus junk
+    got = precision_recall(real, fake, k=3, block=17)
+    assert got == pytest.approx(brute_force_precision_recall(real, fake, 3), abs=1e-12)
+    assert 0.4 < got[0] < 0.8 and got[1] < 0.9             # junk lowers precision, narrowness recall
+    assert precision_recall(real, real, k=3) == (1.0, 1.0)
+
+
+def test_inception_score_closed_forms():
+    uniform = np.full((100, 10), 0.1)
+    assert inception_score(uniform, splits=5)[0] == pytest.approx(1.0)       # no information: 1
+    one_hot = np.eye(10)[np.arange(100) % 10]
+    assert inception_score(one_hot, splits=5) == pytest.approx((10.0, 0.0))   # sure and balanced: K
+
+
+def test_evaluate_metrics_command_reports_every_metric(folders, extractor_file, pin, tmp_path, capsys):
+    reference = tmp_path / "ref.npz"
+    assert evaluate.main(["stats", "--inception", str(extractor_file), *pin, "--image-size", str(SIZE),
+                          str(folders["b"]), "--out", str(reference)]) == 0
+    assert evaluate.main(["metrics", "--inception", str(extractor_file), *pin, "--image-size", str(SIZE),
+                          "--kid", "--pr", "--is", str(folders["a"]), str(reference)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    extractor = load_pinned(extractor_file)
+    a = folder_features(folders["a"], extractor, image_size=SIZE)
+    b = folder_features(folders["b"], extractor, image_size=SIZE)
+    assert result["fid"] == pytest.approx(frechet_distance(*feature_statistics(a), *feature_statistics(b)), rel=1e-6)
+    assert result["kid"] == pytest.approx(kernel_inception_distance(a, b)[0], rel=1e-4)
+    assert (result["precision"], result["recall"]) == pytest.approx(precision_recall(b, a), abs=1e-9)
+    assert result["num_samples"] == 96 and result["inception_score"] >= 1.0
+
+
+def test_two_processes_extract_the_features_of_one(folders, extractor_file, pin, tmp_path):
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_2proc.yaml"]
+    stats = ["evaluate.py", "stats", "--inception", str(extractor_file), *pin, "--image-size", str(SIZE),
+             "--workers", "1", str(folders["a"])]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([*launch, *stats, "--out", str(tmp_path / "two.npz")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert evaluate.main(stats[1:] + ["--out", str(tmp_path / "one.npz")]) == 0
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    np.testing.assert_array_equal(one["features"], two["features"])
+    np.testing.assert_array_equal(one["sigma"], two["sigma"])
+
+
+def test_sweep_scores_every_combination_and_resumes(tiny_unet_run, shapes_dir, extractor_file, pin, tmp_path,
+                                                    capsys):
+    common = ["--inception", str(extractor_file), *pin, "--image-size", str(SIZE), "--workers", "1"]
+    reference = tmp_path / "shapes.npz"
+    assert evaluate.main(["stats", *common, str(shapes_dir), "--out", str(reference)]) == 0
+    sweep = ["sweep", *common, "--unet", str(tiny_unet_run), "--ref", str(reference), "--steps", "1,2",
+             "--cfg-scales", "1,2", "--num-samples", "6", "--kid", "--pr", "--out", str(tmp_path / "sweep")]
+    assert evaluate.main(sweep) == 0
+    out = tmp_path / "sweep"
+    rows = json.loads((out / "sweep.json").read_text())
+    assert set(rows) == {"steps_1_cfg_1", "steps_2_cfg_1", "steps_1_cfg_2", "steps_2_cfg_2"}
+    assert all(r["num_samples"] == 6 and r["fid"] > 0 and "kid" in r and "recall" in r for r in rows.values())
+    table = (out / "sweep.md").read_text()
+    assert "| steps | cfg_scale | fid | kid | precision | recall |" in table
+    assert table.count("\n| ") == 6                       # the header, the rule and 4 rows
+    with Image.open(out / "sweep.png") as plot:
+        assert plot.size == (720, 480)
+    # Run again: nothing is sampled or scored anew.
+    made = {p: p.stat().st_mtime_ns for p in (out / "samples").rglob("*.png")}
+    assert evaluate.main(sweep) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "samples").rglob("*.png")} == made
+    assert json.loads((out / "sweep.json").read_text()) == rows
