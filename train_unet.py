@@ -27,7 +27,7 @@ from modules.data import build_dataset
 from modules.ema import EMA, load_emas, replicas_agree, save_emas, teacher
 from modules.errors import ConfigError
 from modules.export import find_model_folder, save_unet
-from modules.generation import GenerationSpec, batch_condition, decode_latents, generate_latents, grid_conditions
+from modules.generation import GenerationSpec, batch_condition, conditions, decode_latents, generate_latents
 from modules.image_io import make_grid
 from modules.latent_cache import build_or_load
 from modules.objectives import Draws, build_objective
@@ -35,7 +35,8 @@ from modules.optim import apply_update, lr_factor, set_lr
 from modules.order import make_loader
 from modules.run_folder import claim_output_dir, save_run_config
 from modules.seeding import SHARED_STREAM, process_share_randn, step_generator
-from modules.tracking import Throughput, check_tracker, init_trackers, log_image, memory_stats
+from modules.tracking import Throughput, check_tracker, init_trackers, log_image, memory_stats, to_scalars
+from modules.train_eval import TrainingEvaluator
 from modules.unet import UNet
 from modules.vae_loading import load_vae, save_vae, vae_identity
 
@@ -104,6 +105,9 @@ def train(cfg: UNetRunConfig, args, accelerator, output_dir: Path) -> None:
     derive_fields(cfg, vae, dataset)
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else output_dir.parent / "latent_cache"
     latents = build_or_load(accelerator, vae, vae_id, dataset, cfg.data, cache_root, tcfg.batch_size)
+    train_latents, val_latents = latents.split(cfg.eval.val_images) if cfg.eval.val_images else (latents, None)
+    spec = GenerationSpec.from_run_config(cfg)
+    evaluator = TrainingEvaluator(cfg, accelerator, spec, latents, scale, val_latents)   # a bad reference stops here
 
     # ---- network, optimizer, the two EMAs (slow: sampling/export; fast: shortcut teacher)
     torch.manual_seed(tcfg.seed)
@@ -138,10 +142,9 @@ def train(cfg: UNetRunConfig, args, accelerator, output_dir: Path) -> None:
         write_or_fail(lambda: save_vae(vae, frozen_vae), f"the copy of the VAE in {frozen_vae}",
                       "the checkpoints are untouched")
 
-    batches = iter(make_loader(latents, tcfg.batch_size, tcfg.seed, rank, world, state.step * tcfg.grad_accum,
+    batches = iter(make_loader(train_latents, tcfg.batch_size, tcfg.seed, rank, world, state.step * tcfg.grad_accum,
                                cfg.data.num_workers))
-    spec = GenerationSpec.from_run_config(cfg)
-    grid_cond = grid_conditions(spec, latents, cfg.sample.num_images)
+    grid_cond = conditions(spec, latents, range(cfg.sample.num_images))
     grid_cond = None if grid_cond is None else grid_cond.to(device)
     init_trackers(accelerator, "ldm-unet", cfg, output_dir, args.report_to)
     throughput = Throughput(tcfg.batch_size * tcfg.grad_accum * world)
@@ -189,7 +192,7 @@ def train(cfg: UNetRunConfig, args, accelerator, output_dir: Path) -> None:
 
             # ---- log: scalars, and sample grids from the slow EMA at several step counts
             if state.due(tcfg.log_every, tcfg.max_steps):
-                scalars = {k: float(v) for k, v in logs.items()}
+                scalars = to_scalars(logs)
                 scalars.update(loss=float(torch.stack(losses).mean()), lr=lr,
                                grad_norm=float(update.grad_norms["unet"]), images_per_s=throughput.rate(),
                                bad_steps=state.bad_steps, **memory_stats(device))
@@ -204,6 +207,16 @@ def train(cfg: UNetRunConfig, args, accelerator, output_dir: Path) -> None:
                             for steps in cfg.sample.steps]
                 log_image(accelerator, "samples/rows_" + "_".join(str(s) for s in cfg.sample.steps) + "_steps",
                           make_grid(rows), state.step, output_dir)
+
+            # ---- scores: validation loss of the online weights, FID of the sampling EMA
+            if evaluator.due(state.step):
+                unet.eval()
+                scores = to_scalars(evaluator.validation(objective, unet), prefix="val/")
+                with emas["sample"].swapped(owner):
+                    scores.update(evaluator.fid(unet, vae))
+                accelerator.log(scores, step=state.step)
+                if accelerator.is_main_process:
+                    logger.info("step %d: %s", state.step, ", ".join(f"{k} {v:.4g}" for k, v in sorted(scores.items())))
 
             # ---- checkpoint and export
             if checkpoint_if_due(state, tcfg, stop, checkpointer, export, output_dir):

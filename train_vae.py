@@ -31,7 +31,7 @@ from modules.optim import apply_update, lr_factor, set_lr
 from modules.order import make_loader
 from modules.run_folder import claim_output_dir, save_run_config
 from modules.seeding import SHARED_STREAM, process_share_randn, step_generator
-from modules.tracking import Throughput, check_tracker, init_trackers, log_image, memory_stats
+from modules.tracking import Throughput, check_tracker, init_trackers, log_image, memory_stats, to_scalars
 from modules.vae import AutoencoderKL
 from modules.vae_loading import save_vae
 
@@ -173,7 +173,7 @@ def train(cfg: VAERunConfig, args, accelerator, output_dir: Path) -> None:
 
             # ---- log
             if state.due(tcfg.log_every, tcfg.max_steps):
-                scalars = {k: float(v) for k, v in logs.items()}
+                scalars = to_scalars(logs)
                 scalars.update(lr=lr, grad_norm=float(update.grad_norms["vae"]),
                                disc_grad_norm=float(update.grad_norms["discriminator"]),
                                images_per_s=throughput.rate(), bad_steps=state.bad_steps,

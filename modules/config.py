@@ -273,6 +273,25 @@ class SampleLogConfig:
     cfg_scale: float = setting(1.0, non_negative)
 
 
+@dataclass
+class EvalConfig:
+    """Scores during training (README "Evaluation during training")."""
+    every: int = setting(5000, non_negative)       # steps between evaluations; 0: never
+    reference: str = ""                            # statistics .npz of the real images (evaluate.py stats); "": no FID
+    inception: str = ""                            # local inception-2015-12-05.pt
+    inception_sha256: str = ""                     # its SHA-256 (a TorchScript file runs code when loaded)
+    num_samples: int = setting(2000, positive, at_most(1_000_000))    # generated per step count, over all processes
+    steps: tuple[int, ...] = setting((), each(positive))              # (): 1, 4 and the finest the model has
+    batch_size: int = setting(64, positive)
+    image_size: int = setting(299, positive, at_most(1024))          # what the extractor sees
+    val_images: int = setting(0, non_negative)     # latents held out of training for the validation loss; 0: none
+
+    def check(self, prefix: str) -> None:
+        if self.reference and not (self.inception and self.inception_sha256):
+            raise fail(f"{prefix}inception", "FID during training (eval.reference set) needs eval.inception and "
+                       "eval.inception_sha256 (the SHA-256 of that file: it runs code when loaded)")
+
+
 # Which samplers fit which objective, and the one each uses by default.
 SAMPLERS_FOR = {"shortcut": ("shortcut", "euler", "heun"), "flow": ("euler", "heun"), "ddpm": ("ddim", "ddpm")}
 DEFAULT_SAMPLER = {"shortcut": "shortcut", "flow": "euler", "ddpm": "ddim"}
@@ -309,6 +328,7 @@ class UNetRunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, weight_decay=0.1))
     sample: SampleLogConfig = field(default_factory=SampleLogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     cache_dir: str = ""                 # latent cache; default: <output-dir>/../latent_cache
 
     @property
@@ -328,11 +348,21 @@ class UNetRunConfig:
             raise fail(f"{prefix}model.num_step_levels", f"{self.model.num_step_levels} does not fit "
                        f"objective={self.objective} with shortcut.denoise_timesteps={self.shortcut.denoise_timesteps} "
                        f"(expected {self.num_step_levels})")
-        for steps in self.sample.steps:
-            problem = sampling_problem(self.objective, DEFAULT_SAMPLER[self.objective], steps,
-                                       self.shortcut.denoise_timesteps, self.ddpm.num_timesteps)
-            if problem:
-                raise fail(f"{prefix}sample.steps", problem)
+        for key, steps_list in (("sample.steps", self.sample.steps), ("eval.steps", self.eval.steps)):
+            for steps in steps_list:
+                problem = sampling_problem(self.objective, DEFAULT_SAMPLER[self.objective], steps,
+                                           self.shortcut.denoise_timesteps, self.ddpm.num_timesteps)
+                if problem:
+                    raise fail(f"{prefix}{key}", problem)
+
+    @property
+    def eval_steps(self) -> tuple[int, ...]:
+        """The step counts FID is measured at: eval.steps, or 1, 4 and the finest the model has."""
+        if self.eval.steps:
+            return self.eval.steps
+        finest = self.shortcut.denoise_timesteps if self.objective == "shortcut" else 128 \
+            if self.objective == "flow" else min(self.ddpm.num_timesteps, 250)
+        return tuple(sorted({1, min(4, finest), finest}))
 
 
 def check_trained(cfg: UNetRunConfig) -> None:

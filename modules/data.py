@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from modules.config import DataConfig
 from modules.errors import DataError
 from modules.image_io import UnreadableImage, crop_box, load_mask, load_rgb, to_tensor
+from modules.order import held_out
 from modules.sources import Source, open_source
 
 logger = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def split_validation(dataset: ImageDataset, n: int) -> tuple[ImageDataset, Image
     if n < 0 or n >= total:
         raise DataError(f"cannot hold out {n} validation images from a data set of {total} "
                         "(at least one must remain for training; set data.num_val_images)")
-    held = (2 * np.arange(n, dtype=np.int64) + 1) * total // (2 * max(n, 1))   # bin centres
+    held = held_out(total, n)
     keep = np.setdiff1d(np.arange(total, dtype=np.int64), held)
     return dataset.subset(keep), dataset.subset(held).train(False)
 

@@ -223,36 +223,47 @@ class Features:
 
 
 @torch.no_grad()
-def extract(sources: Sequence, extractor: FeatureExtractor, batch_size: int = 50, device: str | torch.device = "cpu",
-            image_size: Optional[int] = 299, workers: int = 4, probabilities: bool = False, state=None) -> Features:
-    """Features of ``sources`` (image paths, or uint8 HWC arrays) in their order.
-
-    With ``state`` (accelerate's ``PartialState``) of several processes, each process takes every
-    ``num_processes``-th source and the main process returns them all, in order (the others None).
-    """
+def extract_local(sources: Sequence, extractor: FeatureExtractor, batch_size: int = 50,
+                  device: str | torch.device = "cpu", image_size: Optional[int] = 299, workers: int = 4,
+                  probabilities: bool = False) -> Features:
+    """Features of ``sources`` (image paths, or uint8 HWC arrays) in their order, on this process."""
     if batch_size < 1:
         raise MetricsError(f"batch_size must be >= 1, got {batch_size}")
-    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
-    mine = list(range(rank, len(sources), world))
     feats, probs = [], []
-    for batch in _batches([sources[i] for i in mine], batch_size, image_size, workers):
+    for batch in _batches(sources, batch_size, image_size, workers):
         batch = batch.to(device)
         f = extractor(batch, return_features=True)
         feats.append(f.reshape(f.shape[0], -1).to(torch.float64).cpu())
         if probabilities:
             probs.append(extractor(batch, no_output_bias=True).to(torch.float64).cpu())
-    local = Features(torch.cat(feats).numpy() if feats else np.zeros((0, 0)),
-                     torch.cat(probs).numpy() if probs else None)
-    if world == 1:
-        return local
+    return Features(torch.cat(feats).numpy() if feats else np.zeros((0, 0)),
+                    torch.cat(probs).numpy() if probs else None)
+
+
+def gather(local: Features, indices: Sequence[int], state) -> Optional[Features]:
+    """Every process's features (``indices``: their places in the whole set) on the main process, in
+    order; None on the others."""
     from accelerate.utils import gather_object
-    parts = gather_object([(rank, mine, local)])
+    parts = [p for p in gather_object([(list(indices), local)]) if p[0]]
     if not state.is_main_process:
         return None
-    order = np.argsort(np.concatenate([np.asarray(ids, dtype=np.int64) for _, ids, _ in parts]))
-    features = np.concatenate([p.features for _, ids, p in parts if ids])[order]
-    probs = (np.concatenate([p.probabilities for _, ids, p in parts if ids])[order] if probabilities else None)
+    order = np.argsort(np.concatenate([np.asarray(ids, dtype=np.int64) for ids, _ in parts]))
+    features = np.concatenate([f.features for _, f in parts])[order]
+    probs = None if parts[0][1].probabilities is None else np.concatenate([f.probabilities for _, f in parts])[order]
     return Features(features, probs)
+
+
+def extract(sources: Sequence, extractor: FeatureExtractor, batch_size: int = 50, device: str | torch.device = "cpu",
+            image_size: Optional[int] = 299, workers: int = 4, probabilities: bool = False, state=None) -> Features:
+    """Features of ``sources`` in their order. With ``state`` (accelerate's ``PartialState``) of several
+    processes, each process takes every ``num_processes``-th source and the main process returns
+    them all, in order (the others None)."""
+    if state is None or state.num_processes == 1:
+        return extract_local(sources, extractor, batch_size, device, image_size, workers, probabilities)
+    mine = range(state.process_index, len(sources), state.num_processes)
+    local = extract_local([sources[i] for i in mine], extractor, batch_size, device, image_size, workers,
+                          probabilities)
+    return gather(local, mine, state)
 
 
 def folder_features(folder: str | Path, extractor: FeatureExtractor, batch_size: int = 50,

@@ -71,12 +71,12 @@ def decode_latents(vae, latents: torch.Tensor, scale_factor: float, batch_size: 
     return torch.cat(out)
 
 
-def grid_conditions(spec: GenerationSpec, latent_set, n: int) -> Optional[torch.Tensor]:
-    """Conditions for train-time sample grids: classes in turn, or the first n cached masks."""
+def conditions(spec: GenerationSpec, latent_set, indices: Sequence[int]) -> Optional[torch.Tensor]:
+    """Conditions of train-time images ``indices`` (grids, FID): classes in turn, or the cached masks in turn."""
     if spec.cond_type == "class":
-        return torch.arange(n) % spec.num_classes
+        return torch.as_tensor(list(indices), dtype=torch.long) % spec.num_classes
     if spec.cond_type == "mask":
-        return torch.stack([latent_set[i % len(latent_set)]["mask"] for i in range(n)])
+        return torch.stack([latent_set[i % len(latent_set)]["mask"] for i in indices])
     return None
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import fcntl
 import hashlib
 import json
@@ -36,8 +37,9 @@ import torch
 
 from modules.checkpoint import WRITE_ERRORS, write_failure
 from modules.config import DataConfig
-from modules.errors import CheckpointError
+from modules.errors import CheckpointError, DataError
 from modules.export import file_sha256
+from modules.order import held_out as held_out_positions
 
 logger = logging.getLogger("modules.latent_cache")
 INFO_NAME = "cache_info.json"
@@ -187,13 +189,27 @@ class LatentDataset(torch.utils.data.Dataset):
         self.hflip = hflip
         self.has_masks = "mask" in self.table.column_names
         self.info = json.loads((folder / INFO_NAME).read_text())
+        self.rows = np.arange(len(self.table))
 
     def __len__(self) -> int:
-        return len(self.table)
+        return len(self.rows)
+
+    def split(self, held_out: int) -> tuple["LatentDataset", "LatentDataset"]:
+        """(training view, validation view): ``held_out`` rows spread evenly over the cache."""
+        total = len(self)
+        if not 0 < held_out < total:
+            raise DataError(f"eval.val_images={held_out}: must be between 1 and the {total - 1} the cache can spare")
+        held = held_out_positions(total, held_out)
+        views = []
+        for rows in (np.setdiff1d(self.rows, self.rows[held]), self.rows[held]):
+            view = copy.copy(self)
+            view.rows = rows
+            views.append(view)
+        return views[0], views[1]
 
     def __getitem__(self, key) -> dict:
         index, aug_seed = key if isinstance(key, tuple) else (key, None)
-        row = self.table[int(index)]
+        row = self.table[int(self.rows[int(index)])]
         flip = self.hflip and aug_seed is not None and random.Random(aug_seed).random() < 0.5
         out = {"mean": row["mean_flip" if flip else "mean"].float(),
                "std": row["std_flip" if flip else "std"].float(),

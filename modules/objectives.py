@@ -150,6 +150,7 @@ class ShortcutBatch:
     drop: Optional[torch.Tensor]    # [B] bool, True = null condition; None without a condition
     is_bootstrap: torch.Tensor      # [B] bool
     noise: torch.Tensor             # x0 of every row
+    num_flow: int                   # rows 0 .. num_flow - 1 are flow rows
 
 
 def _teacher_velocity(teacher: ModelCall, x: torch.Tensor, t: torch.Tensor, level: torch.Tensor,
@@ -222,7 +223,7 @@ def shortcut_targets(teacher: ModelCall, x1: torch.Tensor, cond: Optional[torch.
             target[n_flow:] = torch.clamp((v1 + v2) / 2, -SHORTCUT_CLIP, SHORTCUT_CLIP)
 
     return ShortcutBatch(x_t=x_t, t=t, level=level, target=target.detach(), drop=drop,
-                         is_bootstrap=is_bootstrap, noise=noise)
+                         is_bootstrap=is_bootstrap, noise=noise, num_flow=n_flow)
 
 
 class ShortcutObjective:
@@ -240,16 +241,22 @@ class ShortcutObjective:
     def loss(self, model: ModelCall, x1: torch.Tensor, cond: Optional[torch.Tensor],
              draws: Draws) -> tuple[torch.Tensor, Logs]:
         """Targets from the teacher, then one forward with gradient on the whole batch; MSE over
-        all rows. ``logs`` has no "loss_bootstrap" when the batch has no bootstrap row (B == 1 or M == 1)."""
+        all rows. ``logs`` has no "loss_bootstrap" when the batch has no bootstrap row (B == 1 or M == 1);
+        "loss_by_level" is the mean loss of the rows of each step-size level (NaN where a level has
+        no row; level log2 M holds the flow rows). Nothing here waits for the device."""
         with (self.teacher() if self.teacher is not None else nullcontext(model)) as teacher:
             batch = shortcut_targets(teacher, x1, cond, self.cfg, self.cond_drop, draws.generator, draws.index)
         pred = model(batch.x_t, batch.t, level=batch.level, cond=cond, drop=batch.drop)
         per_sample = _mse_per_sample(pred, batch.target)
         loss = per_sample.mean()
         detached = per_sample.detach()
-        logs = {"loss_flow": detached[~batch.is_bootstrap].mean()}
-        if batch.is_bootstrap.any():
-            logs["loss_bootstrap"] = detached[batch.is_bootstrap].mean()
+        logs = {"loss_flow": detached[:batch.num_flow].mean()}
+        if batch.num_flow < x1.shape[0]:
+            logs["loss_bootstrap"] = detached[batch.num_flow:].mean()
+        levels = self.cfg.num_levels + 1
+        sums = torch.zeros(levels, device=detached.device).index_add_(0, batch.level, detached)
+        counts = torch.zeros(levels, device=detached.device).index_add_(0, batch.level, torch.ones_like(detached))
+        logs["loss_by_level"] = sums / counts
         return loss, logs
 
 

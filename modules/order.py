@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -60,6 +61,12 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
             start = step * self.global_batch + self.rank * self.batch_size
             yield [(order[p], mix_seed(self.seed, epoch, p)) for p in range(start, start + self.batch_size)]
             batch += 1
+
+
+def held_out(total: int, n: int) -> np.ndarray:
+    """``n`` positions of ``total`` spread evenly (bin centres): a validation split in which every part of
+    the data set (every class of a class-folder data set) is represented."""
+    return (2 * np.arange(n, dtype=np.int64) + 1) * total // (2 * max(n, 1))
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

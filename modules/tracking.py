@@ -88,6 +88,19 @@ def log_image(accelerator: Accelerator, name: str, grid: torch.Tensor, step: int
             mlflow.log_image(array, file_name)
 
 
+def to_scalars(logs: dict[str, torch.Tensor], prefix: str = "") -> dict[str, float]:
+    """Loss logs as tracker scalars: a vector ``name`` becomes ``name_0``, ``name_1``, ... (NaN entries,
+    e.g. a step-size level absent from the batch, are left out). This is where logs reach the host."""
+    out = {}
+    for name, value in logs.items():
+        value = torch.as_tensor(value).detach().float().cpu()
+        if value.ndim == 0:
+            out[f"{prefix}{name}"] = float(value)
+        else:
+            out.update({f"{prefix}{name}_{i}": float(v) for i, v in enumerate(value) if torch.isfinite(v)})
+    return out
+
+
 class Throughput:
     """Images per second over the last logging window, across all processes."""
 

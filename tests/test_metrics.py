@@ -400,3 +400,44 @@ def test_sweep_scores_every_combination_and_resumes(tiny_unet_run, shapes_dir, e
     assert evaluate.main(sweep) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "samples").rglob("*.png")} == made
     assert json.loads((out / "sweep.json").read_text()) == rows
+
+
+def test_fid_and_validation_loss_during_training(shapes_dir, tiny_vae_run, extractor_file, pin, tmp_path,
+                                                 monkeypatch):
+    """eval.every: FID of the sampling EMA at 1, 4 and 8 steps and the held-out loss per level are
+    logged; the FID equals evaluate.py's on the same images made by sample.py (the same seeds)."""
+    import train_unet
+    from accelerate import Accelerator
+
+    from modules.train_eval import EVAL_SEED
+    reference = tmp_path / "shapes.npz"
+    assert evaluate.main(["stats", "--inception", str(extractor_file), *pin, "--image-size", str(SIZE),
+                          str(shapes_dir), "--out", str(reference)]) == 0
+    logged = {}
+    monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, **kw:
+                        logged.setdefault(step, {}).update(values))
+    out = tmp_path / "run"
+    train_unet.main(["--config", "tiny", "--data", str(shapes_dir), "--vae", str(tiny_vae_run), "--output-dir",
+                     str(out), "--report-to", "none", "--max-steps", "4", "cond.type=class",
+                     "train.checkpoint_every=4", "train.image_log_every=100", f"cache_dir={tmp_path / 'cache'}",
+                     "eval.every=2", f"eval.reference={reference}", f"eval.inception={extractor_file}",
+                     f"eval.inception_sha256={pin[1]}", "eval.num_samples=6", f"eval.image_size={SIZE}",
+                     "eval.val_images=4"])
+    for step in (2, 4):
+        assert {"fid/steps_1", "fid/steps_4", "fid/steps_8", "val/loss_flow", "val/loss_by_level_3"} <= set(logged[step])
+    assert logged[2]["fid/steps_1"] != logged[4]["fid/steps_1"]
+    samples = tmp_path / "samples"
+    import sample
+    sample.main(["--unet", str(out), "--out", str(samples), "--num-samples", "6", "--steps", "1",
+                 "--seed", str(EVAL_SEED)])
+    extractor = load_pinned(extractor_file)
+    feats = folder_features(samples, extractor, image_size=SIZE)
+    expected = frechet_distance(*feature_statistics(feats), *load_stats(reference))
+    assert logged[4]["fid/steps_1"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_fid_during_training_needs_a_vouched_inception():
+    from modules.config import ConfigError, UNetRunConfig
+    from modules.config_io import load_config
+    with pytest.raises(ConfigError, match="eval.inception_sha256"):
+        load_config(UNetRunConfig, "unet", "tiny", ["eval.every=10", "eval.reference=ref.npz", "eval.inception=x.pt"])

@@ -154,7 +154,7 @@ def test_teacher_gets_no_gradient():
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
-    assert set(logs) == {"loss_flow", "loss_bootstrap"}
+    assert set(logs) == {"loss_flow", "loss_bootstrap", "loss_by_level"}
 
 
 def test_model_as_own_teacher_gets_gradient_only_from_the_student_forward():
@@ -274,6 +274,10 @@ def test_shortcut_loss_is_the_mse_of_one_forward():
     assert torch.allclose(loss, F.mse_loss(pred, b.target))
     assert torch.allclose(logs["loss_flow"], per_sample[:9].mean())
     assert torch.allclose(logs["loss_bootstrap"], per_sample[9:].mean())
+    for level in range(6):                  # levels 0..4 bootstrap, 5 = log2 32 the flow rows
+        rows = b.level == level
+        expected = per_sample[rows].mean() if rows.any() else torch.tensor(float("nan"))
+        assert torch.allclose(logs["loss_by_level"][level], expected, equal_nan=True), level
     assert not logs["loss_flow"].requires_grad
     again, _ = obj.loss(model, x1, labels, draws(5))
     other, _ = obj.loss(model, x1, labels, draws(6))
