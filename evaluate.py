@@ -130,8 +130,9 @@ class Evaluator:
         if feats.shape[1] != mu.shape[0]:
             raise MetricsError(f"the reference has {mu.shape[0]}-d features but the extractor gives "
                                f"{feats.shape[1]}-d: statistics from a different network")
-        if feats.shape[0] < 2:
-            raise MetricsError(f"{feats.shape[0]} sample(s): FID needs at least 2")
+        if feats.shape[0] < feats.shape[1]:
+            raise MetricsError(f"{feats.shape[0]} samples for {feats.shape[1]}-d features: their covariance is "
+                               f"singular and the FID meaningless; use at least {feats.shape[1]} (the papers use 50 000)")
         result = {"num_samples": int(feats.shape[0]), "fid": frechet_distance(*feature_statistics(feats), mu, sigma)}
         if (want_kid or want_pr) and ref_features is None:
             raise MetricsError("KID and precision/recall need the reference's features: make it with "

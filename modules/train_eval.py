@@ -13,6 +13,8 @@ before any training.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from modules.config import UNetRunConfig
@@ -23,6 +25,7 @@ from modules.metrics import feature_statistics, frechet_distance
 from modules.objectives import Draws
 from modules.seeding import image_seed, mix_seed
 
+logger = logging.getLogger("modules.train_eval")
 EVAL_SEED = 0x5EED   # the evaluation images' own seeds, apart from the run's training seed
 
 
@@ -33,6 +36,7 @@ class TrainingEvaluator:
         self.latent_scale, self.val_set = latent_scale, val_set
         e = cfg.eval
         self.extractor = self.reference = None
+        self.warned = False
         if e.every and e.reference:
             self.reference = load_stats(e.reference)
             self.extractor = load_inception(e.inception, accelerator.device, e.inception_sha256)
@@ -64,6 +68,10 @@ class TrainingEvaluator:
                 arrays.extend(to_uint8(images))
             local = extract_local(arrays, self.extractor, e.batch_size, acc.device, e.image_size, workers=1)
             found = gather(local, mine, acc) if acc.num_processes > 1 else local
+            if acc.is_main_process and found.features.shape[0] < found.features.shape[1] and not self.warned:
+                self.warned = True
+                logger.warning("eval.num_samples=%d is below the feature dimension %d: the FID is biased upward "
+                               "(compare such values only with each other)", *found.features.shape)
             if acc.is_main_process:
                 scores[f"fid/steps_{steps}"] = frechet_distance(*feature_statistics(found.features), *self.reference)
         return scores

@@ -355,6 +355,13 @@ def test_evaluate_metrics_command_reports_every_metric(folders, extractor_file, 
     assert evaluate.main(["metrics", "--inception", str(extractor_file), *pin, "--image-size", str(SIZE),
                           "--kid", "--pr", "--is", str(folders["a"]), str(reference)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    few = tmp_path / "few"
+    few.mkdir()
+    for p in sorted(folders["a"].iterdir())[:10]:
+        (few / p.name).write_bytes(p.read_bytes())
+    assert evaluate.main(["fid", "--inception", str(extractor_file), *pin, "--image-size", str(SIZE),
+                          str(few), str(reference)]) == 2
+    assert "10 samples for 64-d features" in capsys.readouterr().err
     extractor = load_pinned(extractor_file)
     a = folder_features(folders["a"], extractor, image_size=SIZE)
     b = folder_features(folders["b"], extractor, image_size=SIZE)
@@ -384,12 +391,12 @@ def test_sweep_scores_every_combination_and_resumes(tiny_unet_run, shapes_dir, e
     reference = tmp_path / "shapes.npz"
     assert evaluate.main(["stats", *common, str(shapes_dir), "--out", str(reference)]) == 0
     sweep = ["sweep", *common, "--unet", str(tiny_unet_run), "--ref", str(reference), "--steps", "1,2",
-             "--cfg-scales", "1,2", "--num-samples", "6", "--kid", "--pr", "--out", str(tmp_path / "sweep")]
+             "--cfg-scales", "1,2", "--num-samples", "64", "--kid", "--pr", "--out", str(tmp_path / "sweep")]
     assert evaluate.main(sweep) == 0
     out = tmp_path / "sweep"
     rows = json.loads((out / "sweep.json").read_text())
     assert set(rows) == {"steps_1_cfg_1", "steps_2_cfg_1", "steps_1_cfg_2", "steps_2_cfg_2"}
-    assert all(r["num_samples"] == 6 and r["fid"] > 0 and "kid" in r and "recall" in r for r in rows.values())
+    assert all(r["num_samples"] == 64 and r["fid"] > 0 and "kid" in r and "recall" in r for r in rows.values())
     table = (out / "sweep.md").read_text()
     assert "| steps | cfg_scale | fid | kid | precision | recall |" in table
     assert table.count("\n| ") == 6                       # the header, the rule and 4 rows
