@@ -50,6 +50,18 @@ def save_model_folder(folder: str | Path, state_dict: dict[str, torch.Tensor], c
     return folder
 
 
+def recover_model_folder(folder: str | Path) -> None:
+    """Undo what a kill inside :func:`save_model_folder` left: the previous export back in place
+    if the new one never arrived, and no ``.tmp`` / ``.old`` leftovers."""
+    folder = Path(folder)
+    tmp, old = (folder.with_name(folder.name + suffix) for suffix in (".tmp", ".old"))
+    if not folder.exists() and (old / CONFIG_NAME).is_file():
+        old.rename(folder)
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+
+
 def read_config(folder: str | Path, kind: str | None = None) -> dict:
     folder = Path(folder)
     path = folder / CONFIG_NAME

@@ -4,7 +4,8 @@
 folder, proves it writable, and takes an OS lock (``flock`` on ``.lock``) that the run holds
 until it ends, so a second run on the same folder is refused while the first lives, and a lock
 left by a killed run never blocks (the kernel drops it with the process). A folder holding
-checkpoints or finished exports belongs to its run: only ``--resume`` may continue it.
+checkpoints or finished exports belongs to its run: only ``--resume`` may continue it. An export
+that a kill interrupted is put right before the run goes on.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from accelerate import Accelerator
 from modules.accelerator import broadcast
 from modules.config_io import save_json
 from modules.errors import CheckpointError
+from modules.export import recover_model_folder
 
 CONFIG_NAME = "config.json"
 LOCK_NAME = ".lock"
@@ -58,8 +60,11 @@ def claim_output_dir(accelerator: Accelerator, output_dir: Path, resume: Optiona
     fd, problem = None, None
     if accelerator.is_main_process:
         fd, problem = _take_lock(output_dir)
-        if problem is None and not resume:
-            problem = _owned_by_another_run(output_dir)
+        if problem is None:
+            for name in EXPORT_FOLDERS:
+                recover_model_folder(output_dir / name)
+            if not resume:
+                problem = _owned_by_another_run(output_dir)
     verdict = broadcast(problem, accelerator)
     try:
         if verdict:

@@ -263,7 +263,9 @@ def test_sigkill_during_checkpoint_and_export_and_at_random_then_resume_gives_th
     # Inside the export that follows a checkpoint.
     run = spawn(["train_unet.py", *args], "3_mid_export")
     exports = [out / name for name in ("unet.tmp", "unet_ema.tmp", "unet.old", "unet_ema.old")]
-    kill_inside(run, lambda: [p for p in exports if p.exists()], "an export being written")
+    # (the random kill may itself have landed in an export: its leftovers go before "resumed from")
+    kill_inside(run, lambda: "resumed from" in run.text() and [p for p in exports if p.exists()],
+                "an export being written")
     assert f"resumed from {checkpoints / f'step_{previous}'}" in run.text()
     previous = newest_valid(checkpoints)
     assert previous < UNET_STEPS
@@ -285,6 +287,21 @@ def test_killed_after_the_last_checkpoint_resume_writes_the_exports(stage2, tmp_
     train_unet.main(unet_args(stage2, out, "--resume", "latest"))
     assert_matches_reference(stage2, out)
     assert load_unet(out / "unet_ema") is not None
+    assert not (out / "unet.old").exists()
+
+
+def test_an_export_interrupted_between_its_renames_is_put_back_at_the_next_start(stage2, tmp_path):
+    """A kill between ``unet -> unet.old`` and ``unet.tmp -> unet`` leaves no ``unet/``: the
+    next start puts the previous export back (sample.py can use it again) and drops the leftovers."""
+    out = tmp_path / "run"
+    shutil.copytree(stage2.reference, out)
+    (out / "unet").rename(out / "unet.old")
+    shutil.copytree(out / "unet_ema", out / "unet.tmp")
+    shutil.copytree(out / "unet_ema", out / "unet_ema.old")
+    with pytest.raises(SystemExit):   # refused: a new run may not take this folder, but it is repaired first
+        run_cli(train_unet.main, unet_args(stage2, out))
+    assert_same_weights(out / "unet", stage2.reference / "unet")
+    assert not any((out / name).exists() for name in ("unet.old", "unet.tmp", "unet_ema.old"))
 
 
 def test_sigkill_stage1_several_times_then_resume_gives_the_same_vae(shapes_dir, tmp_path, spawn):
