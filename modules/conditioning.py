@@ -1,11 +1,12 @@
-"""Condition encoders for the stage-2 networks (``cond.type``: none | class | mask), with a learned null condition.
+"""Condition encoders for the stage-2 networks (``cond.type``: none | class | mask), with a learned null
+condition.
 
 A :class:`Conditioner` turns the user's condition into up to three inputs of the network:
 an embedding added to the time embedding, cross-attention context tokens (only for a network
-that reads them: the UNet, not the DiT), and extra input channels concatenated to the latents. Classifier-free guidance drops whole samples: a
-dropped sample (``drop[i]`` True) or a missing condition (``cond=None``) gets the learned
-null condition, and the dropped sample's own label or mask is never read, so it carries
-no information into the network.
+that reads them: the UNet, not the DiT), and extra input channels concatenated to the latents.
+Classifier-free guidance drops whole samples: a dropped sample (``drop[i]`` True) or a missing
+condition (``cond=None``) gets the learned null condition, and the dropped sample's own label or
+mask is never read, so it carries no information into the network.
 """
 from __future__ import annotations
 

@@ -23,7 +23,8 @@ TIME_SCALE = 1000.0   # t in [0, 1] is embedded as t * 1000: raw [0, 1] would co
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: int = 0) -> torch.Tensor:
-    """Sinusoid ``[cos(t * 1000 * f_i), sin(t * 1000 * f_i)]``, ``f_i = max_period^(-i / (dim // 2 - freq_shift))``: ``[B, dim]``.
+    """Sinusoid ``[cos(t * 1000 * f_i), sin(t * 1000 * f_i)]``: ``[B, dim]``, with
+    ``f_i = max_period^(-i / (dim // 2 - freq_shift))``.
 
     ``freq_shift`` 0 is the DiT and ADM code's spacing; 1 is what diffusers' DiT embedder uses
     (``downscale_freq_shift=1``), kept so a converted diffusers DiT computes exactly its function.

@@ -206,7 +206,8 @@ def _load_diffusers_folder(folder: Path, config: dict) -> AutoencoderKL:
         hint = f" (found {', '.join(others)}; only .safetensors is accepted)" if others else ""
         raise ModelFolderError(f"{folder}: diffusers AutoencoderKL folder without {DIFFUSERS_WEIGHTS_NAME}{hint}")
     cfg = _config_from_diffusers(config, folder / CONFIG_NAME)
-    return load_state_strict(AutoencoderKL(cfg), convert_diffusers_state_dict(read_weights(weights)), weights, VAE_CONFIG)
+    state = convert_diffusers_state_dict(read_weights(weights))
+    return load_state_strict(AutoencoderKL(cfg), state, weights, VAE_CONFIG)
 
 
 def _load_ldm_file(path: Path) -> AutoencoderKL:

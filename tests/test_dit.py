@@ -161,7 +161,8 @@ def test_zero_at_init_then_time_level_and_class_matter_and_drop_is_the_null_labe
         model = perturbed(model)
         out = model(x, t, level=level, cond=labels)
         assert out.shape == x.shape and torch.isfinite(out).all()
-        for changed in (dict(t=t + torch.tensor([0.01, 0, 0])), dict(level=torch.tensor([1, 1, 3])), dict(cond=torch.tensor([3, 1, 2]))):
+        for changed in (dict(t=t + torch.tensor([0.01, 0, 0])), dict(level=torch.tensor([1, 1, 3])),
+                        dict(cond=torch.tensor([3, 1, 2]))):
             other = model(**{"x": x, "t": t, "level": level, "cond": labels, **changed})
             assert (other[0] - out[0]).abs().max() > 1e-3 and torch.allclose(other[1:], out[1:], atol=1e-6)
         null = model(x, t, level=level, cond=torch.full((3,), 5))
