@@ -1,4 +1,4 @@
-"""Generation speed: noise to decoded images, ours against diffusers' UNet + VAE of the same widths.
+"""Generation speed: noise to decoded images, ours against diffusers' UNet (or DiT) + VAE of the same widths.
 
     python benchmarks/bench_sample.py --device cuda --batch 1,64 --steps 1,4,128 [--compile]
     python benchmarks/bench_sample.py --unet-preset tiny --vae-preset tiny --device cpu --batch 1,2 --steps 1,2
@@ -7,9 +7,9 @@ Per (batch, steps): the median wall time of one whole generation, from noise thr
 network evaluations (Euler / shortcut steps, one conditional forward each: guidance scale 1)
 to the decoded images, with bf16 weights and compute on CUDA (float32 on CPU). Ours is
 ``modules.generation`` (what sample.py runs); diffusers' is ``UNet2DConditionModel`` (the
-preset's widths, as ``bench_unet.py`` builds it) and ``AutoencoderKL`` (``bench_vae.py``'s),
-stepped by the same Euler loop. ``--compile`` compiles both networks and both decoders with
-``mode="reduce-overhead"`` (CUDA graphs on GPU). Prints a markdown table with ours/diffusers
+preset's widths, as ``bench_unet.py`` builds it; ``DiTTransformer2DModel`` for a DiT preset) and
+``AutoencoderKL`` (``bench_vae.py``'s), stepped by the same Euler loop. ``--compile`` compiles
+both networks and both decoders with ``mode="reduce-overhead"`` (CUDA graphs on GPU). Prints a markdown table with ours/diffusers
 ratios; ``--json OUT`` also writes the numbers. Random weights: this measures speed, not images.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ import bench_vae  # noqa: E402
 from modules.config import ConfigError, UNetRunConfig, VAERunConfig  # noqa: E402
 from modules.config_io import load_config  # noqa: E402
 from modules.generation import GenerationSpec, decode_latents, generate_latents  # noqa: E402
-from modules.unet import UNet  # noqa: E402
+from modules.networks import build_network  # noqa: E402
 from modules.vae import AutoencoderKL  # noqa: E402
 
 NUM_CLASSES = bench_unet.NUM_CLASSES
@@ -87,7 +87,7 @@ def median_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> f
 
 
 def ours(args, device, dtype) -> Callable[[int, int], torch.Tensor]:
-    unet = UNet(args.cfg.model, args.cfg.cond).to(device, dtype).eval()
+    unet = build_network(args.cfg.model, args.cfg.cond).to(device, dtype).eval()
     vae = AutoencoderKL(args.vae_cfg).to(device, dtype).eval()
     if args.compile:
         unet = torch.compile(unet, mode="reduce-overhead")
@@ -119,7 +119,7 @@ def diffusers(args, device, dtype) -> Callable[[int, int], torch.Tensor]:
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             for i in range(steps):
                 t = torch.full((batch,), 1000.0 * i / steps, device=device)
-                v = unet(x.to(dtype), t, encoder_hidden_states=context, class_labels=labels).sample
+                v = bench_unet.call_diffusers(unet, x.to(dtype), t, labels, context, m.arch == "dit")
                 x = x + v.float() / steps
             return vae.decode(x.to(dtype)).sample.float().clamp(-1, 1)
     return generate

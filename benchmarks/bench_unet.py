@@ -1,6 +1,9 @@
-"""Speed and memory of our UNet against diffusers' UNet2DConditionModel of matching widths.
+"""Speed and memory of our stage-2 network against diffusers' of the same size: a UNet against
+UNet2DConditionModel of matching widths, a DiT (``--preset dit-s|dit-b|dit-l|dit-xl|dit-tiny``)
+against DiTTransformer2DModel of the same width, depth, heads and patch.
 
     python benchmarks/bench_unet.py --preset sd15 --batch 64 --steps 20 --device cuda --dtype bf16 [--compile]
+    python benchmarks/bench_unet.py --preset dit-b --batch 256 --steps 20 --device cuda --dtype bf16 [--compile]
     python benchmarks/bench_unet.py --preset tiny --batch 2 --steps 2 --device cpu
 
 Measured per model on random latents (``--latent-size``, 32 = 256 px images): training
@@ -9,8 +12,10 @@ images/s of one flow-matching step (MSE to x1 - x0, AdamW, fused on CUDA, autoca
 gradients at batch 1 and at --batch. The diffusers model gets the same block widths,
 blocks per level, attention levels, head width, transformer depth, cross-attention width and
 the same number of context tokens as ours produces (one for ``--cond class``); with
-``--cond none`` ours has no cross-attention while diffusers' still does. Prints a markdown
-table with ours/diffusers ratios; ``--json OUT`` also writes the numbers.
+``--cond none`` ours has no cross-attention while diffusers' still does. diffusers' DiT is always
+class-conditional (``--cond none``: it gets the null label) and gives every block its own copy of the
+time and class embedders, which ours computes once. Prints a markdown table with ours/diffusers
+ratios; ``--json OUT`` also writes the numbers.
 """
 from __future__ import annotations
 
@@ -32,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from modules.attention import attention_backend  # noqa: E402
 from modules.config import ConfigError, UNetRunConfig  # noqa: E402
 from modules.config_io import load_config  # noqa: E402
-from modules.unet import UNet, count_parameters  # noqa: E402
+from modules.networks import build_network  # noqa: E402
+from modules.unet import count_parameters  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NUM_CLASSES = 1000
@@ -41,7 +47,9 @@ CONTEXT_TOKENS = 1   # what our class conditioning gives cross-attention; diffus
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="sd15", help="a configs/unet preset (sd15, seed, tiny) or a JSON file")
+    p.add_argument("--preset", default="sd15",
+                   help="a configs/unet preset (sd15, seed, tiny, dit-s, dit-b, dit-l, dit-xl, dit-tiny) "
+                        "or a JSON file")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=20, help="timed training steps / forward calls")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations before each measurement")
@@ -70,10 +78,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                                + ([f"cond.num_classes={NUM_CLASSES}"] if args.cond == "class" else []))
     except ConfigError as e:
         p.error(str(e))
-    factor = 2 ** (len(args.cfg.model.channel_mult) - 1)
+    m = args.cfg.model
+    factor, why = ((m.patch_size, "its patch size") if m.arch == "dit"
+                   else (2 ** (len(m.channel_mult) - 1), f"{len(m.channel_mult)} levels"))
     if args.latent_size % factor:
-        p.error(f"--latent-size {args.latent_size} is not divisible by {factor} "
-                f"({len(args.cfg.model.channel_mult)} levels in preset {args.preset})")
+        p.error(f"--latent-size {args.latent_size} is not divisible by {factor} ({why} in preset {args.preset})")
+    if m.arch == "dit" and m.mlp_ratio != 4:
+        p.error(f"preset {args.preset}: diffusers' DiT has MLP ratio 4, the preset {m.mlp_ratio}")
     return args
 
 
@@ -98,22 +109,39 @@ class Inputs:
             self.labels = torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(device)
             self.drop = (torch.rand(batch, generator=g) < 0.1).to(device)
         self.context = torch.randn(batch, CONTEXT_TOKENS, m.context_dim, generator=g).to(device)
+        self.dit = m.arch == "dit"
 
     def ours(self, model: torch.nn.Module) -> torch.Tensor:
         return model(self.x_t, self.t, level=self.level, cond=self.labels, drop=self.drop)
 
     def diffusers(self, model: torch.nn.Module) -> torch.Tensor:
         labels = None if self.labels is None else torch.where(self.drop, NUM_CLASSES, self.labels)
-        return model(self.x_t, self.t * 1000, encoder_hidden_states=self.context, class_labels=labels).sample
+        if self.dit and labels is None:
+            labels = torch.full_like(self.t, NUM_CLASSES, dtype=torch.long)
+        return call_diffusers(model, self.x_t, self.t * 1000, labels, self.context, self.dit)
+
+
+def call_diffusers(model: torch.nn.Module, x: torch.Tensor, timesteps: torch.Tensor, labels: Optional[torch.Tensor],
+                   context: torch.Tensor, dit: bool) -> torch.Tensor:
+    """One forward of the diffusers model (timesteps in [0, 1000)); its DiT reads no context tokens."""
+    if dit:
+        return model(x, timesteps, class_labels=labels).sample
+    return model(x, timesteps, encoder_hidden_states=context, class_labels=labels).sample
 
 
 def build_diffusers(args: argparse.Namespace):
-    """UNet2DConditionModel with our preset's widths, or None when diffusers is not importable."""
+    """UNet2DConditionModel with our preset's widths (DiTTransformer2DModel of the same size for a DiT),
+    or None when diffusers is not importable."""
     try:
-        from diffusers import UNet2DConditionModel
+        from diffusers import DiTTransformer2DModel, UNet2DConditionModel
     except ImportError:
         return None
     m = args.cfg.model
+    if m.arch == "dit":
+        return DiTTransformer2DModel(
+            num_attention_heads=m.num_heads, attention_head_dim=m.hidden_size // m.num_heads,
+            in_channels=m.in_channels, num_layers=m.depth, sample_size=args.latent_size, patch_size=m.patch_size,
+            num_embeds_ada_norm=NUM_CLASSES, norm_eps=1e-6)
     levels = range(len(m.channel_mult))
     widths = tuple(m.base_channels * mult for mult in m.channel_mult)
     return UNet2DConditionModel(
@@ -219,7 +247,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    ours = UNet(args.cfg.model, args.cfg.cond)
+    ours = build_network(args.cfg.model, args.cfg.cond)
     results = [measure("ours", ours, Inputs.ours, args)]
     del ours
     free(device)
@@ -229,11 +257,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
         del diffusers_model
         free(device)
     dtype = DTYPES[args.dtype]
-    header = (f"UNet preset `{args.preset}`, cond {args.cfg.cond.type}, latents {args.latent_size}x{args.latent_size}"
-              f"x{args.cfg.model.in_channels}, batch {args.batch}, {args.steps} steps, {device.type} "
+    network = {"unet": "UNet", "dit": "DiT"}[args.cfg.model.arch]
+    header = (f"{network} preset `{args.preset}`, cond {args.cfg.cond.type}, "
+              f"latents {args.latent_size}x{args.latent_size}x{args.cfg.model.in_channels}, batch {args.batch}, {args.steps} steps, {device.type} "
               f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), {args.dtype}"
               f"{', compiled' if args.compile else ''}{', channels_last' if args.channels_last else ''}, "
-              f"attention {attention_backend(device, dtype)}, diffusers context tokens {CONTEXT_TOKENS}, "
+              f"attention {attention_backend(device, dtype)}, "
+              f"{'' if args.cfg.model.arch == 'dit' else f'diffusers context tokens {CONTEXT_TOKENS}, '}"
               f"torch {torch.__version__}")
     print(table(results, args, header))
     report = {"preset": args.preset, "cond": args.cfg.cond.type, "batch": args.batch, "steps": args.steps,
