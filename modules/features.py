@@ -139,6 +139,10 @@ def list_images(folder: str | Path) -> list[Path]:
         raise MetricsError(f"image folder {folder}: its sampling run did not finish (no manifest.jsonl); "
                            "run the same sample.py command again to complete it")
     listed = _listed_files(folder)
+    requested = _requested_count(folder)
+    if listed is not None and requested is not None and len(listed) < requested:
+        raise MetricsError(f"image folder {folder}: its sampling run made {len(listed)} of the {requested} images "
+                           "requested; run the same sample.py command again to complete it")
     if listed is not None:
         files = [folder / name for name in listed]
         missing = [str(f) for f in files if not f.is_file()]
@@ -149,6 +153,15 @@ def list_images(folder: str | Path) -> list[Path]:
     if not files:
         raise MetricsError(f"image folder {folder} has no .png, .jpg, .webp or other image files")
     return files
+
+
+def _requested_count(folder: Path) -> Optional[int]:
+    """How many images a sample.py folder's request.json asked for, or None (not a sample folder)."""
+    try:
+        count = json.loads((folder / "request.json").read_text()).get("count")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return count if isinstance(count, int) else None
 
 
 def _listed_files(folder: Path) -> Optional[list[str]]:

@@ -70,7 +70,7 @@ def test_latent_cache_reused_and_rebuilt(shapes_dir, tiny_vae_run, tmp_path, cap
     assert "using latent cache" in caplog.text and "building" not in caplog.text
     caplog.clear()
     train(shapes_dir, tiny_vae_run, tmp_path / "c", *args, "data.image_size=16")
-    assert "building latent cache" in caplog.text
+    assert "building latent cache" in caplog.text and "differs in: image_size" in caplog.text
     caplog.clear()
     # Another VAE (same architecture, different weights) must not reuse the latents.
     other_vae = tmp_path / "other_vae"
@@ -94,6 +94,27 @@ def test_latent_cache_reused_and_rebuilt(shapes_dir, tiny_vae_run, tmp_path, cap
     latents = LatentDataset(folder, hflip=True)
     item = latents[(0, 1)]
     assert item["mean"].shape == (4, 16, 16) and (item["std"] > 0).all()
+
+
+def test_a_missing_cache_says_whether_the_data_changed(tmp_path):
+    """m5: with a cache of the same VAE and settings for other data next to it, the reason for
+    encoding is that the data changed, not "no cache yet"."""
+    from modules.latent_cache import cache_folder, cache_problem
+    key = {"vae": "v" * 32, "data": "d" * 32, "split": "train", "image_size": 32, "hflip": True, "masks": False,
+           "format": 2}
+    assert "no cache for data fingerprint dddddddddddd" in cache_problem(cache_folder(tmp_path, key), key, 24)
+    old = cache_folder(tmp_path, {**key, "data": "e" * 32})
+    old.mkdir()
+    (old / "cache_info.json").write_text(json.dumps({"key": {**key, "data": "e" * 32}, "num_items": 24, "files": {}}))
+    other = cache_folder(tmp_path, {**key, "data": "f" * 32, "image_size": 16})
+    other.mkdir()
+    (other / "cache_info.json").write_text(json.dumps({"key": {**key, "data": "f" * 32, "image_size": 16}}))
+    (tmp_path / "latents_damaged").mkdir()
+    (tmp_path / "latents_damaged" / "cache_info.json").write_text("[1, 2")
+    problem = cache_problem(cache_folder(tmp_path, key), key, 24)
+    assert problem.startswith(f"the data changed since cache {old.name} was built") and "eeee" in problem, problem
+    flipless = {**key, "hflip": False}
+    assert "differs in: data, hflip" in cache_problem(cache_folder(tmp_path, flipless), flipless, 24)
 
 
 @pytest.mark.parametrize("objective", ["flow", "ddpm"])
