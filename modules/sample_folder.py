@@ -20,7 +20,6 @@ from __future__ import annotations
 import array
 import itertools
 import json
-import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from PIL import Image
 
+from modules.checkpoint import write_atomically
 from modules.config_io import diff_fields
 from modules.errors import ConfigError
 
@@ -107,9 +107,7 @@ class SampleFolder:
                     (self.out / name).unlink(missing_ok=True)
                 shutil.rmtree(self.out / PARTS, ignore_errors=True)
             (self.out / PARTS).mkdir(exist_ok=True)
-            tmp = self.out / f".{REQUEST}.tmp"
-            tmp.write_text(json.dumps(self.request, indent=1) + "\n")
-            os.replace(tmp, self.out / REQUEST)
+            write_atomically(self.out / REQUEST, lambda tmp: tmp.write_text(json.dumps(self.request, indent=1) + "\n"))
         except (OSError, json.JSONDecodeError) as e:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             raise ConfigError(f"--out {self.out}: cannot use it ({reason})") from None
@@ -140,10 +138,10 @@ class SampleFolder:
 
     def write_manifest(self, indices: Iterable[int], make_record: Callable[[int], dict]) -> None:
         """``manifest.jsonl`` (atomically) of the images ``indices``, their records made by ``make_record``."""
-        tmp = self.out / f".{MANIFEST}.tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(make_record(int(i))) + "\n" for i in indices)
-        os.replace(tmp, self.out / MANIFEST)
+        def write(tmp: Path) -> None:
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(make_record(int(i))) + "\n" for i in indices)
+        write_atomically(self.out / MANIFEST, write)
 
     def merge(self, make_record: Callable[[int], dict]) -> None:
         """Main process, after every process closed its part: one sorted manifest, parts removed."""
@@ -162,12 +160,11 @@ class SampleFolder:
         first = np.asarray(Image.open(self.out / file_of(0)).convert("RGB"))
         header = {"descr": np.lib.format.dtype_to_descr(first.dtype), "fortran_order": False,
                   "shape": (count, *first.shape)}
-        path, tmp = self.out / "samples.npz", self.out / ".samples.tmp.npz"
-        with zipfile.ZipFile(tmp, "w", allowZip64=True) as archive, \
-                archive.open("arr_0.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array_header_1_0(f, header)
-            for i in range(count):
-                with Image.open(self.out / file_of(i)) as img:
-                    f.write(np.asarray(img.convert("RGB"), dtype=first.dtype).tobytes())
-        os.replace(tmp, path)
-        return path
+        def write(tmp: Path) -> None:
+            with zipfile.ZipFile(tmp, "w", allowZip64=True) as archive, \
+                    archive.open("arr_0.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, header)
+                for i in range(count):
+                    with Image.open(self.out / file_of(i)) as img:
+                        f.write(np.asarray(img.convert("RGB"), dtype=first.dtype).tobytes())
+        return write_atomically(self.out / "samples.npz", write)
