@@ -197,3 +197,27 @@ def test_memory_switches_train_the_same_weights(shapes_dir, tiny_vae_run, tmp_pa
     train(shapes_dir, tiny_vae_run, tmp_path / "switched", *common, "train.gradient_checkpointing=true",
           "train.channels_last=true")
     assert_same_weights(tmp_path / "plain" / "unet", tmp_path / "switched" / "unet", atol=1e-5)
+
+
+def test_held_out_latents_never_reach_a_training_batch(shapes_dir, tiny_vae_run, tiny_unet_run, tmp_path, monkeypatch):
+    """eval.val_images: the validation loss is computed on latents that training never draws."""
+    trained, held_out = [], []
+    real_loader, real_evaluator = train_unet.make_loader, train_unet.TrainingEvaluator
+
+    def recording_loader(*args, **kwargs):
+        for batch in real_loader(*args, **kwargs):
+            trained.extend(batch["index"].tolist())
+            yield batch
+
+    class RecordingEvaluator(real_evaluator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            held_out.extend(int(self.val_set[i]["index"]) for i in range(len(self.val_set)))
+
+    monkeypatch.setattr(train_unet, "make_loader", recording_loader)
+    monkeypatch.setattr(train_unet, "TrainingEvaluator", RecordingEvaluator)
+    train(shapes_dir, tiny_vae_run, tmp_path / "run", "--max-steps", "8", "cond.type=class", "eval.every=4",
+          "eval.val_images=4", "train.image_log_every=100", f"cache_dir={tiny_unet_run.parent / 'latent_cache'}")
+    assert len(set(held_out)) == 4
+    assert not set(trained) & set(held_out), sorted(set(trained) & set(held_out))
+    assert set(trained) | set(held_out) == set(range(24))       # every other latent is trained on
