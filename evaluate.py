@@ -200,6 +200,7 @@ def preflight(args) -> None:
         raise MetricsError(f"reference {reference} not found")
     if reference_sources(reference) is None:
         load_stats(reference)               # a statistics file: validated now
+        load_source_size(reference)
     if args.command in ("fid", "metrics"):
         list_images(args.folder_a)          # exists, holds images, and a sampling run there finished
     for out in (getattr(args, "out", None) if args.command == "stats" else None, getattr(args, "save_stats", None)):
