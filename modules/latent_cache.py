@@ -87,7 +87,7 @@ def cache_problem(folder: Path, key: dict, num_items: int) -> Optional[str]:
 
 def _nearest_other_cache(folder: Path, key: dict) -> str:
     """Why no cache fits ``key``, named by the other cache next to it that differs least: changed
-    data then reads as changed data, not as a first run."""
+    data then reads as such, not as a first run."""
     nearest = None
     for info_path in folder.parent.glob(f"latents_*/{INFO_NAME}"):
         try:
@@ -101,8 +101,9 @@ def _nearest_other_cache(folder: Path, key: dict) -> str:
         return f"no cache for data fingerprint {key['data'][:12]} with this VAE and settings yet"
     name, saved, changed = nearest
     if changed == ["data"]:
-        return (f"the data changed since cache {name} was built (data fingerprint {str(saved['data'])[:12]} -> "
-                f"{key['data'][:12]}): no cache for this data yet")
+        return (f"no cache for this data yet: its fingerprint {key['data'][:12]} differs from "
+                f"{str(saved['data'])[:12]} of cache {name} (same VAE and settings), so the data changed or is "
+                "another data set")
     return f"no cache for these settings yet (the nearest, {name}, differs in: {', '.join(changed)})"
 
 
