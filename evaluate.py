@@ -10,7 +10,9 @@ A reference is an image folder, a ``datasets`` save_to_disk folder, an ADM refer
 (images ``arr_0``) or a statistics ``.npz`` written by ``stats`` (mu, sigma and the features,
 so KID and precision/recall work against it). Images: the files of a sample.py manifest or an
 imagefolder metadata file, else every image file under the folder; read and resized as
-clean-fid does (modules/features.py). Under ``accelerate launch`` every process extracts (and,
+clean-fid does (modules/features.py). Samples are not scored against a reference made from
+images of another resolution (the statistics file records it) unless ``--allow-other-resolution``:
+that is a different measurement (clean-fid keeps statistics per resolution for the same reason). Under ``accelerate launch`` every process extracts (and,
 in a sweep, generates) its share. The Inception file runs code when loaded: vouch for it with
 ``--inception-sha256`` (or ``--trust-inception-code``).
 """
@@ -21,6 +23,7 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -29,9 +32,11 @@ import torch
 from accelerate import PartialState
 
 from modules.accelerator import broadcast, finish
+from modules.checkpoint import write_atomically, write_or_fail
 from modules.errors import MetricsError, UserError
-from modules.features import (INCEPTION_URL, extract, list_images, load_features, load_inception, load_stats,
-                              reference_sources, save_stats)
+from modules.export import find_model_folder, read_unet_export
+from modules.features import (INCEPTION_URL, extract, list_images, load_features, load_inception, load_source_size,
+                              load_stats, reference_sources, save_stats, size_text)
 from modules.metrics import (feature_statistics, frechet_distance, inception_score, kernel_inception_distance,
                              precision_recall)
 from modules.plots import line_plot
@@ -53,6 +58,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_metric_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-other-resolution", action="store_true",
+                        help="score samples against a reference made from images of another resolution "
+                             "(a different measurement: refused without this flag)")
     parser.add_argument("--kid", action="store_true", help="also KID (needs the reference's features)")
     parser.add_argument("--pr", action="store_true", help="also precision and recall, k = 3 (needs the features)")
     parser.add_argument("--is", dest="inception_score", action="store_true", help="also the Inception Score")
@@ -63,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     fid = sub.add_parser("fid", help="FID between FOLDER_A and a reference (printed alone)")
     _add_common(fid)
+    fid.add_argument("--allow-other-resolution", action="store_true",
+                     help="score samples against a reference made from images of another resolution")
     fid.add_argument("folder_a", metavar="FOLDER_A", help="image folder (e.g. generated samples)")
     fid.add_argument("reference", metavar="REFERENCE", help="image folder, save_to_disk folder or .npz")
     fid.add_argument("--save-stats", metavar="OUT.npz", help="also save FOLDER_A's statistics")
@@ -91,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------- features and scores
 
+@dataclass
+class Reference:
+    """What samples are scored against."""
+    name: str
+    stats: tuple[np.ndarray, np.ndarray]              # mu, sigma
+    features: Optional[np.ndarray]                    # for KID and precision/recall, when known
+    source_size: Optional[tuple[int, int]]            # (height, width) of its images, when one size
+
+
 class Evaluator:
     """The extractor and the settings every command shares, on this process's device."""
 
@@ -113,19 +132,31 @@ class Evaluator:
         return extract(sources, self.extractor, a.batch_size, self.device, a.image_size, a.workers, probabilities,
                        self.state if self.state.num_processes > 1 else None)
 
-    def reference(self, reference: str) -> tuple[tuple[np.ndarray, np.ndarray], Optional[np.ndarray]]:
-        """((mu, sigma), features or None) of a reference, its features extracted when it is made of images."""
+    def reference(self, reference: str) -> Optional[Reference]:
+        """A reference, its features extracted when it is made of images (None on the other processes:
+        the main one has the result)."""
         sources = reference_sources(reference)
         if sources is None:
-            return load_stats(reference), load_features(reference)
+            return Reference(reference, load_stats(reference), load_features(reference), load_source_size(reference))
         found = self.features(sources)
-        if found is None:           # another process: the main one has the result
-            return (None, None), None
-        return feature_statistics(found.features), found.features
+        if found is None:
+            return None
+        return Reference(reference, feature_statistics(found.features), found.features, found.source_size)
 
-    def scores(self, sample_features, reference, want_kid: bool, want_pr: bool, want_is: bool) -> dict:
+    def check_resolution(self, sample_size: Optional[tuple[int, int]], reference: Reference) -> None:
+        """Refuse samples of another resolution than the reference's images, unless allowed."""
+        if sample_size is None or reference.source_size is None or sample_size == reference.source_size:
+            return
+        if not getattr(self.args, "allow_other_resolution", False):
+            raise MetricsError(f"the samples are {size_text(sample_size)} but the reference {reference.name} was "
+                               f"made from {size_text(reference.source_size)}: a score across resolutions is a "
+                               "different measurement; make the reference at the samples' resolution, or pass "
+                               "--allow-other-resolution to compare them anyway")
+
+    def scores(self, sample_features, reference: Reference, want_kid: bool, want_pr: bool, want_is: bool) -> dict:
         """Main process: FID and the chosen metrics of extracted samples against a reference."""
-        (mu, sigma), ref_features = reference
+        self.check_resolution(sample_features.source_size, reference)
+        (mu, sigma), ref_features = reference.stats, reference.features
         feats = sample_features.features
         if feats.shape[1] != mu.shape[0]:
             raise MetricsError(f"the reference has {mu.shape[0]}-d features but the extractor gives "
@@ -169,17 +200,18 @@ def preflight(args) -> None:
         raise MetricsError(f"reference {reference} not found")
     if reference_sources(reference) is None:
         load_stats(reference)               # a statistics file: validated now
-    if args.command in ("fid", "metrics") and not Path(args.folder_a).is_dir():
-        raise MetricsError(f"image folder {args.folder_a} not found")
+        load_source_size(reference)
+    if args.command in ("fid", "metrics"):
+        list_images(args.folder_a)          # exists, holds images, and a sampling run there finished
     for out in (getattr(args, "out", None) if args.command == "stats" else None, getattr(args, "save_stats", None)):
         if out:
             writable(Path(out))
 
 
 def run_stats(ev: Evaluator, args) -> None:
-    (mu, sigma), features = ev.reference(args.folder)
+    reference = ev.reference(args.folder)
     if ev.state.is_main_process:
-        print(f"wrote {save_stats(args.out, mu, sigma, features)}")
+        print(f"wrote {save_stats(args.out, *reference.stats, reference.features, reference.source_size)}")
 
 
 def run_scores(ev: Evaluator, args) -> None:
@@ -189,7 +221,7 @@ def run_scores(ev: Evaluator, args) -> None:
     if not ev.state.is_main_process:
         return
     if getattr(args, "save_stats", None):
-        save_stats(args.save_stats, *feature_statistics(samples.features), samples.features)
+        save_stats(args.save_stats, *feature_statistics(samples.features), samples.features, samples.source_size)
     result = ev.scores(samples, reference, *want)
     print(f"{result['fid']:.6f}" if args.command == "fid" else json.dumps(result))
 
@@ -201,7 +233,11 @@ def run_sweep(ev: Evaluator, args) -> None:
     out = Path(args.out)
     reference = ev.reference(args.ref)
     table_path = out / "sweep.json"
-    done = json.loads(table_path.read_text()) if ev.state.is_main_process and table_path.is_file() else {}
+    done = {}
+    if ev.state.is_main_process:
+        size = read_unet_export(find_model_folder(args.unet, "unet_ema")).config.data.image_size
+        ev.check_resolution((size, size), reference)       # before anything is sampled
+        done = read_table(table_path)
     rows = []
     for scale in scales:
         for n in steps:
@@ -216,32 +252,53 @@ def run_sweep(ev: Evaluator, args) -> None:
                 continue
             samples = ev.features(list_images(folder), probabilities=args.inception_score)
             if ev.state.is_main_process:
-                row = {"steps": n, "cfg_scale": scale,
+                row = {"steps": n, "cfg_scale": scale, "source_size": samples.source_size,
                        **ev.scores(samples, reference, args.kid, args.pr, args.inception_score)}
                 rows.append(row)
                 done[key] = row
-                table_path.write_text(json.dumps(done, indent=1) + "\n")
+                write_text(table_path, json.dumps(done, indent=1) + "\n",
+                           f"the samples in {folder} are complete: the same command again scores them")
             ev.state.wait_for_everyone()
     if ev.state.is_main_process:
-        write_sweep_report(out, rows, args)
+        write_sweep_report(out, rows, args, reference)
 
 
-def write_sweep_report(out: Path, rows: list[dict], args) -> None:
+def read_table(path: Path) -> dict:
+    """The scores an earlier, interrupted sweep saved in ``sweep.json`` (empty when there is none)."""
+    if not path.is_file():
+        return {}
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise MetricsError(f"{path}: not a readable sweep table ({e}); remove it to score every cell again") from None
+    if not isinstance(table, dict) or not all(isinstance(r, dict) and "num_samples" in r for r in table.values()):
+        raise MetricsError(f"{path}: not a sweep table; remove it to score every cell again")
+    return table
+
+
+def write_text(path: Path, text: str, kept: str) -> None:
+    """``path`` written atomically; a failed write (a full disk) is one line saying what is ``kept``."""
+    write_or_fail(lambda: write_atomically(path, lambda tmp: tmp.write_text(text)), str(path), kept)
+
+
+def write_sweep_report(out: Path, rows: list[dict], args, reference: Reference) -> None:
     columns = ["steps", "cfg_scale", "fid"] + [c for c in ("kid", "precision", "recall", "inception_score")
                                                 if c in rows[0]]
-    lines = [f"Sweep of {args.unet}: {args.num_samples} samples per cell against {args.ref}", "",
+    lines = [f"Sweep of {args.unet}: {args.num_samples} samples per cell against {args.ref} "
+             f"({size_text(reference.source_size) if reference.source_size else 'resolution not recorded'})", "",
              "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c])
                                        for c in columns) + " |")
-    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    kept = f"{out / 'sweep.json'} holds every score: the same command again writes the report without sampling"
+    write_text(out / "sweep.md", "\n".join(lines) + "\n", kept)
     series = {}
     for row in rows:
         series.setdefault(f"cfg {row['cfg_scale']:g}", []).append((math.log2(row["steps"]), row["fid"]))
-    line_plot(series, out / "sweep.png", title=f"FID-{args.num_samples // 1000 or args.num_samples}"
-              f"{'k' if args.num_samples >= 1000 else ''} against sampling steps",
-              x_label="steps (log2)", y_label="FID", x_ticks={math.log2(s): str(s) for s in sorted(
-                  {r["steps"] for r in rows})})
+    title = f"FID-{args.num_samples // 1000 or args.num_samples}{'k' if args.num_samples >= 1000 else ''}"
+    ticks = {math.log2(s): str(s) for s in sorted({r["steps"] for r in rows})}
+    write_or_fail(lambda: line_plot(series, out / "sweep.png", title=f"{title} against sampling steps",
+                                    x_label="steps (log2)", y_label="FID", x_ticks=ticks), str(out / "sweep.png"), kept)
     print("\n".join(lines))
 
 

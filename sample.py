@@ -35,13 +35,14 @@ from modules.errors import CheckpointError, ConfigError, ModelFolderError
 from modules.export import find_model_folder, load_unet, read_config, read_unet_export
 from modules.generation import GenerationSpec, decode_latents, generate_latents
 from modules.image_io import UnreadableImage, find_images, image_tensor, mask_tensor, save_png, tile, to_uint8
-from modules.sample_folder import MANIFEST, SampleFolder
+from modules.sample_folder import MANIFEST, SampleFolder, batches, pending
 from modules.samplers import METHODS
 from modules.seeding import image_seed, mix_seed
 from modules.vae_loading import load_vae, vae_identity
 
 logger = logging.getLogger("sample")
 GRID_MAX = 256
+MAX_SAMPLES = 10 ** 7  # a sanity bound: a typo's extra zeros should not start a week-long run
 LABEL_STREAM = 2        # --class-label random: the labels' own random stream
 
 
@@ -150,6 +151,9 @@ def main(argv=None) -> None:
     device = state.device if state.num_processes > 1 else parse_device(args.device)
     if args.num_samples < 1 or args.batch_size < 1:
         raise ConfigError("--num-samples and --batch-size must be >= 1")
+    if args.num_samples > MAX_SAMPLES:
+        raise ConfigError(f"--num-samples {args.num_samples}: at most {MAX_SAMPLES} in one folder (split larger "
+                          "sets over several --out folders with different --seed)")
     if not 0 <= args.eta <= 1:
         raise ConfigError(f"--eta {args.eta}: must be in [0, 1]")
     if not math.isfinite(args.cfg_scale):
@@ -198,6 +202,13 @@ def main(argv=None) -> None:
             return torch.tensor(label), label
         return None, None
 
+    def file_of(i: int) -> str:
+        return f"{names[i]}.png" if names is not None else f"{i:06d}.png"
+
+    def record_of(i: int) -> dict:
+        return {"index": i, "file": file_of(i), "seed": image_seed(args.seed, i), "steps": args.steps,
+                "sampler": sampler, "guidance": args.cfg_scale, "condition": condition(i)[1]}
+
     request = {"unet": str(unet_folder.resolve()), "unet_sha256": read_config(unet_folder).get("sha256"),
                "vae": vae_identity(vae), "sampler": sampler, "steps": args.steps, "cfg_scale": args.cfg_scale,
                "eta": args.eta, "seed": args.seed, "count": count, "dtype": str(dtype),
@@ -212,44 +223,52 @@ def main(argv=None) -> None:
     done = broadcast(done, state)      # every process gets the verdict, so none waits alone
     if isinstance(done, str):
         raise ConfigError(done)
-    todo = [i for i in range(count) if i not in done][state.process_index::state.num_processes]
-    if done and state.is_main_process:
+    if len(done) and state.is_main_process:
         logger.info("%s: %d of %d images already made; making the other %d", args.out, len(done), count,
                     count - len(done))
+    share = len(range(state.process_index, count - len(done), state.num_processes))
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    written = 0
     try:
-        for start in tqdm(range(0, len(todo), args.batch_size), desc="sampling", disable=not state.is_main_process):
-            idx = todo[start:start + args.batch_size]
-            seeds = [image_seed(args.seed, i) for i in idx]
-            conds = [condition(i) for i in idx]
-            batch_cond = None if conds[0][0] is None else torch.stack([c for c, _ in conds]).to(device)
-            with autocast:
-                z = generate_latents(unet, spec, batch_cond, seeds, args.steps, sampler, args.cfg_scale, args.eta,
-                                     device)
-                images = decode_latents(vae, z.float(), vae.config.scale_factor, args.batch_size)
-            records = []
-            for j, (i, array) in enumerate(zip(idx, to_uint8(images))):
-                file = f"{names[i]}.png" if names is not None else f"{i:06d}.png"
-                save_png(array, folder.out / file)
-                records.append({"index": i, "file": file, "seed": seeds[j], "steps": args.steps, "sampler": sampler,
-                                "guidance": args.cfg_scale, "condition": conds[j][1]})
-            folder.record(records)
-            written += len(records)
+        with tqdm(total=share, desc="sampling", disable=not state.is_main_process) as progress:
+            for idx in batches(pending(count, done, state.process_index, state.num_processes), args.batch_size):
+                conds = [condition(i)[0] for i in idx]
+                batch_cond = None if conds[0] is None else torch.stack(conds).to(device)
+                with autocast:
+                    z = generate_latents(unet, spec, batch_cond, [image_seed(args.seed, i) for i in idx], args.steps,
+                                         sampler, args.cfg_scale, args.eta, device)
+                    images = decode_latents(vae, z.float(), vae.config.scale_factor, args.batch_size)
+                for i, array in zip(idx, to_uint8(images)):
+                    save_png(array, folder.out / file_of(i))
+                    folder.record(record_of(i))
+                progress.update(len(idx))
         folder.close()
         state.wait_for_everyone()
         if state.is_main_process:
-            records = folder.merge(count)
+            folder.merge(record_of)
             if args.grid:
-                grid = tile(torch.stack([image_tensor(folder.out / r["file"]) for r in records[:GRID_MAX]]))
+                grid = tile(torch.stack([image_tensor(folder.out / file_of(i)) for i in range(min(count, GRID_MAX))]))
                 save_png(to_uint8(grid), folder.out / "grid.png")
             if args.npz:
-                logger.info("wrote %s", folder.write_npz(records))
+                logger.info("wrote %s", folder.write_npz(file_of))
     except WRITE_ERRORS as e:
-        raise CheckpointError(f"could not write to --out {args.out} ({write_failure(e)}); the images written "
-                              f"before are complete and listed: the same command again makes the rest") from None
+        folder.close()
+        raise CheckpointError(f"could not write to --out {args.out} ({write_failure(e)}); "
+                              f"{finished_so_far(folder, record_of, state)}: the same command again makes the "
+                              "rest") from None
     if state.is_main_process:
         logger.info("wrote %d images (%d by this run) and %s to %s", count, count - len(done), MANIFEST, args.out)
+
+
+def finished_so_far(folder: SampleFolder, record_of, state) -> str:
+    """After a failed write: the main process lists the finished images in the manifest, if it still can."""
+    finished = folder.listed()
+    if not state.is_main_process:
+        return f"the {len(finished)} images listed so far are complete"
+    try:
+        folder.write_manifest(finished, record_of)
+    except WRITE_ERRORS:
+        return f"the {len(finished)} images listed in {folder.out / '.parts'} are complete"
+    return f"the {len(finished)} images listed in {folder.out / MANIFEST} are complete"
 
 
 if __name__ == "__main__":

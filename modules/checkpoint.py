@@ -116,6 +116,19 @@ def write_or_fail(write: Callable[[], None], what: str, kept: str) -> None:
         raise CheckpointError(f"could not write {what} ({write_failure(e)}); {kept}") from None
 
 
+def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
+    """``write(tmp)``, then rename it onto ``path``: a failed write leaves neither a partial ``path`` nor the tmp."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
 def export_or_fail(export: Callable[[], None], output_dir: Path, step: int) -> None:
     """Run ``export`` (written after checkpoint ``step``); a failed write is a CheckpointError."""
     write_or_fail(export, f"the exported models in {output_dir}",

@@ -72,9 +72,16 @@ def read_config(folder: str | Path, kind: str | None = None) -> dict:
     if not isinstance(config, dict):
         raise ModelFolderError(f"{path}: expected a JSON object, got {type(config).__name__}")
     if kind is not None and config.get("kind") != kind:
-        found = f"a '{config['kind']}' model" if config.get("kind") else "no 'kind' entry"
-        raise ModelFolderError(f"{folder}: {CONFIG_NAME} holds {found}, expected a '{kind}'")
+        raise ModelFolderError(f"{folder}: {CONFIG_NAME} holds {describe_kind(config)}, expected a '{kind}'")
     return config
+
+
+def describe_kind(config: dict) -> str:
+    """What a config.json says its model is, for an error: "a 'unet' model", "no 'kind' entry", "'kind': null"."""
+    kind = config.get("kind")
+    if isinstance(kind, str) and kind:
+        return f"a '{kind}' model"
+    return "no 'kind' entry" if "kind" not in config else f"'kind': {json.dumps(kind)} (not a model kind)"
 
 
 def file_sha256(path: Path) -> str:

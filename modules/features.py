@@ -13,7 +13,9 @@ per channel in float32 with PIL's antialiased bicubic filter, so scores do not d
 framework's aliasing resize. Scores are comparable to clean-fid's, not to legacy TF FID.
 
 A reference (``.npz``) holds ``mu`` and ``sigma`` (float64, the pytorch-fid / clean-fid key
-names) and, when made here, the ``features`` themselves (for KID and precision / recall). An
+names) and, when made here, the ``features`` themselves (for KID and precision / recall) and
+``source_size``, the [height, width] of the images before the resize (absent when they had
+several sizes), so that samples are not scored against references of another resolution. An
 ADM reference batch (``arr_0``: uint8 NHWC images) is read as images. Under ``accelerate
 launch`` every process extracts its share of the files, and the result is the same.
 """
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from modules.checkpoint import write_atomically, write_or_fail
 from modules.errors import MetricsError
 from modules.export import file_sha256
 from modules.image_io import find_images, open_image
@@ -43,15 +46,43 @@ FeatureExtractor = Callable[..., torch.Tensor]
 
 # ----------------------------------------------------------------------------- references
 
-def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, features: Optional[np.ndarray] = None) -> Path:
-    """A reference file: mu and sigma, and the features when given (KID and precision/recall need them)."""
+def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, features: Optional[np.ndarray] = None,
+               source_size: Optional[tuple[int, int]] = None) -> Path:
+    """A reference file: mu and sigma, and when given the features (KID and precision/recall need
+    them) and the images' size before the resize. Written atomically; a failed write is one line."""
     path = Path(path)
     if path.suffix != ".npz":
         raise MetricsError(f"statistics file {path}: must end in .npz")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    extra = {} if features is None else {"features": np.asarray(features, dtype=np.float32)}
-    np.savez(path, mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64), **extra)
+    arrays = {"mu": np.asarray(mu, dtype=np.float64), "sigma": np.asarray(sigma, dtype=np.float64)}
+    if features is not None:
+        arrays["features"] = np.asarray(features, dtype=np.float32)
+    if source_size is not None:
+        arrays["source_size"] = np.asarray(source_size, dtype=np.int64)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    def save() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, write)
+    write_or_fail(save, f"statistics file {path}", f"no partial {path.name} is left")
     return path
+
+
+def load_source_size(path: str | Path) -> Optional[tuple[int, int]]:
+    """The [height, width] of the images a reference file was made from, or None (not recorded,
+    or images of several sizes)."""
+    size = _read_npz(Path(path)).get("source_size")
+    if size is None:
+        return None
+    if size.shape != (2,) or size.dtype.kind not in "iu" or (size < 1).any():
+        raise MetricsError(f"statistics file {path}: source_size must be [height, width], got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def size_text(size: Optional[tuple[int, int]]) -> str:
+    return "images of several sizes" if size is None else f"{size[1]}x{size[0]} px images"
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -139,6 +170,10 @@ def list_images(folder: str | Path) -> list[Path]:
         raise MetricsError(f"image folder {folder}: its sampling run did not finish (no manifest.jsonl); "
                            "run the same sample.py command again to complete it")
     listed = _listed_files(folder)
+    requested = _requested_count(folder)
+    if listed is not None and requested is not None and len(listed) < requested:
+        raise MetricsError(f"image folder {folder}: its sampling run made {len(listed)} of the {requested} images "
+                           "requested; run the same sample.py command again to complete it")
     if listed is not None:
         files = [folder / name for name in listed]
         missing = [str(f) for f in files if not f.is_file()]
@@ -149,6 +184,15 @@ def list_images(folder: str | Path) -> list[Path]:
     if not files:
         raise MetricsError(f"image folder {folder} has no .png, .jpg, .webp or other image files")
     return files
+
+
+def _requested_count(folder: Path) -> Optional[int]:
+    """How many images a sample.py folder's request.json asked for, or None (not a sample folder)."""
+    try:
+        count = json.loads((folder / "request.json").read_text()).get("count")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return count if isinstance(count, int) else None
 
 
 def _listed_files(folder: Path) -> Optional[list[str]]:
@@ -177,24 +221,25 @@ def load_image(path: Path, image_size: Optional[int]) -> np.ndarray:
     """RGB float32 [3, S, S] in 0..255, converted and resized as clean-fid does (``convert("RGB")``,
     which drops alpha, then per-channel float bicubic), so scores compare with its statistics.
     Decompression bombs are refused as in training (``open_image``)."""
+    return _load(path, image_size)[0]
+
+
+def _read_rgb(path: Path) -> np.ndarray:
     try:
         with open_image(path) as img:
-            rgb = np.asarray(img.convert("RGB"), dtype=np.float32)
+            return np.asarray(img.convert("RGB"), dtype=np.float32)
     except Exception as e:  # PIL plugins raise many exception types on corrupt data
         raise MetricsError(f"image {path}: cannot be read ({type(e).__name__}: {e})") from None
-    if image_size is not None and rgb.shape[:2] != (image_size, image_size):
+
+
+def _load(source, image_size: Optional[int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """An image file, or a uint8 HWC array (an ADM reference's rows), as float32 [3, S, S] in 0..255,
+    and its (height, width) before the resize."""
+    rgb = source.astype(np.float32) if isinstance(source, np.ndarray) else _read_rgb(source)
+    size = (rgb.shape[0], rgb.shape[1])
+    if image_size is not None and size != (image_size, image_size):
         rgb = _clean_resize(rgb, image_size)
-    return rgb.transpose(2, 0, 1)
-
-
-def _load(source, image_size: Optional[int]) -> np.ndarray:
-    """An image file, or a uint8 HWC array (an ADM reference's rows), as float32 [3, S, S] in 0..255."""
-    if isinstance(source, np.ndarray):
-        rgb = source.astype(np.float32)
-        if image_size is not None and rgb.shape[:2] != (image_size, image_size):
-            rgb = _clean_resize(rgb, image_size)
-        return rgb.transpose(2, 0, 1)
-    return load_image(source, image_size)
+    return rgb.transpose(2, 0, 1), size
 
 
 def _clean_resize(rgb: np.ndarray, image_size: int) -> np.ndarray:
@@ -203,23 +248,31 @@ def _clean_resize(rgb: np.ndarray, image_size: int) -> np.ndarray:
                      for c in range(3)], axis=-1).clip(0, 255)
 
 
-def _batches(sources: Sequence, batch_size: int, image_size: Optional[int], workers: int) -> Iterator[torch.Tensor]:
+def _batches(sources: Sequence, batch_size: int, image_size: Optional[int], workers: int
+             ) -> Iterator[tuple[torch.Tensor, set[tuple[int, int]]]]:
+    """Batches of images and the sizes they had before the resize."""
     # Threads decode and resize (PIL releases the GIL); map() keeps the order and re-raises errors.
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for start in range(0, len(sources), batch_size):
             chunk = sources[start:start + batch_size]
-            images = list(pool.map(lambda p: _load(p, image_size), chunk))
+            images, sizes = zip(*pool.map(lambda p: _load(p, image_size), chunk))
             shapes = {im.shape for im in images}
             if len(shapes) > 1:
                 raise MetricsError(f"images near {chunk[0] if not isinstance(chunk[0], np.ndarray) else start} "
                                    f"differ in size {sorted(shapes)}; set image_size to resize them")
-            yield torch.from_numpy(np.stack(images))
+            yield torch.from_numpy(np.stack(images)), set(sizes)
 
 
 @dataclass
 class Features:
     features: np.ndarray                      # [N, D] float64, for FID, KID, precision and recall
     probabilities: Optional[np.ndarray]       # [N, K] class probabilities, for the Inception Score
+    sizes: frozenset = frozenset()            # the (height, width) of the images before the resize
+
+    @property
+    def source_size(self) -> Optional[tuple[int, int]]:
+        """The one size every image had, or None (several sizes)."""
+        return next(iter(self.sizes)) if len(self.sizes) == 1 else None
 
 
 @torch.no_grad()
@@ -229,15 +282,16 @@ def extract_local(sources: Sequence, extractor: FeatureExtractor, batch_size: in
     """Features of ``sources`` (image paths, or uint8 HWC arrays) in their order, on this process."""
     if batch_size < 1:
         raise MetricsError(f"batch_size must be >= 1, got {batch_size}")
-    feats, probs = [], []
-    for batch in _batches(sources, batch_size, image_size, workers):
+    feats, probs, sizes = [], [], set()
+    for batch, batch_sizes in _batches(sources, batch_size, image_size, workers):
         batch = batch.to(device)
+        sizes |= batch_sizes
         f = extractor(batch, return_features=True)
         feats.append(f.reshape(f.shape[0], -1).to(torch.float64).cpu())
         if probabilities:
             probs.append(extractor(batch, no_output_bias=True).to(torch.float64).cpu())
     return Features(torch.cat(feats).numpy() if feats else np.zeros((0, 0)),
-                    torch.cat(probs).numpy() if probs else None)
+                    torch.cat(probs).numpy() if probs else None, frozenset(sizes))
 
 
 def gather(local: Features, indices: Sequence[int], state) -> Optional[Features]:
@@ -250,7 +304,7 @@ def gather(local: Features, indices: Sequence[int], state) -> Optional[Features]
     order = np.argsort(np.concatenate([np.asarray(ids, dtype=np.int64) for ids, _ in parts]))
     features = np.concatenate([f.features for _, f in parts])[order]
     probs = None if parts[0][1].probabilities is None else np.concatenate([f.probabilities for _, f in parts])[order]
-    return Features(features, probs)
+    return Features(features, probs, frozenset().union(*(f.sizes for _, f in parts)))
 
 
 def extract(sources: Sequence, extractor: FeatureExtractor, batch_size: int = 50, device: str | torch.device = "cpu",

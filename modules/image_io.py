@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from modules.checkpoint import write_atomically
+
 logger = logging.getLogger(__name__)
 
 # Largest accepted image, in pixels (16384 x 8192: ~400 MB decoded as RGB). Larger files are
@@ -224,14 +226,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def save_png(array: np.ndarray, path: Path) -> None:
     """Write a PNG atomically: a crash or a full disk never leaves a partial file under ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomically(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def make_grid(rows: list[torch.Tensor], pad: int = 2) -> torch.Tensor:

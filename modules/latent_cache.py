@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -43,6 +44,7 @@ from modules.order import held_out as held_out_positions
 
 logger = logging.getLogger("modules.latent_cache")
 INFO_NAME = "cache_info.json"
+CACHE_NAME = re.compile(r"latents_[0-9a-f]{16}(\.tmp|\.shards)?")     # what cache_folder and _build name
 FORMAT = 2
 
 
@@ -65,7 +67,7 @@ def cache_problem(folder: Path, key: dict, num_items: int) -> Optional[str]:
     """Why ``folder`` cannot be used as the cache for ``key``, or None if it can."""
     info_path = folder / INFO_NAME
     if not info_path.is_file():
-        return "no cache yet" if not folder.exists() else "incomplete cache (no cache_info.json)"
+        return _nearest_other_cache(folder, key) if not folder.exists() else "incomplete cache (no cache_info.json)"
     try:
         info = json.loads(info_path.read_text())
         saved_key, files = info["key"], info["files"]
@@ -77,10 +79,32 @@ def cache_problem(folder: Path, key: dict, num_items: int) -> Optional[str]:
     if info.get("num_items") != num_items:
         return f"cache holds {info.get('num_items')} items, the data set has {num_items}"
     found = file_hashes(folder)
-    damaged = sorted(set(files) ^ set(found) | {n for n in files if found.get(n) != files[n]})
-    if damaged:
-        return f"damaged cache (missing, extra or changed files: {', '.join(damaged[:3])})"
-    return None
+    damage = {"missing": sorted(set(files) - set(found)), "unexpected": sorted(set(found) - set(files)),
+              "changed since it was built": sorted(n for n in files if n in found and found[n] != files[n])}
+    damaged = [f"{what}: {', '.join(names[:3])}" for what, names in damage.items() if names]
+    return f"damaged cache ({'; '.join(damaged)})" if damaged else None
+
+
+def _nearest_other_cache(folder: Path, key: dict) -> str:
+    """Why no cache fits ``key``, named by the other cache next to it that differs least: changed
+    data then reads as such, not as a first run."""
+    nearest = None
+    for info_path in folder.parent.glob(f"latents_*/{INFO_NAME}"):
+        try:
+            saved = json.loads(info_path.read_text())["key"]
+            changed = sorted(k for k in key if saved.get(k) != key[k])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        if nearest is None or len(changed) < len(nearest[2]):
+            nearest = (info_path.parent.name, saved, changed)
+    if nearest is None:
+        return f"no cache for data fingerprint {key['data'][:12]} with this VAE and settings yet"
+    name, saved, changed = nearest
+    if changed == ["data"]:
+        return (f"no cache for this data yet: its fingerprint {key['data'][:12]} differs from "
+                f"{str(saved['data'])[:12]} of cache {name} (same VAE and settings), so the data changed or is "
+                "another data set")
+    return f"no cache for these settings yet (the nearest, {name}, differs in: {', '.join(changed)})"
 
 
 @contextlib.contextmanager
@@ -223,6 +247,15 @@ class LatentDataset(torch.utils.data.Dataset):
 
 # ----------------------------------------------------------------------------- housekeeping
 
+def _describe(folder: Path) -> str:
+    try:
+        info = json.loads((folder / INFO_NAME).read_text())
+        return (f"{info['num_items']} images, {info['key']['image_size']} px, built {info.get('built', '?')}, "
+                f"data {info['key']['data'][:8]}, VAE {info['key']['vae'][:8]}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "incomplete or damaged (safe to remove)"
+
+
 def _folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -242,21 +275,21 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"error: {root} is not a folder", file=sys.stderr)
             return 2
         for folder in sorted(root.glob("latents_*")):
-            if folder.suffix in (".tmp", ".shards") or not folder.is_dir():
+            if not CACHE_NAME.fullmatch(folder.name) or not folder.is_dir():
                 continue
-            try:
-                info = json.loads((folder / INFO_NAME).read_text())
-                what = (f"{info['num_items']} images, {info['key']['image_size']} px, "
-                        f"built {info.get('built', '?')}, data {info['key']['data'][:8]}, VAE {info['key']['vae'][:8]}")
-            except (OSError, ValueError, KeyError, TypeError):
-                what = "incomplete or damaged (safe to remove)"
+            if folder.suffix in (".tmp", ".shards"):
+                what = "left by an interrupted build (safe to remove)"
+            else:
+                what = _describe(folder)
             print(f"{folder}  {_folder_size(folder) / 2 ** 20:.1f} MiB  {what}")
         return 0
-    for name in args.folders:
-        folder = Path(name)
-        if not folder.name.startswith("latents_") or not folder.is_dir():
-            print(f"error: {folder} is not a latent cache folder (latents_*)", file=sys.stderr)
+    folders = [Path(name) for name in args.folders]
+    for folder in folders:      # every one checked before any is removed
+        if not CACHE_NAME.fullmatch(folder.name) or not folder.is_dir() or folder.is_symlink():
+            print(f"error: {folder} is not a latent cache folder (named latents_ and 16 hex digits, as a run names "
+                  "them); nothing was removed", file=sys.stderr)
             return 2
+    for folder in folders:
         shutil.rmtree(folder)
         print(f"removed {folder}")
     return 0

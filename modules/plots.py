@@ -4,7 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 from PIL import Image, ImageDraw
+
+from modules.image_io import save_png
 
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
@@ -58,5 +61,5 @@ def line_plot(series: dict[str, list[tuple[float, float]]], path: Path, title: s
             draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
         draw.line([(width - right + 16, top + 20 * i + 6), (width - right + 40, top + 20 * i + 6)], fill=colour, width=3)
         draw.text((width - right + 46, top + 20 * i), label, fill="black")
-    image.save(path)
+    save_png(np.asarray(image), path)
     return path

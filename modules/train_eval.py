@@ -18,7 +18,7 @@ import logging
 import torch
 
 from modules.config import UNetRunConfig
-from modules.features import extract_local, gather, load_inception, load_stats
+from modules.features import extract_local, gather, load_inception, load_source_size, load_stats, size_text
 from modules.generation import GenerationSpec, batch_condition, conditions, decode_latents, generate_latents
 from modules.image_io import to_uint8
 from modules.metrics import feature_statistics, frechet_distance
@@ -39,6 +39,11 @@ class TrainingEvaluator:
         self.warned = False
         if e.every and e.reference:
             self.reference = load_stats(e.reference)
+            made_from, size = load_source_size(e.reference), cfg.data.image_size
+            if made_from not in (None, (size, size)) and accelerator.is_main_process:
+                logger.warning("eval.reference %s was made from %s but this run makes %dx%d px images: its FID "
+                               "is a different measurement than one against a reference at %d px",
+                               e.reference, size_text(made_from), size, size, size)
             self.extractor = load_inception(e.inception, accelerator.device, e.inception_sha256)
 
     @property

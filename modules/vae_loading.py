@@ -20,7 +20,8 @@ import torch
 from modules.config import VAEModelConfig
 from modules.config_io import from_dict, read_json
 from modules.errors import ConfigError, ModelFolderError
-from modules.export import CONFIG_NAME, load_state_strict, read_folder_weights, read_weights, save_model_folder
+from modules.export import (CONFIG_NAME, describe_kind, load_state_strict, read_folder_weights, read_weights,
+                            save_model_folder)
 from modules.vae import AutoencoderKL
 
 SD_SCALE_FACTOR = 0.18215
@@ -246,7 +247,7 @@ def load_vae(path: str | Path) -> AutoencoderKL:
         elif config.get("_class_name") == "AutoencoderKL":
             model = _load_diffusers_folder(path, config)
         elif "kind" in config:
-            raise ModelFolderError(f"{path}: holds a '{config['kind']}' model, expected a 'vae'")
+            raise ModelFolderError(f"{path}: {CONFIG_NAME} holds {describe_kind(config)}, expected a 'vae'")
         else:
             name = config.get("_class_name")
             what = f"a diffusers '{name}'" if name else "an unknown model"

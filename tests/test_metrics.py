@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from PIL import Image
 import evaluate
 from modules.errors import MetricsError
 from modules.features import (INCEPTION_URL, fid_folder_vs_stats, fid_from_folders, folder_features, list_images,
-                              load_image, load_inception, load_stats, save_stats)
+                              load_image, load_inception, load_source_size, load_stats, save_stats)
 from modules.metrics import (feature_statistics, frechet_distance, inception_score, kernel_inception_distance,
                              mask_iou, precision_recall, psnr)
 
@@ -448,3 +449,154 @@ def test_fid_during_training_needs_a_vouched_inception():
     from modules.config_io import load_config
     with pytest.raises(ConfigError, match="eval.inception_sha256"):
         load_config(UNetRunConfig, "unet", "tiny", ["eval.every=10", "eval.reference=ref.npz", "eval.inception=x.pt"])
+
+
+# ----------------------------------------------------------------------------- resolution, references, writes
+
+def uniform_images(folder: Path, n: int, size: int, seed: int) -> Path:
+    """``n`` smooth random RGB PNGs, all ``size`` x ``size``."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for i in range(n):
+        coarse = rng.uniform(0, 255, size=(4, 4, 3)).astype(np.uint8)
+        Image.fromarray(coarse).resize((size, size), Image.Resampling.BILINEAR).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def test_a_reference_of_another_resolution_is_refused_naming_both_sizes(tmp_path, extractor_file, pin, capsys):
+    common = ["--inception", str(extractor_file), *pin, "--image-size", str(SIZE), "--workers", "1"]
+    ref32, samples24 = uniform_images(tmp_path / "ref32", 70, 32, seed=1), uniform_images(tmp_path / "s24", 70, 24, 2)
+    stats = tmp_path / "ref32.npz"
+    assert evaluate.main(["stats", *common, str(ref32), "--out", str(stats)]) == 0
+    assert load_source_size(stats) == (32, 32)
+    capsys.readouterr()
+    for reference in (stats, ref32):                      # a statistics file, an image folder
+        assert evaluate.main(["fid", *common, str(samples24), str(reference)]) == 2
+        err = capsys.readouterr().err
+        assert "24x24 px" in err and "32x32 px" in err and "--allow-other-resolution" in err, err
+    assert evaluate.main(["metrics", *common, "--allow-other-resolution", str(samples24), str(stats)]) == 0
+    extractor = load_pinned(extractor_file)
+    expected = frechet_distance(*feature_statistics(folder_features(samples24, extractor, image_size=SIZE)),
+                                *load_stats(stats))
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["fid"] == pytest.approx(expected, rel=1e-6)
+    # Statistics without a recorded size (pytorch-fid's, clean-fid's) are not refused.
+    mu, sigma = load_stats(stats)
+    np.savez(tmp_path / "unrecorded.npz", mu=mu, sigma=sigma)
+    assert evaluate.main(["fid", *common, str(samples24), str(tmp_path / "unrecorded.npz")]) == 0
+
+
+def test_a_sweep_against_a_reference_of_another_resolution_is_refused_before_sampling(
+        tiny_unet_run, tmp_path, extractor_file, pin, capsys):
+    common = ["--inception", str(extractor_file), *pin, "--image-size", str(SIZE), "--workers", "1"]
+    stats = tmp_path / "ref24.npz"
+    assert evaluate.main(["stats", *common, str(uniform_images(tmp_path / "ref24", 8, 24, 1)), "--out",
+                          str(stats)]) == 0
+    capsys.readouterr()
+    assert evaluate.main(["sweep", *common, "--unet", str(tiny_unet_run), "--ref", str(stats), "--steps", "1",
+                          "--num-samples", "64", "--out", str(tmp_path / "sweep")]) == 2
+    assert "32x32 px" in capsys.readouterr().err and not (tmp_path / "sweep").exists()
+
+
+def test_training_fid_against_a_reference_of_another_resolution_warns(tmp_path, extractor_file, pin, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from modules.config import UNetRunConfig
+    from modules.config_io import load_config
+    from modules.train_eval import TrainingEvaluator
+    stats = save_stats(tmp_path / "ref24.npz", np.zeros(64), np.eye(64), source_size=(24, 24))
+    cfg = load_config(UNetRunConfig, "unet", "tiny", ["eval.every=10", f"eval.reference={stats}", "data.image_size=32",
+                                                      f"eval.inception={extractor_file}", f"eval.inception_sha256={pin[1]}"])
+    with caplog.at_level(logging.WARNING, logger="modules.train_eval"):
+        TrainingEvaluator(cfg, SimpleNamespace(device="cpu", is_main_process=True), None, None, 1.0)
+    assert "24x24 px" in caplog.text and "32x32 px" in caplog.text
+    caplog.clear()
+    same = save_stats(tmp_path / "ref32.npz", np.zeros(64), np.eye(64), source_size=(32, 32))
+    cfg.eval.reference = str(same)
+    with caplog.at_level(logging.WARNING, logger="modules.train_eval"):
+        TrainingEvaluator(cfg, SimpleNamespace(device="cpu", is_main_process=True), None, None, 1.0)
+    assert caplog.text == ""
+
+
+def test_references_from_a_datasets_folder_and_an_adm_npz_equal_the_image_folder(tmp_path, extractor_file, pin):
+    import datasets
+    common = ["--inception", str(extractor_file), *pin, "--image-size", str(SIZE), "--workers", "1"]
+    folder = uniform_images(tmp_path / "images", 12, 24, seed=3)
+    files = list_images(folder)
+    table = datasets.Dataset.from_dict({"image": [str(f) for f in files], "label": list(range(len(files)))})
+    table.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "saved"))
+    np.savez(tmp_path / "adm.npz", arr_0=np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]))
+    made = {}
+    for name, reference in (("folder", folder), ("saved", tmp_path / "saved"), ("adm", tmp_path / "adm.npz")):
+        assert evaluate.main(["stats", *common, str(reference), "--out", str(tmp_path / f"{name}.npz")]) == 0
+        made[name] = np.load(tmp_path / f"{name}.npz")
+    extractor = load_pinned(extractor_file)
+    expected = folder_features(folder, extractor, image_size=SIZE)
+    for name, arrays in made.items():           # PNG is lossless: the same pixels, the same features
+        np.testing.assert_array_equal(arrays["features"], expected.astype(np.float32), err_msg=name)
+        assert arrays["source_size"].tolist() == [24, 24], name
+
+
+def rlimited(limit: int):
+    def apply():
+        import resource
+        import signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_statistics_write_on_a_full_disk_is_one_line_and_leaves_no_partial_file(folders, tmp_path, extractor_file,
+                                                                                    pin):
+    common = ["--inception", str(extractor_file), *pin, "--image-size", str(SIZE), "--workers", "1"]
+    # Files may not grow past 4 KiB (EFBIG, as ENOSPC on a full disk); the statistics need ~60 KiB.
+    for command in (["stats", *common, str(folders["a"]), "--out", str(tmp_path / "stats.npz")],
+                    ["fid", *common, "--save-stats", str(tmp_path / "stats.npz"), str(folders["a"]), str(folders["b"])]):
+        res = subprocess.run([sys.executable, "evaluate.py", *command], cwd=REPO, capture_output=True, text=True,
+                             timeout=120, preexec_fn=rlimited(4096))
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        assert res.stderr.splitlines()[-1].startswith(f"error: could not write statistics file {tmp_path / 'stats.npz'}")
+        assert sorted(p.name for p in tmp_path.iterdir()) == [], command[0]
+
+
+def test_a_failed_sweep_write_is_one_line_and_keeps_what_was_scored(tiny_unet_run, shapes_dir, extractor_file, pin,
+                                                                    tmp_path, capsys):
+    common = ["--inception", str(extractor_file), *pin, "--image-size", str(SIZE), "--workers", "1"]
+    reference = tmp_path / "shapes.npz"
+    assert evaluate.main(["stats", *common, str(shapes_dir), "--out", str(reference)]) == 0
+    out = tmp_path / "sweep"
+    sweep = ["sweep", *common, "--unet", str(tiny_unet_run), "--ref", str(reference), "--steps", "1",
+             "--num-samples", "64", "--out", str(out)]
+    out.mkdir()
+    for name in ("sweep.json", "sweep.md", "sweep.png"):     # a folder in the way: every write fails, as root too
+        (out / name).mkdir()
+        capsys.readouterr()
+        assert evaluate.main(sweep) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1].startswith(f"error: could not write {out / name}") and "Traceback" not in err
+        (out / name).rmdir()
+        if name != "sweep.json":                             # the scores were kept before the report failed
+            assert json.loads((out / "sweep.json").read_text())["steps_1_cfg_1"]["num_samples"] == 64
+        assert not list(out.glob(".*.tmp"))
+    assert evaluate.main(sweep) == 0
+    assert (out / "sweep.md").is_file() and Image.open(out / "sweep.png").size == (720, 480)
+
+
+def test_kid_standard_error_is_the_spread_over_subsets():
+    """The standard error of the mean over subsets, against subsets drawn and scored by loops
+    (the way KID's reference implementations compute it: the unbiased MMD^2 per subset)."""
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(40, 6)), rng.normal(size=(50, 6)) + 0.2
+    subsets, size = 7, 20
+    kid, error = kernel_inception_distance(a, b, num_subsets=subsets, max_subset_size=size, seed=3)
+    generator = torch.Generator().manual_seed(3)
+    values = []
+    for _ in range(subsets):      # the same subsets: rows drawn with the function's seeded generator
+        x = a[torch.randperm(len(a), generator=generator)[:size].numpy()]
+        y = b[torch.randperm(len(b), generator=generator)[:size].numpy()]
+        values.append(mmd2_unbiased_loops(x, y))
+    mean = sum(values) / subsets
+    spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (subsets - 1))
+    assert kid == pytest.approx(mean, rel=1e-9)
+    assert error == pytest.approx(spread / math.sqrt(subsets), rel=1e-9)
+    assert math.isnan(kernel_inception_distance(a, b, num_subsets=1, max_subset_size=size)[1])

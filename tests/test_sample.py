@@ -187,3 +187,51 @@ def test_a_killed_run_continues_where_it_stopped(tiny_unet_run, tmp_path):
     same_folder(tmp_path / "straight", out)
     assert {name: (out / name).stat().st_mtime_ns for name in listed} == kept     # not made again
     assert not (out / ".parts").exists()
+
+
+def test_class_label_all_spreads_the_classes_evenly_and_records_the_ones_used(tiny_unet_run, tmp_path):
+    run("--unet", tiny_unet_run, "--out", tmp_path / "all", "--num-samples", 7, "--class-label", "all")
+    labels = [r["condition"] for r in read_manifest(tmp_path / "all")]
+    counts = np.bincount(labels, minlength=3)
+    assert len(counts) == 3 and counts.max() - counts.min() <= 1, labels
+    # The recorded label is the one the image was made with: image i equals image i of a
+    # one-class run (same seed) exactly when that class is the recorded one.
+    made = read_pngs(tmp_path / "all")
+    for label in range(3):
+        run("--unet", tiny_unet_run, "--out", tmp_path / f"class{label}", "--num-samples", 7, "--class-label", label)
+        one_class = read_pngs(tmp_path / f"class{label}")
+        same = [np.abs(made[name] - one_class[name]).max() <= 2 for name in sorted(made)]
+        assert same == [recorded == label for recorded in labels], (label, labels, same)
+
+
+def test_num_samples_has_a_sanity_bound(tiny_unet_run, tmp_path, capsys):
+    line = refusal(capsys, "--unet", tiny_unet_run, "--out", tmp_path / "a", "--num-samples", 100_000_000)
+    assert "--num-samples 100000000" in line and "at most 10000000" in line
+    assert not (tmp_path / "a").exists()
+
+
+def test_the_work_list_is_lazy_whatever_the_count(tmp_path):
+    """m3: 10^7 images requested, three finished: the to-do iteration holds the three, not the count."""
+    import itertools
+    import tracemalloc
+
+    from modules.image_io import save_png
+    from modules.sample_folder import SampleFolder, pending
+    count, request = 10 ** 7, {"count": 10 ** 7, "model": "m"}
+    first = SampleFolder(tmp_path / "s", request, rank=0)
+    first.open(overwrite=False)
+    for i in (0, 1, 5):
+        save_png(np.zeros((4, 4, 3), np.uint8), first.out / f"{i:06d}.png")
+        first.record({"index": i, "file": f"{i:06d}.png"})
+    first.close()
+    tracemalloc.start()
+    finished = SampleFolder(tmp_path / "s", request, rank=0).open(overwrite=False)
+    shares = [list(itertools.islice(pending(count, finished, rank, 2), 4)) for rank in (0, 1)]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert finished.tolist() == [0, 1, 5]
+    assert shares == [[2, 4, 7, 9], [3, 6, 8, 10]]
+    assert peak < 2 ** 20, f"{peak} bytes to start a run of {count} images"
+    # The same shares as the eager list it replaces, for every process of three.
+    todo = [i for i in range(40) if i not in (0, 1, 5)]
+    assert [list(pending(40, finished, rank, 3)) for rank in range(3)] == [todo[r::3] for r in range(3)]

@@ -70,7 +70,7 @@ def test_latent_cache_reused_and_rebuilt(shapes_dir, tiny_vae_run, tmp_path, cap
     assert "using latent cache" in caplog.text and "building" not in caplog.text
     caplog.clear()
     train(shapes_dir, tiny_vae_run, tmp_path / "c", *args, "data.image_size=16")
-    assert "building latent cache" in caplog.text
+    assert "building latent cache" in caplog.text and "differs in: image_size" in caplog.text
     caplog.clear()
     # Another VAE (same architecture, different weights) must not reuse the latents.
     other_vae = tmp_path / "other_vae"
@@ -94,6 +94,28 @@ def test_latent_cache_reused_and_rebuilt(shapes_dir, tiny_vae_run, tmp_path, cap
     latents = LatentDataset(folder, hflip=True)
     item = latents[(0, 1)]
     assert item["mean"].shape == (4, 16, 16) and (item["std"] > 0).all()
+
+
+def test_a_missing_cache_says_whether_the_data_changed(tmp_path):
+    """m5: with a cache of the same VAE and settings for other data next to it, the reason for
+    encoding is that the data changed, not "no cache yet"."""
+    from modules.latent_cache import cache_folder, cache_problem
+    key = {"vae": "v" * 32, "data": "d" * 32, "split": "train", "image_size": 32, "hflip": True, "masks": False,
+           "format": 2}
+    assert "no cache for data fingerprint dddddddddddd" in cache_problem(cache_folder(tmp_path, key), key, 24)
+    old = cache_folder(tmp_path, {**key, "data": "e" * 32})
+    old.mkdir()
+    (old / "cache_info.json").write_text(json.dumps({"key": {**key, "data": "e" * 32}, "num_items": 24, "files": {}}))
+    other = cache_folder(tmp_path, {**key, "data": "f" * 32, "image_size": 16})
+    other.mkdir()
+    (other / "cache_info.json").write_text(json.dumps({"key": {**key, "data": "f" * 32, "image_size": 16}}))
+    (tmp_path / "latents_damaged").mkdir()
+    (tmp_path / "latents_damaged" / "cache_info.json").write_text("[1, 2")
+    problem = cache_problem(cache_folder(tmp_path, key), key, 24)
+    assert problem.startswith(f"no cache for this data yet: its fingerprint dddddddddddd differs from eeeeeeeeeeee "
+                              f"of cache {old.name}") and "the data changed" in problem, problem
+    flipless = {**key, "hflip": False}
+    assert "differs in: data, hflip" in cache_problem(cache_folder(tmp_path, flipless), flipless, 24)
 
 
 @pytest.mark.parametrize("objective", ["flow", "ddpm"])
@@ -176,3 +198,27 @@ def test_memory_switches_train_the_same_weights(shapes_dir, tiny_vae_run, tmp_pa
     train(shapes_dir, tiny_vae_run, tmp_path / "switched", *common, "train.gradient_checkpointing=true",
           "train.channels_last=true")
     assert_same_weights(tmp_path / "plain" / "unet", tmp_path / "switched" / "unet", atol=1e-5)
+
+
+def test_held_out_latents_never_reach_a_training_batch(shapes_dir, tiny_vae_run, tiny_unet_run, tmp_path, monkeypatch):
+    """eval.val_images: the validation loss is computed on latents that training never draws."""
+    trained, held_out = [], []
+    real_loader, real_evaluator = train_unet.make_loader, train_unet.TrainingEvaluator
+
+    def recording_loader(*args, **kwargs):
+        for batch in real_loader(*args, **kwargs):
+            trained.extend(batch["index"].tolist())
+            yield batch
+
+    class RecordingEvaluator(real_evaluator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            held_out.extend(int(self.val_set[i]["index"]) for i in range(len(self.val_set)))
+
+    monkeypatch.setattr(train_unet, "make_loader", recording_loader)
+    monkeypatch.setattr(train_unet, "TrainingEvaluator", RecordingEvaluator)
+    train(shapes_dir, tiny_vae_run, tmp_path / "run", "--max-steps", "8", "cond.type=class", "eval.every=4",
+          "eval.val_images=4", "train.image_log_every=100", f"cache_dir={tiny_unet_run.parent / 'latent_cache'}")
+    assert len(set(held_out)) == 4
+    assert not set(trained) & set(held_out), sorted(set(trained) & set(held_out))
+    assert set(trained) | set(held_out) == set(range(24))       # every other latent is trained on

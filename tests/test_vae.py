@@ -240,6 +240,16 @@ def test_load_refuses_other_model_kinds(tmp_path):
         load_vae(tmp_path)
 
 
+def test_a_kind_of_null_is_named_as_such_not_as_a_none_model(tmp_path):
+    """m5: a VAE (or UNet) config.json with "kind": null said "holds a 'None' model"."""
+    from modules.export import read_config
+    (tmp_path / "config.json").write_text(json.dumps({"kind": None, "model": {}}))
+    for load in (load_vae, lambda folder: read_config(folder, kind="unet")):
+        with pytest.raises(ModelFolderError) as err:
+            load(tmp_path)
+        assert "'kind': null" in str(err.value) and "None" not in str(err.value), err.value
+
+
 def test_load_names_keys_that_do_not_fit(tmp_path):
     model = AutoencoderKL(TINY)
     save_vae(model, tmp_path / "vae")
