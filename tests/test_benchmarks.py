@@ -19,13 +19,21 @@ import bench_vae  # noqa: E402
 
 
 def test_bench_sample_times_ours_and_diffusers(capsys):
+    """Eager only: inductor compiles each model for minutes on a CPU (the compiled path of ours is
+    tests/test_sample.py::test_compiled_sampling_gives_the_images_of_eager_sampling)."""
     pytest.importorskip("diffusers")
     report = bench_sample.main(["--unet-preset", "tiny", "--vae-preset", "tiny", "--device", "cpu",
-                                "--batch", "1,2", "--steps", "1,2", "--repeats", "1"])
-    cells = {(r["model"], r["batch"], r["steps"]) for r in report["rows"]}
-    assert cells == {(m, b, s) for m in ("ours", "diffusers") for b in (1, 2) for s in (1, 2)}
+                                "--batch", "1,2", "--steps", "1,2", "--repeats", "1", "--warmup", "1", "--no-compile"])
+    cells = {(r["model"], r["mode"], r["batch"], r["steps"]) for r in report["rows"]}
+    assert cells == {(m, "eager", b, s) for m in ("ours", "diffusers") for b in (1, 2) for s in (1, 2)}
     assert all(r["ms"] > 0 for r in report["rows"])
-    assert "| 2 | 2 |" in capsys.readouterr().out
+    ms = {(r["model"], r["batch"], r["steps"]): r["ms"] for r in report["rows"]}
+    for cell in report["ratios"]:
+        key = (cell["batch"], cell["steps"])
+        assert cell["ours_over_diffusers_eager"] == pytest.approx(ms[("ours", *key)] / ms[("diffusers", *key)])
+        assert cell["compiled_over_eager_ours"] is None
+    out = capsys.readouterr().out
+    assert "| 2 | 2 |" in out and "compiled / eager, ours" in out
 
 
 def test_bench_unet_and_bench_vae_run_at_smoke_sizes():
