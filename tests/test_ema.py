@@ -225,7 +225,7 @@ def test_swapped_under_fsdp2_with_two_ranks():
 
 # ----------------------------------------------------------------------------- FSDP1 (two CPU ranks, gloo)
 
-FSDP1_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP")   # HYBRID_* need a 2-D mesh of several nodes: untested
+FSDP1_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP")   # the HYBRID modes and NO_SHARD are untested
 
 
 def _fsdp1_worker(rank, port):
