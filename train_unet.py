@@ -1,10 +1,10 @@
-"""Stage 2: train a UNet in a VAE's latent space (shortcut, flow or DDPM objective).
+"""Stage 2: train a UNet or a DiT in a VAE's latent space (shortcut, flow or DDPM objective).
 
     accelerate launch train_unet.py --config seed --data ./my_images --vae runs/vae \
         --output-dir runs/unet objective=shortcut cond.type=class
     python train_unet.py --config tiny --data data/shapes --vae runs/vae_tiny --output-dir runs/unet_tiny --report-to none
 
-Reads top to bottom: setup (frozen VAE, latent cache, UNet, two EMAs), loop, log (sample
+Reads top to bottom: setup (frozen VAE, network (model.arch), latent cache, two EMAs), loop, log (sample
 grids from the EMA weights), checkpoint, export. The loss is in modules/objectives.py, the
 samplers in modules/samplers.py, the loop's mechanics in modules/optim.py and modules/checkpoint.py.
 """
@@ -21,9 +21,10 @@ from modules.accelerator import adam, make_accelerator, prepare_network
 from modules.checkpoint import (Checkpointer, RunIdentity, StopRequest, TrainingState, checkpoint_if_due, count_step,
                                export_or_fail, saved_on_data_error, write_or_fail)
 from modules.cli import build_parser, resolve_run_config, run_cli
-from modules.config import UNetRunConfig
+from modules.config import UNetRunConfig, check_trained
 from modules.config_io import to_dict
 from modules.data import build_dataset
+from modules.dit_convert import load_init_weights
 from modules.ema import EMA, load_emas, replicas_agree, save_emas, teacher
 from modules.errors import ConfigError
 from modules.export import find_model_folder, save_unet
@@ -37,7 +38,7 @@ from modules.run_folder import claim_output_dir, save_run_config
 from modules.seeding import SHARED_STREAM, process_share_randn, step_generator
 from modules.tracking import Throughput, check_tracker, init_trackers, log_image, memory_stats, to_scalars
 from modules.train_eval import TrainingEvaluator
-from modules.unet import UNet
+from modules.networks import build_network
 from modules.vae_loading import load_vae, save_vae, vae_identity
 
 logger = logging.getLogger("train_unet")
@@ -89,7 +90,7 @@ def train(cfg: UNetRunConfig, args, accelerator, output_dir: Path) -> None:
     device, tcfg = accelerator.device, cfg.train
     rank, world = accelerator.process_index, accelerator.num_processes
 
-    # ---- frozen VAE, data, latent cache
+    # ---- frozen VAE, data
     vae_folder = find_model_folder(cfg.vae, "vae")
     vae = load_vae(vae_folder).to(device).eval().requires_grad_(False)
     vae_id = vae_identity(vae)
@@ -103,15 +104,22 @@ def train(cfg: UNetRunConfig, args, accelerator, output_dir: Path) -> None:
         logger.warning("stage 2 trains on cached latents of centre crops and their horizontal flips: "
                        "data.vflip, data.rot90 and data.random_crop_scale are ignored")
     derive_fields(cfg, vae, dataset)
+    check_trained(cfg)   # rules of the derived fields (a DiT's patch must divide the latent size)
+
+    # ---- the network, before the latent cache: pretrained weights that do not fit stop the run at once
+    torch.manual_seed(tcfg.seed)
+    unet = build_network(cfg.model, cfg.cond)
+    if cfg.init_from:   # a resumed run's checkpoint then replaces these weights
+        load_init_weights(unet, cfg)
+
+    # ---- latent cache, evaluation
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else output_dir.parent / "latent_cache"
     latents = build_or_load(accelerator, vae, vae_id, dataset, cfg.data, cache_root, tcfg.batch_size)
     train_latents, val_latents = latents.split(cfg.eval.val_images) if cfg.eval.val_images else (latents, None)
     spec = GenerationSpec.from_run_config(cfg)
     evaluator = TrainingEvaluator(cfg, accelerator, spec, latents, scale, val_latents)   # a bad reference stops here
 
-    # ---- network, optimizer, the two EMAs (slow: sampling/export; fast: shortcut teacher)
-    torch.manual_seed(tcfg.seed)
-    unet = UNet(cfg.model, cfg.cond)
+    # ---- optimizer, the two EMAs (slow: sampling/export; fast: shortcut teacher)
     optimizer = adam(unet.parameters(), tcfg.lr, tcfg, device, tcfg.weight_decay)
     unet, optimizer = prepare_network(accelerator, tcfg, unet, optimizer)
     owner = accelerator.unwrap_model(unet)  # holds the (possibly sharded) parameters the EMAs mirror
@@ -132,7 +140,8 @@ def train(cfg: UNetRunConfig, args, accelerator, output_dir: Path) -> None:
             save_emas(path, emas, rank)
 
     state = TrainingState()
-    identity = RunIdentity("train_unet", to_dict(cfg), MODEL_SECTIONS, vae=vae_id, data=dataset.fingerprint())
+    identity = RunIdentity("train_unet", to_dict(cfg), MODEL_SECTIONS, vae=vae_id, data=dataset.fingerprint(),
+                           defaults=to_dict(UNetRunConfig()))
     checkpointer = Checkpointer(accelerator, output_dir, tcfg.keep_checkpoints, state, identity, save_ema_state,
                                 lambda path: load_emas(path, emas, rank if per_rank_ema else 0, device))
     save_run_config(accelerator, output_dir, cfg)

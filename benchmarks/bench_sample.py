@@ -1,4 +1,4 @@
-"""Generation speed: noise to decoded images, ours against diffusers' UNet + VAE of the same widths, eager and compiled.
+"""Generation speed: noise to decoded images, ours against diffusers' UNet (or DiT) + VAE of the same size, eager and compiled.
 
     python benchmarks/bench_sample.py --device cuda --batch 1,64 --steps 1,4,128 [--json out.json]
     python benchmarks/bench_sample.py --unet-preset tiny --vae-preset tiny --device cpu --batch 1,2 --steps 1,2 --no-compile
@@ -7,8 +7,8 @@ Per (batch, steps): the median wall time of one whole generation, from noise thr
 network evaluations (Euler / shortcut steps, one conditional forward each: guidance scale 1)
 to the decoded images, with bf16 weights and compute on CUDA (float32 on CPU). Ours is
 ``modules.generation`` (what sample.py runs); diffusers' is ``UNet2DConditionModel`` (the
-preset's widths, as ``bench_unet.py`` builds it) and ``AutoencoderKL`` (``bench_vae.py``'s),
-stepped by the same Euler loop. Each model is timed eagerly, then compiled as ``sample.py
+preset's widths, as ``bench_unet.py`` builds it; ``DiTTransformer2DModel`` for a DiT preset) and
+``AutoencoderKL`` (``bench_vae.py``'s), stepped by the same Euler loop. Each model is timed eagerly, then compiled as ``sample.py
 --compile`` compiles (``modules.generation.compile_options``: mode="reduce-overhead", CUDA graphs
 on GPU; the UNet and the VAE decoder) and timed again. Prints one markdown table with the
 ours/diffusers and compiled/eager ratios; ``--json OUT`` also writes the numbers. Random
@@ -35,7 +35,7 @@ from modules.config import ConfigError, UNetRunConfig, VAERunConfig  # noqa: E40
 from modules.config_io import load_config  # noqa: E402
 from modules.generation import (GenerationSpec, compile_options, compiled_for_sampling, decode_latents,  # noqa: E402
                                 generate_latents)
-from modules.unet import UNet  # noqa: E402
+from modules.networks import build_network  # noqa: E402
 from modules.vae import AutoencoderKL  # noqa: E402
 
 NUM_CLASSES = bench_unet.NUM_CLASSES
@@ -99,7 +99,7 @@ class Ours:
     """Our UNet and VAE, generating as sample.py does."""
 
     def __init__(self, args, device: torch.device, dtype: torch.dtype):
-        self.unet = UNet(args.cfg.model, args.cfg.cond).to(device, dtype).eval()
+        self.unet = build_network(args.cfg.model, args.cfg.cond).to(device, dtype).eval()
         self.vae = AutoencoderKL(args.vae_cfg).to(device, dtype).eval()
         self.network = self.unet
         self.spec = GenerationSpec.from_run_config(args.cfg)
@@ -139,7 +139,7 @@ class Diffusers:
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             for i in range(steps):
                 t = torch.full((batch,), 1000.0 * i / steps, device=device)
-                v = self.unet(x.to(dtype), t, encoder_hidden_states=context, class_labels=labels).sample
+                v = bench_unet.call_diffusers(self.unet, x.to(dtype), t, labels, context, m.arch == "dit")
                 x = x + v.float() / steps
             return self.vae.decode(x.to(dtype)).sample.float().clamp(-1, 1)
 

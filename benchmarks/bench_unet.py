@@ -1,6 +1,9 @@
-"""Speed and memory of our UNet against diffusers' UNet2DConditionModel of matching widths.
+"""Speed and memory of our stage-2 network against diffusers' of the same size: a UNet against
+UNet2DConditionModel of matching widths, a DiT (``--preset dit-s|dit-b|dit-l|dit-xl|dit-tiny``)
+against DiTTransformer2DModel of the same width, depth, heads and patch.
 
     python benchmarks/bench_unet.py --preset sd15 --batch 64 --steps 20 --device cuda --dtype bf16 [--compile]
+    python benchmarks/bench_unet.py --preset dit-b --batch 256 --steps 20 --device cuda --dtype bf16 [--compile]
     python benchmarks/bench_unet.py --preset tiny --batch 2 --steps 2 --device cpu
 
 Measured per model on random latents (``--latent-size``, 32 = 256 px images): training
@@ -9,7 +12,9 @@ images/s of one flow-matching step (MSE to x1 - x0, AdamW, fused on CUDA, autoca
 gradients at batch 1 and at --batch. The diffusers model gets the same block widths,
 blocks per level, attention levels, head width, transformer depth, cross-attention width and
 the same number of context tokens as ours produces (one for ``--cond class``); with
-``--cond none`` ours has no cross-attention while diffusers' still does.
+``--cond none`` ours has no cross-attention while diffusers' still does. diffusers' DiT is always
+class-conditional (``--cond none``: it gets the null label) and gives every block its own copy of the
+time and class embedders, which ours computes once.
 
 Each training rate is also given in TFLOP/s and as a share of the measured matmul peak: the
 FLOPs of one step (forward and backward: convolutions, matmuls, attention) are counted by
@@ -26,6 +31,7 @@ import argparse
 import contextlib
 import copy
 import gc
+import importlib.util
 import itertools
 import json
 import statistics
@@ -46,9 +52,10 @@ from modules.attention import attention_backend  # noqa: E402
 from modules.config import ConfigError, UNetRunConfig  # noqa: E402
 from modules.config_io import load_config  # noqa: E402
 from modules.ema import EMA, teacher  # noqa: E402
+from modules.networks import build_network  # noqa: E402
 from modules.objectives import Draws, build_objective  # noqa: E402
 from modules.optim import apply_update  # noqa: E402
-from modules.unet import UNet, count_parameters  # noqa: E402
+from modules.unet import count_parameters  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NUM_CLASSES = 1000
@@ -57,7 +64,9 @@ CONTEXT_TOKENS = 1   # what our class conditioning gives cross-attention; diffus
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="sd15", help="a configs/unet preset (sd15, seed, tiny) or a JSON file")
+    p.add_argument("--preset", default="sd15",
+                   help="a configs/unet preset (sd15, seed, tiny, dit-s, dit-b, dit-l, dit-xl, dit-tiny) "
+                        "or a JSON file")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=20, help="timed training steps / forward calls")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations before each measurement")
@@ -90,10 +99,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                                + ([f"cond.num_classes={NUM_CLASSES}"] if args.cond == "class" else []))
     except ConfigError as e:
         p.error(str(e))
-    factor = 2 ** (len(args.cfg.model.channel_mult) - 1)
+    m = args.cfg.model
+    factor, why = ((m.patch_size, "its patch size") if m.arch == "dit"
+                   else (2 ** (len(m.channel_mult) - 1), f"{len(m.channel_mult)} levels"))
     if args.latent_size % factor:
-        p.error(f"--latent-size {args.latent_size} is not divisible by {factor} "
-                f"({len(args.cfg.model.channel_mult)} levels in preset {args.preset})")
+        p.error(f"--latent-size {args.latent_size} is not divisible by {factor} ({why} in preset {args.preset})")
+    if m.arch == "dit" and m.mlp_ratio != 4:
+        p.error(f"preset {args.preset}: diffusers' DiT has MLP ratio 4, the preset {m.mlp_ratio}")
     return args
 
 
@@ -118,22 +130,39 @@ class Inputs:
             self.labels = torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(device)
             self.drop = (torch.rand(batch, generator=g) < 0.1).to(device)
         self.context = torch.randn(batch, CONTEXT_TOKENS, m.context_dim, generator=g).to(device)
+        self.dit = m.arch == "dit"
 
     def ours(self, model: torch.nn.Module) -> torch.Tensor:
         return model(self.x_t, self.t, level=self.level, cond=self.labels, drop=self.drop)
 
     def diffusers(self, model: torch.nn.Module) -> torch.Tensor:
         labels = None if self.labels is None else torch.where(self.drop, NUM_CLASSES, self.labels)
-        return model(self.x_t, self.t * 1000, encoder_hidden_states=self.context, class_labels=labels).sample
+        if self.dit and labels is None:
+            labels = torch.full_like(self.t, NUM_CLASSES, dtype=torch.long)
+        return call_diffusers(model, self.x_t, self.t * 1000, labels, self.context, self.dit)
+
+
+def call_diffusers(model: torch.nn.Module, x: torch.Tensor, timesteps: torch.Tensor, labels: Optional[torch.Tensor],
+                   context: torch.Tensor, dit: bool) -> torch.Tensor:
+    """One forward of the diffusers model (timesteps in [0, 1000)); its DiT reads no context tokens."""
+    if dit:
+        return model(x, timesteps, class_labels=labels).sample
+    return model(x, timesteps, encoder_hidden_states=context, class_labels=labels).sample
 
 
 def build_diffusers(args: argparse.Namespace):
-    """UNet2DConditionModel with our preset's widths, or None when diffusers is not importable."""
+    """UNet2DConditionModel with our preset's widths (DiTTransformer2DModel of the same size for a DiT),
+    or None when diffusers is not importable."""
     try:
-        from diffusers import UNet2DConditionModel
+        from diffusers import DiTTransformer2DModel, UNet2DConditionModel
     except ImportError:
         return None
     m = args.cfg.model
+    if m.arch == "dit":
+        return DiTTransformer2DModel(
+            num_attention_heads=m.num_heads, attention_head_dim=m.hidden_size // m.num_heads,
+            in_channels=m.in_channels, num_layers=m.depth, sample_size=args.latent_size, patch_size=m.patch_size,
+            num_embeds_ada_norm=NUM_CLASSES, norm_eps=1e-6)
     levels = range(len(m.channel_mult))
     widths = tuple(m.base_channels * mult for mult in m.channel_mult)
     return UNet2DConditionModel(
@@ -253,7 +282,7 @@ def objective_steps(args: argparse.Namespace, peak: float) -> list[dict]:
         cfg.model.num_step_levels = cfg.num_step_levels
         run_args = argparse.Namespace(**{**vars(args), "cfg": cfg})
         torch.manual_seed(0)
-        model = UNet(cfg.model, cfg.cond).to(device)
+        model = build_network(cfg.model, cfg.cond).to(device)
         if args.channels_last:
             model.to(memory_format=torch.channels_last)
         runner = torch.compile(model) if args.compile else model
@@ -277,7 +306,7 @@ def objective_steps(args: argparse.Namespace, peak: float) -> list[dict]:
         model.train()
         seconds = statistics.median(timed(train_step, args.steps, args.warmup, device))
         with torch.device("meta"):
-            meta_model = UNet(cfg.model, cfg.cond)
+            meta_model = build_network(cfg.model, cfg.cond)
         meta_batch = Inputs(run_args, args.batch, torch.device("meta"))
         meta_loss = build_objective(cfg)    # the online model teaches: the same FLOPs as the EMA teacher
         flops = counted_flops(lambda: meta_loss.loss(meta_model, meta_batch.x1, meta_batch.labels,
@@ -333,8 +362,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     peak = gemm_peak_tflops(args)
-    builders = [("ours", lambda: UNet(args.cfg.model, args.cfg.cond), Inputs.ours)]
-    if not args.no_diffusers and build_diffusers(args) is not None:
+    builders = [("ours", lambda: build_network(args.cfg.model, args.cfg.cond), Inputs.ours)]
+    if not args.no_diffusers and importlib.util.find_spec("diffusers") is not None:
         builders.append(("diffusers", lambda: build_diffusers(args), Inputs.diffusers))
     results = []
     for name, build, call in builders:
@@ -348,11 +377,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
         free(device)
     objectives = objective_steps(args, peak)
     dtype = DTYPES[args.dtype]
-    header = (f"UNet preset `{args.preset}`, cond {args.cfg.cond.type}, latents {args.latent_size}x{args.latent_size}"
-              f"x{args.cfg.model.in_channels}, batch {args.batch}, {args.steps} steps, {device.type} "
+    network = {"unet": "UNet", "dit": "DiT"}[args.cfg.model.arch]
+    header = (f"{network} preset `{args.preset}`, cond {args.cfg.cond.type}, "
+              f"latents {args.latent_size}x{args.latent_size}x{args.cfg.model.in_channels}, batch {args.batch}, {args.steps} steps, {device.type} "
               f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), {args.dtype}"
               f"{', compiled' if args.compile else ''}{', channels_last' if args.channels_last else ''}, "
-              f"attention {attention_backend(device, dtype)}, diffusers context tokens {CONTEXT_TOKENS}, "
+              f"attention {attention_backend(device, dtype)}, "
+              f"{'' if args.cfg.model.arch == 'dit' else f'diffusers context tokens {CONTEXT_TOKENS}, '}"
               f"matmul peak {peak:.3g} TFLOP/s ({args.gemm_size}^3, {args.dtype}), torch {torch.__version__}")
     print(table(results, args, header) + "\n\n" + objective_table(objectives))
     report = {"preset": args.preset, "cond": args.cfg.cond.type, "batch": args.batch, "steps": args.steps,

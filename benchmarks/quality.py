@@ -3,6 +3,7 @@
     python benchmarks/quality.py --preset cpu --workdir runs/quality_cpu --out results/quality_cpu
     python benchmarks/quality.py --preset gpu --workdir runs/quality_gpu --out results/quality_gpu
     python benchmarks/quality.py --preset micro --workdir /tmp/quality_micro   # seconds: smoke test
+    python benchmarks/quality.py --preset cpu --arch dit --workdir runs/quality_cpu_dit   # the same table, a DiT
 
 A miniature of the shortcut paper's main comparison (one-step samples close to 128-step ones
 for a shortcut model, far worse for flow matching), run through the product's own entry
@@ -13,7 +14,8 @@ the same arguments as the printed command lines.
    held-out evaluation set drawn with another seed;
 2. stage 1: train_vae.py (no GAN, no LPIPS: L1 + KL is enough for flat-coloured shapes);
 3. stage 2: train_unet.py twice, ``objective=shortcut`` and ``objective=flow``, identical
-   otherwise (network, data, steps, batch, lr, EMA, seed), conditioned on masks;
+   otherwise (network, data, steps, batch, lr, EMA, seed), conditioned on masks; ``--arch``
+   picks the network: the preset's small UNet or its small DiT (same steps, batch and lr);
 4. sample.py with every held-out mask at each step count (shortcut sampler for the
    shortcut model, Euler for the flow model; same noise seeds for both);
 5. per (model, steps):
@@ -82,7 +84,8 @@ class Preset:
     vae_steps: int
     vae_args: tuple[str, ...]
     unet_steps: int
-    unet_args: tuple[str, ...]
+    unet_args: tuple[str, ...]      # --arch unet
+    dit_args: tuple[str, ...]       # --arch dit
     sample_batch: int
 
 
@@ -93,29 +96,42 @@ def _vae_args(base: int, mult: str, batch: int, lr: float) -> tuple[str, ...]:
             "loss.disc_start=100000000", "data.num_val_images=16")
 
 
-def _unet_args(base: int, mult: str, attention: str, batch: int, lr: float, ema: float) -> tuple[str, ...]:
+def _stage2_args(batch: int, lr: float, ema: float) -> tuple[str, ...]:
     """Masks concatenated to the latents (spatially aligned: the cheapest to learn), no weight decay
     (a few thousand steps); the rest from configs/unet/tiny.json and the defaults."""
+    return ("cond.type=mask", "cond.mask_mode=concat", "cond.mask_channels=32",
+            f"train.batch_size={batch}", f"train.lr={lr}", "train.weight_decay=0.0", f"ema.decay={ema}")
+
+
+def _unet_args(base: int, mult: str, attention: str, batch: int, lr: float, ema: float) -> tuple[str, ...]:
     return (f"model.base_channels={base}", f"model.channel_mult={mult}", f"model.attention_levels={attention}",
             "model.num_res_blocks=1", f"model.head_dim={min(base, 32)}", f"model.context_dim={base}",
-            "model.norm_groups=8",
-            "cond.type=mask", "cond.mask_mode=concat", "cond.mask_channels=32",
-            f"train.batch_size={batch}", f"train.lr={lr}", "train.weight_decay=0.0", f"ema.decay={ema}")
+            "model.norm_groups=8") + _stage2_args(batch, lr, ema)
+
+
+def _dit_args(hidden: int, depth: int, heads: int, patch: int, batch: int, lr: float, ema: float) -> tuple[str, ...]:
+    return ("model.arch=dit", f"model.hidden_size={hidden}", f"model.depth={depth}", f"model.num_heads={heads}",
+            f"model.patch_size={patch}") + _stage2_args(batch, lr, ema)
 
 
 PRESETS = {
     # The whole pipeline in seconds, for the smoke test; its numbers mean nothing.
     "micro": Preset(image_size=16, num_train=24, num_eval=8, steps=(1, 2), vae_steps=3,
                     vae_args=_vae_args(8, "1,2,2", 4, 1e-3), unet_steps=3,
-                    unet_args=_unet_args(16, "1,2", "1", 4, 1e-3, 0.9), sample_batch=8),
-    # Measured on 2 CPU cores (BENCHMARKS.md): 32 px, 8x8x4 latents, a 1M-parameter UNet.
+                    unet_args=_unet_args(16, "1,2", "1", 4, 1e-3, 0.9),
+                    dit_args=_dit_args(16, 1, 2, 2, 4, 1e-3, 0.9), sample_batch=8),
+    # Measured on 2 CPU cores (BENCHMARKS.md): 32 px, 8x8x4 latents, a 1M-parameter UNet; the DiT
+    # (1.3M parameters, 4x4 tokens, not yet measured) trains a step in at most the UNet's time.
     "cpu": Preset(image_size=32, num_train=2048, num_eval=512, steps=(1, 2, 4, 8, 128), vae_steps=2000,
                   vae_args=_vae_args(16, "1,2,2", 16, 1e-3), unet_steps=2000,
-                  unet_args=_unet_args(32, "1,2", "1", 32, 1e-3, 0.999), sample_batch=256),
-    # Not measured (no GPU in the session that wrote it): 64 px, 16x16x4 latents, a 26M-parameter UNet.
+                  unet_args=_unet_args(32, "1,2", "1", 32, 1e-3, 0.999),
+                  dit_args=_dit_args(128, 4, 4, 2, 32, 1e-3, 0.999), sample_batch=256),
+    # Not measured (no GPU in the session that wrote it): 64 px, 16x16x4 latents, a 26M-parameter UNet
+    # or DiT-S/2 (33M).
     "gpu": Preset(image_size=64, num_train=20000, num_eval=5000, steps=(1, 2, 4, 8, 128), vae_steps=10000,
                   vae_args=_vae_args(64, "1,2,4", 32, 2e-4) + ("data.num_workers=4",), unet_steps=30000,
                   unet_args=_unet_args(128, "1,2,2", "1,2", 128, 2e-4, 0.9999) + ("data.num_workers=4",),
+                  dit_args=_dit_args(384, 12, 6, 2, 128, 2e-4, 0.9999) + ("data.num_workers=4",),
                   sample_batch=500),
 }
 
@@ -145,13 +161,14 @@ def training_args(preset: Preset, max_steps: int, log_every: int) -> list[str]:
             f"train.image_log_every={max_steps}", f"train.log_every={log_every}", f"train.val_every={max_steps}"]
 
 
-def unet_args(preset: Preset, objective: str, data: Path, vae: Path, out: Path, extra: list[str]) -> list[str]:
+def unet_args(preset: Preset, arch: str, objective: str, data: Path, vae: Path, out: Path,
+              extra: list[str]) -> list[str]:
     max_sampling = max(preset.steps)
     return (["--config", "tiny", "--data", str(data), "--vae", str(vae), "--output-dir", str(out),
              "--report-to", "none", f"objective={objective}", f"shortcut.denoise_timesteps={max_sampling}",
              f"sample.steps=1,{max_sampling}", "sample.num_images=8"]
             + training_args(preset, preset.unet_steps, max(1, preset.unet_steps // 20))
-            + list(preset.unet_args) + extra)
+            + list(preset.unet_args if arch == "unet" else preset.dit_args) + extra)
 
 
 # ----------------------------------------------------------------------------- images and features
@@ -285,6 +302,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--arch", choices=("unet", "dit"), default="unet", help="the stage-2 network of both runs")
     p.add_argument("--workdir", type=Path, required=True,
                    help="folder for data, runs and samples; must be empty or absent")
     p.add_argument("--out", type=Path, default=None, help="results folder (default: WORKDIR/results)")
@@ -335,7 +353,7 @@ def train_and_sample(args: argparse.Namespace, preset: Preset, work: Path, stage
     # the same run twice, only the objective differs
     for objective in OBJECTIVES:
         run_entry_point(f"unet_{objective}", "train_unet.py", train_unet.main,
-                        unet_args(preset, objective, train_dir, vae_dir, work / f"unet_{objective}",
+                        unet_args(preset, args.arch, objective, train_dir, vae_dir, work / f"unet_{objective}",
                                   args.unet_override), stages)
 
     # sample i is named like held-out mask i and has seed i, whatever the model and step count
@@ -402,10 +420,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     vae_text = f"VAE {preset.vae_steps} steps" if args.vae is None else f"VAE from {args.vae}"
     header = (f"Quality benchmark, preset `{args.preset}`: {preset.num_train} training / {preset.num_eval} held-out "
-              f"shapes at {preset.image_size} px, {vae_text}, UNets {preset.unet_steps} steps each, "
+              f"shapes at {preset.image_size} px, {vae_text}, {'UNets' if args.arch == 'unet' else 'DiTs'} "
+              f"{preset.unet_steps} steps each, "
               f"{args.threads} thread(s); wall time {total / 60:.1f} min")
     table = markdown_table(rows)
-    report = {"preset": args.preset, "settings": asdict(preset), "unet_overrides": args.unet_override,
+    report = {"preset": args.preset, "arch": args.arch, "settings": asdict(preset),
+              "unet_overrides": args.unet_override,
               "threads": args.threads, "vae": str(vae_dir), "features": FEATURE_NOTES, "rows": rows,
               "stages": [asdict(s) for s in stages], "wall_time_s": total,
               "machine_at_start": machine_at_start, "machine_at_end": machine()}

@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 
 from modules.config import TrainConfig
-from modules.config_io import changes_in
+from modules.config_io import changes_in, with_defaults
 from modules.errors import CheckpointError, DataError, TrainingAborted
 from modules.export import file_sha256
 
@@ -51,13 +51,18 @@ class RunIdentity:
     model_sections: tuple[str, ...]     # config entries that define the network
     vae: Optional[str] = None           # identity of the frozen VAE (stage 2)
     data: Optional[str] = None          # fingerprint of the training data
+    defaults: Optional[dict] = None     # the default config: fields a checkpoint predates read as these
+
+    def record(self) -> dict:
+        """What ``identity.json`` holds."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "defaults"}
 
     def check(self, saved: dict, path: Path) -> None:
         """Refuse ``path`` (whose identity is ``saved``) when it cannot be continued by this run."""
         if saved.get("script") != self.script:
             raise CheckpointError(f"cannot resume from {path}: it was made by {saved.get('script')}.py, "
                                   f"not {self.script}.py")
-        changed = changes_in(saved.get("config") or {}, self.config, self.model_sections)
+        changed = changes_in(with_defaults(saved.get("config") or {}, self.defaults), self.config, self.model_sections)
         if changed:
             raise CheckpointError(f"cannot resume from {path}: its checkpoints were made with another model "
                                   f"config ({'; '.join(changed)})")
@@ -230,7 +235,7 @@ class Checkpointer:
             self.extra_save(tmp)
             if acc.is_main_process:
                 (tmp / STATE_NAME).write_text(json.dumps(self.state.state_dict()))
-                (tmp / IDENTITY_NAME).write_text(json.dumps(dataclasses.asdict(self.identity), indent=1))
+                (tmp / IDENTITY_NAME).write_text(json.dumps(self.identity.record(), indent=1))
             acc.wait_for_everyone()
             if acc.is_main_process:
                 files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _synced_sha256(p)}

@@ -1,11 +1,12 @@
-"""Condition encoders for the UNet (``cond.type``: none | class | mask), with a learned null condition.
+"""Condition encoders for the stage-2 networks (``cond.type``: none | class | mask), with a learned null
+condition.
 
-A :class:`Conditioner` turns the user's condition into up to three inputs of the UNet:
-an embedding added to the time embedding, cross-attention context tokens, and extra input
-channels concatenated to the latents. Classifier-free guidance drops whole samples: a
-dropped sample (``drop[i]`` True) or a missing condition (``cond=None``) gets the learned
-null condition, and the dropped sample's own label or mask is never read, so it carries
-no information into the network.
+A :class:`Conditioner` turns the user's condition into up to three inputs of the network:
+an embedding added to the time embedding, cross-attention context tokens (only for a network
+that reads them: the UNet, not the DiT), and extra input channels concatenated to the latents.
+Classifier-free guidance drops whole samples: a dropped sample (``drop[i]`` True) or a missing
+condition (``cond=None``) gets the learned null condition, and the dropped sample's own label or
+mask is never read, so it carries no information into the network.
 """
 from __future__ import annotations
 
@@ -52,21 +53,23 @@ class MaskEncoder(nn.Module):
 
 
 class Conditioner(nn.Module):
-    """Encodes ``cond`` for the UNet: ``forward(cond, drop, batch_size, latent_size) -> (emb_add, context, concat)``.
+    """Encodes ``cond`` for the network: ``forward(cond, drop, batch_size, latent_size) -> (emb_add, context, concat)``.
 
     - none: ``(None, None, None)``; ``drop`` is ignored (there is nothing to drop).
     - class: ``cond`` is a LongTensor ``[B]`` of labels in ``[0, num_classes)``; label
-      ``num_classes`` is the null label. Returns the label embedding ``[B, temb_dim]`` and
-      one context token ``[B, 1, context_dim]``.
+      ``num_classes`` is the null label. Returns the label embedding ``[B, temb_dim]`` and,
+      for a network that ``reads_context``, one context token ``[B, 1, context_dim]``.
     - mask: ``cond`` is a FloatTensor ``[B, 1, H, W]`` at image resolution (1 = foreground),
       ``H = latent height * cond.image_downsample``. Per ``cond.mask_mode``: context tokens
       ``[B, h * w, context_dim]`` (crossattn), ``concat_channels`` input channels
       ``[B, k, h, w]`` (concat), or both.
     Attributes: ``provides_context`` (the UNet creates cross-attention layers only then)
-    and ``concat_channels`` (extra input channels of the UNet's first conv).
+    and ``concat_channels`` (extra input channels of the network's first layer). A network
+    that does not read context tokens gets no layers that make them: DDP refuses parameters
+    that take no part in the loss. Mask tokens need such a network (a config rule).
     """
 
-    def __init__(self, cond_cfg: CondConfig, model_cfg: UNetModelConfig, temb_dim: int):
+    def __init__(self, cond_cfg: CondConfig, model_cfg: UNetModelConfig, temb_dim: int, reads_context: bool):
         super().__init__()
         self.type = cond_cfg.type
         self.num_classes = cond_cfg.num_classes
@@ -78,8 +81,9 @@ class Conditioner(nn.Module):
             return
         if self.type == "class":
             self.label_emb = nn.Embedding(cond_cfg.num_classes + 1, temb_dim)
-            self.to_context = nn.Linear(temb_dim, model_cfg.context_dim)
-            self.provides_context = True
+            if reads_context:
+                self.to_context = nn.Linear(temb_dim, model_cfg.context_dim)
+                self.provides_context = True
             return
         self.encoder = MaskEncoder(cond_cfg.mask_channels, cond_cfg.image_downsample)
         if cond_cfg.mask_mode in ("crossattn", "both"):
@@ -107,7 +111,7 @@ class Conditioner(nn.Module):
         if drop is not None:
             labels = torch.where(drop, null, labels)
         emb = self.label_emb(labels)
-        return emb, self.to_context(emb)[:, None, :], None
+        return emb, self.to_context(emb)[:, None, :] if self.provides_context else None, None
 
     def _encode_mask(self, mask: Optional[torch.Tensor], drop: Optional[torch.Tensor], batch_size: int,
                      latent_size: tuple[int, int]) -> Encoded:

@@ -52,8 +52,8 @@ def fraction(*, low_open: bool = False, high_open: bool = False) -> Rule:
     return rule
 
 
-def one_of(*choices: str) -> Rule:
-    return lambda v: None if v in choices else f"{v!r} is not one of {', '.join(choices)}"
+def one_of(*choices) -> Rule:
+    return lambda v: None if v in choices else f"{v!r} is not one of {', '.join(map(str, choices))}"
 
 
 def is_power_of_two(n: int) -> bool:
@@ -192,6 +192,8 @@ class VAERunConfig:
 
 @dataclass
 class UNetModelConfig:
+    """The stage-2 network. ``arch=unet`` reads in_channels .. resample; ``arch=dit`` reads
+    in_channels and patch_size .. time_freq_shift (README "DiT"); both read num_step_levels."""
     in_channels: int = setting(4, positive, at_most(1024))        # set from the VAE's latent channels
     base_channels: int = setting(192, positive, at_most(WIDTH_LIMIT))
     channel_mult: tuple[int, ...] = setting((1, 2, 2, 4, 4, 4), non_empty, each(positive, at_most(64)))
@@ -204,8 +206,29 @@ class UNetModelConfig:
     dropout: float = setting(0.0, fraction(high_open=True))
     resample: str = setting("conv", one_of("conv", "wavelet"))
     num_step_levels: int = setting(0, non_negative, at_most(64))   # shortcut: log2 M + 1 (derived); 0: none
+    arch: str = setting("unet", one_of("unet", "dit"))
+    # DiT (Peebles & Xie 2023); the defaults are DiT-B/2, the shortcut paper's network.
+    patch_size: int = setting(2, one_of(1, 2, 4, 8))              # latent pixels per token side
+    hidden_size: int = setting(768, positive, at_most(WIDTH_LIMIT))
+    depth: int = setting(12, positive, at_most(256))              # transformer blocks
+    num_heads: int = setting(12, positive, at_most(1024))
+    mlp_ratio: float = setting(4.0, positive, at_most(64))
+    # Time sinusoid spacing: 0 as the DiT code (and the UNet); 1 as diffusers' DiTTransformer2DModel.
+    time_freq_shift: int = setting(0, one_of(0, 1))
 
     def check(self, prefix: str) -> None:
+        if self.arch == "dit":
+            # The UNet's fields are not read, so they are not checked either.
+            if self.hidden_size % self.num_heads:
+                raise fail(f"{prefix}num_heads", f"{self.num_heads} does not divide {prefix}hidden_size="
+                           f"{self.hidden_size}")
+            if self.hidden_size % 4:
+                raise fail(f"{prefix}hidden_size", f"must be a multiple of 4 (2-D sine-cosine positions: sin and "
+                           f"cos of rows and columns), got {self.hidden_size}")
+            if int(self.hidden_size * self.mlp_ratio) < 1:
+                raise fail(f"{prefix}mlp_ratio", f"{self.mlp_ratio} x {prefix}hidden_size={self.hidden_size} "
+                           "leaves the MLP no hidden unit")
+            return
         _check_widths(prefix, self.base_channels, self.channel_mult, self.norm_groups)
         for m in self.channel_mult:
             if (self.base_channels * m) % self.head_dim:
@@ -330,6 +353,7 @@ class UNetRunConfig:
     sample: SampleLogConfig = field(default_factory=SampleLogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cache_dir: str = ""                 # latent cache; default: <output-dir>/../latent_cache
+    init_from: str = ""                 # model.arch=dit: start from a diffusers DiTTransformer2DModel (safetensors)
 
     @property
     def latent_size(self) -> int:
@@ -341,6 +365,11 @@ class UNetRunConfig:
         return self.shortcut.num_levels + 1 if self.objective == "shortcut" else 0
 
     def check(self, prefix: str) -> None:
+        if self.model.arch == "dit" and self.cond.type == "mask" and self.cond.mask_mode != "concat":
+            raise fail(f"{prefix}cond.mask_mode", f"model.arch=dit has no cross-attention: it reads masks as "
+                       f"concatenated input channels only (cond.mask_mode=concat), got {self.cond.mask_mode}")
+        if self.init_from and self.model.arch != "dit":
+            raise fail(f"{prefix}init_from", "loads a diffusers DiT (DiTTransformer2DModel): it needs model.arch=dit")
         if self.cond.type == "mask" and self.cond.mask_mode != "concat" and self.model.context_dim % 4:
             raise fail(f"{prefix}model.context_dim", "mask tokens need a multiple of 4 (2-D sine-cosine "
                        f"positions), got {self.model.context_dim}")
@@ -367,7 +396,12 @@ class UNetRunConfig:
 
 def check_trained(cfg: UNetRunConfig) -> None:
     """Rules for the fields a training run derives from the VAE and the data (``train_unet.derive_fields``):
-    checked when a trained model's config is read back (exports), where they must be set."""
+    checked once they are derived (before training starts) and when a trained model's config is read
+    back (exports). The latent size is known only here: the VAE sets ``cond.image_downsample``."""
+    if cfg.model.arch == "dit" and cfg.latent_size % cfg.model.patch_size:
+        raise fail("model.patch_size", f"{cfg.model.patch_size} does not divide the latent size {cfg.latent_size} "
+                   f"(data.image_size={cfg.data.image_size} / the VAE's downsampling factor "
+                   f"{cfg.cond.image_downsample})")
     if cfg.cond.type == "class" and cfg.cond.num_classes < 1:
         raise fail("cond.num_classes", "a class-conditional model needs at least one class, got 0")
     if cfg.model.num_step_levels != cfg.num_step_levels:

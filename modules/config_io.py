@@ -206,6 +206,14 @@ def diff_fields(a: dict, b: dict, keys: Optional[list[str]] = None) -> list[str]
             if _normalise(fa.get(k)) != _normalise(fb.get(k))]
 
 
+def with_defaults(values: Any, defaults: Any) -> Any:
+    """A saved config dict with the keys it lacks taken from ``defaults``, at every depth: a config
+    saved before a field existed reads as if it had held the field's default."""
+    if not isinstance(values, dict) or not isinstance(defaults, dict):
+        return values
+    return {**defaults, **{k: with_defaults(v, defaults.get(k)) for k, v in values.items()}}
+
+
 def _normalise(v):
     return list(v) if isinstance(v, tuple) else v
 

@@ -20,9 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modules.config import UNetRunConfig, check_trained
-from modules.config_io import diff_fields, from_dict, read_json, to_dict
+from modules.config_io import diff_fields, from_dict, read_json, to_dict, with_defaults
 from modules.errors import ConfigError, ModelFolderError
-from modules.unet import UNet
+from modules.denoiser import Denoiser
+from modules.networks import build_network
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -117,6 +118,29 @@ def read_weights(path: str | Path, error: type[Exception] = ModelFolderError) ->
     return tensors
 
 
+def load_state_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: Path, what: str) -> torch.nn.Module:
+    """Strict load with an error that names a few missing / unexpected / mis-shaped keys; ``what`` names
+    the model the weights should fit (e.g. "the VAE config")."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if missing or unexpected:
+        def few(keys):
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+        details = []
+        if missing:
+            details.append(f"{len(missing)} missing: {few(missing)}")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected: {few(unexpected)}")
+        raise ModelFolderError(f"{where}: weights do not fit {what} ({'; '.join(details)})")
+    for key, value in expected.items():
+        if sd[key].shape != value.shape:
+            raise ModelFolderError(f"{where}: weight '{key}' has shape {tuple(sd[key].shape)}, "
+                                   f"{what} needs {tuple(value.shape)}")
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
 def find_model_folder(path: str | Path, subfolder: str) -> Path:
     """``path`` itself when it is a model folder, else ``path/subfolder`` (a training output dir)."""
     path = Path(path)
@@ -174,17 +198,20 @@ def read_unet_export(folder: str | Path) -> UNetExport:
         raise ModelFolderError(f"{path}: 'vae' must be the record of the VAE the model was trained with, "
                                f"got {vae!r}")
     expected = unet_export_config(cfg, vae, weights)
-    edited = diff_fields({k: raw.get(k) for k in expected}, expected)
+    # Fields added since the export was written read as their defaults, as from_dict reads run_config.
+    summary = with_defaults({k: raw.get(k) for k in expected}, unet_export_config(UNetRunConfig(), vae, weights))
+    edited = diff_fields(summary, expected)
     if edited:
         raise ModelFolderError(f"{path}: its entries do not match its run_config ({'; '.join(edited[:3])}); "
                                "was it edited? Change run_config instead")
     return UNetExport(folder, cfg, weights, vae)
 
 
-def load_unet(folder: str | Path, export: Optional[UNetExport] = None) -> UNet:
-    """Rebuild a UNet from an exported folder (config.json + model.safetensors), in eval mode."""
+def load_unet(folder: str | Path, export: Optional[UNetExport] = None) -> Denoiser:
+    """Rebuild the stage-2 network (``model.arch``: UNet or DiT) from an exported folder
+    (config.json + model.safetensors), in eval mode."""
     export = export or read_unet_export(folder)
-    model = UNet(export.config.model, export.config.cond)
+    model = build_network(export.config.model, export.config.cond)
     weights = read_folder_weights(Path(folder), read_config(folder))
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)

@@ -21,6 +21,8 @@ from PIL import Image
 
 SHAPES = ("circle", "square", "triangle")      # sorted: folder order gives these labels
 LAYOUTS = ("imagefolder", "flat")
+BACKGROUNDS = ("textured", "plain")             # plain: one light grey, the quickstart's easier set
+PLAIN_GREY = 0.85
 BACKGROUND_MAX_SATURATION = 0.2
 SHAPE_MIN_SATURATION = 0.85
 FOREGROUND_SATURATION = 0.5                     # threshold halfway between the two
@@ -72,11 +74,14 @@ def _shape_mask(rng: np.random.Generator, size: int, label: int) -> np.ndarray:
     return inside
 
 
-def render_shape(rng: np.random.Generator, image_size: int, label: int) -> tuple[np.ndarray, np.ndarray]:
+def render_shape(rng: np.random.Generator, image_size: int, label: int,
+                 background: str = "textured") -> tuple[np.ndarray, np.ndarray]:
     """One image (uint8 [S, S, 3]) and its foreground mask (bool [S, S]) for class ``label``."""
     if not 0 <= label < len(SHAPES):
         raise ValueError(f"label {label} is not a shape class (0..{len(SHAPES) - 1}: {', '.join(SHAPES)})")
-    image = _background(rng, image_size)
+    image = _background(rng, image_size)       # drawn either way, so both backgrounds get the same shapes
+    if background == "plain":
+        image = np.full_like(image, PLAIN_GREY)
     mask = _shape_mask(rng, image_size, label)
     colour = _hsv_to_rgb(rng.random(), rng.uniform(SHAPE_MIN_SATURATION, 1.0), rng.uniform(0.8, 1.0))
     # a soft light gradient changes brightness only, so the colour stays saturated
@@ -88,8 +93,8 @@ def render_shape(rng: np.random.Generator, image_size: int, label: int) -> tuple
     return np.round(image * 255).astype(np.uint8), mask
 
 
-def render_shape_batch(num_images: int, image_size: int = 64, seed: int = 0,
-                       labels: Optional[Sequence[int]] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def render_shape_batch(num_images: int, image_size: int = 64, seed: int = 0, labels: Optional[Sequence[int]] = None,
+                       background: str = "textured") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Images uint8 [N, S, S, 3], masks bool [N, S, S], labels int64 [N], without files.
 
     Labels cycle through the classes unless given. Image i depends only on (seed, i, label).
@@ -101,7 +106,7 @@ def render_shape_batch(num_images: int, image_size: int = 64, seed: int = 0,
     images = np.empty((num_images, image_size, image_size, 3), dtype=np.uint8)
     masks = np.empty((num_images, image_size, image_size), dtype=bool)
     for i, label in enumerate(labels):
-        images[i], masks[i] = render_shape(np.random.default_rng([seed, i]), image_size, int(label))
+        images[i], masks[i] = render_shape(np.random.default_rng([seed, i]), image_size, int(label), background)
     return images, masks, labels
 
 
@@ -116,7 +121,7 @@ def foreground_mask(image_uint8: np.ndarray) -> np.ndarray:
 
 
 def make_shapes(out_dir: str | Path, num_images: int, image_size: int = 64, seed: int = 0,
-                layout: str = "imagefolder") -> Path:
+                layout: str = "imagefolder", background: str = "textured") -> Path:
     """Write a shapes data set as PNG files; returns the folder.
 
     ``imagefolder``: ``<class>/<i>.png``, masks in ``masks/<class>/<i>.png`` and a
@@ -125,12 +130,14 @@ def make_shapes(out_dir: str | Path, num_images: int, image_size: int = 64, seed
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background {background!r} is not one of {', '.join(BACKGROUNDS)}")
     if num_images < 1 or image_size < 1:
         raise ValueError(f"need num_images >= 1 and image_size >= 1, got {num_images}, {image_size}")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; choose a new folder")
-    images, masks, labels = render_shape_batch(num_images, image_size, seed)
+    images, masks, labels = render_shape_batch(num_images, image_size, seed, background=background)
     rows = []
     for i, (image, mask, label) in enumerate(zip(images, masks, labels)):
         sub = f"{SHAPES[label]}/" if layout == "imagefolder" else ""

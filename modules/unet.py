@@ -1,4 +1,4 @@
-"""The stage-2 network: an SD-style UNet over VAE latents.
+"""A stage-2 network: an SD-style UNet over VAE latents (the other is modules/dit.py).
 
 Layout (like Stable Diffusion's): ``conv_in``; per level of ``channel_mult`` ``num_res_blocks``
 ResBlocks, each followed by a SpatialTransformer at ``attention_levels``, and a downsample
@@ -14,36 +14,17 @@ The configs are validated where they are built (modules/config.py); the network 
 """
 from __future__ import annotations
 
-import copy
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from modules.attention import attention
 from modules.conditioning import Conditioner
 from modules.config import CondConfig, UNetModelConfig
+from modules.denoiser import Denoiser, SelfAttention, zero_init
 from modules.wavelet import WaveletDownsample, WaveletUpsample
-
-TIME_SCALE = 1000.0   # t in [0, 1] is embedded as t * 1000: raw [0, 1] would collapse the sinusoid
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoid ``[cos(t * 1000 * f_i), sin(t * 1000 * f_i)]``, ``f_i = max_period^(-i / (dim // 2))``: ``[B, dim]``."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = (t.float() * TIME_SCALE)[:, None] * freqs[None, :]
-    return F.pad(torch.cat([args.cos(), args.sin()], dim=1), (0, dim - 2 * half))
-
-
-def zero_init(module: nn.Module) -> nn.Module:
-    """Zero a layer's weights and bias, so the branch it ends starts as a no-op."""
-    for p in module.parameters():
-        nn.init.zeros_(p)
-    return module
 
 
 class ResBlock(nn.Module):
@@ -66,21 +47,6 @@ class ResBlock(nn.Module):
         h = torch.addcmul(shift, self.norm2(h), 1 + scale)   # norm * (1 + scale) + shift, one kernel
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with one fused q/k/v projection."""
-
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.out = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        return self.out(attention(q, k, v).transpose(1, 2).reshape(b, n, c))
 
 
 class CrossAttention(nn.Module):
@@ -199,29 +165,22 @@ class LevelBlock(nn.Module):
         return x
 
 
-class UNet(nn.Module):
-    """``forward(x, t, level=None, cond=None, drop=None)`` -> velocity / noise prediction shaped like ``x``.
-
-    x: latents ``[B, in_channels, h, w]`` (h, w divisible by 2^(levels - 1)); t: ``[B]`` float in [0, 1];
-    level: ``[B]`` long step-size level (required iff ``model.num_step_levels > 0``); cond: see
-    :class:`modules.conditioning.Conditioner` (None = null condition for every sample);
-    drop: ``[B]`` bool, True = use the null condition for that sample (classifier-free guidance).
-    Set ``gradient_checkpointing = True`` to recompute block activations in the backward pass.
-    """
+class UNet(Denoiser):
+    """The stage-2 UNet, called as every stage-2 network is (:class:`modules.denoiser.Denoiser`):
+    latents' h and w must be divisible by 2^(levels - 1)."""
 
     def __init__(self, model_cfg: UNetModelConfig, cond_cfg: CondConfig):
-        super().__init__()
-        self.model_cfg = copy.deepcopy(model_cfg)
-        self.cond_cfg = copy.deepcopy(cond_cfg)
-        self.gradient_checkpointing = False
+        super().__init__(model_cfg, cond_cfg)
         m = self.model_cfg
         base, groups = m.base_channels, m.norm_groups
         temb_dim = 4 * base
         self.num_levels = len(m.channel_mult)
+        self.size_factor = 2 ** (self.num_levels - 1)
+        self.size_rule = f"{self.num_levels} levels"
 
         self.time_mlp = nn.Sequential(nn.Linear(base, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         self.level_emb = nn.Embedding(m.num_step_levels, temb_dim) if m.num_step_levels > 0 else None
-        self.conditioner = Conditioner(self.cond_cfg, m, temb_dim)
+        self.conditioner = Conditioner(self.cond_cfg, m, temb_dim, reads_context=True)
         context_dim = m.context_dim if self.conditioner.provides_context else None
 
         def res(in_ch: int, out_ch: int) -> ResBlock:
@@ -260,68 +219,9 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(groups, ch)
         self.conv_out = zero_init(nn.Conv2d(ch, m.in_channels, 3, padding=1))
 
-    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
-        """MLP of the ``t * 1000`` sinusoid: ``[B, 4 * base_channels]``."""
-        first = self.time_mlp[0]
-        return self.time_mlp(timestep_embedding(t, first.in_features).to(first.weight.dtype))
-
-    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, level: Optional[torch.Tensor],
-                      cond: Optional[torch.Tensor], drop: Optional[torch.Tensor]) -> torch.Tensor:
-        """The network's one input check (shapes and dtypes only: no device sync), because a wrong
-        shape would otherwise fail deep inside torch or, worse, broadcast silently."""
-        m, c = self.model_cfg, self.cond_cfg
-        factor = 2 ** (self.num_levels - 1)
-        if x.ndim != 4 or x.shape[1] != m.in_channels or x.shape[2] % factor or x.shape[3] % factor:
-            raise ValueError(f"x must be latents [B, {m.in_channels}, h, w] with h and w divisible by {factor} "
-                             f"({self.num_levels} levels), got shape {list(x.shape)}")
-        b = x.shape[0]
-        problems = []
-        if not torch.is_tensor(t) or not t.is_floating_point() or t.shape not in ((), (b,)):
-            problems.append(f"t must be a float tensor of shape [{b}] with values in [0, 1], got "
-                            f"{t.dtype if torch.is_tensor(t) else type(t).__name__} of shape {list(getattr(t, 'shape', []))}")
-        if self.level_emb is None and level is not None:
-            problems.append("level given, but this UNet has no step-size embedding (model.num_step_levels=0)")
-        if self.level_emb is not None and (level is None or level.dtype not in (torch.int64, torch.int32)
-                                           or tuple(level.shape) != (b,)):
-            problems.append(f"this UNet embeds the step size (model.num_step_levels={m.num_step_levels}): "
-                            f"level must be an integer tensor of shape [{b}], got "
-                            f"{'None' if level is None else f'{level.dtype} of shape {list(level.shape)}'}")
-        if c.type == "none" and cond is not None:
-            problems.append("this UNet is unconditional (cond.type=none) but a condition was given")
-        if c.type == "class" and cond is not None and (cond.dtype not in (torch.int64, torch.int32)
-                                                         or tuple(cond.shape) != (b,)):
-            problems.append(f"class condition must be an integer tensor of shape [{b}], "
-                            f"got {cond.dtype} of shape {list(cond.shape)}")
-        expected_mask = (b, 1, x.shape[2] * c.image_downsample, x.shape[3] * c.image_downsample)
-        if c.type == "mask" and cond is not None and (not cond.is_floating_point()
-                                                        or tuple(cond.shape) != expected_mask):
-            problems.append(f"mask condition must be a float tensor of shape {list(expected_mask)} (image "
-                            f"resolution = latent size x cond.image_downsample={c.image_downsample}), "
-                            f"got {cond.dtype} of shape {list(cond.shape)}")
-        if drop is not None and (drop.dtype != torch.bool or tuple(drop.shape) != (b,)):
-            problems.append(f"drop must be a bool tensor of shape [{b}], got {drop.dtype} of shape {list(drop.shape)}")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return t.expand(b)
-
-    def _run(self, block: nn.Module, *args) -> torch.Tensor:
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
-
     def forward(self, x: torch.Tensor, t: torch.Tensor, level: Optional[torch.Tensor] = None,
                 cond: Optional[torch.Tensor] = None, drop: Optional[torch.Tensor] = None) -> torch.Tensor:
-        t = self._check_inputs(x, t, level, cond, drop)
-        emb = self.time_embedding(t)
-        if self.level_emb is not None:
-            emb = emb + self.level_emb(level)
-        emb_add, context, concat = self.conditioner(cond, drop, x.shape[0], (x.shape[2], x.shape[3]))
-        if emb_add is not None:
-            emb = emb + emb_add
-        emb = F.silu(emb)
-        if concat is not None:
-            x = torch.cat([x, concat.to(x.dtype)], dim=1)
-
+        x, emb, context = self._conditioned(x, t, level, cond, drop)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:

@@ -20,11 +20,12 @@ import torch
 from modules.config import VAEModelConfig
 from modules.config_io import from_dict, read_json
 from modules.errors import ConfigError, ModelFolderError
-from modules.export import CONFIG_NAME, read_folder_weights, read_weights, save_model_folder
+from modules.export import CONFIG_NAME, load_state_strict, read_folder_weights, read_weights, save_model_folder
 from modules.vae import AutoencoderKL
 
 SD_SCALE_FACTOR = 0.18215
 DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+VAE_CONFIG = "the VAE config"
 
 
 # ----------------------------------------------------------------------------- key conversion
@@ -198,28 +199,6 @@ def _config_from_ldm_weights(sd: dict[str, torch.Tensor], where: Path) -> VAEMod
     return _model_config(values, where)
 
 
-def _load_state(model: AutoencoderKL, sd: dict[str, torch.Tensor], where: Path) -> AutoencoderKL:
-    """Strict load with an error that names a few missing / unexpected / mis-shaped keys."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    if missing or unexpected:
-        def few(keys):
-            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-        details = []
-        if missing:
-            details.append(f"{len(missing)} missing: {few(missing)}")
-        if unexpected:
-            details.append(f"{len(unexpected)} unexpected: {few(unexpected)}")
-        raise ModelFolderError(f"{where}: weights do not fit the VAE config ({'; '.join(details)})")
-    for key, value in expected.items():
-        if sd[key].shape != value.shape:
-            raise ModelFolderError(f"{where}: weight '{key}' has shape {tuple(sd[key].shape)}, "
-                                   f"the config needs {tuple(value.shape)}")
-    model.load_state_dict(sd, strict=True)
-    return model
-
-
 def _load_diffusers_folder(folder: Path, config: dict) -> AutoencoderKL:
     weights = folder / DIFFUSERS_WEIGHTS_NAME
     if not weights.is_file():
@@ -227,7 +206,8 @@ def _load_diffusers_folder(folder: Path, config: dict) -> AutoencoderKL:
         hint = f" (found {', '.join(others)}; only .safetensors is accepted)" if others else ""
         raise ModelFolderError(f"{folder}: diffusers AutoencoderKL folder without {DIFFUSERS_WEIGHTS_NAME}{hint}")
     cfg = _config_from_diffusers(config, folder / CONFIG_NAME)
-    return _load_state(AutoencoderKL(cfg), convert_diffusers_state_dict(read_weights(weights)), weights)
+    state = convert_diffusers_state_dict(read_weights(weights))
+    return load_state_strict(AutoencoderKL(cfg), state, weights, VAE_CONFIG)
 
 
 def _load_ldm_file(path: Path) -> AutoencoderKL:
@@ -236,7 +216,7 @@ def _load_ldm_file(path: Path) -> AutoencoderKL:
         sd = convert_ldm_state_dict(raw)
     except (KeyError, ValueError, IndexError) as e:
         raise ModelFolderError(f"{path}: not an SD/LDM autoencoder checkpoint ({e})") from None
-    return _load_state(AutoencoderKL(_config_from_ldm_weights(sd, path)), sd, path)
+    return load_state_strict(AutoencoderKL(_config_from_ldm_weights(sd, path)), sd, path, VAE_CONFIG)
 
 
 def load_vae(path: str | Path) -> AutoencoderKL:
@@ -262,7 +242,7 @@ def load_vae(path: str | Path) -> AutoencoderKL:
             raise ModelFolderError(f"{path / CONFIG_NAME}: expected a JSON object, got {type(config).__name__}")
         if config.get("kind") == "vae":
             cfg = _model_config(config.get("model") or {}, path / CONFIG_NAME)
-            model = _load_state(AutoencoderKL(cfg), read_folder_weights(path, config), path)
+            model = load_state_strict(AutoencoderKL(cfg), read_folder_weights(path, config), path, VAE_CONFIG)
         elif config.get("_class_name") == "AutoencoderKL":
             model = _load_diffusers_folder(path, config)
         elif "kind" in config:

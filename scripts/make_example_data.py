@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plain script
 
-from modules.synthetic import LAYOUTS, make_shapes  # noqa: E402
+from modules.synthetic import BACKGROUNDS, LAYOUTS, make_shapes  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,9 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layout", choices=LAYOUTS, default="imagefolder",
                         help="imagefolder: class folders + metadata.jsonl; flat: no labels, masks/ by name")
+    parser.add_argument("--background", choices=BACKGROUNDS, default="textured",
+                        help="textured: noise or stripes; plain: one light grey (the quickstart's easier set)")
     args = parser.parse_args(argv)
     try:
-        out = make_shapes(args.out, args.num_images, args.size, args.seed, args.layout)
+        out = make_shapes(args.out, args.num_images, args.size, args.seed, args.layout, args.background)
     except (ValueError, FileExistsError) as e:
         parser.error(str(e))
     print(f"wrote {args.num_images} images of {args.size}x{args.size} px to {out}")

@@ -58,3 +58,16 @@ def test_bench_unet_and_bench_vae_run_at_smoke_sizes():
                           "--channel-mult", "1,2", "--device", "cpu", "--dtype", "fp32"])
     assert set(vae["results"]) == {"ours", "diffusers"}
     assert vae["max_abs_output_difference"] < 1e-4     # the compared VAEs are the same function
+
+
+def test_bench_unet_times_a_dit_against_diffusers_dit_of_the_same_size():
+    """Same width, depth, heads and patch: diffusers' DiT holds exactly the parameters of ours plus one
+    more copy of the time and class embedders per block after the first."""
+    pytest.importorskip("diffusers")
+    report = bench_unet.main(["--preset", "dit-tiny", "--batch", "2", "--steps", "1", "--warmup", "0",
+                              "--latent-size", "8", "--device", "cpu"])
+    ours, theirs = report["results"]
+    assert (ours["model"], theirs["model"]) == ("ours", "diffusers")
+    d, depth = 64, 2                                              # configs/unet/dit-tiny.json
+    embedder = (256 * d + d) + (d * d + d) + (bench_unet.NUM_CLASSES + 1) * d
+    assert theirs["params"] == ours["params"] + (depth - 1) * embedder

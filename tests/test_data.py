@@ -24,7 +24,7 @@ from modules.data import build_dataset, split_validation
 from modules.errors import DataError
 from modules.metrics import mask_iou as batch_mask_iou
 from modules.order import ResumableBatchSampler, make_loader
-from modules.synthetic import SHAPES, foreground_mask, make_shapes, render_shape_batch
+from modules.synthetic import PLAIN_GREY, SHAPES, foreground_mask, make_shapes, render_shape_batch
 
 
 def mask_iou(a, b) -> float:
@@ -515,6 +515,16 @@ def test_synthetic_foreground_is_recoverable_and_reproducible():
     fill = [m.sum() / (np.ptp(np.nonzero(m)[0]) + 1) / (np.ptp(np.nonzero(m)[1]) + 1) for m in masks]
     by_class = [np.mean([f for f, lab in zip(fill, labels) if lab == c]) for c in range(3)]
     assert by_class[0] > by_class[2] + 0.15
+
+
+def test_plain_background_keeps_the_shapes_and_colours_of_the_textured_set():
+    textured, masks, labels = render_shape_batch(12, image_size=32, seed=3)
+    plain, plain_masks, plain_labels = render_shape_batch(12, image_size=32, seed=3, background="plain")
+    np.testing.assert_array_equal(plain_masks, masks)
+    np.testing.assert_array_equal(plain_labels, labels)
+    assert (plain[~masks] == round(PLAIN_GREY * 255)).all()
+    assert not (textured[~masks] == round(PLAIN_GREY * 255)).all()
+    assert min(mask_iou(foreground_mask(im), m) for im, m in zip(plain, masks)) > 0.95
 
 
 def test_shapes_dir_files_match_rendered_arrays(shapes_dir):

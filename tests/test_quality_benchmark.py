@@ -86,3 +86,19 @@ def test_refuses_a_non_empty_workdir(tmp_path):
     (tmp_path / "old.txt").write_text("x")
     with pytest.raises(SystemExit):
         quality.main(["--preset", "micro", "--workdir", str(tmp_path)])
+
+
+def test_arch_dit_makes_the_same_table_with_dits(micro_run, tmp_path):
+    """--arch dit: the same runs and rows, with DiTs (the micro run's VAE reused, as --vae allows)."""
+    from modules.dit import DiT
+    from modules.export import load_unet
+
+    work, unet_report = micro_run
+    report = quality.main(["--preset", "micro", "--arch", "dit", "--workdir", str(tmp_path / "dit"), "--device", "cpu",
+                           "--vae", str(work / "vae")])
+    assert report["arch"] == "dit" and unet_report["arch"] == "unet"
+    assert [(r["model"], r["steps"]) for r in report["rows"]] == [(r["model"], r["steps"]) for r in unet_report["rows"]]
+    for objective in quality.OBJECTIVES:
+        assert isinstance(load_unet(tmp_path / "dit" / f"unet_{objective}" / "unet_ema"), DiT)
+    commands = [s["command"] for s in report["stages"] if s["name"].startswith("unet_")]
+    assert len(commands) == 2 and all("model.arch=dit" in c for c in commands)

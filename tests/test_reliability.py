@@ -41,7 +41,7 @@ from modules.errors import ModelFolderError
 from modules.export import load_unet, read_weights
 from modules.latent_cache import file_hashes
 from modules.order import ResumableBatchSampler
-from modules.unet import UNet
+from modules.networks import build_network
 from modules.vae import AutoencoderKL
 from modules.vae_loading import load_vae
 
@@ -480,7 +480,7 @@ def test_consecutive_nan_steps_abort_with_the_last_good_weights_saved(stage2, tm
     assert checkpoint_problem(saved) is None
     cfg = from_dict(UNetRunConfig, json.loads((out / "config.json").read_text()))
     torch.manual_seed(cfg.train.seed)
-    initial = dict(UNet(cfg.model, cfg.cond).named_parameters())
+    initial = dict(build_network(cfg.model, cfg.cond).named_parameters())
     weights, emas = read_weights(saved / "model.safetensors"), read_weights(saved / "ema_rank0.safetensors")
     assert weights.keys() == initial.keys()
     for key, value in initial.items():

@@ -9,9 +9,10 @@ import torch
 from modules.attention import reset_attention_backends
 from modules.config import ConfigError, CondConfig, UNetModelConfig, UNetRunConfig, check_trained
 from modules.config_io import load_config, validate
+from modules.denoiser import timestep_embedding
 from modules.errors import ModelFolderError
 from modules.export import load_unet, save_unet
-from modules.unet import UNet, count_parameters, timestep_embedding
+from modules.unet import UNet, count_parameters
 
 TINY = UNetModelConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
                        head_dim=16, context_dim=32, norm_groups=8)

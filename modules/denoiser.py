@@ -1,0 +1,150 @@
+"""What the stage-2 networks (modules/unet.py, modules/dit.py) share: the call contract and its one
+input check, gradient checkpointing, the time sinusoid, zero-initialised layers and self-attention.
+
+Every stage-2 network is called as ``model(x, t, level=None, cond=None, drop=None)`` and returns a
+prediction shaped like ``x`` (see :class:`Denoiser`), so objectives, samplers, EMAs, checkpoints
+and exports never ask which network they hold.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from modules.attention import attention
+from modules.config import CondConfig, UNetModelConfig
+
+TIME_SCALE = 1000.0   # t in [0, 1] is embedded as t * 1000: raw [0, 1] would collapse the sinusoid
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: int = 0) -> torch.Tensor:
+    """Sinusoid ``[cos(t * 1000 * f_i), sin(t * 1000 * f_i)]``: ``[B, dim]``, with
+    ``f_i = max_period^(-i / (dim // 2 - freq_shift))``.
+
+    ``freq_shift`` 0 is the DiT and ADM code's spacing; 1 is what diffusers' DiT embedder uses
+    (``downscale_freq_shift=1``), kept so a converted diffusers DiT computes exactly its function.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32)
+                      / (half - freq_shift))
+    args = (t.float() * TIME_SCALE)[:, None] * freqs[None, :]
+    return F.pad(torch.cat([args.cos(), args.sin()], dim=1), (0, dim - 2 * half))
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Zero a layer's weights and bias, so the branch it ends starts as a no-op."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with one fused q/k/v projection (rows: all heads' q, then k, then v)."""
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = False):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.out(attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
+class Denoiser(nn.Module):
+    """Base of the stage-2 networks: ``forward(x, t, level=None, cond=None, drop=None)`` -> prediction like ``x``.
+
+    x: latents ``[B, in_channels, h, w]`` (h, w divisible by ``size_factor``); t: ``[B]`` float in [0, 1];
+    level: ``[B]`` long step-size level (required iff ``model.num_step_levels > 0``); cond: see
+    :class:`modules.conditioning.Conditioner` (None = null condition for every sample);
+    drop: ``[B]`` bool, True = use the null condition for that sample (classifier-free guidance).
+    Set ``gradient_checkpointing = True`` to recompute block activations in the backward pass.
+    Subclasses set ``time_mlp`` (its first layer's width is the sinusoid's), ``level_emb`` (or None),
+    ``conditioner``, ``size_factor`` and ``size_rule`` (why that factor).
+    """
+
+    time_mlp: nn.Sequential
+    level_emb: Optional[nn.Module]
+    conditioner: nn.Module
+    size_factor: int
+    size_rule: str
+    time_freq_shift = 0
+
+    def __init__(self, model_cfg: UNetModelConfig, cond_cfg: CondConfig):
+        super().__init__()
+        self.model_cfg = copy.deepcopy(model_cfg)
+        self.cond_cfg = copy.deepcopy(cond_cfg)
+        self.gradient_checkpointing = False
+
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, level: Optional[torch.Tensor],
+                      cond: Optional[torch.Tensor], drop: Optional[torch.Tensor]) -> torch.Tensor:
+        """The network's one input check (shapes and dtypes only: no device sync), because a wrong
+        shape would otherwise fail deep inside torch or, worse, broadcast silently."""
+        m, c = self.model_cfg, self.cond_cfg
+        factor = self.size_factor
+        if x.ndim != 4 or x.shape[1] != m.in_channels or x.shape[2] % factor or x.shape[3] % factor:
+            raise ValueError(f"x must be latents [B, {m.in_channels}, h, w] with h and w divisible by {factor} "
+                             f"({self.size_rule}), got shape {list(x.shape)}")
+        b = x.shape[0]
+        problems = []
+        if not torch.is_tensor(t) or not t.is_floating_point() or t.shape not in ((), (b,)):
+            problems.append(f"t must be a float tensor of shape [{b}] with values in [0, 1], got "
+                            f"{t.dtype if torch.is_tensor(t) else type(t).__name__} of shape {list(getattr(t, 'shape', []))}")
+        if self.level_emb is None and level is not None:
+            problems.append("level given, but this network has no step-size embedding (model.num_step_levels=0)")
+        if self.level_emb is not None and (level is None or level.dtype not in (torch.int64, torch.int32)
+                                           or tuple(level.shape) != (b,)):
+            problems.append(f"this network embeds the step size (model.num_step_levels={m.num_step_levels}): "
+                            f"level must be an integer tensor of shape [{b}], got "
+                            f"{'None' if level is None else f'{level.dtype} of shape {list(level.shape)}'}")
+        if c.type == "none" and cond is not None:
+            problems.append("this network is unconditional (cond.type=none) but a condition was given")
+        if c.type == "class" and cond is not None and (cond.dtype not in (torch.int64, torch.int32)
+                                                         or tuple(cond.shape) != (b,)):
+            problems.append(f"class condition must be an integer tensor of shape [{b}], "
+                            f"got {cond.dtype} of shape {list(cond.shape)}")
+        expected_mask = (b, 1, x.shape[2] * c.image_downsample, x.shape[3] * c.image_downsample)
+        if c.type == "mask" and cond is not None and (not cond.is_floating_point()
+                                                        or tuple(cond.shape) != expected_mask):
+            problems.append(f"mask condition must be a float tensor of shape {list(expected_mask)} (image "
+                            f"resolution = latent size x cond.image_downsample={c.image_downsample}), "
+                            f"got {cond.dtype} of shape {list(cond.shape)}")
+        if drop is not None and (drop.dtype != torch.bool or tuple(drop.shape) != (b,)):
+            problems.append(f"drop must be a bool tensor of shape [{b}], got {drop.dtype} of shape {list(drop.shape)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return t.expand(b)
+
+    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """MLP of the ``t * 1000`` sinusoid."""
+        first = self.time_mlp[0]
+        sinusoid = timestep_embedding(t, first.in_features, freq_shift=self.time_freq_shift)
+        return self.time_mlp(sinusoid.to(first.weight.dtype))
+
+    def _conditioned(self, x: torch.Tensor, t: torch.Tensor, level: Optional[torch.Tensor],
+                     cond: Optional[torch.Tensor], drop: Optional[torch.Tensor]):
+        """The checked inputs as the network body takes them: ``(x, emb, context)``, with ``emb`` the
+        SiLU of time + step-size + condition embeddings, ``x`` with the mask channels concatenated and
+        ``context`` the cross-attention tokens (or None)."""
+        t = self._check_inputs(x, t, level, cond, drop)
+        emb = self.time_embedding(t)
+        if self.level_emb is not None:
+            emb = emb + self.level_emb(level)
+        emb_add, context, concat = self.conditioner(cond, drop, x.shape[0], (x.shape[2], x.shape[3]))
+        if emb_add is not None:
+            emb = emb + emb_add
+        if concat is not None:
+            x = torch.cat([x, concat.to(x.dtype)], dim=1)
+        return x, F.silu(emb), context
+
+    def _run(self, block: nn.Module, *args) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)

@@ -1,0 +1,117 @@
+"""A stage-2 network: DiT, the diffusion transformer of Peebles & Xie ("Scalable Diffusion Models
+with Transformers", 2023), the backbone of the shortcut paper's tables.
+
+Patchify (a ``p x p`` convolution with stride ``p``) plus fixed 2-D sine-cosine positions;
+``depth`` adaLN-Zero blocks (LayerNorm without affine; a shift, a scale and a residual gate for
+the attention and for the MLP, all six from the conditioning vector and zero-initialised, so each
+block starts as the identity); the final adaLN layer (zero-initialised) and unpatchify. No
+learned sigma: flow and shortcut models predict a velocity, DDPM models epsilon.
+
+Conditioning vector c = MLP(sinusoid of ``t * 1000``) + step-size level embedding (shortcut
+models; zero-initialised, so a converted pretrained DiT computes its own function at the start)
++ class embedding (label ``num_classes`` is the null label). Masks enter as extra input channels
+(``cond.mask_mode=concat``; the config refuses the others). Weights start as the official code
+initialises them. Called as every stage-2 network (:class:`modules.denoiser.Denoiser`); weights
+converted from diffusers' ``DiTTransformer2DModel``: modules/dit_convert.py.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modules.conditioning import Conditioner, sincos_position_embedding
+from modules.config import CondConfig, UNetModelConfig
+from modules.denoiser import Denoiser, SelfAttention, zero_init
+
+FREQUENCY_CHANNELS = 256     # width of the time sinusoid fed to the time MLP (the DiT code's)
+NORM_EPS = 1e-6
+
+
+def dit_positions(height: int, width: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """DiT's fixed position codes ``[height * width, dim]``: columns in the first half, rows in the second
+    (the official and diffusers' order), each half ``[sin, cos]``. Computed from the token grid, so
+    any latent size divisible by the patch works; under torch.compile it is a constant of the graph."""
+    rows_first = sincos_position_embedding(height, width, dim, device, dtype)
+    return torch.cat([rows_first[:, dim // 2:], rows_first[:, :dim // 2]], dim=1)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: ``x + gate * attn(norm(x) * (1 + scale) + shift)``, then the same for the MLP."""
+
+    def __init__(self, dim: int, heads: int, mlp_hidden: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
+        self.attn = SelfAttention(dim, heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
+        self.fc1 = nn.Linear(dim, mlp_hidden)
+        self.fc2 = nn.Linear(mlp_hidden, dim)
+        self.modulation = zero_init(nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``x``: tokens ``[B, N, dim]``; ``c``: the SiLU-activated conditioning vector ``[B, dim]``."""
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(c)[:, None, :].chunk(6, dim=2)
+        x = x + gate_a * self.attn(torch.addcmul(shift_a, self.norm1(x), 1 + scale_a))
+        h = torch.addcmul(shift_m, self.norm2(x), 1 + scale_m)
+        return x + gate_m * self.fc2(F.gelu(self.fc1(h), approximate="tanh"))
+
+
+class DiT(Denoiser):
+    """DiT over latents ``[B, in_channels, h, w]``, h and w divisible by ``model.patch_size``."""
+
+    def __init__(self, model_cfg: UNetModelConfig, cond_cfg: CondConfig):
+        super().__init__(model_cfg, cond_cfg)
+        m = self.model_cfg
+        dim, p = m.hidden_size, m.patch_size
+        self.size_factor = p
+        self.size_rule = f"model.patch_size={p}"
+        self.time_freq_shift = m.time_freq_shift
+
+        self.time_mlp = nn.Sequential(nn.Linear(FREQUENCY_CHANNELS, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.level_emb = nn.Embedding(m.num_step_levels, dim) if m.num_step_levels > 0 else None
+        self.conditioner = Conditioner(self.cond_cfg, m, dim, reads_context=False)
+        self.patch_embed = nn.Conv2d(m.in_channels + self.conditioner.concat_channels, dim, p, stride=p)
+        self.blocks = nn.ModuleList(DiTBlock(dim, m.num_heads, int(dim * m.mlp_ratio)) for _ in range(m.depth))
+        self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
+        self.final_modulation = nn.Linear(dim, 2 * dim)
+        self.final_proj = nn.Linear(dim, p * p * m.in_channels)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """As the DiT code: Xavier-uniform linear layers and patch projection, N(0, 0.02) time MLP and
+        label table; zero modulations, final layer and step-size table."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        w = self.patch_embed.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        for layer in (self.time_mlp[0], self.time_mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        if self.cond_cfg.type == "class":
+            nn.init.normal_(self.conditioner.label_emb.weight, std=0.02)
+        for block in self.blocks:
+            zero_init(block.modulation)
+        for layer in (self.final_modulation, self.final_proj):
+            zero_init(layer)
+        if self.level_emb is not None:
+            zero_init(self.level_emb)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, level: Optional[torch.Tensor] = None,
+                cond: Optional[torch.Tensor] = None, drop: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x, c, _ = self._conditioned(x, t, level, cond, drop)
+        h = self.patch_embed(x)
+        b, dim, grid_h, grid_w = h.shape
+        tokens = h.flatten(2).transpose(1, 2)
+        tokens = tokens + dit_positions(grid_h, grid_w, dim, tokens.device, tokens.dtype)
+        for block in self.blocks:
+            tokens = self._run(block, tokens, c)
+        shift, scale = self.final_modulation(c)[:, None, :].chunk(2, dim=2)
+        out = self.final_proj(torch.addcmul(shift, self.norm_out(tokens), 1 + scale))
+        # unpatchify: each token holds its p x p patch as (row, column, channel), channel fastest
+        p, channels = self.model_cfg.patch_size, self.model_cfg.in_channels
+        out = out.reshape(b, grid_h, grid_w, p, p, channels).permute(0, 5, 1, 3, 2, 4)
+        return out.reshape(b, channels, grid_h * p, grid_w * p)
