@@ -33,7 +33,7 @@ from modules.config import DEFAULT_SAMPLER, sampling_problem
 from modules.config_io import diff_fields
 from modules.errors import CheckpointError, ConfigError, ModelFolderError
 from modules.export import find_model_folder, load_unet, read_config, read_unet_export
-from modules.generation import GenerationSpec, decode_latents, generate_latents
+from modules.generation import GenerationSpec, compiled_for_sampling, decode_latents, generate_latents
 from modules.image_io import UnreadableImage, find_images, image_tensor, mask_tensor, save_png, tile, to_uint8
 from modules.sample_folder import MANIFEST, SampleFolder, batches, pending
 from modules.samplers import METHODS
@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="weights and compute (auto: bfloat16 on CUDA, float32 elsewhere); latents accumulate in float32")
+    p.add_argument("--compile", action="store_true",
+                   help='torch.compile the UNet and the VAE decoder (mode="reduce-overhead": CUDA graphs on a GPU); '
+                        "the first batch, and a last smaller one, wait for the compiler")
     return p
 
 
@@ -228,13 +231,14 @@ def main(argv=None) -> None:
                     count - len(done))
     share = len(range(state.process_index, count - len(done), state.num_processes))
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    network = compiled_for_sampling(unet, vae) if args.compile else unet
     try:
         with tqdm(total=share, desc="sampling", disable=not state.is_main_process) as progress:
             for idx in batches(pending(count, done, state.process_index, state.num_processes), args.batch_size):
                 conds = [condition(i)[0] for i in idx]
                 batch_cond = None if conds[0] is None else torch.stack(conds).to(device)
                 with autocast:
-                    z = generate_latents(unet, spec, batch_cond, [image_seed(args.seed, i) for i in idx], args.steps,
+                    z = generate_latents(network, spec, batch_cond, [image_seed(args.seed, i) for i in idx], args.steps,
                                          sampler, args.cfg_scale, args.eta, device)
                     images = decode_latents(vae, z.float(), vae.config.scale_factor, args.batch_size)
                 for i, array in zip(idx, to_uint8(images)):

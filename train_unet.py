@@ -191,11 +191,11 @@ def train(cfg: UNetRunConfig, args, accelerator, output_dir: Path) -> None:
                 losses.append(loss.detach())
             update = apply_update(accelerator, {"unet": (optimizer, unet.parameters())}, losses, tcfg.grad_clip)
 
-            # ---- EMAs follow applied steps only; skipped (non-finite) steps are counted
-            if update.applied:
-                for ema in emas.values():
-                    ema.update(owner)
-            count_step(state, update.applied, tcfg.max_bad_steps, checkpointer)
+            # ---- EMAs follow applied steps only, skipped (non-finite) steps are counted: both decided
+            # on the device, the count read on logging steps
+            for ema in emas.values():
+                ema.update(owner, update.finite)
+            count_step(state, update.finite, tcfg, checkpointer)
             throughput.tick()
             progress.update(1)
 

@@ -167,7 +167,7 @@ def train(cfg: VAERunConfig, args, accelerator, output_dir: Path) -> None:
                                   losses, tcfg.grad_clip)
 
             # ---- a skipped (non-finite) step left the weights as they were: count it
-            count_step(state, update.applied, tcfg.max_bad_steps, checkpointer)
+            count_step(state, update.finite, tcfg, checkpointer)
             throughput.tick()
             progress.update(1)
 

@@ -1,16 +1,18 @@
-"""Generation speed: noise to decoded images, ours against diffusers' UNet (or DiT) + VAE of the same widths.
+"""Generation speed: noise to decoded images, ours against diffusers' UNet (or DiT) + VAE of the same size, eager and compiled.
 
-    python benchmarks/bench_sample.py --device cuda --batch 1,64 --steps 1,4,128 [--compile]
-    python benchmarks/bench_sample.py --unet-preset tiny --vae-preset tiny --device cpu --batch 1,2 --steps 1,2
+    python benchmarks/bench_sample.py --device cuda --batch 1,64 --steps 1,4,128 [--json out.json]
+    python benchmarks/bench_sample.py --unet-preset tiny --vae-preset tiny --device cpu --batch 1,2 --steps 1,2 --no-compile
 
 Per (batch, steps): the median wall time of one whole generation, from noise through ``steps``
 network evaluations (Euler / shortcut steps, one conditional forward each: guidance scale 1)
 to the decoded images, with bf16 weights and compute on CUDA (float32 on CPU). Ours is
 ``modules.generation`` (what sample.py runs); diffusers' is ``UNet2DConditionModel`` (the
 preset's widths, as ``bench_unet.py`` builds it; ``DiTTransformer2DModel`` for a DiT preset) and
-``AutoencoderKL`` (``bench_vae.py``'s), stepped by the same Euler loop. ``--compile`` compiles
-both networks and both decoders with ``mode="reduce-overhead"`` (CUDA graphs on GPU). Prints a markdown table with ours/diffusers
-ratios; ``--json OUT`` also writes the numbers. Random weights: this measures speed, not images.
+``AutoencoderKL`` (``bench_vae.py``'s), stepped by the same Euler loop. Each model is timed eagerly, then compiled as ``sample.py
+--compile`` compiles (``modules.generation.compile_options``: mode="reduce-overhead", CUDA graphs
+on GPU; the UNet and the VAE decoder) and timed again. Prints one markdown table with the
+ours/diffusers and compiled/eager ratios; ``--json OUT`` also writes the numbers. Random
+weights: this measures speed, not images.
 """
 from __future__ import annotations
 
@@ -31,11 +33,14 @@ import bench_unet  # noqa: E402
 import bench_vae  # noqa: E402
 from modules.config import ConfigError, UNetRunConfig, VAERunConfig  # noqa: E402
 from modules.config_io import load_config  # noqa: E402
-from modules.generation import GenerationSpec, decode_latents, generate_latents  # noqa: E402
+from modules.generation import (GenerationSpec, compile_options, compiled_for_sampling, decode_latents,  # noqa: E402
+                                generate_latents)
 from modules.networks import build_network  # noqa: E402
 from modules.vae import AutoencoderKL  # noqa: E402
 
 NUM_CLASSES = bench_unet.NUM_CLASSES
+MODELS = ("ours", "diffusers")
+MODES = ("eager", "compiled")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -45,8 +50,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch", default="1,64", help="comma-separated batch sizes")
     p.add_argument("--steps", default="1,4,128", help="comma-separated step counts (powers of two)")
     p.add_argument("--repeats", type=int, default=5, help="timed generations per (batch, steps)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed generations first (compilation; CUDA graphs are recorded on the second)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compile", action="store_true", help='torch.compile(mode="reduce-overhead") every network')
+    p.add_argument("--no-compile", action="store_true",
+                   help="eager only (inductor's compile takes minutes per model on a CPU)")
     p.add_argument("--no-diffusers", action="store_true", help="measure only ours")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -74,8 +82,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    fn()                                   # warm-up (and compilation)
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        fn()
     synchronize(device)
     times = []
     for _ in range(repeats):
@@ -86,43 +95,106 @@ def median_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> f
     return statistics.median(times) * 1000
 
 
-def ours(args, device, dtype) -> Callable[[int, int], torch.Tensor]:
-    unet = build_network(args.cfg.model, args.cfg.cond).to(device, dtype).eval()
-    vae = AutoencoderKL(args.vae_cfg).to(device, dtype).eval()
-    if args.compile:
-        unet = torch.compile(unet, mode="reduce-overhead")
-        vae.decode = torch.compile(vae.decode, mode="reduce-overhead")
-    spec = GenerationSpec.from_run_config(args.cfg)
+class Ours:
+    """Our UNet and VAE, generating as sample.py does."""
 
-    def generate(batch: int, steps: int) -> torch.Tensor:
-        labels = (torch.arange(batch) % NUM_CLASSES).to(device)
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            z = generate_latents(unet, spec, labels, range(batch), steps, device=device)
-            return decode_latents(vae, z, 1.0, batch)
-    return generate
+    def __init__(self, args, device: torch.device, dtype: torch.dtype):
+        self.unet = build_network(args.cfg.model, args.cfg.cond).to(device, dtype).eval()
+        self.vae = AutoencoderKL(args.vae_cfg).to(device, dtype).eval()
+        self.network = self.unet
+        self.spec = GenerationSpec.from_run_config(args.cfg)
+        self.device, self.dtype = device, dtype
+
+    def compile(self) -> None:
+        self.network = compiled_for_sampling(self.unet, self.vae)
+
+    def generate(self, batch: int, steps: int) -> torch.Tensor:
+        labels = (torch.arange(batch) % NUM_CLASSES).to(self.device)
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            z = generate_latents(self.network, self.spec, labels, range(batch), steps, device=self.device)
+            return decode_latents(self.vae, z, 1.0, batch)
 
 
-def diffusers(args, device, dtype) -> Callable[[int, int], torch.Tensor]:
-    bench_args = argparse.Namespace(cfg=args.cfg, latent_size=args.latent_size)
-    unet = bench_unet.build_diffusers(bench_args).to(device, dtype).eval()
-    vae = bench_vae.build_diffusers(args.vae_cfg).to(device, dtype).eval()
-    if args.compile:
-        unet = torch.compile(unet, mode="reduce-overhead")
-        vae.decode = torch.compile(vae.decode, mode="reduce-overhead")
-    m = args.cfg.model
+class Diffusers:
+    """diffusers' UNet2DConditionModel and AutoencoderKL at our widths, stepped by the same Euler loop."""
 
-    def generate(batch: int, steps: int) -> torch.Tensor:
+    def __init__(self, args, device: torch.device, dtype: torch.dtype):
+        bench_args = argparse.Namespace(cfg=args.cfg, latent_size=args.latent_size)
+        self.unet = bench_unet.build_diffusers(bench_args).to(device, dtype).eval()
+        self.vae = bench_vae.build_diffusers(args.vae_cfg).to(device, dtype).eval()
+        self.model, self.latent_size = args.cfg.model, args.latent_size
+        self.device, self.dtype = device, dtype
+
+    def compile(self) -> None:
+        options = compile_options()
+        self.unet = torch.compile(self.unet, **options)
+        self.vae.decoder.compile(**options)
+
+    def generate(self, batch: int, steps: int) -> torch.Tensor:
+        m, device, dtype = self.model, self.device, self.dtype
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(batch, m.in_channels, args.latent_size, args.latent_size, generator=g).to(device)
+        x = torch.randn(batch, m.in_channels, self.latent_size, self.latent_size, generator=g).to(device)
         labels = (torch.arange(batch) % NUM_CLASSES).to(device)
         context = torch.zeros(batch, bench_unet.CONTEXT_TOKENS, m.context_dim, device=device, dtype=dtype)
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             for i in range(steps):
                 t = torch.full((batch,), 1000.0 * i / steps, device=device)
-                v = bench_unet.call_diffusers(unet, x.to(dtype), t, labels, context, m.arch == "dit")
+                v = bench_unet.call_diffusers(self.unet, x.to(dtype), t, labels, context, m.arch == "dit")
                 x = x + v.float() / steps
-            return vae.decode(x.to(dtype)).sample.float().clamp(-1, 1)
-    return generate
+            return self.vae.decode(x.to(dtype)).sample.float().clamp(-1, 1)
+
+
+def measure(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """Every (model, eager/compiled, batch, steps) cell: one model in memory at a time."""
+    builders = {"ours": Ours, "diffusers": None if args.no_diffusers else Diffusers}
+    rows = []
+    for name, build in builders.items():
+        if build is None:
+            continue
+        model = build(args, device, dtype)
+        for mode in MODES[:1] if args.no_compile else MODES:
+            if mode == "compiled":
+                model.compile()
+            for batch in args.batch:
+                for steps in args.steps:
+                    ms = median_ms(lambda: model.generate(batch, steps), args.repeats, args.warmup, device)
+                    rows.append({"model": name, "mode": mode, "batch": batch, "steps": steps, "ms": ms,
+                                 "img_s": batch / ms * 1000})
+        del model
+        bench_unet.free(device)
+    return rows
+
+
+def ratios(rows: list[dict], batch: int, steps: int) -> dict:
+    """ours / diffusers per mode and compiled / eager per model (None where a cell was not measured)."""
+    ms = {(r["model"], r["mode"]): r["ms"] for r in rows if r["batch"] == batch and r["steps"] == steps}
+
+    def ratio(a, b):
+        return ms[a] / ms[b] if a in ms and b in ms else None
+
+    out = {"batch": batch, "steps": steps}
+    out.update({f"ours_over_diffusers_{mode}": ratio(("ours", mode), ("diffusers", mode)) for mode in MODES})
+    out.update({f"compiled_over_eager_{name}": ratio((name, "compiled"), (name, "eager")) for name in MODELS})
+    return out
+
+
+def table(rows: list[dict], cells: list[dict], header: str) -> str:
+    def fmt(v, spec):
+        return "n/a" if v is None else format(v, spec)
+
+    lines = [header, "",
+             "| batch | steps | ours eager ms | ours compiled ms | diffusers eager ms | diffusers compiled ms "
+             "| ours / diffusers, eager | ours / diffusers, compiled | compiled / eager, ours "
+             "| compiled / eager, diffusers |",
+             "| --- " * 10 + "|"]
+    for cell in cells:
+        ms = {(r["model"], r["mode"]): r["ms"] for r in rows
+              if r["batch"] == cell["batch"] and r["steps"] == cell["steps"]}
+        times = [fmt(ms.get((name, mode)), ".1f") for name in MODELS for mode in MODES]
+        shares = [fmt(cell[key], ".2f") for key in ("ours_over_diffusers_eager", "ours_over_diffusers_compiled",
+                                                     "compiled_over_eager_ours", "compiled_over_eager_diffusers")]
+        lines.append(f"| {cell['batch']} | {cell['steps']} | " + " | ".join(times + shares) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -130,30 +202,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    builders = [("ours", ours)] + ([] if args.no_diffusers else [("diffusers", diffusers)])
-    rows = []
-    for name, build in builders:
-        generate = build(args, device, dtype)
-        for batch in args.batch:
-            for steps in args.steps:
-                ms = median_ms(lambda: generate(batch, steps), args.repeats, device)
-                rows.append({"model": name, "batch": batch, "steps": steps, "ms": ms, "img_s": batch / ms * 1000})
-        del generate
-    lines = [f"Generation, UNet `{args.unet_preset}` + VAE `{args.vae_preset}`, latents {args.latent_size}x"
-             f"{args.latent_size}, {device.type} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
-             f"{dtype}{', compiled (reduce-overhead)' if args.compile else ''}, torch {torch.__version__}", "",
-             "| batch | steps | ours ms | diffusers ms | ours / diffusers |", "| --- | --- | --- | --- | --- |"]
-    for batch in args.batch:
-        for steps in args.steps:
-            mine = next(r for r in rows if r["model"] == "ours" and r["batch"] == batch and r["steps"] == steps)
-            ref = next((r for r in rows if r["model"] == "diffusers" and r["batch"] == batch
-                        and r["steps"] == steps), None)
-            ref_ms = f"{ref['ms']:.1f}" if ref else "n/a"
-            ratio = f"{mine['ms'] / ref['ms']:.2f}" if ref else "n/a"
-            lines.append(f"| {batch} | {steps} | {mine['ms']:.1f} | {ref_ms} | {ratio} |")
-    print("\n".join(lines))
+    rows = measure(args, device, dtype)
+    cells = [ratios(rows, batch, steps) for batch in args.batch for steps in args.steps]
+    compiled = "eager only" if args.no_compile else f"compiled with {compile_options()}"
+    header = (f"Generation, UNet `{args.unet_preset}` + VAE `{args.vae_preset}`, latents {args.latent_size}x"
+              f"{args.latent_size}, {device.type} "
+              f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), {dtype}, {compiled}, "
+              f"median of {args.repeats} after {args.warmup} warm-up, torch {torch.__version__}")
+    print(table(rows, cells, header))
     report = {"unet_preset": args.unet_preset, "vae_preset": args.vae_preset, "device": str(device),
-              "dtype": str(dtype), "compile": args.compile, "rows": rows}
+              "dtype": str(dtype), "compile": None if args.no_compile else compile_options(), "rows": rows,
+              "ratios": cells}
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return report

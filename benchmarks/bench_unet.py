@@ -14,14 +14,25 @@ blocks per level, attention levels, head width, transformer depth, cross-attenti
 the same number of context tokens as ours produces (one for ``--cond class``); with
 ``--cond none`` ours has no cross-attention while diffusers' still does. diffusers' DiT is always
 class-conditional (``--cond none``: it gets the null label) and gives every block its own copy of the
-time and class embedders, which ours computes once. Prints a markdown table with ours/diffusers
-ratios; ``--json OUT`` also writes the numbers.
+time and class embedders, which ours computes once.
+
+Each training rate is also given in TFLOP/s and as a share of the measured matmul peak: the
+FLOPs of one step (forward and backward: convolutions, matmuls, attention) are counted by
+``torch.utils.flop_counter`` on the meta device, and the peak is the best of ten
+``--gemm-size``-cubed matmuls in --dtype (TF32 for fp32 on CUDA). A second table times our
+training loop's own step with the flow and with the shortcut objective (``modules.objectives``
+with its EMA teacher, ``modules.optim.apply_update``, the EMA updates: what train_unet.py runs)
+and gives their ratio. Prints markdown tables with ours/diffusers ratios; ``--json OUT`` also
+writes the numbers.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
+import importlib.util
+import itertools
 import json
 import statistics
 import sys
@@ -31,13 +42,19 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from modules.accelerator import adam  # noqa: E402
 from modules.attention import attention_backend  # noqa: E402
 from modules.config import ConfigError, UNetRunConfig  # noqa: E402
 from modules.config_io import load_config  # noqa: E402
+from modules.ema import EMA, teacher  # noqa: E402
 from modules.networks import build_network  # noqa: E402
+from modules.objectives import Draws, build_objective  # noqa: E402
+from modules.optim import apply_update  # noqa: E402
 from modules.unet import count_parameters  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -62,6 +79,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--channels-last", action="store_true", help="channels_last weights and inputs")
     p.add_argument("--no-diffusers", action="store_true", help="measure only our model")
+    p.add_argument("--gemm-size", type=int, default=None,
+                   help="side of the matmul-peak probe (default: 8192 on CUDA, 1024 on CPU)")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -70,7 +89,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
     if args.dtype == "fp16":
         p.error("--dtype fp16 would need loss scaling; use bf16 or fp32")
-    for name in ("batch", "steps", "latent_size"):
+    if args.gemm_size is None:
+        args.gemm_size = 8192 if args.device.startswith("cuda") else 1024
+    for name in ("batch", "steps", "latent_size", "gemm_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     try:
@@ -91,9 +112,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 class Inputs:
     """Random latents, times and conditions of one batch size, and how each model is called."""
 
-    def __init__(self, args: argparse.Namespace, batch: int):
+    def __init__(self, args: argparse.Namespace, batch: int, device: Optional[torch.device] = None):
         m = args.cfg.model
-        device = torch.device(args.device)
+        device = device or torch.device(args.device)
         g = torch.Generator(device="cpu").manual_seed(0)
         shape = (batch, m.in_channels, args.latent_size, args.latent_size)
         self.x1 = torch.randn(shape, generator=g).to(device)
@@ -174,6 +195,30 @@ def timed(fn: Callable[[], object], iters: int, warmup: int, device: torch.devic
     return times
 
 
+def gemm_peak_tflops(args: argparse.Namespace) -> float:
+    """The measured matmul peak: the best of ten ``--gemm-size``-cubed products in --dtype."""
+    device, n = torch.device(args.device), args.gemm_size
+    a, b = (torch.randn(n, n, device=device, dtype=DTYPES[args.dtype]) for _ in range(2))
+    return 2 * n ** 3 / min(timed(lambda: a @ b, 10, 3, device)) / 1e12
+
+
+def counted_flops(step: Callable[[], None]) -> int:
+    """FLOPs of ``step`` (forward and backward) as torch.utils.flop_counter counts them."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def flow_step_flops(build: Callable[[], torch.nn.Module], call: Callable, args: argparse.Namespace) -> int:
+    """FLOPs of one flow-matching training step, counted on the meta device: shapes only, no memory,
+    and attention as SDPA's matmuls whatever backend the real device uses (xformers is not counted)."""
+    meta = torch.device("meta")
+    with meta:
+        model = build()
+    batch = Inputs(args, args.batch, meta)
+    return counted_flops(lambda: F.mse_loss(call(batch, model).float(), batch.x1 - batch.x0).backward())
+
+
 def measure(name: str, model: torch.nn.Module, call: Callable, args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -221,22 +266,91 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def table(results: list[dict], args: argparse.Namespace, header: str) -> str:
-    def fmt(v, spec):
-        return "n/a" if v is None else format(v, spec)
+def objective_steps(args: argparse.Namespace, peak: float) -> list[dict]:
+    """Our training loop's step with the flow and the shortcut objective, timed on --device.
 
+    Each objective trains its own network (a shortcut model has the step-size embedding) as
+    train_unet.py does: the objective's loss (the shortcut teacher is the fast EMA swapped in),
+    backward, ``apply_update`` (clipping, the fused AdamW that skips bad steps on the device) and
+    the EMA updates (the sampling EMA; the shortcut model's teacher EMA too)."""
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no" if dtype == torch.float32 else args.dtype)
+    rows = []
+    for objective in ("flow", "shortcut"):
+        cfg = copy.deepcopy(args.cfg)
+        cfg.objective = objective
+        cfg.model.num_step_levels = cfg.num_step_levels
+        run_args = argparse.Namespace(**{**vars(args), "cfg": cfg})
+        torch.manual_seed(0)
+        model = build_network(cfg.model, cfg.cond).to(device)
+        if args.channels_last:
+            model.to(memory_format=torch.channels_last)
+        runner = torch.compile(model) if args.compile else model
+        optimizer = adam(model.parameters(), cfg.train.lr, cfg.train, device, cfg.train.weight_decay)
+        emas = [EMA(model, cfg.ema.decay, cfg.ema.warmup)]
+        if objective == "shortcut" and cfg.shortcut.teacher_ema_decay > 0:
+            emas.append(EMA(model, cfg.shortcut.teacher_ema_decay, warmup=False))
+        loss_fn = build_objective(cfg, teacher(runner, model, emas[1] if len(emas) > 1 else None))
+        batch, index = Inputs(run_args, args.batch), itertools.count()
+        generator = torch.Generator(device).manual_seed(0)
+
+        def train_step() -> None:
+            with accelerator.autocast():
+                loss, _ = loss_fn.loss(runner, batch.x1, batch.labels, Draws(generator, next(index)))
+            accelerator.backward(loss)
+            update = apply_update(accelerator, {"unet": (optimizer, model.parameters())}, [loss.detach()],
+                                  cfg.train.grad_clip)
+            for ema in emas:
+                ema.update(model, update.finite)
+
+        model.train()
+        seconds = statistics.median(timed(train_step, args.steps, args.warmup, device))
+        with torch.device("meta"):
+            meta_model = build_network(cfg.model, cfg.cond)
+        meta_batch = Inputs(run_args, args.batch, torch.device("meta"))
+        meta_loss = build_objective(cfg)    # the online model teaches: the same FLOPs as the EMA teacher
+        flops = counted_flops(lambda: meta_loss.loss(meta_model, meta_batch.x1, meta_batch.labels,
+                                                     Draws(torch.Generator().manual_seed(0), 0))[0].backward())
+        rows.append({"objective": objective, "ms": seconds * 1000, "img_s": args.batch / seconds,
+                     "tflop_per_step": flops / 1e12, "tflop_s": flops / seconds / 1e12,
+                     "peak_share": flops / seconds / 1e12 / peak})
+        del model, runner, optimizer, emas, loss_fn
+        free(device)
+    return rows
+
+
+def fmt(v, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def table(results: list[dict], args: argparse.Namespace, header: str) -> str:
     lines = [header, "",
-             f"| model | params | train img/s | peak GiB | fwd ms (batch 1) | fwd ms (batch {args.batch}) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             f"| model | params | train img/s | train TFLOP/s | % of matmul peak | peak GiB | fwd ms (batch 1) "
+             f"| fwd ms (batch {args.batch}) |",
+             "| --- " * 8 + "|"]
     for r in results:
-        lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['train_img_s']:.1f} | "
-                     f"{fmt(r['peak_gib'], '.2f')} | {r['fwd_ms_b1']:.2f} | {r['fwd_ms_bB']:.2f} |")
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['train_img_s']:.1f} | {r['train_tflop_s']:.3g} | "
+                     f"{100 * r['peak_share']:.1f} | {fmt(r['peak_gib'], '.2f')} | {r['fwd_ms_b1']:.2f} | "
+                     f"{r['fwd_ms_bB']:.2f} |")
     if len(results) == 2:
         ours, ref = results
         ratio = {k: (ours[k] / ref[k] if ours[k] is not None and ref[k] else None)
-                 for k in ("params", "train_img_s", "peak_gib", "fwd_ms_b1", "fwd_ms_bB")}
+                 for k in ("params", "train_img_s", "train_tflop_s", "peak_share", "peak_gib", "fwd_ms_b1",
+                           "fwd_ms_bB")}
         lines.append(f"| ours / diffusers | {ratio['params']:.2f} | {ratio['train_img_s']:.2f} | "
-                     f"{fmt(ratio['peak_gib'], '.2f')} | {ratio['fwd_ms_b1']:.2f} | {ratio['fwd_ms_bB']:.2f} |")
+                     f"{ratio['train_tflop_s']:.2f} | {ratio['peak_share']:.2f} | {fmt(ratio['peak_gib'], '.2f')} | "
+                     f"{ratio['fwd_ms_b1']:.2f} | {ratio['fwd_ms_bB']:.2f} |")
+    return "\n".join(lines)
+
+
+def objective_table(rows: list[dict]) -> str:
+    flow = next(r for r in rows if r["objective"] == "flow")
+    lines = ["Ours, the training loop's step by objective (median):", "",
+             "| objective | ms / step | img/s | TFLOP / step | TFLOP/s | % of matmul peak | step / flow step |",
+             "| --- " * 7 + "|"]
+    for r in rows:
+        lines.append(f"| {r['objective']} | {r['ms']:.2f} | {r['img_s']:.1f} | {r['tflop_per_step']:.3g} | "
+                     f"{r['tflop_s']:.3g} | {100 * r['peak_share']:.1f} | {r['ms'] / flow['ms']:.2f} |")
     return "\n".join(lines)
 
 
@@ -247,15 +361,21 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    ours = build_network(args.cfg.model, args.cfg.cond)
-    results = [measure("ours", ours, Inputs.ours, args)]
-    del ours
-    free(device)
-    diffusers_model = None if args.no_diffusers else build_diffusers(args)
-    if diffusers_model is not None:
-        results.append(measure("diffusers", diffusers_model, Inputs.diffusers, args))
-        del diffusers_model
+    peak = gemm_peak_tflops(args)
+    builders = [("ours", lambda: build_network(args.cfg.model, args.cfg.cond), Inputs.ours)]
+    if not args.no_diffusers and importlib.util.find_spec("diffusers") is not None:
+        builders.append(("diffusers", lambda: build_diffusers(args), Inputs.diffusers))
+    results = []
+    for name, build, call in builders:
+        torch.manual_seed(0)
+        result = measure(name, build(), call, args)
+        flops = flow_step_flops(build, call, args)
+        result.update(train_tflop_s=result["train_img_s"] / args.batch * flops / 1e12,
+                      tflop_per_step=flops / 1e12)
+        result["peak_share"] = result["train_tflop_s"] / peak
+        results.append(result)
         free(device)
+    objectives = objective_steps(args, peak)
     dtype = DTYPES[args.dtype]
     network = {"unet": "UNet", "dit": "DiT"}[args.cfg.model.arch]
     header = (f"{network} preset `{args.preset}`, cond {args.cfg.cond.type}, "
@@ -264,12 +384,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
               f"{', compiled' if args.compile else ''}{', channels_last' if args.channels_last else ''}, "
               f"attention {attention_backend(device, dtype)}, "
               f"{'' if args.cfg.model.arch == 'dit' else f'diffusers context tokens {CONTEXT_TOKENS}, '}"
-              f"torch {torch.__version__}")
-    print(table(results, args, header))
+              f"matmul peak {peak:.3g} TFLOP/s ({args.gemm_size}^3, {args.dtype}), torch {torch.__version__}")
+    print(table(results, args, header) + "\n\n" + objective_table(objectives))
     report = {"preset": args.preset, "cond": args.cfg.cond.type, "batch": args.batch, "steps": args.steps,
               "latent_size": args.latent_size, "device": str(device), "dtype": args.dtype,
               "compile": args.compile, "channels_last": args.channels_last,
-              "attention": attention_backend(device, dtype), "results": results}
+              "attention": attention_backend(device, dtype), "gemm_size": args.gemm_size,
+              "matmul_peak_tflop_s": peak, "results": results, "objectives": objectives}
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return report

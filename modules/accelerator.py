@@ -14,6 +14,7 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectCon
 from modules.config import TrainConfig
 
 logger = logging.getLogger("modules.accelerator")
+FUSED_ADAM_DEVICES = ("cuda", "cpu")   # devices with torch's fused Adam/AdamW kernel that runs use
 
 
 def make_accelerator(cfg: TrainConfig, output_dir: Path, report_to: str) -> Accelerator:
@@ -48,9 +49,10 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path, report_to: str) -> Acce
 def adam(params, lr: float, cfg: TrainConfig, device: torch.device, weight_decay: float,
          decoupled_weight_decay: bool = True) -> torch.optim.Optimizer:
     """AdamW (or, ``decoupled_weight_decay=False``, Adam with L2 weight decay) with ``train.adam_beta*``;
-    the fused kernel on CUDA (``train.fused_optimizer``)."""
+    the fused kernel on CUDA and CPU (``train.fused_optimizer``): one launch per step, and a bad step
+    skipped on the device (``modules.optim.step_unless_bad``)."""
     cls = torch.optim.AdamW if decoupled_weight_decay else torch.optim.Adam
-    fused = {"fused": True} if cfg.fused_optimizer and device.type == "cuda" else {}
+    fused = {"fused": True} if cfg.fused_optimizer and device.type in FUSED_ADAM_DEVICES else {}
     return cls(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=weight_decay, **fused)
 
 

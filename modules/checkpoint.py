@@ -2,9 +2,10 @@
 
 ``checkpoints/step_N`` folders are written atomically (:class:`Checkpointer`); a stop signal
 (SIGTERM, SIGINT, SIGHUP) makes the loop save and exit 0 at the end of the step
-(:class:`StopRequest`); non-finite steps are counted and too many in a row abort with the last
-good weights saved (:func:`count_step`). Every write goes through :func:`write_or_fail`, so a
-full disk is a one-line error that names what was kept, never a traceback.
+(:class:`StopRequest`); non-finite steps are counted (on logging and checkpoint steps, so the
+loop never waits for the device) and too many in a row abort with the last good weights saved
+(:func:`count_step`). Every write goes through :func:`write_or_fail`, so a full disk is a
+one-line error that names what was kept, never a traceback.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import os
 import re
 import shutil
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -83,13 +84,38 @@ class TrainingState:
     bad_steps: int = 0                # non-finite steps skipped in total
     consecutive_bad_steps: int = 0
     substituted_images: int = 0       # unreadable images replaced at load time
+    # Steps whose finiteness the host has not read yet: (step, 0-d bool tensor on the device).
+    # Not saved: a checkpoint counts them first (state_dict).
+    unread: list = field(default_factory=list, repr=False, compare=False)
 
     def state_dict(self) -> dict:
-        return dict(self.__dict__)
+        self.count_unread()
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "unread"}
 
     def load_state_dict(self, state: dict) -> None:
+        self.unread.clear()
         for key, value in state.items():
             setattr(self, key, int(value))
+
+    def count_unread(self) -> list[tuple[int, int]]:
+        """Read the unread steps' flags (one transfer for all), count and log the bad ones; returns
+        (step, bad steps in a row there) for each bad step."""
+        if not self.unread:
+            return []
+        finite = torch.stack([flag for _, flag in self.unread]).tolist()
+        steps = [step for step, _ in self.unread]
+        self.unread.clear()
+        bad = []
+        for step, ok in zip(steps, finite):
+            if ok:
+                self.consecutive_bad_steps = 0
+                continue
+            self.bad_steps += 1
+            self.consecutive_bad_steps += 1
+            bad.append((step, self.consecutive_bad_steps))
+            logger.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                           step, self.consecutive_bad_steps)
+        return bad
 
     def due(self, every: int, last_step: int) -> bool:
         """Whether a thing done every ``every`` steps, and after the last one, is due at this step."""
@@ -149,21 +175,25 @@ def checkpoint_if_due(state: TrainingState, cfg: TrainConfig, stop: "StopRequest
     return stopping
 
 
-def count_step(state: TrainingState, applied: bool, max_bad_steps: int, checkpointer: "Checkpointer") -> None:
-    """Advance the step counter; a skipped (non-finite) step is counted, and ``max_bad_steps``
-    of them in a row save the last good state and abort the run."""
+def count_step(state: TrainingState, finite, cfg: TrainConfig, checkpointer: "Checkpointer") -> None:
+    """Advance the step counter and note whether the step was ``finite`` (a 0-d bool tensor, left on
+    the device: no host read). The notes are read at logging and checkpoint steps and at the last
+    step: each skipped step is logged and counted, and ``train.max_bad_steps`` of them in a row save
+    the state and abort the run. The abort may so come up to ``log_every`` steps after the limit was
+    reached; the weights saved then are still the last good ones, since bad updates never apply."""
     state.step += 1
-    if applied:
-        state.consecutive_bad_steps = 0
+    state.unread.append((state.step, torch.as_tensor(finite)))
+    if not (state.due(cfg.log_every, cfg.max_steps) or state.due(cfg.checkpoint_every, cfg.max_steps)):
         return
-    state.bad_steps += 1
-    state.consecutive_bad_steps += 1
-    logger.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
-                   state.step, state.consecutive_bad_steps)
-    if state.consecutive_bad_steps >= max_bad_steps:
-        checkpointer.save(state.step)
-        raise TrainingAborted(f"{state.consecutive_bad_steps} consecutive non-finite steps at step {state.step}; "
-                              f"saved the last good weights in {checkpointer.root}")
+    limit = next(((step, run) for step, run in state.count_unread() if run >= cfg.max_bad_steps), None)
+    if limit is None:
+        return
+    checkpointer.save(state.step)
+    step, run = limit
+    later = (f" (step_{state.step}: steps are counted at logging and checkpoint steps)"
+             if step != state.step else "")
+    raise TrainingAborted(f"{run} consecutive non-finite steps at step {step}; saved the last good weights in "
+                          f"{checkpointer.root}{later}")
 
 
 @contextlib.contextmanager

@@ -123,7 +123,7 @@ class TrainConfig:
     process_timeout_s: int = setting(1800, positive)         # collective-op timeout: a dead peer ends the run
     # Speed and memory (README "Fast on GPUs"): compile the network's training forward and backward,
     # recompute block activations in the backward pass (stage 2), channels_last tensors, TF32
-    # matmuls and convolutions on CUDA, the fused AdamW kernel on CUDA.
+    # matmuls and convolutions on CUDA, the fused AdamW kernel (CUDA and CPU; it skips bad steps on the device).
     compile: bool = False
     gradient_checkpointing: bool = False
     channels_last: bool = False

@@ -60,6 +60,9 @@ def _preview(names: list[str], limit: int = 5) -> str:
 class EMA:
     """decay at update n (n = updates done so far) = min(decay, (1 + n) / (10 + n)) with warmup.
 
+    The update count lives on the device with the shadow, so an update that a bad training step
+    must skip (``update(model, finite)``) is skipped there, without the host reading the flag.
+
     ``model`` is the module whose parameters are mirrored (``accelerator.unwrap_model``'s
     result); ``root`` is the outermost wrapper around it, when there is one (what
     ``accelerator.prepare`` returned): FSDP keeps the root unit's gathered parameters there, so
@@ -71,13 +74,13 @@ class EMA:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.warmup = warmup
-        self.num_updates = 0
         self.root = root
         with torch.no_grad():
             self.shadow: dict[str, torch.Tensor] = {
                 name: _local(p).detach().float().clone() for name, p in self._named(model).items()}
         if not self.shadow:
             raise ValueError("EMA: the model has no parameters that require grad")
+        self.count = torch.zeros((), dtype=torch.long, device=next(iter(self.shadow.values())).device)
 
     def _named(self, model: nn.Module) -> dict[str, torch.Tensor]:
         _release_gathered(self.root if self.root is not None else model)
@@ -108,22 +111,35 @@ class EMA:
             pairs.append((shadow, local))
         return pairs
 
-    def current_decay(self) -> float:
-        """The decay the next update will use."""
+    @property
+    def num_updates(self) -> int:
+        """Updates done so far (a host read: for checks and reports, not the training loop)."""
+        return int(self.count)
+
+    def _decay(self) -> torch.Tensor:
+        n = self.count.float()
         if self.warmup:
-            return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        return self.decay
+            return ((1 + n) / (10 + n)).clamp(max=self.decay)
+        return torch.full_like(n, self.decay)
+
+    def current_decay(self) -> float:
+        """The decay the next update will use (a host read)."""
+        return float(self._decay())
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, finite: Optional[torch.Tensor] = None) -> None:
+        """shadow <- decay shadow + (1 - decay) weights; ``finite`` (a 0-d bool tensor) False leaves the
+        shadow and the count as they were, bit for bit (the training step was skipped)."""
         pairs = self._matched(model)
         shadows = [s for s, _ in pairs]
-        weight = 1.0 - self.current_decay()
-        if weight == 1.0:
-            torch._foreach_copy_(shadows, [p for _, p in pairs])
-        else:
-            torch._foreach_lerp_(shadows, [p.float() for _, p in pairs], weight)
-        self.num_updates += 1
+        self.count = self.count.to(shadows[0].device)
+        weight = 1.0 - self._decay()
+        if finite is not None:
+            weight = weight * finite
+        # s (1 - w) + p w with a tensor w: exact at w = 0 (skipped) and at w = 1 (decay 0)
+        torch._foreach_mul_(shadows, 1.0 - weight)
+        torch._foreach_add_(shadows, torch._foreach_mul([p.float() for _, p in pairs], weight))
+        self.count += 1 if finite is None else finite
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
@@ -152,7 +168,7 @@ class EMA:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {SHADOW_PREFIX + name: t for name, t in self.shadow.items()}
-        out[COUNT_KEY] = torch.tensor(self.num_updates, dtype=torch.long)
+        out[COUNT_KEY] = self.count.clone()
         return out
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -170,7 +186,7 @@ class EMA:
         with torch.no_grad():
             for name, shadow in self.shadow.items():
                 shadow.copy_(state_dict[SHADOW_PREFIX + name])
-        self.num_updates = int(state_dict[COUNT_KEY])
+        self.count = torch.as_tensor(state_dict[COUNT_KEY], dtype=torch.long).to(self.count.device).clone()
 
 
 # ----------------------------------------------------------------------------- the shortcut teacher

@@ -2,9 +2,13 @@
 
 :func:`apply_update` is called once per optimizer step, after the micro-batches' backward
 passes. It clips each parameter group's gradients, then applies the update only when every
-loss and gradient norm is finite; under fp16 the GradScaler makes that decision itself (it must
-see every step to adjust its scale). A skipped step leaves the weights as they were, and the
-caller counts it (``modules.checkpoint.count_step``).
+loss and gradient norm is finite. Where it can, the decision stays on the device: torch's fused
+Adam/AdamW takes a ``found_inf`` flag and skips the update in its kernel (step counter included),
+so the loop never waits for the device. Elsewhere the flag is read on the host: the non-fused
+optimizers, DeepSpeed (whose engine has already stepped inside ``backward``) and fp16, whose
+GradScaler reads it itself and must see every step to adjust its scale. A skipped step leaves the
+weights as they were; the caller skips the EMA updates with the same flag and counts the step
+(``modules.checkpoint.count_step``).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from typing import Iterable, Sequence
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from modules.config import TrainConfig
 
@@ -54,8 +59,27 @@ def clipped_grad_norm(accelerator: Accelerator, parameters: Iterable[torch.Tenso
 
 @dataclass
 class Update:
-    applied: bool                        # False: a non-finite loss or gradient; the step was skipped
+    finite: torch.Tensor                 # 0-d bool on the device; False: a non-finite loss or gradient, the step was skipped
     grad_norms: dict[str, torch.Tensor]  # per parameter group, before clipping
+
+
+def skips_on_device(accelerator: Accelerator, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` can skip a bad step without a host read: torch's fused Adam/AdamW
+    (``_step_supports_amp_scaling``: it reads ``found_inf`` in its kernel), outside DeepSpeed."""
+    inner = getattr(optimizer, "optimizer", optimizer)   # inside accelerate's AcceleratedOptimizer
+    return (accelerator.distributed_type != DistributedType.DEEPSPEED and bool(inner.defaults.get("fused"))
+            and getattr(inner, "_step_supports_amp_scaling", False))
+
+
+def step_unless_bad(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """One step of a fused Adam/AdamW that its kernel skips, step counter included, when ``finite`` is
+    False; the flag is passed the way torch.amp.GradScaler passes it."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    inner.found_inf = (~finite).float()
+    try:
+        optimizer.step()
+    finally:
+        del inner.found_inf
 
 
 def apply_update(accelerator: Accelerator, groups: dict[str, tuple[torch.optim.Optimizer, Iterable[torch.Tensor]]],
@@ -70,17 +94,21 @@ def apply_update(accelerator: Accelerator, groups: dict[str, tuple[torch.optim.O
     norms = {name: clipped_grad_norm(accelerator, params, max_norm) for name, (_, params) in groups.items()}
     optimizers = [optimizer for optimizer, _ in groups.values()]
     if accelerator.scaler is not None:
-        # fp16: the GradScaler skips non-finite steps itself and must see every step.
+        # fp16: the GradScaler skips non-finite steps itself (a host read) and must see every step.
         for optimizer in optimizers:
             optimizer.step()
-        applied = not any(optimizer.step_was_skipped for optimizer in optimizers)
+        finite = torch.tensor(not any(optimizer.step_was_skipped for optimizer in optimizers),
+                              device=accelerator.device)
     else:
         checked = torch.stack([torch.as_tensor(x, dtype=torch.float32).reshape(()).to(accelerator.device)
                                for x in [*losses, *norms.values()]])
-        applied = bool(torch.isfinite(checked).all())
-        if applied:
+        finite = torch.isfinite(checked).all()
+        if all(skips_on_device(accelerator, optimizer) for optimizer in optimizers):
+            for optimizer in optimizers:
+                step_unless_bad(optimizer, finite)
+        elif bool(finite):   # a host read: these optimizers cannot skip on the device
             for optimizer in optimizers:
                 optimizer.step()
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
-    return Update(applied, norms)
+    return Update(finite, norms)

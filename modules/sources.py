@@ -423,12 +423,6 @@ def _looks_like_path(text: str) -> bool:
     return os.path.isabs(text) or text.startswith((".", "~")) or text.endswith(("/", os.sep))
 
 
-
-
-def _looks_like_path(text: str) -> bool:
-    return os.path.isabs(text) or text.startswith((".", "~")) or text.endswith(("/", os.sep))
-
-
 def open_source(cfg: DataConfig) -> Source:
     """The records named by ``cfg.path`` (folder, save_to_disk folder or hub name)."""
     if not cfg.path:

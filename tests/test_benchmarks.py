@@ -19,20 +19,41 @@ import bench_vae  # noqa: E402
 
 
 def test_bench_sample_times_ours_and_diffusers(capsys):
+    """Eager only: inductor compiles each model for minutes on a CPU (the compiled path of ours is
+    tests/test_sample.py::test_compiled_sampling_gives_the_images_of_eager_sampling)."""
     pytest.importorskip("diffusers")
     report = bench_sample.main(["--unet-preset", "tiny", "--vae-preset", "tiny", "--device", "cpu",
-                                "--batch", "1,2", "--steps", "1,2", "--repeats", "1"])
-    cells = {(r["model"], r["batch"], r["steps"]) for r in report["rows"]}
-    assert cells == {(m, b, s) for m in ("ours", "diffusers") for b in (1, 2) for s in (1, 2)}
+                                "--batch", "1,2", "--steps", "1,2", "--repeats", "1", "--warmup", "1", "--no-compile"])
+    cells = {(r["model"], r["mode"], r["batch"], r["steps"]) for r in report["rows"]}
+    assert cells == {(m, "eager", b, s) for m in ("ours", "diffusers") for b in (1, 2) for s in (1, 2)}
     assert all(r["ms"] > 0 for r in report["rows"])
-    assert "| 2 | 2 |" in capsys.readouterr().out
+    ms = {(r["model"], r["batch"], r["steps"]): r["ms"] for r in report["rows"]}
+    for cell in report["ratios"]:
+        key = (cell["batch"], cell["steps"])
+        assert cell["ours_over_diffusers_eager"] == pytest.approx(ms[("ours", *key)] / ms[("diffusers", *key)])
+        assert cell["compiled_over_eager_ours"] is None
+    out = capsys.readouterr().out
+    assert "| 2 | 2 |" in out and "compiled / eager, ours" in out
 
 
 def test_bench_unet_and_bench_vae_run_at_smoke_sizes():
     pytest.importorskip("diffusers")
-    unet = bench_unet.main(["--preset", "tiny", "--batch", "2", "--steps", "1", "--warmup", "0",
-                            "--latent-size", "8", "--device", "cpu"])
+    from modules.objectives import num_bootstrap
+    batch = 4
+    unet = bench_unet.main(["--preset", "tiny", "--batch", str(batch), "--steps", "1", "--warmup", "0",
+                            "--latent-size", "8", "--device", "cpu", "--gemm-size", "256"])
     assert [r["model"] for r in unet["results"]] == ["ours", "diffusers"]
+    ours, ref = unet["results"]
+    # The FLOP counts: the compared networks have the same widths, so nearly the same FLOPs ...
+    assert ours["tflop_per_step"] == pytest.approx(ref["tflop_per_step"], rel=0.02)
+    # ... and a shortcut step costs a flow step plus two no-grad forwards (1/3 of a step each) on
+    # its bootstrap rows: 1 + 2/3 * B_b / B (the step-size embedding adds a few FLOPs).
+    flow, shortcut = unet["objectives"]
+    assert (flow["objective"], shortcut["objective"]) == ("flow", "shortcut")
+    bootstrap = num_bootstrap(batch, 0.25, num_levels=3)   # the default fraction; any level count > 0
+    assert shortcut["tflop_per_step"] / flow["tflop_per_step"] == pytest.approx(1 + 2 * bootstrap / (3 * batch),
+                                                                                rel=0.01)
+    assert all(r["ms"] > 0 for r in unet["objectives"]) and unet["matmul_peak_tflop_s"] > 0
     vae = bench_vae.main(["--size", "32", "--batch", "2", "--steps", "1", "--warmup", "0", "--channels", "32",
                           "--channel-mult", "1,2", "--device", "cpu", "--dtype", "fp32"])
     assert set(vae["results"]) == {"ours", "diffusers"}

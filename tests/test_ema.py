@@ -50,15 +50,34 @@ def test_shadow_matches_closed_form(warmup):
 
 
 def test_warmup_decay_schedule():
-    ema = EMA(Net(), decay=0.999)
+    model = Net()
+    ema = EMA(model, decay=0.999)
     decays = []
     for _ in range(3):
         decays.append(ema.current_decay())
-        ema.num_updates += 1
+        ema.update(model)
     assert decays == pytest.approx([0.1, 2 / 11, 3 / 12])
-    ema.num_updates = 10 ** 6
-    assert ema.current_decay() == 0.999
-    assert EMA(Net(), decay=0.999, warmup=False).current_decay() == 0.999
+    ema.load_state_dict({**ema.state_dict(), "num_updates": torch.tensor(10 ** 6)})
+    assert ema.current_decay() == pytest.approx(0.999)
+    assert EMA(Net(), decay=0.999, warmup=False).current_decay() == pytest.approx(0.999)
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.9])
+def test_an_update_flagged_not_finite_changes_nothing_and_is_not_counted(decay):
+    """A skipped training step skips the EMA on the device: shadow and count bit-identical."""
+    torch.manual_seed(0)
+    model = Net()
+    ema, twin = EMA(model, decay=decay), EMA(model, decay=decay)
+    for finite in (True, False, True, False, False, True):
+        set_all(model, [torch.randn(2, 3), torch.randn(2)])
+        before = {k: v.clone() for k, v in ema.shadow.items()}
+        ema.update(model, torch.tensor(finite))
+        if finite:
+            twin.update(model)
+        else:
+            assert all(torch.equal(ema.shadow[k], before[k]) for k in before)
+    assert ema.num_updates == twin.num_updates == 3
+    assert all(torch.equal(ema.shadow[k], twin.shadow[k]) for k in ema.shadow)
 
 
 def test_decay_zero_tracks_latest_weights():
@@ -206,11 +225,15 @@ def test_swapped_under_fsdp2_with_two_ranks():
 
 # ----------------------------------------------------------------------------- FSDP1 (two CPU ranks, gloo)
 
+FSDP1_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP")   # the HYBRID modes and NO_SHARD are untested
+
+
 def _fsdp1_worker(rank, port):
     import os
 
     import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -221,28 +244,33 @@ def _fsdp1_worker(rank, port):
             return nn.Sequential(nn.Linear(4, 6), nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 2)))
 
         x = torch.ones(3, 4)
-        # accelerate's FSDP1 setup: the root unit (holding the first Linear) and a nested unit.
-        root = FSDP(build(), device_id=torch.device("cpu"), use_orig_params=True,
-                    auto_wrap_policy=ModuleWrapPolicy({nn.Sequential}))
-        owner = root.module                      # what accelerator.unwrap_model returns
-        with torch.no_grad():
-            root(x)                              # FSDP1 now keeps the root unit's gathered parameters
-        ema = EMA(owner, decay=0.5, warmup=False, root=root)
-        with torch.no_grad():
-            for p in owner.parameters():
-                p.mul_(3.0)
-        ema.update(owner)                        # shadow = 2 w, the online weights are 3 w
-        with FSDP.summon_full_params(root):
-            online = {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone() for n, p in owner.named_parameters()}
-        with ema.swapped(owner), torch.no_grad():
-            teacher_out = root(x)
-        with torch.no_grad():
-            after_out = root(x)
-        reference = build()
-        reference.load_state_dict({n: v * 2 / 3 for n, v in online.items()})
-        assert torch.allclose(teacher_out, reference(x), atol=1e-6), "the swapped forward did not use the shadow"
-        reference.load_state_dict(online)
-        assert torch.allclose(after_out, reference(x), atol=1e-6), "the forward after the swap used stale weights"
+        for strategy in FSDP1_STRATEGIES:
+            # accelerate's FSDP1 setup: the root unit (holding the first Linear) and a nested unit.
+            root = FSDP(build(), device_id=torch.device("cpu"), use_orig_params=True,
+                        auto_wrap_policy=ModuleWrapPolicy({nn.Sequential}),
+                        sharding_strategy=ShardingStrategy[strategy])
+            owner = root.module                      # what accelerator.unwrap_model returns
+            with torch.no_grad():
+                root(x)                              # FSDP1 now keeps the root unit's gathered parameters
+            ema = EMA(owner, decay=0.5, warmup=False, root=root)
+            with torch.no_grad():
+                for p in owner.parameters():
+                    p.mul_(3.0)
+            ema.update(owner)                        # shadow = 2 w, the online weights are 3 w
+            with FSDP.summon_full_params(root):
+                online = {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
+                          for n, p in owner.named_parameters()}
+            with ema.swapped(owner), torch.no_grad():
+                teacher_out = root(x)
+            with torch.no_grad():
+                after_out = root(x)
+            reference = build()
+            reference.load_state_dict({n: v * 2 / 3 for n, v in online.items()})
+            assert torch.allclose(teacher_out, reference(x), atol=1e-6), \
+                f"{strategy}: the swapped forward did not use the shadow"
+            reference.load_state_dict(online)
+            assert torch.allclose(after_out, reference(x), atol=1e-6), \
+                f"{strategy}: the forward after the swap used stale weights"
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -250,7 +278,8 @@ def _fsdp1_worker(rank, port):
 
 def test_swapped_under_fsdp1_reaches_the_root_unit():
     """accelerate's unwrap_model strips the root FSDP1 wrapper: the EMA must release the root's
-    gathered parameters through ``root``, or the swap silently does not happen there."""
+    gathered parameters through ``root``, or the swap silently does not happen there. Both
+    sharding modes: SHARD_GRAD_OP keeps every unit's gathered parameters after a forward."""
     import socket
 
     import torch.distributed as dist

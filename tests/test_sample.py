@@ -235,3 +235,23 @@ def test_the_work_list_is_lazy_whatever_the_count(tmp_path):
     # The same shares as the eager list it replaces, for every process of three.
     todo = [i for i in range(40) if i not in (0, 1, 5)]
     assert [list(pending(40, finished, rank, 3)) for rank in range(3)] == [todo[r::3] for r in range(3)]
+
+
+def test_compiled_sampling_gives_the_images_of_eager_sampling(tiny_unet_run, tmp_path, monkeypatch):
+    """--compile (torch.compile of the UNet and the VAE decoder) changes speed, not images. The test
+    compiles with the aot_eager backend (LDM_COMPILE_BACKEND): graph capture and AOT autograd as
+    in production, without inductor's code generation, which takes minutes on a CPU."""
+    from torch._dynamo.utils import counters
+
+    from modules.generation import COMPILE_BACKEND_ENV
+    monkeypatch.setenv(COMPILE_BACKEND_ENV, "aot_eager")
+    common = ["--unet", tiny_unet_run, "--num-samples", 2, "--steps", 1, "--seed", 3]
+    run(*common, "--out", tmp_path / "eager")
+    counters.clear()
+    run(*common, "--out", tmp_path / "compiled", "--compile")
+    assert counters["stats"]["unique_graphs"] >= 2          # the UNet and the decoder ran compiled
+    torch._dynamo.reset()
+    eager, compiled = read_pngs(tmp_path / "eager"), read_pngs(tmp_path / "compiled")
+    assert eager.keys() == compiled.keys() and len(eager) == 2
+    for name in eager:
+        assert np.abs(compiled[name] - eager[name]).max() <= 2, name

@@ -4,6 +4,7 @@ import logging
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -222,3 +223,62 @@ def test_held_out_latents_never_reach_a_training_batch(shapes_dir, tiny_vae_run,
     assert len(set(held_out)) == 4
     assert not set(trained) & set(held_out), sorted(set(trained) & set(held_out))
     assert set(trained) | set(held_out) == set(range(24))       # every other latent is trained on
+
+
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "__array__")
+
+
+def host_reads_by_step(monkeypatch, run) -> dict[int, list[str]]:
+    """Every read of a tensor's value on the host during the training loop of ``run()``, by the
+    step counter at that moment: ``{step: [read, ...]}``, a read named ``what file:line``.
+
+    On CPU nothing synchronises, so the reads themselves are counted: every way a value reaches
+    Python (``item``, ``tolist``, ``cpu``, ``bool``, ``float``, ``int``, numpy). The data
+    pipeline's own tensors (the read order, the loader's batches) live on the host on a GPU too
+    and are left out."""
+    states, reads = [], {}
+
+    class RecordedState(train_unet.TrainingState):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            states.append(self)
+
+    def set_lr(*args, real=train_unet.set_lr):   # the first thing of every step: the loop has started
+        states[0].in_loop = True
+        return real(*args)
+
+    def recorded(name, original):
+        def read(self, *args, **kwargs):
+            if states and getattr(states[0], "in_loop", False):
+                frames = traceback.extract_stack()[:-1]
+                if not any("/torch/utils/data/" in f.filename or f.filename.endswith("modules/order.py")
+                           for f in frames):
+                    ours = [f for f in frames if str(ROOT) in f.filename and "/tests/" not in f.filename]
+                    where = f"{Path(ours[-1].filename).name}:{ours[-1].lineno}" if ours else "?"
+                    reads.setdefault(states[0].step, []).append(f"{name} {where}")
+            return original(self, *args, **kwargs)
+        return read
+
+    monkeypatch.setattr(train_unet, "TrainingState", RecordedState)
+    monkeypatch.setattr(train_unet, "set_lr", set_lr)
+    with monkeypatch.context() as patched:
+        for name in HOST_READS:
+            patched.setattr(torch.Tensor, name, recorded(name, getattr(torch.Tensor, name)))
+        run()
+    return reads
+
+
+def test_the_training_loop_reads_nothing_from_the_device_between_logging_steps(shapes_dir, tiny_vae_run, tmp_path,
+                                                                             monkeypatch):
+    """No host synchronisation in the hot loop: with the fused optimizer a bad step is skipped and
+    counted on the device, and values reach the host only at logging and checkpoint steps. The
+    same probe sees the non-fused optimizer's host check in every step."""
+    steps = 4
+    common = ["--max-steps", str(steps), "cond.type=class", f"cache_dir={tmp_path / 'cache'}",
+              f"train.log_every={steps}", f"train.checkpoint_every={steps}", f"train.image_log_every={steps}"]
+    fused = host_reads_by_step(monkeypatch, lambda: train(shapes_dir, tiny_vae_run, tmp_path / "fused", *common))
+    assert set(fused) == {steps}, {s: r for s, r in fused.items() if s != steps}   # the last step logs
+    host_checked = host_reads_by_step(monkeypatch, lambda: train(shapes_dir, tiny_vae_run, tmp_path / "plain",
+                                                                 *common, "train.fused_optimizer=false"))
+    assert all(any(r.startswith("__bool__ optim.py:") for r in host_checked.get(s, [])) for s in range(steps))

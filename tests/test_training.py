@@ -52,16 +52,36 @@ class FakeCheckpointer:
 
 
 def test_bad_steps_are_counted_and_abort_after_the_limit():
-    state, ckpt = TrainingState(), FakeCheckpointer()
+    state, ckpt, cfg = TrainingState(), FakeCheckpointer(), TrainConfig(max_bad_steps=3, log_every=1)
     for finite in (True, False, True, False, False):
-        count_step(state, finite, max_bad_steps=3, checkpointer=ckpt)
+        count_step(state, torch.tensor(finite), cfg, ckpt)
     assert (state.step, state.bad_steps, state.consecutive_bad_steps) == (5, 3, 2)
     with pytest.raises(TrainingAborted, match="3 consecutive non-finite steps at step 6"):
-        count_step(state, False, max_bad_steps=3, checkpointer=ckpt)
+        count_step(state, torch.tensor(False), cfg, ckpt)
     assert ckpt.saved == [6]
     restored = TrainingState()
     restored.load_state_dict(state.state_dict())
     assert restored == state
+
+
+def test_bad_steps_are_read_at_logging_and_checkpoint_steps_only():
+    """The flags stay on the device between logging steps; the counts, the abort and a checkpoint's
+    saved state are still exact, the abort naming the step where the limit was reached."""
+    state, ckpt = TrainingState(), FakeCheckpointer()
+    cfg = TrainConfig(max_bad_steps=3, log_every=5, checkpoint_every=7, max_steps=100)
+    for finite in (False, True, False, False):
+        count_step(state, torch.tensor(finite), cfg, ckpt)
+    assert (state.step, state.bad_steps, len(state.unread)) == (4, 0, 4)        # nothing read yet
+    count_step(state, torch.tensor(True), cfg, ckpt)                             # step 5: a logging step
+    assert (state.bad_steps, state.consecutive_bad_steps, state.unread) == (3, 0, [])
+    count_step(state, torch.tensor(False), cfg, ckpt)
+    assert state.state_dict()["bad_steps"] == 4 and state.consecutive_bad_steps == 1   # a checkpoint counts
+    for finite in (False, False, True):                                          # steps 7 (checkpoint), 8, 9
+        count_step(state, torch.tensor(finite), cfg, ckpt)
+    assert (state.bad_steps, state.consecutive_bad_steps, ckpt.saved) == (5, 2, [])
+    with pytest.raises(TrainingAborted, match=r"3 consecutive non-finite steps at step 8; .* \(step_10: "):
+        count_step(state, torch.tensor(True), cfg, ckpt)                         # step 10 reads step 8
+    assert ckpt.saved == [10] and state.bad_steps == 6
 
 
 def test_image_seeds_are_distinct_within_a_run_and_use_every_bit_of_the_base_seed():
