@@ -86,6 +86,12 @@ def caption(colour: str, shape: str, background: str) -> str:
     return f"a {colour} {shape} on a {background} background"
 
 
+def caption_words(text: str) -> tuple[str, str]:
+    """(colour, shape) of a caption made by :func:`caption`."""
+    words = text.split()
+    return words[1], words[2]
+
+
 def render_shape(rng: np.random.Generator, image_size: int, label: int,
                  background: str = "textured") -> tuple[np.ndarray, np.ndarray, str]:
     """One image (uint8 [S, S, 3]), its foreground mask (bool [S, S]) and its caption, for class ``label``."""
