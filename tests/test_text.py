@@ -342,9 +342,10 @@ def test_bad_text_input_is_one_line_before_training(case, shapes_dir, tiny_vae_r
         vocab = json.loads((clip / "tokenizer" / "vocab.json").read_text())
         vocab.update({f"extra{i}</w>": len(vocab) + i for i in range(5)})
         (clip / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
-    if case == "pickle_only":
+    if case == "pickle_only":       # its unpickling would create the marker file
+        from test_reliability import Payload
         weights = clip / "text_encoder" / "model.safetensors"
-        torch.save({"x": torch.zeros(1)}, weights.with_name("pytorch_model.bin"))
+        torch.save({"x": Payload(tmp_path / "unpickled")}, weights.with_name("pytorch_model.bin"))
         weights.unlink()
     if case == "no_caption":
         data = tmp_path / "data"
@@ -360,7 +361,19 @@ def test_bad_text_input_is_one_line_before_training(case, shapes_dir, tiny_vae_r
         "--report-to", "none", "--max-steps", "1", "cond.type=text", f"cond.text_encoder={clip}",
         f"cache_dir={tmp_path / 'cache'}"])
     assert message in line
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "unpickled").exists()
+
+
+def test_resume_with_another_text_encoder_is_refused(shapes_dir, tiny_vae_run, tmp_path, capsys):
+    clip = write_tiny_clip(tmp_path / "clip")
+    argv = ["--config", "tiny", "--data", shapes_dir, "--vae", tiny_vae_run, "--output-dir", tmp_path / "run",
+            "--report-to", "none", "--max-steps", "1", "train.checkpoint_every=1", "train.image_log_every=100",
+            "cond.type=text", f"cond.text_encoder={clip}", f"cache_dir={tmp_path / 'cache'}"]
+    train_unet.main([*map(str, argv)])
+    shutil.rmtree(clip)
+    write_tiny_clip(clip, seed=1)               # other weights at the same path
+    line = one_line_error(capsys, train_unet.main, [*argv, "--resume", "latest", "--max-steps", "2"])
+    assert "trained with another text encoder" in line
 
 
 def test_over_long_captions_are_truncated_with_one_counted_warning(shapes_dir, tiny_vae_run, clip_dir, tmp_path,
