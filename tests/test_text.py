@@ -100,6 +100,11 @@ def test_metadata_captions_and_the_fingerprint(shapes_dir, tmp_path, caplog):
     caplog.set_level(logging.WARNING)
     assert build_dataset(cfg, "text", allow_empty_caption=True)[2]["caption"] == ""
     assert "1 image(s) without a caption" in caplog.text
+    (data / "metadata.csv").unlink()
+    (data / "metadata.jsonl").write_text("".join(json.dumps({**r, "text": 5 if i == 1 else r["text"]}) + "\n"
+                                                 for i, r in enumerate(rows)))
+    with pytest.raises(Exception, match=f"caption \\('text'\\) of .*{rows[1]['file_name']} must be text, got 5"):
+        build_dataset(cfg, "text")
 
 
 def test_captions_from_a_saved_dataset_column(tmp_path):
