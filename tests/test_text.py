@@ -359,8 +359,8 @@ def test_bad_text_input_is_one_line_before_training(case, shapes_dir, tiny_vae_r
         del rows[4]["text"]
         (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     message = {"missing": "no such folder", "not_clip": "holds neither text_encoder/ + tokenizer/",
-               "unreadable": "cannot read the CLIP config or tokenizer", "vocab_mismatch": "they do not belong together",
-               "pickle_only": ".safetensors files only", "no_caption": "has no caption"}[case]
+               "unreadable": "cannot read the CLIP config or tokenizer",
+               "vocab_mismatch": "they do not belong together", "pickle_only": ".safetensors files only", "no_caption": "has no caption"}[case]
     line = one_line_error(capsys, train_unet.main, [
         "--config", "tiny", "--data", data, "--vae", tiny_vae_run, "--output-dir", tmp_path / "run",
         "--report-to", "none", "--max-steps", "1", "cond.type=text", f"cond.text_encoder={clip}",
