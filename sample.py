@@ -164,6 +164,8 @@ def load_text_encoder(args, export, unet_folder: Path, device):
     """The text encoder a text-conditioned UNet was trained with (recorded in its export), checked by identity."""
     recorded = export.text_encoder
     path = args.text_encoder or recorded.get("path")
+    if not Path(path).exists():
+        raise ModelFolderError(f"text encoder {path} (recorded by {unet_folder}) does not exist; pass --text-encoder")
     encoder = TextEncoder(path, export.config.cond.text_layer, device)
     if encoder.identity != recorded["identity"]:
         raise ModelFolderError(f"text encoder {path} is not the one {unet_folder} was trained with (identity "

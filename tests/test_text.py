@@ -408,3 +408,5 @@ def test_sample_refusals_for_prompts(text_run, tiny_unet_run, clip_dir, tmp_path
     other = write_tiny_clip(tmp_path / "other", seed=1)
     assert "is not the one" in one_line_error(capsys, sample.main, [
         "--unet", text_run, "--out", tmp_path / "d", "--prompt", "a red circle", "--text-encoder", other])
+    assert "does not exist; pass --text-encoder" in one_line_error(capsys, sample.main, [
+        "--unet", text_run, "--out", tmp_path / "d", "--prompt", "a red circle", "--text-encoder", tmp_path / "gone"])
