@@ -4,7 +4,10 @@ CLIPTextModel with a BPE vocabulary written here (modules/tiny_clip.py); nothing
 import hashlib
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +18,9 @@ from PIL import Image
 import sample
 import train_unet
 from modules.cli import run_cli
-from modules.config import ShortcutConfig, UNetRunConfig
+from modules.config import DataConfig, ShortcutConfig, UNetRunConfig
 from modules.config_io import load_config
 from modules.data import build_dataset
-from modules.config import DataConfig
 from modules.export import load_unet, read_unet_export
 from modules.generation import decode_latents
 from modules.image_io import to_uint8
@@ -410,3 +412,23 @@ def test_sample_refusals_for_prompts(text_run, tiny_unet_run, clip_dir, tmp_path
         "--unet", text_run, "--out", tmp_path / "d", "--prompt", "a red circle", "--text-encoder", other])
     assert "does not exist; pass --text-encoder" in one_line_error(capsys, sample.main, [
         "--unet", text_run, "--out", tmp_path / "d", "--prompt", "a red circle", "--text-encoder", tmp_path / "gone"])
+
+
+def test_two_processes_encode_their_shares_into_the_same_cache(shapes_dir, tiny_vae_run, clip_dir, tmp_path):
+    """Under accelerate launch each process encodes its share of the captions; the merged cache holds
+    every caption's embedding in data order, as one process computes it."""
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_2proc.yaml",
+         "train_unet.py", "--config", "tiny", "--data", str(shapes_dir), "--vae", str(tiny_vae_run),
+         "--output-dir", str(tmp_path / "ddp"), "--report-to", "none", "--max-steps", "2", "cond.type=text",
+         f"cond.text_encoder={clip_dir}", "train.batch_size=4", "train.checkpoint_every=2",
+         "train.image_log_every=100", f"cache_dir={tmp_path / 'cache'}"],
+        cwd=root, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es), distributed type MULTI_CPU" in result.stderr
+    cache = LatentDataset(next((tmp_path / "cache").glob("latents_*")), hflip=True)
+    captions = [json.loads(line)["text"] for line in (shapes_dir / "metadata.jsonl").read_text().splitlines()]
+    assert [cache.caption(i) for i in range(len(cache))] == captions
+    expected = reference_embeddings(clip_dir, captions).half().float()
+    assert torch.equal(torch.stack([cache[i]["text"] for i in range(len(cache))]), expected)
