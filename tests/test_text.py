@@ -385,6 +385,13 @@ def test_resume_with_another_text_encoder_is_refused(shapes_dir, tiny_vae_run, t
     assert "trained with another text encoder" in line
 
 
+def test_text_without_an_encoder_is_refused_naming_the_key():
+    from modules.errors import ConfigError
+    with pytest.raises(ConfigError, match="config key 'cond.text_encoder': cond.type=text needs a local CLIP text "
+                                          "encoder folder"):
+        load_config(UNetRunConfig, "unet", "tiny", ["cond.type=text"])
+
+
 def test_over_long_captions_are_truncated_with_one_counted_warning(shapes_dir, tiny_vae_run, clip_dir, tmp_path,
                                                                     caplog):
     data = tmp_path / "data"
