@@ -3,6 +3,8 @@
     python sample.py --unet runs/unet --out samples --num-samples 64 --steps 1
     python sample.py --unet runs/unet --out samples --steps 4 --class-label 2 --cfg-scale 1.5 --grid
     python sample.py --unet runs/unet --out samples --masks my_masks/ --steps 1
+    python sample.py --unet runs/unet --out samples --prompt "a red circle on a striped background" --num-samples 4
+    python sample.py --unet runs/unet --out samples --prompts prompts.txt --num-samples 2 --cfg-scale 2
 
     accelerate launch sample.py --unet runs/unet --out s1 --num-samples 50000 --steps 1 --npz
 
@@ -38,6 +40,7 @@ from modules.image_io import UnreadableImage, find_images, image_tensor, mask_te
 from modules.sample_folder import MANIFEST, SampleFolder, batches, pending
 from modules.samplers import METHODS
 from modules.seeding import image_seed, mix_seed
+from modules.text_encoder import TextEncoder, encode_unique, warn_truncated
 from modules.vae_loading import load_vae, vae_identity
 
 logger = logging.getLogger("sample")
@@ -60,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     cond.add_argument("--class-label", default=None,
                       help="a class number, 'all' (classes in turn, the default) or 'random' (drawn by seed)")
     cond.add_argument("--masks", default=None, help="folder of mask images: one sample per mask, named by its stem")
+    cond.add_argument("--prompt", default=None, help="text-conditioned model: --num-samples images of this prompt")
+    cond.add_argument("--prompts", default=None, help="text-conditioned model: a file of prompts, one per line, "
+                      "--num-samples images each")
+    p.add_argument("--text-encoder", default=None, help="text-conditioned model: the text encoder folder "
+                   "(default: the one the UNet recorded; it must be the same encoder)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
@@ -140,6 +148,35 @@ def load_models(args, device):
     return load_unet(unet_folder, export).to(device), vae.to(device).eval(), export, unet_folder
 
 
+def read_prompts(args) -> Optional[list[str]]:
+    """The prompts of --prompt or --prompts FILE (one per line, blank lines skipped), or None."""
+    if args.prompt is not None:
+        return [args.prompt]
+    if args.prompts is None:
+        return None
+    try:
+        lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--prompts {args.prompts}: cannot be read as UTF-8 text ({e})") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ConfigError(f"--prompts {args.prompts}: no prompt in the file (one prompt per line)")
+    return prompts
+
+
+def load_text_encoder(args, export, unet_folder: Path, device):
+    """The text encoder a text-conditioned UNet was trained with (recorded in its export), checked by identity."""
+    recorded = export.text_encoder
+    path = args.text_encoder or recorded.get("path")
+    if not Path(path).exists():
+        raise ModelFolderError(f"text encoder {path} (recorded by {unet_folder}) does not exist; pass --text-encoder")
+    encoder = TextEncoder(path, export.config.cond.text_layer, device)
+    if encoder.identity != recorded["identity"]:
+        raise ModelFolderError(f"text encoder {path} is not the one {unet_folder} was trained with (identity "
+                               f"{encoder.identity[:16]}, recorded {recorded['identity'][:16]})")
+    return encoder
+
+
 def parse_class_label(value: Optional[str]) -> Optional[str]:
     if value in (None, "all", "random") or (value.lstrip("-").isdigit()):
         return value
@@ -175,6 +212,15 @@ def main(argv=None) -> None:
         logger.warning("--cfg-scale %s ignored: %s is an unconditional model", args.cfg_scale, unet_folder)
 
     names, masks = None, None
+    prompts = read_prompts(args)
+    if prompts is not None and spec.cond_type != "text":
+        raise ConfigError(f"--prompt{'s' if args.prompts else ''}: {unet_folder} is a '{spec.cond_type}'-"
+                          "conditioned model, not text-conditioned")
+    if spec.cond_type == "text" and prompts is None:
+        raise ConfigError(f"{unet_folder} is text-conditioned: pass --prompt TEXT or --prompts FILE")
+    encoder = load_text_encoder(args, export, unet_folder, device) if prompts is not None else None
+    if encoder is not None:
+        warn_truncated(sum(encoder.too_long(prompts)), encoder.tokens, "prompt(s) are")
     if args.masks is not None:
         if spec.cond_type != "mask":
             raise ConfigError(f"--masks: {unet_folder} is a '{spec.cond_type}'-conditioned model, not mask-conditioned")
@@ -188,13 +234,17 @@ def main(argv=None) -> None:
         if args.class_label not in (None, "all", "random") and not 0 <= int(args.class_label) < spec.num_classes:
             raise ConfigError(f"--class-label {args.class_label}: the model knows classes 0..{spec.num_classes - 1}")
     elif args.class_label is not None:
-        raise ConfigError(f"--class-label: {unet_folder} is an unconditional model")
-    count = len(names) if names is not None else args.num_samples
+        raise ConfigError(f"--class-label: {unet_folder} is a '{spec.cond_type}'-conditioned model, not "
+                          "class-conditioned")
+    count = len(names) if names is not None else args.num_samples * (len(prompts) if prompts else 1)
 
     def condition(i: int):
-        """Image i's condition: its mask, its class (one, all in turn, or drawn by seed), or none."""
+        """Image i's condition: its mask, its class (one, all in turn, or drawn by seed), its prompt (here the
+        text itself: the batch encodes its prompts together), or none."""
         if masks is not None:
             return masks[i], f"mask:{names[i]}"
+        if prompts is not None:
+            return prompts[i // args.num_samples], prompts[i // args.num_samples]
         if spec.cond_type == "class":
             if args.class_label == "random":
                 label = mix_seed(args.seed, i, LABEL_STREAM) % spec.num_classes
@@ -215,7 +265,7 @@ def main(argv=None) -> None:
     request = {"unet": str(unet_folder.resolve()), "unet_sha256": read_config(unet_folder).get("sha256"),
                "vae": vae_identity(vae), "sampler": sampler, "steps": args.steps, "cfg_scale": args.cfg_scale,
                "eta": args.eta, "seed": args.seed, "count": count, "dtype": str(dtype),
-               "conditions": names if names is not None else (args.class_label or spec.cond_type)}
+               "conditions": names or prompts or args.class_label or spec.cond_type}
     folder = SampleFolder(Path(args.out), request, state.process_index)
     done = None
     if state.is_main_process:
@@ -236,7 +286,10 @@ def main(argv=None) -> None:
         with tqdm(total=share, desc="sampling", disable=not state.is_main_process) as progress:
             for idx in batches(pending(count, done, state.process_index, state.num_processes), args.batch_size):
                 conds = [condition(i)[0] for i in idx]
-                batch_cond = None if conds[0] is None else torch.stack(conds).to(device)
+                if encoder is not None:
+                    batch_cond = encode_unique(encoder, conds)
+                else:
+                    batch_cond = None if conds[0] is None else torch.stack(conds).to(device)
                 with autocast:
                     z = generate_latents(network, spec, batch_cond, [image_seed(args.seed, i) for i in idx], args.steps,
                                          sampler, args.cfg_scale, args.eta, device)

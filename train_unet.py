@@ -4,8 +4,8 @@
         --output-dir runs/unet objective=shortcut cond.type=class
     python train_unet.py --config tiny --data data/shapes --vae runs/vae_tiny --output-dir runs/unet_tiny --report-to none
 
-Reads top to bottom: setup (frozen VAE, network (model.arch), latent cache, two EMAs), loop, log (sample
-grids from the EMA weights), checkpoint, export. The loss is in modules/objectives.py, the
+Reads top to bottom: setup (frozen VAE and text encoder, network (model.arch), latent cache, two EMAs),
+loop, log (sample grids from the EMA weights), checkpoint, export. The loss is in modules/objectives.py, the
 samplers in modules/samplers.py, the loop's mechanics in modules/optim.py and modules/checkpoint.py.
 """
 from __future__ import annotations
@@ -39,17 +39,20 @@ from modules.seeding import SHARED_STREAM, process_share_randn, step_generator
 from modules.tracking import Throughput, check_tracker, init_trackers, log_image, memory_stats, to_scalars
 from modules.train_eval import TrainingEvaluator
 from modules.networks import build_network
+from modules.text_encoder import TextEncoder
 from modules.vae_loading import load_vae, save_vae, vae_identity
 
 logger = logging.getLogger("train_unet")
 MODEL_SECTIONS = ("model", "cond", "objective", "shortcut.denoise_timesteps")   # what a resume may not change
 
 
-def derive_fields(cfg: UNetRunConfig, vae, dataset) -> None:
-    """Fill the config fields that follow from the VAE, the data and the objective."""
+def derive_fields(cfg: UNetRunConfig, vae, dataset, text_encoder=None) -> None:
+    """Fill the config fields that follow from the VAE, the data, the objective and the text encoder."""
     cfg.model.in_channels = vae.config.latent_channels
     cfg.model.num_step_levels = cfg.num_step_levels
     cfg.cond.image_downsample = vae.config.downsample_factor
+    if text_encoder is not None:
+        cfg.model.context_dim, cfg.cond.text_tokens = text_encoder.width, text_encoder.tokens
     if cfg.cond.type == "class":
         if dataset.num_classes < 2:
             raise ConfigError(f"cond.type=class needs class sub-folders (or a label column) in {cfg.data.path}; "
@@ -57,7 +60,8 @@ def derive_fields(cfg: UNetRunConfig, vae, dataset) -> None:
         cfg.cond.num_classes = dataset.num_classes
 
 
-def export_unet(accelerator, unet, ema: EMA, cfg: UNetRunConfig, vae_record: dict, output_dir: Path) -> None:
+def export_unet(accelerator, unet, ema: EMA, cfg: UNetRunConfig, vae_record: dict, output_dir: Path,
+                text_record=None) -> None:
     """Write ``unet`` (online weights) and ``unet_ema`` (sampling EMA) model folders."""
     owner = accelerator.unwrap_model(unet)
     online = accelerator.get_state_dict(unet)
@@ -65,8 +69,8 @@ def export_unet(accelerator, unet, ema: EMA, cfg: UNetRunConfig, vae_record: dic
         # get_state_dict may return views of the live parameters: copy before they are swapped back.
         averaged = {k: v.clone() for k, v in accelerator.get_state_dict(unet).items()}
     if accelerator.is_main_process:
-        save_unet(output_dir / "unet", online, cfg, vae_record, weights="online")
-        save_unet(output_dir / "unet_ema", averaged, cfg, vae_record, weights="ema")
+        save_unet(output_dir / "unet", online, cfg, vae_record, weights="online", text_encoder=text_record)
+        save_unet(output_dir / "unet_ema", averaged, cfg, vae_record, weights="ema", text_encoder=text_record)
 
 
 def main(argv=None) -> None:
@@ -99,11 +103,14 @@ def train(cfg: UNetRunConfig, args, accelerator, output_dir: Path) -> None:
                   "model": to_dict(vae.config)}
     scale = vae.config.scale_factor
     cfg.data.masks = cfg.cond.type == "mask"
-    dataset = build_dataset(cfg.data)
+    # Text: the encoder's files are hashed and its tokenizer read now; its weights only if captions need encoding.
+    text_encoder = TextEncoder(cfg.cond.text_encoder, cfg.cond.text_layer, device) if cfg.cond.type == "text" else None
+    captions = (cfg.cond.caption_column, cfg.cond.allow_empty_caption) if text_encoder is not None else ()
+    dataset = build_dataset(cfg.data, *captions)
     if cfg.data.vflip or cfg.data.rot90 or cfg.data.random_crop_scale < 1:
         logger.warning("stage 2 trains on cached latents of centre crops and their horizontal flips: "
                        "data.vflip, data.rot90 and data.random_crop_scale are ignored")
-    derive_fields(cfg, vae, dataset)
+    derive_fields(cfg, vae, dataset, text_encoder)
     check_trained(cfg)   # rules of the derived fields (a DiT's patch must divide the latent size)
 
     # ---- the network, before the latent cache: pretrained weights that do not fit stop the run at once
@@ -114,7 +121,9 @@ def train(cfg: UNetRunConfig, args, accelerator, output_dir: Path) -> None:
 
     # ---- latent cache, evaluation
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else output_dir.parent / "latent_cache"
-    latents = build_or_load(accelerator, vae, vae_id, dataset, cfg.data, cache_root, tcfg.batch_size)
+    latents = build_or_load(accelerator, vae, vae_id, dataset, cfg.data, cache_root, tcfg.batch_size, text_encoder)
+    if text_encoder is not None:    # the null condition: the empty prompt's embedding, kept with the weights
+        unet.conditioner.null_text.copy_(latents.null_text)
     train_latents, val_latents = latents.split(cfg.eval.val_images) if cfg.eval.val_images else (latents, None)
     spec = GenerationSpec.from_run_config(cfg)
     evaluator = TrainingEvaluator(cfg, accelerator, spec, latents, scale, val_latents)   # a bad reference stops here
@@ -141,7 +150,8 @@ def train(cfg: UNetRunConfig, args, accelerator, output_dir: Path) -> None:
 
     state = TrainingState()
     identity = RunIdentity("train_unet", to_dict(cfg), MODEL_SECTIONS, vae=vae_id, data=dataset.fingerprint(),
-                           defaults=to_dict(UNetRunConfig()))
+                           defaults=to_dict(UNetRunConfig()),
+                           text_encoder=text_encoder.identity if text_encoder is not None else None)
     checkpointer = Checkpointer(accelerator, output_dir, tcfg.keep_checkpoints, state, identity, save_ema_state,
                                 lambda path: load_emas(path, emas, rank if per_rank_ema else 0, device))
     save_run_config(accelerator, output_dir, cfg)
@@ -155,11 +165,15 @@ def train(cfg: UNetRunConfig, args, accelerator, output_dir: Path) -> None:
                                cfg.data.num_workers))
     grid_cond = conditions(spec, latents, range(cfg.sample.num_images))
     grid_cond = None if grid_cond is None else grid_cond.to(device)
+    if text_encoder is not None and accelerator.is_main_process:
+        shown = [latents.caption(i % len(latents)) for i in range(min(cfg.sample.num_images, len(latents)))]
+        logger.info("sample grids: one image per caption, in turn: %s", "; ".join(shown))
     init_trackers(accelerator, "ldm-unet", cfg, output_dir, args.report_to)
     throughput = Throughput(tcfg.batch_size * tcfg.grad_accum * world)
 
     def export() -> None:
-        export_unet(accelerator, unet, emas["sample"], cfg, vae_record, output_dir)
+        export_unet(accelerator, unet, emas["sample"], cfg, vae_record, output_dir,
+                    text_encoder.record() if text_encoder is not None else None)
 
     if state.step >= tcfg.max_steps:
         # Resumed with no step left: killed after its last checkpoint, perhaps before the export.

@@ -4,6 +4,7 @@
     python benchmarks/quality.py --preset gpu --workdir runs/quality_gpu --out results/quality_gpu
     python benchmarks/quality.py --preset micro --workdir /tmp/quality_micro   # seconds: smoke test
     python benchmarks/quality.py --preset cpu --arch dit --workdir runs/quality_cpu_dit   # the same table, a DiT
+    python benchmarks/quality.py --preset cpu --cond text --workdir runs/quality_cpu_text  # text prompts
 
 A miniature of the shortcut paper's main comparison (one-step samples close to 128-step ones
 for a shortcut model, far worse for flow matching), run through the product's own entry
@@ -29,6 +30,12 @@ the same arguments as the printed command lines.
 Reference rows: an independent real set with its own masks (the Frechet distance between two
 real samples of this size, and the IoU of ``foreground_mask`` on clean images, 1.0) and VAE
 reconstructions of the held-out images (the best a latent model can reach through this VAE).
+
+``--cond text`` conditions both runs on the captions instead ("a red square on a striped
+background", through a tiny random CLIP text encoder written by modules/tiny_clip.py: no
+download), samples one image per held-out caption (``sample.py --prompts``) and replaces the mask
+IoU by **prompt fidelity**: the fraction of images whose colour and shape, read back with
+``modules.synthetic.read_caption``, are the prompt's (and each word's match rate alone).
 
 Results: a markdown table on stdout, ``OUT/quality.md``, ``OUT/quality.json`` (numbers,
 commands, stage times, machine) and ``OUT/quality_grid.png`` (held-out images, their masks,
@@ -63,7 +70,9 @@ import train_unet  # noqa: E402
 import train_vae  # noqa: E402
 from modules.export import find_model_folder  # noqa: E402
 from modules.metrics import feature_statistics, frechet_distance, mask_iou  # noqa: E402
-from modules.synthetic import foreground_mask, make_shapes, render_shape_batch  # noqa: E402
+from modules.synthetic import caption_words, foreground_mask, make_shapes, read_caption  # noqa: E402
+from modules.synthetic import render_shape_batch, shape_captions  # noqa: E402
+from modules.tiny_clip import write_tiny_clip  # noqa: E402
 from modules.vae_loading import load_vae  # noqa: E402
 
 OBJECTIVES = ("shortcut", "flow")
@@ -162,13 +171,17 @@ def training_args(preset: Preset, max_steps: int, log_every: int) -> list[str]:
 
 
 def unet_args(preset: Preset, arch: str, objective: str, data: Path, vae: Path, out: Path,
-              extra: list[str]) -> list[str]:
+              extra: list[str], text_encoder: Optional[Path] = None) -> list[str]:
+    """train_unet.py's arguments; with a ``text_encoder``, captions replace the masks as the condition."""
     max_sampling = max(preset.steps)
+    network = list(preset.unet_args if arch == "unet" else preset.dit_args)
+    if text_encoder is not None:
+        network = [a for a in network if not a.startswith("cond.")] + ["cond.type=text",
+                                                                          f"cond.text_encoder={text_encoder}"]
     return (["--config", "tiny", "--data", str(data), "--vae", str(vae), "--output-dir", str(out),
              "--report-to", "none", f"objective={objective}", f"shortcut.denoise_timesteps={max_sampling}",
              f"sample.steps=1,{max_sampling}", "sample.num_images=8"]
-            + training_args(preset, preset.unet_steps, max(1, preset.unet_steps // 20))
-            + list(preset.unet_args if arch == "unet" else preset.dit_args) + extra)
+            + training_args(preset, preset.unet_steps, max(1, preset.unet_steps // 20)) + network + extra)
 
 
 # ----------------------------------------------------------------------------- images and features
@@ -225,24 +238,46 @@ FEATURE_NOTES = {
                       f"He-normal, seed 0): {2 * RANDOM_CONV_WIDTHS[-1]} values"}
 REFERENCE_REAL = "reference: independent real set"
 REFERENCE_VAE = "reference: VAE reconstruction"
+FD_LEGEND = (f"FD: Frechet distance to the held-out real images in {FEATURE_NOTES['fd_pixels']} (pixels) and "
+             f"{FEATURE_NOTES['fd_random_conv']} (random conv); not FID.")
 LEGEND = ("mask IoU: foreground_mask of each image against its conditioning (held-out) mask; the independent real "
-          "set is scored against its own masks. FD: Frechet distance to the held-out real images in "
-          f"{FEATURE_NOTES['fd_pixels']} (pixels) and {FEATURE_NOTES['fd_random_conv']} (random conv); not FID. "
+          f"set is scored against its own masks. {FD_LEGEND} "
           "The independent real set has other masks than the held-out set, generated images share them, so "
           "generated sets can score below it; VAE reconstructions are the held-out images themselves after the "
           "VAE (the best a latent model can do through it).")
 
 
-class Scorer:
-    """Mask IoU against the conditioning masks and Frechet distances to the held-out images."""
+TEXT_LEGEND = ("prompt fidelity: fraction of images whose colour and shape, read back with "
+               "modules.synthetic.read_caption, are the prompt's (colour, shape: each word alone); the independent "
+               f"real set is scored against its own captions (the analysers' accuracy on clean images). {FD_LEGEND}")
 
-    def __init__(self, real_images: np.ndarray, masks: np.ndarray):
+
+def prompt_fidelity(images: np.ndarray, captions: list[str]) -> dict[str, float]:
+    """Fractions of images whose read-back colour, shape, and both, are their caption's."""
+    read = [read_caption(image) for image in images]
+    wanted = [caption_words(c) for c in captions]
+    colour = np.array([r[0] == w[0] for r, w in zip(read, wanted)])
+    shape = np.array([r[1] == w[1] for r, w in zip(read, wanted)])
+    return {"prompt_fidelity": float((colour & shape).mean()), "colour_match": float(colour.mean()),
+            "shape_match": float(shape.mean())}
+
+
+class Scorer:
+    """Mask IoU against the conditioning masks (or prompt fidelity against the conditioning captions)
+    and Frechet distances to the held-out images."""
+
+    def __init__(self, real_images: np.ndarray, masks: np.ndarray, captions: Optional[list[str]] = None):
         self.masks = torch.from_numpy(masks)
+        self.captions = captions
         self.reference = {name: feature_statistics(fn(real_images)) for name, fn in FEATURES.items()}
 
-    def score(self, images: np.ndarray, masks: Optional[np.ndarray] = None) -> dict[str, float]:
+    def score(self, images: np.ndarray, masks: Optional[np.ndarray] = None,
+              captions: Optional[list[str]] = None) -> dict[str, float]:
         target = self.masks if masks is None else torch.from_numpy(masks)
-        scores = {"mask_iou": float(mask_iou(torch.from_numpy(foreground_mask(images)), target, "mean"))}
+        if self.captions is not None:
+            scores = prompt_fidelity(images, captions or self.captions)
+        else:
+            scores = {"mask_iou": float(mask_iou(torch.from_numpy(foreground_mask(images)), target, "mean"))}
         for name, fn in FEATURES.items():
             mu, sigma = feature_statistics(fn(images))
             scores[name] = frechet_distance(mu, sigma, *self.reference[name])
@@ -287,12 +322,15 @@ def machine() -> dict:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| model | sampler | steps | mask IoU | FD pixels 8x8 | FD random conv |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    text = "prompt_fidelity" in rows[0]
+    condition = ("prompt fidelity", "colour", "shape") if text else ("mask IoU",)
+    keys = ("prompt_fidelity", "colour_match", "shape_match") if text else ("mask_iou",)
+    lines = ["| model | sampler | steps | " + " | ".join(condition) + " | FD pixels 8x8 | FD random conv |",
+             "| --- | --- | --- | " + "--- | " * len(condition) + "--- | --- |"]
     for r in rows:
         steps = "-" if r["steps"] is None else str(r["steps"])
-        lines.append(f"| {r['model']} | {r['sampler']} | {steps} | {r['mask_iou']:.3f} | "
-                     f"{r['fd_pixels']:.3f} | {r['fd_random_conv']:.3f} |")
+        lines.append(f"| {r['model']} | {r['sampler']} | {steps} | " + " | ".join(f"{r[k]:.3f}" for k in keys)
+                     + f" | {r['fd_pixels']:.3f} | {r['fd_random_conv']:.3f} |")
     return "\n".join(lines)
 
 
@@ -303,6 +341,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--arch", choices=("unet", "dit"), default="unet", help="the stage-2 network of both runs")
+    p.add_argument("--cond", choices=("mask", "text"), default="mask",
+                   help="what both runs are conditioned on: the held-out masks, or their captions (prompt fidelity)")
     p.add_argument("--workdir", type=Path, required=True,
                    help="folder for data, runs and samples; must be empty or absent")
     p.add_argument("--out", type=Path, default=None, help="results folder (default: WORKDIR/results)")
@@ -350,17 +390,24 @@ def train_and_sample(args: argparse.Namespace, preset: Preset, work: Path, stage
                     + training_args(preset, preset.vae_steps, max(1, preset.vae_steps // 20)) + list(preset.vae_args))
         run_entry_point("vae", "train_vae.py", train_vae.main, argv_vae, stages)
 
+    clip = write_tiny_clip(work / "tiny_clip") if args.cond == "text" else None
     # the same run twice, only the objective differs
     for objective in OBJECTIVES:
         run_entry_point(f"unet_{objective}", "train_unet.py", train_unet.main,
                         unet_args(preset, args.arch, objective, train_dir, vae_dir, work / f"unet_{objective}",
-                                  args.unet_override), stages)
+                                  args.unet_override, clip), stages)
 
-    # sample i is named like held-out mask i and has seed i, whatever the model and step count
+    # sample i is named like held-out mask i (or is held-out caption i's) and has seed i, whatever the
+    # model and step count
+    condition = ["--masks", str(eval_dir / "masks")]
+    if args.cond == "text":
+        prompts = work / "data" / "eval_prompts.txt"
+        prompts.write_text("\n".join(shape_captions(preset.num_eval, preset.image_size, EVAL_SEED)) + "\n")
+        condition = ["--prompts", str(prompts), "--num-samples", "1"]
     for objective in OBJECTIVES:
         for steps in preset.steps:
             argv_sample = ["--unet", str(work / f"unet_{objective}"), "--out", str(samples_dir(work, objective, steps)),
-                           "--masks", str(eval_dir / "masks"), "--steps", str(steps),
+                           *condition, "--steps", str(steps),
                            "--batch-size", str(preset.sample_batch), "--seed", "0", "--device", args.device]
             run_entry_point(f"sample_{objective}_{steps}", "sample.py", sample.main, argv_sample, stages)
     return eval_dir, vae_dir
@@ -371,21 +418,25 @@ def samples_dir(work: Path, objective: str, steps: int) -> Path:
 
 
 def score_all(preset: Preset, work: Path, eval_dir: Path, vae_dir: Path, device: str,
-              grid_path: Path) -> list[dict]:
+              grid_path: Path, cond: str = "mask") -> list[dict]:
     """Stage 5: one row per reference and per (model, steps); writes the comparison grid."""
     names = sorted(p.name for p in (eval_dir / "masks").iterdir())
     real = read_images([eval_dir / n for n in names])
     masks = read_masks([eval_dir / "masks" / n for n in names])
-    scorer = Scorer(real, masks)
+    text = cond == "text"
+    scorer = Scorer(real, masks, shape_captions(preset.num_eval, preset.image_size, EVAL_SEED) if text else None)
     independent, independent_masks, _ = render_shape_batch(preset.num_eval, preset.image_size, REFERENCE_SEED)
     reconstructions = vae_reconstructions(vae_dir, real, preset.sample_batch, device)
-    rows = [{"model": REFERENCE_REAL, "sampler": "-", "steps": None, **scorer.score(independent, independent_masks)},
+    own_captions = shape_captions(preset.num_eval, preset.image_size, REFERENCE_SEED) if text else None
+    rows = [{"model": REFERENCE_REAL, "sampler": "-", "steps": None,
+             **scorer.score(independent, independent_masks, own_captions)},
             {"model": REFERENCE_VAE, "sampler": "-", "steps": None, **scorer.score(reconstructions)}]
     grid_rows = [real[:GRID_IMAGES], np.repeat(masks[:GRID_IMAGES, :, :, None] * np.uint8(255), 3, axis=3),
                  reconstructions[:GRID_IMAGES]]
+    sample_names = [f"{i:06d}.png" for i in range(len(names))] if text else names   # sample.py --prompts' names
     for objective in OBJECTIVES:
         for steps in preset.steps:
-            generated = read_images([samples_dir(work, objective, steps) / n for n in names])
+            generated = read_images([samples_dir(work, objective, steps) / n for n in sample_names])
             sampler = "shortcut" if objective == "shortcut" else "euler"
             rows.append({"model": objective, "sampler": sampler, "steps": steps, **scorer.score(generated)})
             grid_rows.append(generated[:GRID_IMAGES])
@@ -412,7 +463,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     try:
         eval_dir, vae_dir = train_and_sample(args, preset, work, stages)
         t0 = time.perf_counter()
-        rows = score_all(preset, work, eval_dir, vae_dir, args.device, out_dir / "quality_grid.png")
+        rows = score_all(preset, work, eval_dir, vae_dir, args.device, out_dir / "quality_grid.png", args.cond)
         stages.append(Stage("metrics", "benchmarks/quality.py (in process)", time.perf_counter() - t0))
     finally:
         torch.set_num_threads(previous_threads)   # callers in the same process keep their setting
@@ -421,18 +472,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
     vae_text = f"VAE {preset.vae_steps} steps" if args.vae is None else f"VAE from {args.vae}"
     header = (f"Quality benchmark, preset `{args.preset}`: {preset.num_train} training / {preset.num_eval} held-out "
               f"shapes at {preset.image_size} px, {vae_text}, {'UNets' if args.arch == 'unet' else 'DiTs'} "
-              f"{preset.unet_steps} steps each, "
+              f"conditioned on {'captions' if args.cond == 'text' else 'masks'}, {preset.unet_steps} steps each, "
               f"{args.threads} thread(s); wall time {total / 60:.1f} min")
     table = markdown_table(rows)
-    report = {"preset": args.preset, "arch": args.arch, "settings": asdict(preset),
+    report = {"preset": args.preset, "arch": args.arch, "cond": args.cond, "settings": asdict(preset),
               "unet_overrides": args.unet_override,
               "threads": args.threads, "vae": str(vae_dir), "features": FEATURE_NOTES, "rows": rows,
               "stages": [asdict(s) for s in stages], "wall_time_s": total,
               "machine_at_start": machine_at_start, "machine_at_end": machine()}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "quality.md").write_text(header + "\n\n" + table + "\n\n" + LEGEND + "\n")
-    print("\n" + header + "\n\n" + table + "\n\n" + LEGEND)
+    legend = LEGEND if args.cond == "mask" else TEXT_LEGEND
+    (out_dir / "quality.md").write_text(header + "\n\n" + table + "\n\n" + legend + "\n")
+    print("\n" + header + "\n\n" + table + "\n\n" + legend)
     print(f"\n[quality] results in {out_dir}", flush=True)
     return report
 

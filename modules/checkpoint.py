@@ -52,6 +52,7 @@ class RunIdentity:
     vae: Optional[str] = None           # identity of the frozen VAE (stage 2)
     data: Optional[str] = None          # fingerprint of the training data
     defaults: Optional[dict] = None     # the default config: fields a checkpoint predates read as these
+    text_encoder: Optional[str] = None  # identity of the frozen text encoder (cond.type=text)
 
     def record(self) -> dict:
         """What ``identity.json`` holds."""
@@ -72,6 +73,10 @@ class RunIdentity:
                 f"the VAE given now is {str(self.vae)[:16]}), whose latent space differs. Resume with the VAE it "
                 "was trained with (the run keeps a copy in frozen_vae/: --vae OUTPUT_DIR/frozen_vae) "
                 "or start a new run")
+        if saved.get("text_encoder") != self.text_encoder:
+            raise CheckpointError(f"cannot resume from {path}: it was trained with another text encoder (identity "
+                                  f"{str(saved.get('text_encoder'))[:16]}; the one given now is "
+                                  f"{str(self.text_encoder)[:16]}): resume with the encoder it was trained with")
         if saved.get("data") != self.data:
             logger.warning("the training data changed since %s was saved (files added, removed or replaced); "
                            "training continues on the data as it is now", path)

@@ -1,12 +1,12 @@
-"""Condition encoders for the stage-2 networks (``cond.type``: none | class | mask), with a learned null
-condition.
+"""Condition encoders for the stage-2 networks (``cond.type``: none | class | mask | text), with a null
+condition (learned; for text, the empty prompt's embedding).
 
 A :class:`Conditioner` turns the user's condition into up to three inputs of the network:
 an embedding added to the time embedding, cross-attention context tokens (only for a network
-that reads them: the UNet, not the DiT), and extra input channels concatenated to the latents.
+that reads them: the UNet; the DiT for text only), and extra input channels concatenated to the latents.
 Classifier-free guidance drops whole samples: a dropped sample (``drop[i]`` True) or a missing
-condition (``cond=None``) gets the learned null condition, and the dropped sample's own label or
-mask is never read, so it carries no information into the network.
+condition (``cond=None``) gets the null condition, and the dropped sample's own label, mask or
+prompt is never read, so it carries no information into the network.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from modules.config import CondConfig, UNetModelConfig
+from modules.denoiser import zero_init
 
 Encoded = tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]
 
@@ -63,6 +64,11 @@ class Conditioner(nn.Module):
       ``H = latent height * cond.image_downsample``. Per ``cond.mask_mode``: context tokens
       ``[B, h * w, context_dim]`` (crossattn), ``concat_channels`` input channels
       ``[B, k, h, w]`` (concat), or both.
+    - text: ``cond`` is a FloatTensor ``[B, cond.text_tokens, context_dim]`` of the frozen text
+      encoder's token embeddings (cached; modules/text_encoder.py). The null condition is the
+      empty prompt's embedding, the buffer ``null_text`` (saved with the weights; set from the
+      latent cache before training). ``cond.text_mode``: the tokens as context (crossattn), or
+      their mean through a zero-initialised linear layer added to the embedding (pooled).
     Attributes: ``provides_context`` (the UNet creates cross-attention layers only then)
     and ``concat_channels`` (extra input channels of the network's first layer). A network
     that does not read context tokens gets no layers that make them: DDP refuses parameters
@@ -85,6 +91,13 @@ class Conditioner(nn.Module):
                 self.to_context = nn.Linear(temb_dim, model_cfg.context_dim)
                 self.provides_context = True
             return
+        if self.type == "text":
+            self.register_buffer("null_text", torch.zeros(cond_cfg.text_tokens, model_cfg.context_dim))
+            if cond_cfg.text_mode == "pooled":
+                self.text_pool = zero_init(nn.Linear(model_cfg.context_dim, temb_dim))
+            else:
+                self.provides_context = reads_context
+            return
         self.encoder = MaskEncoder(cond_cfg.mask_channels, cond_cfg.image_downsample)
         if cond_cfg.mask_mode in ("crossattn", "both"):
             self.to_tokens = nn.Conv2d(cond_cfg.mask_channels, model_cfg.context_dim, 1)
@@ -102,7 +115,21 @@ class Conditioner(nn.Module):
             return None, None, None
         if self.type == "class":
             return self._encode_class(cond, drop, batch_size)
+        if self.type == "text":
+            return self._encode_text(cond, drop, batch_size)
         return self._encode_mask(cond, drop, batch_size, latent_size)
+
+    def _encode_text(self, tokens: Optional[torch.Tensor], drop: Optional[torch.Tensor], batch_size: int) -> Encoded:
+        null = self.null_text
+        if tokens is None:
+            tokens = null.expand(batch_size, -1, -1)
+        else:
+            tokens = tokens.to(null.dtype)
+            if drop is not None:
+                tokens = torch.where(drop[:, None, None], null, tokens)
+        if self.provides_context:
+            return None, tokens, None
+        return self.text_pool(tokens.mean(dim=1)), None, None
 
     def _encode_class(self, labels: Optional[torch.Tensor], drop: Optional[torch.Tensor], batch_size: int) -> Encoded:
         null = self.num_classes

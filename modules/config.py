@@ -242,12 +242,20 @@ class UNetModelConfig:
 
 @dataclass
 class CondConfig:
-    type: str = setting("none", one_of("none", "class", "mask"))
+    type: str = setting("none", one_of("none", "class", "mask", "text"))
     num_classes: int = setting(0, non_negative, at_most(1 << 20))     # set from the data's class folders
     drop: float = setting(0.1, fraction())                            # whole-sample dropout (CFG)
     mask_mode: str = setting("crossattn", one_of("crossattn", "concat", "both"))
     mask_channels: int = setting(64, positive, at_most(WIDTH_LIMIT))  # width of the mask encoder
     image_downsample: int = setting(8, power_of_two, at_most(256))    # image px per latent px; from the VAE
+    # Text prompts (README "Text prompts"): a frozen local CLIP text encoder (an SD folder with
+    # text_encoder/ + tokenizer/, or one folder holding both); its token embeddings are cached.
+    text_encoder: str = ""
+    text_layer: str = setting("last", one_of("last", "penultimate"))   # penultimate: SD 2's layer
+    text_mode: str = setting("crossattn", one_of("crossattn", "pooled"))   # tokens to cross-attention, or their mean
+    caption_column: str = setting("text", non_empty)                  # metadata.jsonl/csv or datasets column
+    allow_empty_caption: bool = False                                 # no caption: the empty prompt, not an error
+    text_tokens: int = setting(0, non_negative, at_most(4096))        # tokens per caption; from the encoder
 
 
 @dataclass
@@ -368,6 +376,9 @@ class UNetRunConfig:
         if self.model.arch == "dit" and self.cond.type == "mask" and self.cond.mask_mode != "concat":
             raise fail(f"{prefix}cond.mask_mode", f"model.arch=dit has no cross-attention: it reads masks as "
                        f"concatenated input channels only (cond.mask_mode=concat), got {self.cond.mask_mode}")
+        if self.cond.type == "text" and not self.cond.text_encoder:
+            raise fail(f"{prefix}cond.text_encoder", "cond.type=text needs a local CLIP text encoder folder (a Stable "
+                       "Diffusion folder with text_encoder/ and tokenizer/, or one folder holding both)")
         if self.init_from and self.model.arch != "dit":
             raise fail(f"{prefix}init_from", "loads a diffusers DiT (DiTTransformer2DModel): it needs model.arch=dit")
         if self.cond.type == "mask" and self.cond.mask_mode != "concat" and self.model.context_dim % 4:
@@ -402,6 +413,8 @@ def check_trained(cfg: UNetRunConfig) -> None:
         raise fail("model.patch_size", f"{cfg.model.patch_size} does not divide the latent size {cfg.latent_size} "
                    f"(data.image_size={cfg.data.image_size} / the VAE's downsampling factor "
                    f"{cfg.cond.image_downsample})")
+    if cfg.cond.type == "text" and cfg.cond.text_tokens < 1:
+        raise fail("cond.text_tokens", "a text-conditioned model needs the encoder's token count, got 0")
     if cfg.cond.type == "class" and cfg.cond.num_classes < 1:
         raise fail("cond.num_classes", "a class-conditional model needs at least one class, got 0")
     if cfg.model.num_step_levels != cfg.num_step_levels:

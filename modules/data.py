@@ -7,7 +7,8 @@ from ``random.Random(aug_seed)``, so an item is a pure function of its key (the 
 by the next readable index, deterministically, and the item is flagged ``substituted``.
 
 Items: ``image`` RGB float32 [3, S, S] in [-1, 1]; ``mask`` float32 [1, S, S] in {0, 1};
-``label`` (-1 when unlabelled). Augmentation (random resized square crop, flips, rot90) is
+``label`` (-1 when unlabelled); ``caption`` (a string, for a data set built with
+captions). Augmentation (random resized square crop, flips, rot90) is
 applied jointly to an image and its mask.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from modules.captions import read_captions
 from modules.config import DataConfig
 from modules.errors import DataError
 from modules.image_io import UnreadableImage, crop_box, load_mask, load_rgb, to_tensor
@@ -146,6 +148,8 @@ class ImageDataset(Dataset):
         }
         if mask is not None:
             item["mask"] = (mask > 127).float()
+        if self._source.captions is not None:
+            item["caption"] = self._source.captions[row]
         return item
 
     def _flip_rotate(self, pixels: torch.Tensor, mask: Optional[torch.Tensor],
@@ -177,8 +181,14 @@ def split_validation(dataset: ImageDataset, n: int) -> tuple[ImageDataset, Image
     return dataset.subset(keep), dataset.subset(held).train(False)
 
 
-def build_dataset(cfg: DataConfig) -> ImageDataset:
-    """The training data named by ``cfg.path`` (folder, save_to_disk folder or hub name)."""
-    dataset = ImageDataset(open_source(cfg), cfg)
+def build_dataset(cfg: DataConfig, caption_column: Optional[str] = None,
+                  allow_empty_caption: bool = False) -> ImageDataset:
+    """The training data named by ``cfg.path`` (folder, save_to_disk folder or hub name); items carry
+    their ``caption`` from ``caption_column`` when it is given (see modules/captions.py)."""
+    source = open_source(cfg)
+    if caption_column is not None:
+        source.captions = read_captions(source.records.column(caption_column), source.rows, source.records.name,
+                                        caption_column, allow_empty_caption, source.description)
+    dataset = ImageDataset(source, cfg)
     logger.info("%r", dataset)
     return dataset

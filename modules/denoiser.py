@@ -1,5 +1,5 @@
 """What the stage-2 networks (modules/unet.py, modules/dit.py) share: the call contract and its one
-input check, gradient checkpointing, the time sinusoid, zero-initialised layers and self-attention.
+input check, gradient checkpointing, the time sinusoid, zero-initialised layers, self- and cross-attention.
 
 Every stage-2 network is called as ``model(x, t, level=None, cond=None, drop=None)`` and returns a
 prediction shaped like ``x`` (see :class:`Denoiser`), so objectives, samplers, EMAs, checkpoints
@@ -58,6 +58,24 @@ class SelfAttention(nn.Module):
         return self.out(attention(q, k, v).transpose(1, 2).reshape(b, n, c))
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention from image tokens to context tokens (fused k/v projection)."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(context_dim, 2 * dim, bias=False)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        head_dim = c // self.heads
+        q = self.q(x).view(b, n, self.heads, head_dim).transpose(1, 2)
+        k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.out(attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
 class Denoiser(nn.Module):
     """Base of the stage-2 networks: ``forward(x, t, level=None, cond=None, drop=None)`` -> prediction like ``x``.
 
@@ -109,6 +127,12 @@ class Denoiser(nn.Module):
         if c.type == "class" and cond is not None and (cond.dtype not in (torch.int64, torch.int32)
                                                          or tuple(cond.shape) != (b,)):
             problems.append(f"class condition must be an integer tensor of shape [{b}], "
+                            f"got {cond.dtype} of shape {list(cond.shape)}")
+        expected_text = (b, c.text_tokens, m.context_dim)
+        if c.type == "text" and cond is not None and (not cond.is_floating_point()
+                                                        or tuple(cond.shape) != expected_text):
+            problems.append(f"text condition must be the text encoder's token embeddings, a float tensor of shape "
+                            f"{list(expected_text)} ([B, cond.text_tokens, model.context_dim]), "
                             f"got {cond.dtype} of shape {list(cond.shape)}")
         expected_mask = (b, 1, x.shape[2] * c.image_downsample, x.shape[3] * c.image_downsample)
         if c.type == "mask" and cond is not None and (not cond.is_floating_point()

@@ -10,9 +10,12 @@ learned sigma: flow and shortcut models predict a velocity, DDPM models epsilon.
 Conditioning vector c = MLP(sinusoid of ``t * 1000``) + step-size level embedding (shortcut
 models; zero-initialised, so a converted pretrained DiT computes its own function at the start)
 + class embedding (label ``num_classes`` is the null label). Masks enter as extra input channels
-(``cond.mask_mode=concat``; the config refuses the others). Weights start as the official code
-initialises them. Called as every stage-2 network (:class:`modules.denoiser.Denoiser`); weights
-converted from diffusers' ``DiTTransformer2DModel``: modules/dit_convert.py.
+(``cond.mask_mode=concat``; the config refuses the others). Text (``cond.text_mode``): the token
+embeddings through a cross-attention layer in every block, after the self-attention,
+unmodulated and with a zero-initialised output (PixArt-alpha's block), or their mean added to c
+(pooled). Weights start as the official code initialises them. Called as every stage-2 network
+(:class:`modules.denoiser.Denoiser`); weights converted from diffusers' ``DiTTransformer2DModel``:
+modules/dit_convert.py.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from torch import nn
 
 from modules.conditioning import Conditioner, sincos_position_embedding
 from modules.config import CondConfig, UNetModelConfig
-from modules.denoiser import Denoiser, SelfAttention, zero_init
+from modules.denoiser import CrossAttention, Denoiser, SelfAttention, zero_init
 
 FREQUENCY_CHANNELS = 256     # width of the time sinusoid fed to the time MLP (the DiT code's)
 NORM_EPS = 1e-6
@@ -39,21 +42,26 @@ def dit_positions(height: int, width: int, dim: int, device: torch.device, dtype
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero block: ``x + gate * attn(norm(x) * (1 + scale) + shift)``, then the same for the MLP."""
+    """adaLN-Zero block: ``x + gate * attn(norm(x) * (1 + scale) + shift)``, then (with a context)
+    ``x + cross_attn(x, context)``, then the MLP as the attention."""
 
-    def __init__(self, dim: int, heads: int, mlp_hidden: int):
+    def __init__(self, dim: int, heads: int, mlp_hidden: int, context_dim: Optional[int] = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
         self.attn = SelfAttention(dim, heads, qkv_bias=True)
+        self.cross_attn = CrossAttention(dim, context_dim, heads) if context_dim else None
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
         self.fc1 = nn.Linear(dim, mlp_hidden)
         self.fc2 = nn.Linear(mlp_hidden, dim)
         self.modulation = zero_init(nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """``x``: tokens ``[B, N, dim]``; ``c``: the SiLU-activated conditioning vector ``[B, dim]``."""
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x``: tokens ``[B, N, dim]``; ``c``: the SiLU-activated conditioning vector ``[B, dim]``;
+        ``context``: text tokens ``[B, L, context_dim]`` (blocks built with a context width)."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(c)[:, None, :].chunk(6, dim=2)
         x = x + gate_a * self.attn(torch.addcmul(shift_a, self.norm1(x), 1 + scale_a))
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(x, context)
         h = torch.addcmul(shift_m, self.norm2(x), 1 + scale_m)
         return x + gate_m * self.fc2(F.gelu(self.fc1(h), approximate="tanh"))
 
@@ -71,9 +79,12 @@ class DiT(Denoiser):
 
         self.time_mlp = nn.Sequential(nn.Linear(FREQUENCY_CHANNELS, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.level_emb = nn.Embedding(m.num_step_levels, dim) if m.num_step_levels > 0 else None
-        self.conditioner = Conditioner(self.cond_cfg, m, dim, reads_context=False)
+        # Cross-attention for text tokens only: labels go through adaLN, masks in as channels.
+        self.conditioner = Conditioner(self.cond_cfg, m, dim, reads_context=self.cond_cfg.type == "text")
+        context_dim = m.context_dim if self.conditioner.provides_context else None
         self.patch_embed = nn.Conv2d(m.in_channels + self.conditioner.concat_channels, dim, p, stride=p)
-        self.blocks = nn.ModuleList(DiTBlock(dim, m.num_heads, int(dim * m.mlp_ratio)) for _ in range(m.depth))
+        self.blocks = nn.ModuleList(DiTBlock(dim, m.num_heads, int(dim * m.mlp_ratio), context_dim)
+                                    for _ in range(m.depth))
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
         self.final_modulation = nn.Linear(dim, 2 * dim)
         self.final_proj = nn.Linear(dim, p * p * m.in_channels)
@@ -81,11 +92,12 @@ class DiT(Denoiser):
 
     def _init_weights(self) -> None:
         """As the DiT code: Xavier-uniform linear layers and patch projection, N(0, 0.02) time MLP and
-        label table; zero modulations, final layer and step-size table."""
+        label table; zero modulations, final layer, step-size table and text pooling."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:     # cross-attention's q and kv have none
+                    nn.init.zeros_(module.bias)
         w = self.patch_embed.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.bias)
@@ -95,20 +107,24 @@ class DiT(Denoiser):
             nn.init.normal_(self.conditioner.label_emb.weight, std=0.02)
         for block in self.blocks:
             zero_init(block.modulation)
+            if block.cross_attn is not None:
+                zero_init(block.cross_attn.out)     # PixArt-alpha: each block starts without the text
         for layer in (self.final_modulation, self.final_proj):
             zero_init(layer)
         if self.level_emb is not None:
             zero_init(self.level_emb)
+        if hasattr(self.conditioner, "text_pool"):
+            zero_init(self.conditioner.text_pool)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, level: Optional[torch.Tensor] = None,
                 cond: Optional[torch.Tensor] = None, drop: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x, c, _ = self._conditioned(x, t, level, cond, drop)
+        x, c, context = self._conditioned(x, t, level, cond, drop)
         h = self.patch_embed(x)
         b, dim, grid_h, grid_w = h.shape
         tokens = h.flatten(2).transpose(1, 2)
         tokens = tokens + dit_positions(grid_h, grid_w, dim, tokens.device, tokens.dtype)
         for block in self.blocks:
-            tokens = self._run(block, tokens, c)
+            tokens = self._run(block, tokens, c, context)
         shift, scale = self.final_modulation(c)[:, None, :].chunk(2, dim=2)
         out = self.final_proj(torch.addcmul(shift, self.norm_out(tokens), 1 + scale))
         # unpatchify: each token holds its p x p patch as (row, column, channel), channel fastest

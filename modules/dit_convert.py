@@ -43,7 +43,8 @@ logger = logging.getLogger("modules.dit_convert")
 DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")   # the latter: DiT pipelines before diffusers 0.28
 EMBEDDER = "transformer_blocks.{}.norm1.emb."
 # Parts of our DiT that a diffusers DiT does not have: they keep their fresh initialisation.
-NEW_PARTS = ("level_emb.", "conditioner.encoder.", "conditioner.to_concat.", "conditioner.null_channels")
+NEW_PARTS = ("level_emb.", "conditioner.encoder.", "conditioner.to_concat.", "conditioner.null_channels",
+             "conditioner.text_pool.", "conditioner.null_text")
 
 
 def _refuse_pickle(path: Path) -> None:
@@ -184,7 +185,8 @@ def load_init_weights(model: torch.nn.Module, cfg: UNetRunConfig) -> None:
         weight = sd["patch_embed.weight"]
         extra = fresh["patch_embed.weight"].shape[1] - weight.shape[1]
         sd["patch_embed.weight"] = torch.cat([weight, weight.new_zeros(weight.shape[0], extra, *weight.shape[2:])], 1)
-    new = [k for k in fresh if k.startswith(NEW_PARTS) and k not in sd]
+    # text's cross-attention and pooling start at zero output: the same function until they learn
+    new = [k for k in fresh if (k.startswith(NEW_PARTS) or ".cross_attn." in k) and k not in sd]
     sd.update({k: fresh[k] for k in new})
     load_state_strict(model, sd, where, f"this run's DiT (init_from={cfg.init_from})")
     logger.info("init_from: %d tensors from %s (%d blocks, %d classes); initialised fresh: %s", len(sd) - len(new),

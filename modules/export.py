@@ -5,7 +5,8 @@ Folders are written into a temporary sibling and renamed, so a crash never leave
 half-written export under the final name. A UNet export's ``config.json`` holds the resolved
 run config it was trained with (``run_config``, validated when read back like a command-line
 config, and the one source a loader reads), a summary of it (``model``, ``cond``,
-``objective``, ...), which weights it holds (``online`` or ``ema``) and the VAE it was trained with.
+``objective``, ...), which weights it holds (``online`` or ``ema``), the VAE it was trained with and,
+for a text-conditioned model, its text encoder (path and identity: sample.py refuses another).
 """
 from __future__ import annotations
 
@@ -170,20 +171,22 @@ class UNetExport:
     config: UNetRunConfig      # the resolved run config, derived fields included
     weights: str               # "online" or "ema"
     vae: dict                  # the VAE it was trained with: {"path": ..., "model": {...}}
+    text_encoder: Optional[dict] = None   # cond.type=text: modules.text_encoder.TextEncoder.record()
 
 
-def unet_export_config(cfg: UNetRunConfig, vae: dict, weights: str) -> dict:
+def unet_export_config(cfg: UNetRunConfig, vae: dict, weights: str, text_encoder: Optional[dict] = None) -> dict:
     """``config.json`` of a UNet export: the run config, and a summary of it for a reader's eye."""
     summary = {"model": to_dict(cfg.model), "cond": to_dict(cfg.cond), "objective": cfg.objective,
                "shortcut": to_dict(cfg.shortcut), "ddpm": to_dict(cfg.ddpm), "latent_size": cfg.latent_size}
     ema = {"ema_decay": cfg.ema.decay} if weights == "ema" else {}
-    return {"kind": "unet", "weights": weights, **summary, **ema, "vae": vae, "run_config": to_dict(cfg)}
+    text = {"text_encoder": text_encoder} if text_encoder is not None else {}
+    return {"kind": "unet", "weights": weights, **summary, **ema, "vae": vae, **text, "run_config": to_dict(cfg)}
 
 
 def save_unet(folder: str | Path, state_dict: dict[str, torch.Tensor], cfg: UNetRunConfig, vae: dict,
-              weights: str) -> Path:
-    """The one way a UNet is exported: its weights, its run config and its VAE's record."""
-    return save_model_folder(folder, state_dict, unet_export_config(cfg, vae, weights))
+              weights: str, text_encoder: Optional[dict] = None) -> Path:
+    """The one way a UNet is exported: its weights, its run config, its VAE's record (and its text encoder's)."""
+    return save_model_folder(folder, state_dict, unet_export_config(cfg, vae, weights, text_encoder))
 
 
 def read_unet_export(folder: str | Path) -> UNetExport:
@@ -204,14 +207,19 @@ def read_unet_export(folder: str | Path) -> UNetExport:
     if not isinstance(vae, dict):
         raise ModelFolderError(f"{path}: 'vae' must be the record of the VAE the model was trained with, "
                                f"got {vae!r}")
-    expected = unet_export_config(cfg, vae, weights)
+    text_encoder = raw.get("text_encoder")
+    if cfg.cond.type == "text" and not (isinstance(text_encoder, dict)
+                                        and isinstance(text_encoder.get("identity"), str)):
+        raise ModelFolderError(f"{path}: 'text_encoder' must be the record of the text encoder the model was "
+                               f"trained with (path and identity), got {text_encoder!r}")
+    expected = unet_export_config(cfg, vae, weights, text_encoder if cfg.cond.type == "text" else None)
     # Fields added since the export was written read as their defaults, as from_dict reads run_config.
     summary = with_defaults({k: raw.get(k) for k in expected}, unet_export_config(UNetRunConfig(), vae, weights))
     edited = diff_fields(summary, expected)
     if edited:
         raise ModelFolderError(f"{path}: its entries do not match its run_config ({'; '.join(edited[:3])}); "
                                "was it edited? Change run_config instead")
-    return UNetExport(folder, cfg, weights, vae)
+    return UNetExport(folder, cfg, weights, vae, text_encoder if cfg.cond.type == "text" else None)
 
 
 def load_unet(folder: str | Path, export: Optional[UNetExport] = None) -> Denoiser:

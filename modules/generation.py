@@ -97,18 +97,19 @@ def decode_latents(vae, latents: torch.Tensor, scale_factor: float, batch_size: 
 
 
 def conditions(spec: GenerationSpec, latent_set, indices: Sequence[int]) -> Optional[torch.Tensor]:
-    """Conditions of train-time images ``indices`` (grids, FID): classes in turn, or the cached masks in turn."""
+    """Conditions of train-time images ``indices`` (grids, FID): classes in turn, or the cached masks or
+    captions' text embeddings in turn (the captions of the first images of the data)."""
     if spec.cond_type == "class":
         return torch.as_tensor(list(indices), dtype=torch.long) % spec.num_classes
-    if spec.cond_type == "mask":
-        return torch.stack([latent_set[i % len(latent_set)]["mask"] for i in indices])
+    if spec.cond_type in ("mask", "text"):
+        return torch.stack([latent_set[i % len(latent_set)][spec.cond_type] for i in indices])
     return None
 
 
 def batch_condition(batch: dict, cond_type: str, device: torch.device) -> Optional[torch.Tensor]:
-    """The condition tensor of a training batch for ``cond_type`` (none|class|mask)."""
+    """The condition tensor of a training batch for ``cond_type`` (none|class|mask|text)."""
     if cond_type == "class":
         return batch["label"].to(device, non_blocking=True)
-    if cond_type == "mask":
-        return batch["mask"].to(device, non_blocking=True)
+    if cond_type in ("mask", "text"):
+        return batch[cond_type].to(device, non_blocking=True)
     return None

@@ -2,9 +2,12 @@
 
 Each image is stored as its posterior mean and std (float16), and the same for its
 horizontal flip when flips are on, so stage 2 draws a fresh latent sample every step
-without running the encoder. The cache is a ``datasets`` folder named by a key over the
+without running the encoder. A text-conditioned run also stores each caption's token embeddings
+(float16, column ``text``) and the empty prompt's (``null_text.safetensors``), so training never
+runs the text encoder. The cache is a ``datasets`` folder named by a key over the
 VAE's identity (its weights and config), the data's fingerprint (every file's path, size,
-mtime, ctime and inode), the image size and the flip setting. ``cache_info.json``, written
+mtime, ctime and inode, and the captions), the image size, the flip setting and the text
+encoder's identity and layer. ``cache_info.json``, written
 last, holds that key and the SHA-256 of every file, checked before each use: a cache whose
 key, size or content does not match is rebuilt (saying why), never used.
 
@@ -35,22 +38,29 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from modules.checkpoint import WRITE_ERRORS, write_failure
 from modules.config import DataConfig
 from modules.errors import CheckpointError, DataError
 from modules.export import file_sha256
 from modules.order import held_out as held_out_positions
+from modules.text_encoder import encode_unique, null_embedding, warn_truncated
 
 logger = logging.getLogger("modules.latent_cache")
 INFO_NAME = "cache_info.json"
 CACHE_NAME = re.compile(r"latents_[0-9a-f]{16}(\.tmp|\.shards)?")     # what cache_folder and _build name
+NULL_TEXT_NAME = "null_text.safetensors"
 FORMAT = 2
 
 
-def cache_key(vae_identity: str, data_fingerprint: str, data_cfg: DataConfig, with_masks: bool) -> dict:
-    return {"vae": vae_identity[:32], "data": data_fingerprint[:32], "split": data_cfg.split,
-            "image_size": data_cfg.image_size, "hflip": data_cfg.hflip, "masks": with_masks, "format": FORMAT}
+def cache_key(vae_identity: str, data_fingerprint: str, data_cfg: DataConfig, with_masks: bool,
+              text_encoder=None) -> dict:
+    key = {"vae": vae_identity[:32], "data": data_fingerprint[:32], "split": data_cfg.split,
+           "image_size": data_cfg.image_size, "hflip": data_cfg.hflip, "masks": with_masks, "format": FORMAT}
+    if text_encoder is not None:
+        key["text"] = f"{text_encoder.identity[:32]}:{text_encoder.layer}"
+    return key
 
 
 def cache_folder(cache_root: Path, key: dict) -> Path:
@@ -129,7 +139,8 @@ def _build_lock(folder: Path, accelerator) -> Iterator[None]:
 
 
 @torch.no_grad()
-def _encode_shard(vae, dataset, indices: list[int], batch_size: int, device, with_flip: bool, with_masks: bool):
+def _encode_shard(vae, dataset, indices: list[int], batch_size: int, device, with_flip: bool, with_masks: bool,
+                  text_encoder=None):
     for start in range(0, len(indices), batch_size):
         chunk = indices[start:start + batch_size]
         items = [dataset[i] for i in chunk]
@@ -139,6 +150,10 @@ def _encode_shard(vae, dataset, indices: list[int], batch_size: int, device, wit
         if with_flip:
             flipped = vae.encode(torch.flip(images, dims=[3]))
             mean_f, std_f = flipped.mean.float().cpu(), flipped.std.float().cpu()
+        if text_encoder is not None:
+            captions = [it["caption"] for it in items]
+            text = encode_unique(text_encoder, captions).half().cpu()
+            too_long = text_encoder.too_long(captions)
         for j, item in enumerate(items):
             row = {"index": chunk[j], "label": int(item["label"]), "substituted": int(item["substituted"]),
                    "mean": mean[j].numpy().astype(np.float16), "std": std[j].numpy().astype(np.float16)}
@@ -147,10 +162,13 @@ def _encode_shard(vae, dataset, indices: list[int], batch_size: int, device, wit
                 row["std_flip"] = std_f[j].numpy().astype(np.float16)
             if with_masks:
                 row["mask"] = (item["mask"][0].numpy() > 0.5).astype(np.uint8)
+            if text_encoder is not None:
+                row.update(text=text[j].numpy(), caption=captions[j], truncated=int(too_long[j]))
             yield row
 
 
-def _build(accelerator, vae, dataset, data_cfg: DataConfig, folder: Path, key: dict, batch_size: int) -> None:
+def _build(accelerator, vae, dataset, data_cfg: DataConfig, folder: Path, key: dict, batch_size: int,
+           text_encoder=None) -> None:
     """Encode ``dataset`` (all processes share the work) into ``folder``, atomically."""
     import datasets
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -164,7 +182,7 @@ def _build(accelerator, vae, dataset, data_cfg: DataConfig, folder: Path, key: d
     dataset.train(False)
     indices = list(range(rank, len(dataset), world))
     shard = datasets.Dataset.from_list(list(_encode_shard(
-        vae, dataset, indices, batch_size, accelerator.device, data_cfg.hflip, key["masks"])))
+        vae, dataset, indices, batch_size, accelerator.device, data_cfg.hflip, key["masks"], text_encoder)))
     shard.save_to_disk(str(shard_dir / f"rank_{rank}"))
     dataset.train(was_training)
     accelerator.wait_for_everyone()
@@ -173,26 +191,31 @@ def _build(accelerator, vae, dataset, data_cfg: DataConfig, folder: Path, key: d
         merged = datasets.concatenate_datasets(parts)
         merged = merged.select(np.argsort(np.asarray(merged["index"])))
         merged.save_to_disk(str(tmp))
-        info = {"key": key, "num_items": len(merged), "substituted": int(sum(merged["substituted"])),
-                "files": file_hashes(tmp), "built": time.strftime("%Y-%m-%d %H:%M:%S")}
+        info = {"key": key, "num_items": len(merged), "substituted": int(sum(merged["substituted"]))}
+        if text_encoder is not None:
+            save_file({"null_text": null_embedding(text_encoder).half().cpu().contiguous()}, tmp / NULL_TEXT_NAME)
+            info["truncated_captions"] = int(sum(merged["truncated"]))
+        info.update(files=file_hashes(tmp), built=time.strftime("%Y-%m-%d %H:%M:%S"))
         (tmp / INFO_NAME).write_text(json.dumps(info, indent=1))
         tmp.rename(folder)
         shutil.rmtree(shard_dir, ignore_errors=True)
 
 
 def build_or_load(accelerator, vae, vae_identity: str, dataset, data_cfg: DataConfig, cache_root: Path,
-                  batch_size: int) -> "LatentDataset":
-    """Return the cached latents of ``dataset``, encoding them first if needed (all processes help)."""
+                  batch_size: int, text_encoder=None) -> "LatentDataset":
+    """Return the cached latents of ``dataset``, encoding them first if needed (all processes help);
+    with a ``text_encoder`` (modules.text_encoder.TextEncoder), its captions' embeddings too."""
     import datasets
     datasets.disable_progress_bars()
-    key = cache_key(vae_identity, dataset.fingerprint(), data_cfg, bool(getattr(dataset, "has_masks", False)))
+    key = cache_key(vae_identity, dataset.fingerprint(), data_cfg, bool(getattr(dataset, "has_masks", False)),
+                    text_encoder)
     folder = cache_folder(cache_root, key)
     try:
         with _build_lock(folder, accelerator):
             problem = cache_problem(folder, key, len(dataset))
             if problem is not None:
                 logger.info("building latent cache %s (%s)", folder, problem)
-                _build(accelerator, vae, dataset, data_cfg, folder, key, batch_size)
+                _build(accelerator, vae, dataset, data_cfg, folder, key, batch_size, text_encoder)
             else:
                 logger.info("using latent cache %s", folder)
     except WRITE_ERRORS as e:
@@ -201,17 +224,23 @@ def build_or_load(accelerator, vae, vae_identity: str, dataset, data_cfg: DataCo
                 shutil.rmtree(folder.with_name(folder.name + part), ignore_errors=True)
         raise CheckpointError(f"could not write the latent cache {folder} ({write_failure(e)}); "
                               "nothing was trained yet, and no half-written cache is left") from None
-    return LatentDataset(folder, data_cfg.hflip)
+    latents = LatentDataset(folder, data_cfg.hflip)
+    if text_encoder is not None and accelerator.is_main_process:
+        warn_truncated(latents.info.get("truncated_captions", 0), text_encoder.tokens, "caption(s) of the data are")
+    return latents
 
 
 class LatentDataset(torch.utils.data.Dataset):
-    """Cached posteriors; item ``(index, aug_seed)`` picks the flipped copy by ``aug_seed``."""
+    """Cached posteriors (and text embeddings); item ``(index, aug_seed)`` picks the flipped copy by
+    ``aug_seed``. ``null_text``: the empty prompt's embedding, for a cache with text."""
 
     def __init__(self, folder: Path, hflip: bool):
         import datasets
         self.table = datasets.load_from_disk(str(folder)).with_format("torch")
         self.hflip = hflip
         self.has_masks = "mask" in self.table.column_names
+        self.has_text = "text" in self.table.column_names
+        self.null_text = load_file(str(folder / NULL_TEXT_NAME))["null_text"].float() if self.has_text else None
         self.info = json.loads((folder / INFO_NAME).read_text())
         self.rows = np.arange(len(self.table))
 
@@ -231,6 +260,10 @@ class LatentDataset(torch.utils.data.Dataset):
             views.append(view)
         return views[0], views[1]
 
+    def caption(self, index: int) -> str:
+        """Item ``index``'s caption (a cache with text)."""
+        return self.table[int(self.rows[int(index)])]["caption"]
+
     def __getitem__(self, key) -> dict:
         index, aug_seed = key if isinstance(key, tuple) else (key, None)
         row = self.table[int(self.rows[int(index)])]
@@ -242,6 +275,8 @@ class LatentDataset(torch.utils.data.Dataset):
         if self.has_masks:
             mask = row["mask"].float()[None]
             out["mask"] = torch.flip(mask, dims=[2]) if flip else mask
+        if self.has_text:
+            out["text"] = row["text"].float()
         return out
 
 

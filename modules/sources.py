@@ -4,7 +4,7 @@
 their labels and class names, and the files skipped by a cheap header scan (empty files,
 files PIL cannot identify, decompression bombs), each logged. Local folders follow the HF
 ``imagefolder`` layout: class sub-folders give labels; ``metadata.jsonl`` / ``metadata.csv``
-(``file_name``, optional ``label`` and ``mask_file_name``) list images and pair masks, or a
+(``file_name``, optional ``label``, ``mask_file_name`` and a caption column) list images and pair masks, or a
 ``masks/`` folder pairs them by path or stem. Every path a metadata file names must lie
 inside the data folder.
 """
@@ -23,6 +23,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from modules.captions import with_captions
 from modules.config import DataConfig
 from modules.errors import DataError
 from modules.image_io import IMAGE_EXTENSIONS, UnreadableImage, find_images, probe_image
@@ -37,11 +38,18 @@ _LOG_EACH_SKIPPED = 20      # skipped files logged one by one; the rest only cou
 # ----------------------------------------------------------------------------- records
 
 class FileRecords:
-    """Images (and masks) as files of a local folder."""
+    """Images (and masks) as files of a local folder; ``metadata``: its metadata rows, one per image."""
 
-    def __init__(self, images: list[str], masks: Optional[list[str]]):
+    def __init__(self, images: list[str], masks: Optional[list[str]], metadata: Optional[list[dict]] = None):
         self.images = images
         self.masks = masks
+        self.metadata = metadata
+
+    def column(self, name: str) -> Optional[list[Any]]:
+        """A metadata column's value per image (None when no row has it)."""
+        if self.metadata is None or not any(name in row for row in self.metadata):
+            return None
+        return [row.get(name) for row in self.metadata]
 
     def fingerprint(self) -> str:
         """Changes when any listed file is added, removed or replaced: its path, size, mtime, ctime
@@ -69,11 +77,15 @@ class FileRecords:
 class ArrowRecords:
     """Rows of a ``datasets.Dataset`` whose image columns are read undecoded (bytes / path)."""
 
-    def __init__(self, table: Any, image_column: str, mask_column: Optional[str], origin: str):
+    def __init__(self, table: Any, image_column: str, mask_column: Optional[str], origin: str, whole: Any = None):
         self.table = table
         self.image_column = image_column
         self.mask_column = mask_column
         self.origin = origin
+        self.whole = whole              # the data set with every column, for captions
+
+    def column(self, name: str) -> Optional[list[Any]]:
+        return list(self.whole[name]) if self.whole is not None and name in self.whole.column_names else None
 
     def fingerprint(self) -> str:
         """``datasets``' own fingerprint of the table (it changes with the table's content)."""
@@ -110,10 +122,11 @@ class Source:
     skipped_files: list[str]
     has_masks: bool
     description: str
+    captions: Optional[list[str]] = None    # per record row, when asked for (modules.data.build_dataset)
 
     def fingerprint(self) -> str:
         """Identity of the data: the latent cache's key, and what a resumed run compares."""
-        return self.records.fingerprint()
+        return with_captions(self.records.fingerprint(), self.captions)
 
 
 # ----------------------------------------------------------------------------- local folders
@@ -230,6 +243,7 @@ class _Listing:
     labels: list[int]
     class_names: list[str]
     masks: Optional[list[str]] = None
+    metadata: Optional[list[dict[str, Any]]] = None
 
 
 def _listing_from_metadata(root: Path, meta_path: Path, rows: list[dict[str, Any]],
@@ -253,7 +267,7 @@ def _listing_from_metadata(root: Path, meta_path: Path, rows: list[dict[str, Any
                 class_names = folder_names
     else:
         labels, class_names = _folder_labels(rel_images, root)
-    listing = _Listing(rel_images, labels, class_names)
+    listing = _Listing(rel_images, labels, class_names, metadata=rows)
     if cfg.masks and any("mask_file_name" in r for r in rows):
         listing.masks = []
         for r in rows:
@@ -309,7 +323,7 @@ def _folder_source(root: Path, cfg: DataConfig) -> Source:
                         f"(e.g. {skipped[0][0]}: {skipped[0][1]})")
     rows_kept = np.array([i for i, why in enumerate(problems) if why is None], dtype=np.int64)
     return Source(
-        records=FileRecords(images, masks),
+        records=FileRecords(images, masks, listing.metadata),
         rows=rows_kept,
         labels=np.asarray(listing.labels, dtype=np.int64),
         class_names=listing.class_names,
@@ -370,7 +384,7 @@ def _arrow_source(table: Any, cfg: DataConfig, origin: str) -> Source:
     for name in skipped[:_LOG_EACH_SKIPPED]:
         logger.warning("skipping %s: empty image", name)
     return Source(
-        records=ArrowRecords(undecoded, image_column, mask_column, origin),
+        records=ArrowRecords(undecoded, image_column, mask_column, origin, whole=table),
         rows=np.flatnonzero(~empty).astype(np.int64),
         labels=labels,
         class_names=class_names,

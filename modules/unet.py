@@ -20,10 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.attention import attention
 from modules.conditioning import Conditioner
 from modules.config import CondConfig, UNetModelConfig
-from modules.denoiser import Denoiser, SelfAttention, zero_init
+from modules.denoiser import CrossAttention, Denoiser, SelfAttention, zero_init
 from modules.wavelet import WaveletDownsample, WaveletUpsample
 
 
@@ -47,24 +46,6 @@ class ResBlock(nn.Module):
         h = torch.addcmul(shift, self.norm2(h), 1 + scale)   # norm * (1 + scale) + shift, one kernel
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
-
-
-class CrossAttention(nn.Module):
-    """Multi-head attention from image tokens to context tokens (fused k/v projection)."""
-
-    def __init__(self, dim: int, context_dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.kv = nn.Linear(context_dim, 2 * dim, bias=False)
-        self.out = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        head_dim = c // self.heads
-        q = self.q(x).view(b, n, self.heads, head_dim).transpose(1, 2)
-        k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        return self.out(attention(q, k, v).transpose(1, 2).reshape(b, n, c))
 
 
 class GEGLU(nn.Module):

@@ -1,8 +1,9 @@
 """Write the synthetic shapes data set (modules/synthetic.py) as an image folder.
 
 Example: python scripts/make_example_data.py --out data/shapes --num-images 256 --size 64
-The folder serves unconditional, class-conditional (circle / square / triangle) and
-mask-conditional training (metadata.jsonl pairs every image with its mask).
+The folder serves unconditional, class-conditional (circle / square / triangle), mask-conditional
+(metadata.jsonl pairs every image with its mask) and text-conditional training (its "text" column
+captions every image: "a red square on a striped background").
 """
 from __future__ import annotations
 

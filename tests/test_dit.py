@@ -90,16 +90,21 @@ def test_converted_diffusers_dit_computes_the_same_function(out_channels, tmp_pa
     assert (other_spacing - expected).abs().max() > 0.05 * scale
 
 
-@pytest.mark.parametrize("cond", [CondConfig(), MASK], ids=["none", "mask"])
-def test_unconditional_and_mask_models_start_as_the_null_label_dit(cond, tmp_path):
+@pytest.mark.parametrize("cond,text_mode", [(CondConfig(), ""), (MASK, ""), (CondConfig(type="text"), "crossattn"),
+                                            (CondConfig(type="text"), "pooled")],
+                         ids=["none", "mask", "text_crossattn", "text_pooled"])
+def test_unconditional_mask_and_text_models_start_as_the_null_label_dit(cond, text_mode, tmp_path):
     """No label table: the null label's embedding moves into the time MLP bias; a mask model's extra
-    input channels start at zero weight, so neither changes the converted function."""
+    input channels start at zero weight, a text model's cross-attention outputs and pooling at zero,
+    so none changes the converted function."""
     pytest.importorskip("diffusers")
     theirs = diffusers_dit(tmp_path / "d")
     x, t = inputs(3)
+    text = [f"cond.text_mode={text_mode}", "cond.text_encoder=clip", "cond.text_tokens=5", "model.context_dim=8"]
+    given = {"mask": masks(3, density=0.5), "text": torch.randn(3, 5, 8)}.get(cond.type)
     with torch.no_grad():
         expected = theirs(x, t * 1000, class_labels=torch.full((3,), 5)).sample
-        ours = converted(tmp_path / "d", cond)(x, t, cond=masks(3, density=0.5) if cond.type == "mask" else None)
+        ours = converted(tmp_path / "d", cond, *(text if text_mode else []))(x, t, cond=given)
     assert (ours - expected).abs().max() < 1e-6 * expected.abs().max()
 
 

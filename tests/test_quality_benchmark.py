@@ -102,3 +102,38 @@ def test_arch_dit_makes_the_same_table_with_dits(micro_run, tmp_path):
         assert isinstance(load_unet(tmp_path / "dit" / f"unet_{objective}" / "unet_ema"), DiT)
     commands = [s["command"] for s in report["stages"] if s["name"].startswith("unet_")]
     assert len(commands) == 2 and all("model.arch=dit" in c for c in commands)
+
+
+def test_cond_text_scores_prompt_fidelity(micro_run, tmp_path):
+    """--cond text: the same runs conditioned on captions, one sample per held-out caption, and prompt
+    fidelity re-derived here (the colour's hue through colorsys instead of the module's own formula)."""
+    import colorsys
+
+    from modules.synthetic import COLOURS, foreground_mask, shape_captions, shape_of
+
+    work, unet_report = micro_run
+    report = quality.main(["--preset", "micro", "--cond", "text", "--workdir", str(tmp_path / "t"), "--device", "cpu",
+                           "--vae", str(work / "vae")])
+    assert report["cond"] == "text"
+    assert [(r["model"], r["steps"]) for r in report["rows"]] == [(r["model"], r["steps"]) for r in unet_report["rows"]]
+    commands = [s["command"] for s in report["stages"]]
+    assert all("cond.type=text" in c for c in commands if c.startswith("python train_unet.py"))
+    assert sum("--prompts" in c for c in commands) == len(quality.OBJECTIVES) * len(quality.PRESETS["micro"].steps)
+    assert "| prompt fidelity | colour | shape |" in (tmp_path / "t" / "results" / "quality.md").read_text()
+
+    captions = shape_captions(8, 16, quality.EVAL_SEED)
+    images = quality.read_images([tmp_path / "t" / "samples" / "shortcut_1" / f"{i:06d}.png" for i in range(8)])
+    colour_ok, shape_ok = [], []
+    for image, text in zip(images, captions):
+        mask = foreground_mask(image)
+        colour = None
+        if mask.any():
+            r, g, b = image[mask].astype(float).mean(0) / 255
+            hue, saturation, _ = colorsys.rgb_to_hsv(r, g, b)
+            colour = COLOURS[round(hue * 6) % 6] if saturation > 0 else None
+        colour_ok.append(colour == text.split()[1])
+        shape_ok.append(shape_of(mask) == text.split()[2])
+    row = next(r for r in report["rows"] if r["model"] == "shortcut" and r["steps"] == 1)
+    assert row["colour_match"] == pytest.approx(np.mean(colour_ok))
+    assert row["shape_match"] == pytest.approx(np.mean(shape_ok))
+    assert row["prompt_fidelity"] == pytest.approx(np.mean(np.array(colour_ok) & np.array(shape_ok)))
