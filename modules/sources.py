@@ -10,10 +10,8 @@ inside the data folder.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
-import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -27,11 +25,11 @@ from modules.captions import with_captions
 from modules.config import DataConfig
 from modules.errors import DataError
 from modules.image_io import IMAGE_EXTENSIONS, UnreadableImage, find_images, probe_image
+from modules.metadata import labels_from_values, path_inside, read_metadata
 
 logger = logging.getLogger(__name__)
 
 MASKS_FOLDER = "masks"
-METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 _LOG_EACH_SKIPPED = 20      # skipped files logged one by one; the rest only counted
 
 
@@ -131,63 +129,6 @@ class Source:
 
 # ----------------------------------------------------------------------------- local folders
 
-def _read_metadata(root: Path) -> Optional[tuple[Path, list[dict[str, Any]]]]:
-    for name in METADATA_FILES:
-        path = root / name
-        if not path.is_file():
-            continue
-        rows: list[dict[str, Any]] = []
-        try:
-            text = path.read_text(encoding="utf-8-sig")     # a spreadsheet's byte-order mark is not a column
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e})") from None
-        if name.endswith(".jsonl"):
-            for line_no, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}, line {line_no}: invalid JSON ({e})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}, line {line_no}: expected a JSON object")
-                rows.append(row)
-        else:
-            rows = list(csv.DictReader(io.StringIO(text, newline="")))
-        for line_no, row in enumerate(rows, 1):
-            for column in ("file_name", "mask_file_name"):
-                if column == "file_name" and column not in row:
-                    raise DataError(f"{path}: every row needs a 'file_name' column (row {line_no} has "
-                                    f"{', '.join(map(str, row)) or 'none'})")
-                value = row.get(column)
-                if (column == "file_name" or value not in (None, "")) and not (isinstance(value, str) and value):
-                    raise DataError(f"{path}, row {line_no}: '{column}' must be a path string, got {value!r}")
-        return path, rows
-    return None
-
-
-def _inside(root: Path, name: str, where: str) -> Path:
-    """``root / name`` for a relative path that stays inside ``root``; anything else is refused."""
-    normal = os.path.normpath(name)
-    if os.path.isabs(name) or normal == ".." or normal.startswith(".." + os.sep):
-        raise DataError(f"{where}: {name!r} is outside the data folder {root}; metadata paths must be "
-                        "relative paths inside it")
-    return root / normal
-
-
-def _labels_from_values(values: list[Any]) -> tuple[list[int], list[str]]:
-    """Metadata labels: integers as they are, anything else as class names (sorted)."""
-    try:
-        ints = [int(v) for v in values]
-        if all(float(v) == i for v, i in zip(values, ints)) and min(ints) >= 0:
-            return ints, [str(i) for i in range(max(ints) + 1)]
-    except (TypeError, ValueError):
-        pass
-    names = sorted({str(v) for v in values})
-    lookup = {name: i for i, name in enumerate(names)}
-    return [lookup[str(v)] for v in values], names
-
-
 def _class_of(rel: Path) -> Optional[str]:
     return rel.parts[0] if len(rel.parts) > 1 else None
 
@@ -250,7 +191,7 @@ def _listing_from_metadata(root: Path, meta_path: Path, rows: list[dict[str, Any
                            cfg: DataConfig) -> _Listing:
     if not rows:
         raise DataError(f"{meta_path}: no rows (no images listed)")
-    rel_images = [_inside(root, r["file_name"], f"{meta_path}, file_name").relative_to(root) for r in rows]
+    rel_images = [path_inside(root, r["file_name"], f"{meta_path}, file_name").relative_to(root) for r in rows]
     missing = [str(p) for p in rel_images if not (root / p).is_file()]
     if missing:
         raise DataError(f"{meta_path} refers to {len(missing)} missing image file(s) in {root}, "
@@ -260,7 +201,7 @@ def _listing_from_metadata(root: Path, meta_path: Path, rows: list[dict[str, Any
         if unlabelled:
             raise DataError(f"{meta_path}: no label for {unlabelled[0]} "
                             f"({len(unlabelled)} row(s) without one)")
-        labels, class_names = _labels_from_values([r["label"] for r in rows])
+        labels, class_names = labels_from_values([r["label"] for r in rows])
         if all(_class_of(p) for p in rel_images):   # integer labels that match class folders
             folder_labels, folder_names = _folder_labels(rel_images, root)
             if folder_labels == labels and len(folder_names) == len(class_names):
@@ -275,7 +216,7 @@ def _listing_from_metadata(root: Path, meta_path: Path, rows: list[dict[str, Any
             if name in (None, ""):
                 raise DataError(f"{meta_path}: no mask_file_name for image {r['file_name']} "
                                 "(data.masks is set)")
-            mask = _inside(root, name, f"{meta_path}, mask_file_name")
+            mask = path_inside(root, name, f"{meta_path}, mask_file_name")
             if not mask.is_file():
                 raise DataError(f"{meta_path}: mask {name} of image {r['file_name']} "
                                 f"does not exist in {root}")
@@ -293,7 +234,7 @@ def _listing_from_files(root: Path) -> _Listing:
 
 
 def _folder_source(root: Path, cfg: DataConfig) -> Source:
-    metadata = _read_metadata(root)
+    metadata = read_metadata(root)
     listing = _listing_from_metadata(root, *metadata, cfg) if metadata else _listing_from_files(root)
     rel_images, masks = listing.rel_images, listing.masks
     if cfg.masks and masks is None:
@@ -364,7 +305,7 @@ def _arrow_source(table: Any, cfg: DataConfig, origin: str) -> Source:
         if isinstance(feature, datasets.ClassLabel):
             labels, class_names = np.asarray(values, dtype=np.int64), list(feature.names)
         else:
-            ints, class_names = _labels_from_values(values)
+            ints, class_names = labels_from_values(values)
             labels = np.asarray(ints, dtype=np.int64)
     # rows are read whole: keep only the image columns, undecoded (decoding happens in load_rgb)
     undecoded = table.select_columns([image_column] + ([mask_column] if mask_column else []))
