@@ -7,8 +7,9 @@ the attention and for the MLP, all six from the conditioning vector and zero-ini
 block starts as the identity); the final adaLN layer (zero-initialised) and unpatchify. No
 learned sigma: flow and shortcut models predict a velocity, DDPM models epsilon.
 
-Conditioning vector c = MLP(sinusoid of ``t * 1000``) + step-size level embedding (shortcut
-models; zero-initialised, so a converted pretrained DiT computes its own function at the start)
+Conditioning vector c = MLP(sinusoid of ``t * 1000``) + step-size embedding (a shortcut level's
+table or a MeanFlow interval's MLP) + guidance-scale embedding (intrinsic guidance), both ending in
+zero-initialised layers so a converted pretrained DiT computes its own function at the start,
 + class embedding (label ``num_classes`` is the null label). Masks enter as extra input channels
 (``cond.mask_mode=concat``; the config refuses the others). Weights start as the official code
 initialises them. Called as every stage-2 network (:class:`modules.denoiser.Denoiser`); weights
@@ -24,7 +25,8 @@ from torch import nn
 
 from modules.conditioning import Conditioner, sincos_position_embedding
 from modules.config import CondConfig, UNetModelConfig
-from modules.denoiser import Denoiser, SelfAttention, zero_init
+from modules.denoiser import (Denoiser, SelfAttention, guidance_embedding, output_layer, step_embedding,
+                              zero_init)
 
 FREQUENCY_CHANNELS = 256     # width of the time sinusoid fed to the time MLP (the DiT code's)
 NORM_EPS = 1e-6
@@ -70,7 +72,8 @@ class DiT(Denoiser):
         self.time_freq_shift = m.time_freq_shift
 
         self.time_mlp = nn.Sequential(nn.Linear(FREQUENCY_CHANNELS, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.level_emb = nn.Embedding(m.num_step_levels, dim) if m.num_step_levels > 0 else None
+        self.level_emb = step_embedding(m, FREQUENCY_CHANNELS, dim)
+        self.guidance_emb = guidance_embedding(m, FREQUENCY_CHANNELS, dim)
         self.conditioner = Conditioner(self.cond_cfg, m, dim, reads_context=False)
         self.patch_embed = nn.Conv2d(m.in_channels + self.conditioner.concat_channels, dim, p, stride=p)
         self.blocks = nn.ModuleList(DiTBlock(dim, m.num_heads, int(dim * m.mlp_ratio)) for _ in range(m.depth))
@@ -81,7 +84,8 @@ class DiT(Denoiser):
 
     def _init_weights(self) -> None:
         """As the DiT code: Xavier-uniform linear layers and patch projection, N(0, 0.02) time MLP and
-        label table; zero modulations, final layer and step-size table."""
+        label table; zero modulations, final layer and the last layer of the step-size and guidance
+        embeddings (their first layers as the time MLP's)."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -97,12 +101,17 @@ class DiT(Denoiser):
             zero_init(block.modulation)
         for layer in (self.final_modulation, self.final_proj):
             zero_init(layer)
-        if self.level_emb is not None:
-            zero_init(self.level_emb)
+        for embedding in (self.level_emb, self.guidance_emb):
+            if embedding is None:
+                continue
+            if embedding is not output_layer(embedding):
+                nn.init.normal_(embedding.mlp[0].weight, std=0.02)
+            zero_init(output_layer(embedding))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, level: Optional[torch.Tensor] = None,
-                cond: Optional[torch.Tensor] = None, drop: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x, c, _ = self._conditioned(x, t, level, cond, drop)
+                cond: Optional[torch.Tensor] = None, drop: Optional[torch.Tensor] = None,
+                guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x, c, _ = self._conditioned(x, t, level, cond, drop, guidance)
         h = self.patch_embed(x)
         b, dim, grid_h, grid_w = h.shape
         tokens = h.flatten(2).transpose(1, 2)

@@ -8,7 +8,8 @@ zero-initialised ``conv_out``. ResBlocks take the timestep embedding as a scale 
 of their second GroupNorm (ADM's "scale-shift norm").
 
 Conditioning of the timestep embedding: sinusoid of ``t * 1000`` (``t`` in [0, 1]) through
-an MLP, plus the shortcut step-size level embedding and the class embedding when present.
+an MLP, plus the step-size embedding (shortcut level or MeanFlow interval), the guidance-scale
+embedding (intrinsic guidance) and the class embedding when present.
 Models are saved as folders (``config.json`` + ``model.safetensors``, see modules/export.py).
 The configs are validated where they are built (modules/config.py); the network trusts them.
 """
@@ -23,7 +24,7 @@ from torch import nn
 from modules.attention import attention
 from modules.conditioning import Conditioner
 from modules.config import CondConfig, UNetModelConfig
-from modules.denoiser import Denoiser, SelfAttention, zero_init
+from modules.denoiser import Denoiser, SelfAttention, guidance_embedding, step_embedding, zero_init
 from modules.wavelet import WaveletDownsample, WaveletUpsample
 
 
@@ -179,7 +180,8 @@ class UNet(Denoiser):
         self.size_rule = f"{self.num_levels} levels"
 
         self.time_mlp = nn.Sequential(nn.Linear(base, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
-        self.level_emb = nn.Embedding(m.num_step_levels, temb_dim) if m.num_step_levels > 0 else None
+        self.level_emb = step_embedding(m, base, temb_dim)
+        self.guidance_emb = guidance_embedding(m, base, temb_dim)
         self.conditioner = Conditioner(self.cond_cfg, m, temb_dim, reads_context=True)
         context_dim = m.context_dim if self.conditioner.provides_context else None
 
@@ -220,8 +222,9 @@ class UNet(Denoiser):
         self.conv_out = zero_init(nn.Conv2d(ch, m.in_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, level: Optional[torch.Tensor] = None,
-                cond: Optional[torch.Tensor] = None, drop: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x, emb, context = self._conditioned(x, t, level, cond, drop)
+                cond: Optional[torch.Tensor] = None, drop: Optional[torch.Tensor] = None,
+                guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x, emb, context = self._conditioned(x, t, level, cond, drop, guidance)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
