@@ -21,6 +21,7 @@ from modules.errors import ConfigError  # noqa: F401  (callers catch config erro
 
 SIZE_LIMIT = 16384          # pixels per side
 WIDTH_LIMIT = 8192          # channels
+OT_POOL_LIMIT = 2048        # rows of one train.ot_pairing assignment (O(n^3): about 17 s on a CPU core)
 
 
 @dataclass
@@ -389,6 +390,11 @@ class UNetRunConfig:
         if self.model.guidance_input and not self.guidance_input:
             raise fail(f"{prefix}model.guidance_input", "a guidance-scale input needs objective=shortcut with "
                        "shortcut.intrinsic_guidance=true")
+        pool_rows = self.train.ot_pool * self.train.batch_size
+        if self.train.ot_pairing and pool_rows > OT_POOL_LIMIT:
+            raise fail(f"{prefix}train.ot_pool", f"{self.train.ot_pool} micro-batches of train.batch_size="
+                       f"{self.train.batch_size} make {pool_rows} rows; one exact assignment is limited to "
+                       f"{OT_POOL_LIMIT} (its cost grows as rows^3)")
         problem = guidance_problem(self, self.sample.cfg_scale) if self.guidance_input else None
         if problem:
             raise fail(f"{prefix}sample.cfg_scale", problem)
@@ -417,6 +423,10 @@ class UNetRunConfig:
             if not conditional:
                 raise fail(f"{prefix}shortcut.intrinsic_guidance", "needs a conditional model (cond.type=class "
                            "or mask): guidance mixes conditional and unconditional velocities")
+            low, high = self.shortcut.guidance_range
+            if not low <= 1 <= high:
+                raise fail(f"{prefix}shortcut.guidance_range", f"must include 1 (no guidance: what dropped rows, "
+                           f"evaluation and the default --cfg-scale use), got {self.shortcut.guidance_range}")
             if self.shortcut.bootstrap_cfg:
                 raise fail(f"{prefix}shortcut.bootstrap_cfg", "and shortcut.intrinsic_guidance are two ways to "
                            "train guidance in; choose one")

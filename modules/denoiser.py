@@ -33,7 +33,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, f
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32)
                       / (half - freq_shift))
-    args = (t.float() * TIME_SCALE)[:, None] * freqs[None, :]
+    # At least float32 (a bf16 t would collapse nearby times); float64 stays float64 (exact derivative checks).
+    args = (t.to(torch.promote_types(t.dtype, torch.float32)) * TIME_SCALE)[:, None] * freqs[None, :]
     return F.pad(torch.cat([args.cos(), args.sin()], dim=1), (0, dim - 2 * half))
 
 

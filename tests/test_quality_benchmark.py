@@ -39,7 +39,7 @@ def test_report_has_every_model_and_step_count(micro_run):
     work, report = micro_run
     preset = quality.PRESETS["micro"]
     rows = [(r["model"], r["steps"]) for r in report["rows"] if r["steps"] is not None]
-    assert rows == [(m, s) for m in quality.OBJECTIVES for s in preset.steps]
+    assert rows == [(m, s) for m in quality.DEFAULT_VARIANTS for s in preset.steps]
     on_disk = json.loads((work / "results" / "quality.json").read_text())
     assert on_disk["rows"] == report["rows"]
     table = (work / "results" / "quality.md").read_text()
@@ -98,7 +98,7 @@ def test_arch_dit_makes_the_same_table_with_dits(micro_run, tmp_path):
                            "--vae", str(work / "vae")])
     assert report["arch"] == "dit" and unet_report["arch"] == "unet"
     assert [(r["model"], r["steps"]) for r in report["rows"]] == [(r["model"], r["steps"]) for r in unet_report["rows"]]
-    for objective in quality.OBJECTIVES:
+    for objective in quality.DEFAULT_VARIANTS:
         assert isinstance(load_unet(tmp_path / "dit" / f"unet_{objective}" / "unet_ema"), DiT)
     commands = [s["command"] for s in report["stages"] if s["name"].startswith("unet_")]
     assert len(commands) == 2 and all("model.arch=dit" in c for c in commands)
