@@ -327,7 +327,7 @@ def sampling_problem(objective: str, sampler: str, steps: int, denoise_timesteps
 def guidance_problem(cfg: "UNetRunConfig", scale: float) -> Optional[str]:
     """Why a model trained as ``cfg`` cannot be sampled at guidance ``scale``, or None."""
     low, high = cfg.shortcut.guidance_range
-    if cfg.model.guidance_input and not low <= scale <= high:
+    if cfg.guidance_input and not low <= scale <= high:
         return (f"guidance scale {scale}: this model takes the scale as an input (shortcut.intrinsic_guidance) "
                 f"and was trained for {low} to {high} (shortcut.guidance_range)")
     return None
@@ -395,7 +395,7 @@ class UNetRunConfig:
             raise fail(f"{prefix}train.ot_pool", f"{self.train.ot_pool} micro-batches of train.batch_size="
                        f"{self.train.batch_size} make {pool_rows} rows; one exact assignment is limited to "
                        f"{OT_POOL_LIMIT} (its cost grows as rows^3)")
-        problem = guidance_problem(self, self.sample.cfg_scale) if self.guidance_input else None
+        problem = guidance_problem(self, self.sample.cfg_scale)
         if problem:
             raise fail(f"{prefix}sample.cfg_scale", problem)
         for key, steps_list in (("sample.steps", self.sample.steps), ("eval.steps", self.eval.steps)):
