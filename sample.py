@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from modules.accelerator import broadcast, finish
 from modules.checkpoint import WRITE_ERRORS, write_failure
 from modules.cli import run_cli
-from modules.config import DEFAULT_SAMPLER, guidance_problem, sampling_problem
+from modules.sampling_rules import DEFAULT_SAMPLER, guidance_problem, sampling_problem
 from modules.config_io import diff_fields
 from modules.errors import CheckpointError, ConfigError, ModelFolderError
 from modules.export import find_model_folder, load_unet, read_config, read_unet_export

@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from modules.config_rules import (at_least, at_most, each, fail, fraction, is_power_of_two, non_empty, non_negative,
-                                  one_of, positive, power_of_two, scale_range, setting, time_interval)
+from modules.config_rules import (at_least, at_most, each, fail, fraction, non_empty, non_negative, one_of, positive,
+                                  power_of_two, scale_range, setting, time_interval)
 from modules.errors import ConfigError  # noqa: F401  (callers catch config errors from here)
+from modules.sampling_rules import DEFAULT_SAMPLER, guidance_problem, sampling_problem
 
 
 # ----------------------------------------------------------------------------- shared sections
@@ -298,39 +299,6 @@ class EvalConfig:
         if self.reference and not (self.inception and self.inception_sha256):
             raise fail(f"{prefix}inception", "FID during training (eval.reference set) needs eval.inception and "
                        "eval.inception_sha256 (the SHA-256 of that file: it runs code when loaded)")
-
-
-# Which samplers fit which objective, and the one each uses by default.
-SAMPLERS_FOR = {"shortcut": ("shortcut", "euler", "heun"), "flow": ("euler", "heun"), "ddpm": ("ddim", "ddpm"),
-                "meanflow": ("meanflow", "euler", "heun")}
-DEFAULT_SAMPLER = {"shortcut": "shortcut", "flow": "euler", "ddpm": "ddim", "meanflow": "meanflow"}
-
-
-def sampling_problem(objective: str, sampler: str, steps: int, denoise_timesteps: int,
-                     num_timesteps: int) -> Optional[str]:
-    """Why a model trained with ``objective`` cannot be sampled so, or None: the one home of these rules."""
-    if sampler not in SAMPLERS_FOR[objective]:
-        return f"sampler {sampler} does not fit a {objective} model (use one of {', '.join(SAMPLERS_FOR[objective])})"
-    if steps < 1:
-        return f"steps must be an integer >= 1, got {steps}"
-    if sampler == "shortcut" and (not is_power_of_two(steps) or steps > denoise_timesteps):
-        rule = (f"shortcut sampling needs a power of two between 1 and the model's denoise_timesteps="
-                f"{denoise_timesteps} (1, 2, 4, ..., {denoise_timesteps})")
-        if is_power_of_two(steps):
-            return f"{steps} steps exceeds the trained maximum of {denoise_timesteps}: {rule}"
-        return f"{rule}, got {steps}"
-    if sampler in ("ddim", "ddpm") and steps > num_timesteps:
-        return f"{steps} steps: must be <= the schedule's {num_timesteps} timesteps (ddpm.num_timesteps)"
-    return None
-
-
-def guidance_problem(cfg: "UNetRunConfig", scale: float) -> Optional[str]:
-    """Why a model trained as ``cfg`` cannot be sampled at guidance ``scale``, or None."""
-    low, high = cfg.shortcut.guidance_range
-    if cfg.guidance_input and not low <= scale <= high:
-        return (f"guidance scale {scale}: this model takes the scale as an input (shortcut.intrinsic_guidance) "
-                f"and was trained for {low} to {high} (shortcut.guidance_range)")
-    return None
 
 
 @dataclass

@@ -10,9 +10,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from modules.config import DEFAULT_SAMPLER, DDPMConfig, UNetRunConfig
+from modules.config import DDPMConfig, UNetRunConfig
 from modules.objectives import DDPMSchedule
 from modules.samplers import guided, sample
+from modules.sampling_rules import DEFAULT_SAMPLER
 from modules.seeding import initial_noise, noise_generators
 
 
@@ -40,8 +41,8 @@ def generate_latents(unet, spec: GenerationSpec, cond: Optional[torch.Tensor], s
                      device: torch.device | str = "cpu") -> torch.Tensor:
     """Latents (unscaled by the VAE factor) for one batch; row i depends only on seeds[i] and cond[i].
 
-    ``sampler`` and ``steps`` must pass ``modules.config.sampling_problem``, and ``cfg_scale``
-    ``modules.config.guidance_problem`` (callers check them where the request is made: the config,
+    ``sampler`` and ``steps`` must pass ``modules.sampling_rules.sampling_problem``, and ``cfg_scale``
+    ``modules.sampling_rules.guidance_problem`` (callers check them where the request is made: the config,
     sample.py's arguments).
     """
     method = sampler or DEFAULT_SAMPLER[spec.objective]

@@ -6,7 +6,7 @@ length, or None) and know nothing about the network; :func:`guided` turns a cond
 into such a function. Stochastic samplers
 draw from one generator per sample (``modules.seeding.noise_generators``), so a sample depends
 on its seed only, never on the batch it was generated in. Which step counts a model can be
-sampled with is a config rule (``modules.config.sampling_problem``), checked before sampling.
+sampled with is a config rule (``modules.sampling_rules.sampling_problem``), checked before sampling.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from modules.config import sampling_problem
+from modules.sampling_rules import sampling_problem
 from modules.objectives import DDPMSchedule
 from modules.samplers import (ddim_timesteps, guided, sample, sample_ddim, sample_ddpm, sample_euler, sample_heun,
                               sample_shortcut)
