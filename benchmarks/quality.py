@@ -432,8 +432,8 @@ def train_and_sample(args: argparse.Namespace, preset: Preset, work: Path, stage
     runs = [Run(variant, seed) for seed in range(args.seeds) for variant in args.variants]
     for run in runs:
         run_entry_point(f"unet_{run.name}", "train_unet.py", train_unet.main,
-                        unet_args(preset, args.arch, run.variant, run.seed, train_dir, vae_dir, work / f"unet_{run.name}",
-                                  args.unet_override), stages)
+                        unet_args(preset, args.arch, run.variant, run.seed, train_dir, vae_dir,
+                                  work / f"unet_{run.name}", args.unet_override), stages)
     return eval_dir, vae_dir, runs
 
 

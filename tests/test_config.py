@@ -163,5 +163,5 @@ def test_wavelet_levels_must_fit_the_latents():
     cfg = load_config(UNetRunConfig, "unet", "tiny", ["loss.wavelet_levels=3"])
     cfg.cond.image_downsample = 8                          # 32 px / 8 = 4x4 latents: two halvings at most
     cfg.model.num_step_levels = cfg.num_step_levels
-    with pytest.raises(ConfigError, match="'loss.wavelet_levels': 3 Haar levels .* latent size 4 is not divisible by 8"):
+    with pytest.raises(ConfigError, match="'loss.wavelet_levels': 3 Haar levels .* size 4 is not divisible by 8"):
         check_trained(cfg)

@@ -102,3 +102,30 @@ def test_arch_dit_makes_the_same_table_with_dits(micro_run, tmp_path):
         assert isinstance(load_unet(tmp_path / "dit" / f"unet_{objective}" / "unet_ema"), DiT)
     commands = [s["command"] for s in report["stages"] if s["name"].startswith("unet_")]
     assert len(commands) == 2 and all("model.arch=dit" in c for c in commands)
+
+
+def test_variants_seeds_and_guidance_sweep(micro_run, tmp_path):
+    """--variants/--seeds/--guidance: one run per (variant, seed); the summary is the mean, min and max over
+    seeds of the per-run rows; the best scale of a variant has the lowest mean 1-step FD pixels and is
+    sampled at every step count."""
+    work, _ = micro_run
+    report = quality.main(["--preset", "micro", "--workdir", str(tmp_path / "w"), "--device", "cpu", "--vae",
+                           str(work / "vae"), "--variants", "shortcut+all,meanflow", "--seeds", "2",
+                           "--guidance", "2"])
+    runs = [s["name"] for s in report["stages"] if s["name"].startswith("unet_")]
+    assert runs == ["unet_shortcut+all", "unet_meanflow", "unet_shortcut+all_seed1", "unet_meanflow_seed1"]
+    rows = [r for r in report["rows"] if "variant" in r]
+    for entry in report["summary"]:
+        values = [r["fd_pixels"] for r in rows if (r["variant"], r["guidance"], r["steps"])
+                  == (entry["variant"], entry["guidance"], entry["steps"])]
+        assert len(values) == entry["seeds"] == 2
+        assert entry["fd_pixels"]["mean"] == pytest.approx(np.mean(values))
+        assert (entry["fd_pixels"]["min"], entry["fd_pixels"]["max"]) == (min(values), max(values))
+    for variant, best in report["best_guidance"].items():
+        one_step = {g: np.mean([r["fd_pixels"] for r in rows if r["variant"] == variant and r["steps"] == 1
+                                and r["guidance"] == g]) for g in (1.0, 2.0)}
+        assert best == min(one_step, key=one_step.get)
+        assert {r["steps"] for r in rows if r["variant"] == variant and r["guidance"] == best} == {1, 2}
+    assert set(report["seconds_per_step"]) == {"shortcut+all", "meanflow"}
+    commands = " ".join(s["command"] for s in report["stages"])
+    assert "shortcut.intrinsic_guidance=true loss.wavelet_levels=2 train.ot_pairing=true" in commands
