@@ -108,6 +108,25 @@ def test_attention_takes_the_math_backend_inside_the_jvp():
     torch.testing.assert_close(d_out, (shifted[0] - shifted[1]) / (2 * eps), rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("kernel", [
+    lambda q, k, v: torch.ops.aten._scaled_dot_product_flash_attention(q, k, v),
+    lambda q, k, v: torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, False),
+    lambda q, k, v: torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, False),
+], ids=["flash", "memory_efficient", "cudnn"])
+def test_the_fused_cuda_attention_kernels_have_no_forward_mode_formula(kernel):
+    """The claim behind forcing the math backend, checked without a GPU: torch's autograd layer (the same
+    on every device) refuses forward AD through the CUDA kernels; on meta tensors it answers before any
+    kernel would run. The math kernel passes."""
+    import torch.autograd.forward_ad as fwad
+    q, k, v = (torch.empty(1, 2, 16, 8, device="meta") for _ in range(3))
+    with fwad.dual_level():
+        dual = fwad.make_dual(q, torch.empty_like(q))
+        with pytest.raises(NotImplementedError, match="forward AD"):
+            kernel(dual, k, v)
+        out = torch.ops.aten._scaled_dot_product_attention_math(dual, k, v)[0]
+        assert fwad.unpack_dual(out).tangent is not None
+
+
 @pytest.mark.parametrize("steps", [1, 2, 4])
 def test_meanflow_sampler_with_the_exact_average_velocity_lands_on_the_data_distribution(steps):
     """Each step follows the exact trajectory, so noise x0 maps to MU + SIGMA x0: exactly N(MU, SIGMA^2)."""
