@@ -22,9 +22,10 @@ logit-normal draws, ``equal_fraction`` of the rows get s = t; each row's squared
 over its elements is weighted by 1 / (sq + c)^p (stop-gradient); guidance is folded into v.
 
 The JVP runs with forward-mode autodiff (``torch.func.jvp``), so attention takes SDPA's math
-backend inside it (:func:`modules.attention.forward_ad_attention`), and it runs in float32 with
-autocast off, as the official PyTorch code does: under CPU bf16 autocast a GroupNorm with float32
-weights gives a float32 tangent beside a bf16 output, which the next convolution refuses.
+backend inside it (:func:`modules.attention.forward_ad_attention`). It runs in the run's precision:
+under mixed precision Accelerate puts autocast inside the network's forward, so the tangent is bf16
+there too (the official PyTorch code runs it in float32; ``train.mixed_precision=no`` does that
+here). The UNet's GroupNorm computes in float32 for that reason (modules/unet.py: GroupNorm32).
 Gradient checkpointing does not recompute tangents (torch refuses the recomputation), so the
 config refuses it with this objective.
 """
@@ -46,14 +47,14 @@ def average_velocity_jvp(model: ModelCall, x_t: torch.Tensor, t: torch.Tensor, s
                          cond: Optional[torch.Tensor] = None,
                          drop: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(u, du/dt)``: the network's average velocity u(x_t, t, h = s - t), with gradient, and its total
-    derivative along the flow, one JVP of (z, t, s) -> u along the tangent (v, 1, 0); in x_t's dtype
-    with autocast off, attention on the math backend (module docstring)."""
+    derivative along the flow, one JVP of (z, t, s) -> u along the tangent (v, 1, 0), attention on the
+    math backend (module docstring)."""
     def average_velocity(z: torch.Tensor, t_: torch.Tensor, s_: torch.Tensor) -> torch.Tensor:
         return model(z, t_, level=s_ - t_, cond=cond, drop=drop)
 
     dtype = x_t.dtype
     t, s = t.to(dtype), s.to(dtype)
-    with forward_ad_attention(), torch.autocast(x_t.device.type, enabled=False):
+    with forward_ad_attention():
         return jvp(average_velocity, (x_t, t, s), (v.to(dtype), torch.ones_like(t), torch.zeros_like(s)))
 
 

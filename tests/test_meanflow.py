@@ -201,18 +201,23 @@ def test_guidance_is_folded_into_the_velocity_inside_its_interval():
     assert all(torch.equal(level, torch.zeros_like(level)) for level in calls)
 
 
-def test_autocast_leaves_the_jvp_in_float32():
-    """Under bf16 autocast (CPU) the loss equals the float32 loss: the JVP runs with autocast off
-    (a bf16 GroupNorm in the UNet would otherwise break forward AD)."""
-    cfg = load_config(UNetRunConfig, "unet", "tiny", ["objective=meanflow"])
+@pytest.mark.parametrize("preset", ["tiny", "dit-tiny"])
+def test_the_jvp_runs_under_bf16_autocast(preset):
+    """Under CPU bf16 autocast (what Accelerate puts in the forward of a bf16 run) the JVP passes through
+    the UNet's float32 GroupNorm and the DiT, its loss is within bf16 rounding of the float32 loss, and
+    the gradients are finite."""
+    cfg = load_config(UNetRunConfig, "unet", preset, ["objective=meanflow", "meanflow.loss_power=0"])
     cfg.cond.image_downsample, cfg.model.step_input = 2, "interval"
     torch.manual_seed(0)
     net = build_network(cfg.model, cfg.cond)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     x1 = torch.randn(4, 4, 8, 8, generator=gen(10))
     objective = MeanFlowObjective(cfg.meanflow)
     plain, _ = objective.loss(net, x1, None, Draws(gen(11)))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed, _ = objective.loss(net, x1, None, Draws(gen(11)))
     mixed.backward()
-    assert mixed.dtype == torch.float32 and math.isclose(mixed.item(), plain.item(), rel_tol=1e-6)
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters() if p.requires_grad)
+    assert math.isclose(mixed.item(), plain.item(), rel_tol=0.05)
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)

@@ -247,3 +247,20 @@ def test_intrinsic_guidance_model_takes_the_cfg_scale_as_an_input(shapes_dir, ti
     with pytest.raises(ConfigError, match="--cfg-scale 5.0: guidance scale 5.0: this model takes the scale as an"):
         sample.main(["--unet", str(tmp_path / "run"), "--out", str(tmp_path / "s5"), "--steps", "1",
                      "--cfg-scale", "5"])
+
+
+def test_meanflow_trains_under_bf16_mixed_precision(shapes_dir, tiny_vae_run, tmp_path):
+    """Accelerate puts bf16 autocast inside the network's forward, so the JVP runs under it: through the
+    UNet's GroupNorm this used to stop the run ("Input type (torch.FloatTensor) and weight type
+    (CPUBFloat16Type) should be the same"); now it trains and exports finite weights. (A subprocess:
+    Accelerate's precision is fixed once per process.)"""
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "train_unet.py", "--config", "tiny", "--data", str(shapes_dir), "--vae", str(tiny_vae_run),
+         "--output-dir", str(tmp_path / "bf16"), "--report-to", "none", "--max-steps", "2", "objective=meanflow",
+         "cond.type=class", "train.mixed_precision=bf16", "train.checkpoint_every=2", "train.image_log_every=100",
+         f"cache_dir={tmp_path / 'cache'}"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mixed precision bf16" in result.stderr
+    weights = read_weights(tmp_path / "bf16" / "unet")
+    assert all(torch.isfinite(w).all() for w in weights.values())
