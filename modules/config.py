@@ -241,7 +241,8 @@ class MeanFlowConfig:
     loss_power: float = setting(1.0, non_negative, at_most(4))     # p; 0: the plain summed squared error
     loss_eps: float = setting(0.01, positive)                 # c: the official JAX code's (its CIFAR code: 1e-3)
     # Guidance folded into the target (the paper's appendix): v_g = omega v + kappa u(z, t, t | c)
-    # + (1 - omega - kappa) u(z, t, t | null) for t in guidance_interval, v elsewhere and on dropped rows.
+    # + (1 - omega - kappa) u(z, t, t | null) for t in guidance_interval (our time: the paper's [a, b] is
+    # [1 - b, 1 - a] here), v elsewhere and on dropped rows.
     omega: float = setting(1.0, non_negative, at_most(100))     # 1 with kappa 0: no guidance
     kappa: float = setting(0.0, fraction(high_open=True))
     guidance_interval: tuple[float, float] = setting((0.0, 1.0), time_interval)
