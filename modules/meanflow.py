@@ -8,7 +8,7 @@ trajectory z_tau through z_t = z:
 
 Differentiating in t with s held fixed: -u + (s - t) du/dt = -v, so the MeanFlow identity is
 
-    u(z_t, t, s) = v(z_t, t) + (s - t) du/dt,    du/dt = (du/dz) v + du/dt|_(z, s fixed),
+    u(z_t, t, s) = v(z_t, t) + (s - t) du/dt,    du/dt = (partial_z u) v + partial_t u   (s held fixed),
 
 the total derivative along the trajectory: one Jacobian-vector product of (z, t, s) -> u along the
 tangent (v, 1, 0). (The paper runs time the other way, t = 1 noise and r <= t, and writes
