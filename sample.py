@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from modules.accelerator import broadcast, finish
 from modules.checkpoint import WRITE_ERRORS, write_failure
 from modules.cli import run_cli
-from modules.config import DEFAULT_SAMPLER, sampling_problem
+from modules.sampling_rules import DEFAULT_SAMPLER, guidance_problem, sampling_problem
 from modules.config_io import diff_fields
 from modules.errors import CheckpointError, ConfigError, ModelFolderError
 from modules.export import find_model_folder, load_unet, read_config, read_unet_export
@@ -57,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder for PNGs and manifest.jsonl")
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--steps", type=int, default=1, help="network evaluations per image (shortcut: a power of two)")
-    p.add_argument("--sampler", choices=METHODS, default=None, help="default: shortcut / euler / ddim by objective")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance w (1 = conditional only)")
+    p.add_argument("--sampler", choices=METHODS, default=None,
+                   help="default: shortcut / euler / meanflow / ddim by objective")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance w (1 = conditional only); "
+                   "a model trained with shortcut.intrinsic_guidance takes w as an input, in one forward")
     cond = p.add_mutually_exclusive_group()
     cond.add_argument("--class-label", default=None,
                       help="a class number, 'all' (classes in turn, the default) or 'random' (drawn by seed)")
@@ -210,6 +212,9 @@ def main(argv=None) -> None:
         raise ConfigError(f"--sampler {sampler} --steps {args.steps}: {problem}")
     if spec.cond_type == "none" and args.cfg_scale != 1.0:
         logger.warning("--cfg-scale %s ignored: %s is an unconditional model", args.cfg_scale, unet_folder)
+    problem = guidance_problem(export.config, args.cfg_scale)
+    if problem:
+        raise ConfigError(f"--cfg-scale {args.cfg_scale}: {problem}")
 
     names, masks = None, None
     prompts = read_prompts(args)

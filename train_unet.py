@@ -1,4 +1,4 @@
-"""Stage 2: train a UNet or a DiT in a VAE's latent space (shortcut, flow or DDPM objective).
+"""Stage 2: train a UNet or a DiT in a VAE's latent space (shortcut, flow, MeanFlow or DDPM objective).
 
     accelerate launch train_unet.py --config seed --data ./my_images --vae runs/vae \
         --output-dir runs/unet objective=shortcut cond.type=class
@@ -31,11 +31,13 @@ from modules.export import find_model_folder, save_unet
 from modules.generation import GenerationSpec, batch_condition, conditions, decode_latents, generate_latents
 from modules.image_io import make_grid
 from modules.latent_cache import build_or_load
+from modules.draws import randn_like
 from modules.objectives import Draws, build_objective
 from modules.optim import apply_update, lr_factor, set_lr
 from modules.order import make_loader
+from modules.ot_pairing import PairedPool
 from modules.run_folder import claim_output_dir, save_run_config
-from modules.seeding import SHARED_STREAM, process_share_randn, step_generator
+from modules.seeding import SHARED_STREAM, paired_noise_generator, process_share_randn, step_generator
 from modules.tracking import Throughput, check_tracker, init_trackers, log_image, memory_stats, to_scalars
 from modules.train_eval import TrainingEvaluator
 from modules.networks import build_network
@@ -50,6 +52,8 @@ def derive_fields(cfg: UNetRunConfig, vae, dataset, text_encoder=None) -> None:
     """Fill the config fields that follow from the VAE, the data, the objective and the text encoder."""
     cfg.model.in_channels = vae.config.latent_channels
     cfg.model.num_step_levels = cfg.num_step_levels
+    cfg.model.step_input = cfg.step_input
+    cfg.model.guidance_input = cfg.guidance_input
     cfg.cond.image_downsample = vae.config.downsample_factor
     if text_encoder is not None:
         cfg.model.context_dim, cfg.cond.text_tokens = text_encoder.width, text_encoder.tokens
@@ -161,8 +165,28 @@ def train(cfg: UNetRunConfig, args, accelerator, output_dir: Path) -> None:
         write_or_fail(lambda: save_vae(vae, frozen_vae), f"the copy of the VAE in {frozen_vae}",
                       "the checkpoints are untouched")
 
-    batches = iter(make_loader(train_latents, tcfg.batch_size, tcfg.seed, rank, world, state.step * tcfg.grad_accum,
+    # Micro-batch m = step * grad_accum + micro. With train.ot_pairing the data is read a pool at a time,
+    # so a resumed run starts it at its pool's first micro-batch and builds that pool again.
+    pool_size = tcfg.ot_pool if tcfg.ot_pairing else 1
+    first_micro = state.step * tcfg.grad_accum // pool_size * pool_size
+    batches = iter(make_loader(train_latents, tcfg.batch_size, tcfg.seed, rank, world, first_micro,
                                cfg.data.num_workers))
+
+    def micro_batch(m: int):
+        """``(x1, cond)`` of micro-batch ``m``: the next cached batch, its latents drawn from their posteriors."""
+        step, micro = divmod(m, tcfg.grad_accum)
+        batch = next(batches)
+        shared = step_generator(tcfg.seed, step, micro, SHARED_STREAM, device)
+        mean, std = batch["mean"].to(device, non_blocking=True), batch["std"].to(device, non_blocking=True)
+        x1 = (mean + std * process_share_randn(mean.shape, shared, rank, world)) * scale
+        if tcfg.channels_last:
+            x1 = x1.contiguous(memory_format=torch.channels_last)
+        return x1, batch_condition(batch, cfg.cond.type, device)
+
+    def paired_noise(m: int, x1: torch.Tensor) -> torch.Tensor:
+        return randn_like(x1, paired_noise_generator(tcfg.seed, *divmod(m, tcfg.grad_accum), rank, device))
+
+    pool = PairedPool(pool_size, micro_batch, paired_noise) if tcfg.ot_pairing else None
     grid_cond = conditions(spec, latents, range(cfg.sample.num_images))
     grid_cond = None if grid_cond is None else grid_cond.to(device)
     if text_encoder is not None and accelerator.is_main_process:
@@ -188,16 +212,14 @@ def train(cfg: UNetRunConfig, args, accelerator, output_dir: Path) -> None:
             unet.train()
             losses = []
             for micro in range(tcfg.grad_accum):
-                batch = next(batches)
-                shared = step_generator(tcfg.seed, state.step, micro, SHARED_STREAM, device)
+                m = state.step * tcfg.grad_accum + micro
+                if pool is None:
+                    (x1, cond), noise = micro_batch(m), None
+                else:
+                    x1, cond, noise = pool(m)
                 # index: this micro-batch's place in the run, which rotates the shortcut levels
-                draws = Draws(step_generator(tcfg.seed, state.step, micro, rank, device),
-                              index=(state.step * tcfg.grad_accum + micro) * world + rank)
-                mean, std = batch["mean"].to(device, non_blocking=True), batch["std"].to(device, non_blocking=True)
-                x1 = (mean + std * process_share_randn(mean.shape, shared, rank, world)) * scale
-                if tcfg.channels_last:
-                    x1 = x1.contiguous(memory_format=torch.channels_last)
-                cond = batch_condition(batch, cfg.cond.type, device)
+                draws = Draws(step_generator(tcfg.seed, state.step, micro, rank, device), index=m * world + rank,
+                              noise=noise)
                 with accelerator.accumulate(unet):
                     with accelerator.autocast():
                         loss, logs = objective.loss(unet, x1, cond, draws)

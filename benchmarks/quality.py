@@ -5,6 +5,9 @@
     python benchmarks/quality.py --preset micro --workdir /tmp/quality_micro   # seconds: smoke test
     python benchmarks/quality.py --preset cpu --arch dit --workdir runs/quality_cpu_dit   # the same table, a DiT
     python benchmarks/quality.py --preset cpu --cond text --workdir runs/quality_cpu_text  # text prompts
+    python benchmarks/quality.py --preset cpu --workdir runs/q --variants all --seeds 2 --guidance 1.5,2,3
+        # every row of VARIANTS (flow, shortcut, each iSM switch, all of them, MeanFlow), two training
+        # seeds each, and each at guidance 1 and at its best guidance of the sweep
 
 A miniature of the shortcut paper's main comparison (one-step samples close to 128-step ones
 for a shortcut model, far worse for flow matching), run through the product's own entry
@@ -14,11 +17,14 @@ the same arguments as the printed command lines.
 1. data: synthetic shapes (modules/synthetic.py) with exact masks: a training set and a
    held-out evaluation set drawn with another seed;
 2. stage 1: train_vae.py (no GAN, no LPIPS: L1 + KL is enough for flat-coloured shapes);
-3. stage 2: train_unet.py twice, ``objective=shortcut`` and ``objective=flow``, identical
-   otherwise (network, data, steps, batch, lr, EMA, seed), conditioned on masks; ``--arch``
-   picks the network: the preset's small UNet or its small DiT (same steps, batch and lr);
-4. sample.py with every held-out mask at each step count (shortcut sampler for the
-   shortcut model, Euler for the flow model; same noise seeds for both);
+3. stage 2: train_unet.py once per variant (``--variants``, default ``objective=shortcut`` and
+   ``objective=flow``) and training seed (``--seeds``), identical otherwise (network, data, steps,
+   batch, lr, EMA), conditioned on masks; ``--arch`` picks the network: the preset's small UNet or
+   its small DiT (same steps, batch and lr);
+4. sample.py with every held-out mask at each step count (each objective's own sampler: shortcut,
+   Euler for flow, meanflow; same noise seeds for every model), at guidance 1; with ``--guidance``,
+   also one step at each listed scale, and every step count at the variant's best scale (lowest
+   1-step FD pixels, averaged over seeds);
 5. per (model, steps):
    * mask IoU between the conditioning mask and ``foreground_mask`` of the generated image
      (saturated pixels: shapes are saturated, backgrounds are not), mean over images;
@@ -31,7 +37,7 @@ Reference rows: an independent real set with its own masks (the Frechet distance
 real samples of this size, and the IoU of ``foreground_mask`` on clean images, 1.0) and VAE
 reconstructions of the held-out images (the best a latent model can reach through this VAE).
 
-``--cond text`` conditions both runs on the captions instead ("a red square on a striped
+``--cond text`` conditions every run on the captions instead ("a red square on a striped
 background", through a tiny random CLIP text encoder written by modules/tiny_clip.py: no
 download), samples one image per held-out caption (``sample.py --prompts``) and replaces the mask
 IoU by **prompt fidelity**: the fraction of images whose colour and shape, read back with
@@ -75,7 +81,23 @@ from modules.synthetic import render_shape_batch, shape_captions  # noqa: E402
 from modules.tiny_clip import write_tiny_clip  # noqa: E402
 from modules.vae_loading import load_vae  # noqa: E402
 
-OBJECTIVES = ("shortcut", "flow")
+# Rows of the comparison: objective and extra train_unet.py overrides. The iSM switches (README
+# "Improved shortcut training"): 2 wavelet levels take the 8x8 latents of the cpu preset down to 2x2;
+# an OT pool of 8 micro-batches of 32 is one 256-row assignment. MeanFlow with omega = 2 learns the
+# guided average velocity (scale 2) and is sampled with one conditional forward per step.
+OT = ("train.ot_pairing=true", "train.ot_pool=8")
+VARIANTS = {
+    "shortcut": ("shortcut", ()),
+    "flow": ("flow", ()),
+    "shortcut+guidance": ("shortcut", ("shortcut.intrinsic_guidance=true",)),
+    "shortcut+wavelet": ("shortcut", ("loss.wavelet_levels=2",)),
+    "shortcut+ot": ("shortcut", OT),
+    "shortcut+all": ("shortcut", ("shortcut.intrinsic_guidance=true", "loss.wavelet_levels=2") + OT),
+    "meanflow": ("meanflow", ()),
+    "meanflow+guidance": ("meanflow", ("meanflow.omega=2.0",)),   # the paper's guidance, folded into training
+}
+DEFAULT_VARIANTS = ("shortcut", "flow")
+SAMPLER = {"shortcut": "shortcut", "flow": "euler", "meanflow": "meanflow"}
 TRAIN_SEED, EVAL_SEED, REFERENCE_SEED = 0, 1, 2
 PIXEL_GRID = 8
 RANDOM_CONV_WIDTHS = (32, 64, 64)
@@ -170,18 +192,35 @@ def training_args(preset: Preset, max_steps: int, log_every: int) -> list[str]:
             f"train.image_log_every={max_steps}", f"train.log_every={log_every}", f"train.val_every={max_steps}"]
 
 
-def unet_args(preset: Preset, arch: str, objective: str, data: Path, vae: Path, out: Path,
+def unet_args(preset: Preset, arch: str, variant: str, seed: int, data: Path, vae: Path, out: Path,
               extra: list[str], text_encoder: Optional[Path] = None) -> list[str]:
     """train_unet.py's arguments; with a ``text_encoder``, captions replace the masks as the condition."""
     max_sampling = max(preset.steps)
+    objective, switches = VARIANTS[variant]
     network = list(preset.unet_args if arch == "unet" else preset.dit_args)
     if text_encoder is not None:
         network = [a for a in network if not a.startswith("cond.")] + ["cond.type=text",
                                                                           f"cond.text_encoder={text_encoder}"]
     return (["--config", "tiny", "--data", str(data), "--vae", str(vae), "--output-dir", str(out),
              "--report-to", "none", f"objective={objective}", f"shortcut.denoise_timesteps={max_sampling}",
-             f"sample.steps=1,{max_sampling}", "sample.num_images=8"]
-            + training_args(preset, preset.unet_steps, max(1, preset.unet_steps // 20)) + network + extra)
+             f"sample.steps=1,{max_sampling}", "sample.num_images=8", f"train.seed={seed}"]
+            + training_args(preset, preset.unet_steps, max(1, preset.unet_steps // 20))
+            + network + list(switches) + extra)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One trained model: a variant at a training seed."""
+    variant: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return self.variant if self.seed == 0 else f"{self.variant}_seed{self.seed}"
+
+    @property
+    def sampler(self) -> str:
+        return SAMPLER[VARIANTS[self.variant][0]]
 
 
 # ----------------------------------------------------------------------------- images and features
@@ -334,15 +373,46 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+METRIC_NAMES = {"mask_iou": "mask IoU", "prompt_fidelity": "prompt fidelity", "colour_match": "colour",
+                "shape_match": "shape", "fd_pixels": "FD pixels 8x8", "fd_random_conv": "FD random conv"}
+
+
+def seed_summary(rows: list[dict], step_seconds: dict[str, list[float]]) -> tuple[list[dict], str]:
+    """Rows averaged over training seeds (mean, min, max) per (variant, guidance, steps), and their table
+    with each variant's training time per step."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "variant" in r:
+            groups.setdefault((r["variant"], r["guidance"], r["steps"]), []).append(r)
+    order = list(VARIANTS)
+    metrics = [m for m in METRIC_NAMES if any(m in r for r in rows if "variant" in r)]
+    summary = [{"variant": v, "guidance": g, "steps": s, "seeds": len(rs),
+                **{m: {"mean": float(np.mean([r[m] for r in rs])), "min": min(r[m] for r in rs),
+                       "max": max(r[m] for r in rs)} for m in metrics}}
+               for (v, g, s), rs in sorted(groups.items(), key=lambda item: (order.index(item[0][0]), *item[0][1:]))]
+    lines = ["| model | guidance | steps | s / training step | " + " | ".join(METRIC_NAMES[m] for m in metrics) + " |",
+             "| --- | --- | --- | --- | " + "--- | " * len(metrics)]
+    for r in summary:
+        cells = [f"{r[m]['mean']:.3f} ({r[m]['min']:.3f}-{r[m]['max']:.3f})" for m in metrics]
+        seconds = f"{np.mean(step_seconds[r['variant']]):.3f}"
+        lines.append(f"| {r['variant']} | {r['guidance']:g} | {r['steps']} | {seconds} | " + " | ".join(cells) + " |")
+    return summary, "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    p.add_argument("--arch", choices=("unet", "dit"), default="unet", help="the stage-2 network of both runs")
+    p.add_argument("--arch", choices=("unet", "dit"), default="unet", help="the stage-2 network of every run")
     p.add_argument("--cond", choices=("mask", "text"), default="mask",
-                   help="what both runs are conditioned on: the held-out masks, or their captions (prompt fidelity)")
+                   help="what every run is conditioned on: the held-out masks, or their captions (prompt fidelity)")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma-separated rows to train and score, or 'all': {', '.join(VARIANTS)}")
+    p.add_argument("--seeds", type=int, default=1, help="training seeds per variant (0, 1, ...)")
+    p.add_argument("--guidance", default="", help="comma-separated guidance scales besides 1, tried at 1 step; "
+                   "each variant is then sampled at every step count at its best one")
     p.add_argument("--workdir", type=Path, required=True,
                    help="folder for data, runs and samples; must be empty or absent")
     p.add_argument("--out", type=Path, default=None, help="results folder (default: WORKDIR/results)")
@@ -372,11 +442,22 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     bad = [w for w in args.unet_override if "=" not in w]
     if bad:
         p.error(f"--unet-override {bad[0]!r} is not of the form key=value")
+    args.variants = tuple(VARIANTS) if args.variants == "all" else tuple(v for v in args.variants.split(",") if v)
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown or not args.variants:
+        p.error(f"--variants {','.join(unknown)}: choose from {', '.join(VARIANTS)} or 'all'")
+    if args.seeds < 1:
+        p.error("--seeds must be >= 1")
+    try:
+        args.guidance = tuple(float(w) for w in args.guidance.split(",") if w.strip())
+    except ValueError:
+        p.error(f"--guidance {args.guidance!r}: expected comma-separated numbers")
     return args
 
 
-def train_and_sample(args: argparse.Namespace, preset: Preset, work: Path, stages: list[Stage]) -> tuple[Path, Path]:
-    """Stages 1-4: data, VAE, both UNets, samples. Returns (held-out folder, VAE folder)."""
+def train_and_sample(args: argparse.Namespace, preset: Preset, work: Path, stages: list[Stage]
+                     ) -> tuple[Path, Path, list[Run]]:
+    """Stages 1-3: data, VAE, one UNet per run. Returns (held-out folder, VAE folder, runs)."""
     t0 = time.perf_counter()
     train_dir = make_shapes(work / "data" / "train", preset.num_train, preset.image_size, TRAIN_SEED)
     eval_dir = make_shapes(work / "data" / "eval", preset.num_eval, preset.image_size, EVAL_SEED, layout="flat")
@@ -390,43 +471,50 @@ def train_and_sample(args: argparse.Namespace, preset: Preset, work: Path, stage
                     + training_args(preset, preset.vae_steps, max(1, preset.vae_steps // 20)) + list(preset.vae_args))
         run_entry_point("vae", "train_vae.py", train_vae.main, argv_vae, stages)
 
+    # the same run for every variant and seed: only the objective, its switches and the seed differ
     clip = write_tiny_clip(work / "tiny_clip") if args.cond == "text" else None
-    # the same run twice, only the objective differs
-    for objective in OBJECTIVES:
-        run_entry_point(f"unet_{objective}", "train_unet.py", train_unet.main,
-                        unet_args(preset, args.arch, objective, train_dir, vae_dir, work / f"unet_{objective}",
-                                  args.unet_override, clip), stages)
+    runs = [Run(variant, seed) for seed in range(args.seeds) for variant in args.variants]
+    for run in runs:
+        run_entry_point(f"unet_{run.name}", "train_unet.py", train_unet.main,
+                        unet_args(preset, args.arch, run.variant, run.seed, train_dir, vae_dir,
+                                  work / f"unet_{run.name}", args.unet_override, clip), stages)
+    return eval_dir, vae_dir, runs
 
-    # sample i is named like held-out mask i (or is held-out caption i's) and has seed i, whatever the
-    # model and step count
+
+def samples_dir(work: Path, run: str, steps: int, guidance: float = 1.0) -> Path:
+    return work / "samples" / (f"{run}_{steps}" if guidance == 1.0 else f"{run}_cfg{guidance:g}_{steps}")
+
+
+def sample_run(args: argparse.Namespace, preset: Preset, work: Path, eval_dir: Path, run: Run, steps: int,
+               guidance: float, stages: list[Stage]) -> Path:
+    """sample.py with every held-out mask (sample i is named like mask i) or caption (sample i is caption
+    i's), with seed i, for every model."""
+    out = samples_dir(work, run.name, steps, guidance)
     condition = ["--masks", str(eval_dir / "masks")]
     if args.cond == "text":
         prompts = work / "data" / "eval_prompts.txt"
-        prompts.write_text("\n".join(shape_captions(preset.num_eval, preset.image_size, EVAL_SEED)) + "\n")
+        if not prompts.exists():
+            prompts.write_text("\n".join(shape_captions(preset.num_eval, preset.image_size, EVAL_SEED)) + "\n")
         condition = ["--prompts", str(prompts), "--num-samples", "1"]
-    for objective in OBJECTIVES:
-        for steps in preset.steps:
-            argv_sample = ["--unet", str(work / f"unet_{objective}"), "--out", str(samples_dir(work, objective, steps)),
-                           *condition, "--steps", str(steps),
-                           "--batch-size", str(preset.sample_batch), "--seed", "0", "--device", args.device]
-            run_entry_point(f"sample_{objective}_{steps}", "sample.py", sample.main, argv_sample, stages)
-    return eval_dir, vae_dir
+    argv_sample = ["--unet", str(work / f"unet_{run.name}"), "--out", str(out), *condition,
+                   "--steps", str(steps), "--cfg-scale", f"{guidance:g}", "--batch-size", str(preset.sample_batch),
+                   "--seed", "0", "--device", args.device]
+    run_entry_point(f"sample_{run.name}_{steps}" + ("" if guidance == 1.0 else f"_cfg{guidance:g}"), "sample.py",
+                    sample.main, argv_sample, stages)
+    return out
 
 
-def samples_dir(work: Path, objective: str, steps: int) -> Path:
-    return work / "samples" / f"{objective}_{steps}"
-
-
-def score_all(preset: Preset, work: Path, eval_dir: Path, vae_dir: Path, device: str,
-              grid_path: Path, cond: str = "mask") -> list[dict]:
-    """Stage 5: one row per reference and per (model, steps); writes the comparison grid."""
+def sample_and_score(args: argparse.Namespace, preset: Preset, work: Path, eval_dir: Path, vae_dir: Path,
+                     runs: list[Run], stages: list[Stage], grid_path: Path) -> tuple[list[dict], dict[str, float]]:
+    """Stages 4-5: samples at guidance 1 (and the guidance sweep), one row per reference and per (run,
+    guidance, steps); writes the comparison grid (guidance 1). Returns the rows and each variant's best scale."""
     names = sorted(p.name for p in (eval_dir / "masks").iterdir())
     real = read_images([eval_dir / n for n in names])
     masks = read_masks([eval_dir / "masks" / n for n in names])
-    text = cond == "text"
+    text = args.cond == "text"
     scorer = Scorer(real, masks, shape_captions(preset.num_eval, preset.image_size, EVAL_SEED) if text else None)
     independent, independent_masks, _ = render_shape_batch(preset.num_eval, preset.image_size, REFERENCE_SEED)
-    reconstructions = vae_reconstructions(vae_dir, real, preset.sample_batch, device)
+    reconstructions = vae_reconstructions(vae_dir, real, preset.sample_batch, args.device)
     own_captions = shape_captions(preset.num_eval, preset.image_size, REFERENCE_SEED) if text else None
     rows = [{"model": REFERENCE_REAL, "sampler": "-", "steps": None,
              **scorer.score(independent, independent_masks, own_captions)},
@@ -434,15 +522,45 @@ def score_all(preset: Preset, work: Path, eval_dir: Path, vae_dir: Path, device:
     grid_rows = [real[:GRID_IMAGES], np.repeat(masks[:GRID_IMAGES, :, :, None] * np.uint8(255), 3, axis=3),
                  reconstructions[:GRID_IMAGES]]
     sample_names = [f"{i:06d}.png" for i in range(len(names))] if text else names   # sample.py --prompts' names
-    for objective in OBJECTIVES:
+    labels = {run: run.name if args.seeds == 1 else f"{run.variant} seed {run.seed}" for run in runs}
+
+    def score(run: Run, steps: int, guidance: float) -> np.ndarray:
+        folder = sample_run(args, preset, work, eval_dir, run, steps, guidance, stages)
+        generated = read_images([folder / n for n in sample_names])
+        sampler = run.sampler if guidance == 1.0 else f"{run.sampler}, guidance {guidance:g}"
+        rows.append({"model": labels[run], "variant": run.variant, "seed": run.seed, "guidance": guidance,
+                     "sampler": sampler, "steps": steps, **scorer.score(generated)})
+        return generated
+
+    for run in runs:
         for steps in preset.steps:
-            generated = read_images([samples_dir(work, objective, steps) / n for n in sample_names])
-            sampler = "shortcut" if objective == "shortcut" else "euler"
-            rows.append({"model": objective, "sampler": sampler, "steps": steps, **scorer.score(generated)})
-            grid_rows.append(generated[:GRID_IMAGES])
+            grid_rows.append(score(run, steps, 1.0)[:GRID_IMAGES])
+    best = {}
+    if args.guidance:
+        for run in runs:
+            for guidance in args.guidance:
+                score(run, 1, guidance)
+        for variant in dict.fromkeys(run.variant for run in runs):
+            one_step = {g: np.mean([r["fd_pixels"] for r in rows if r.get("variant") == variant and r["steps"] == 1
+                                    and r["guidance"] == g]) for g in (1.0, *args.guidance)}
+            best[variant] = min(one_step, key=one_step.get)
+        for run in runs:
+            if best[run.variant] != 1.0:
+                for steps in preset.steps[1:]:
+                    score(run, steps, best[run.variant])
     grid_path.parent.mkdir(parents=True, exist_ok=True)
     save_grid(grid_rows, grid_path)
-    return rows
+    return rows, best
+
+
+def step_times(stages: list[Stage], runs: list[Run], steps: int) -> dict[str, list[float]]:
+    """Seconds per training step of each variant, one value per seed (the train_unet.py stage's wall time,
+    its start-up and export included, over its steps)."""
+    seconds = {s.name: s.seconds for s in stages}
+    out: dict[str, list[float]] = {}
+    for run in runs:
+        out.setdefault(run.variant, []).append(seconds[f"unet_{run.name}"] / steps)
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -461,10 +579,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     stages: list[Stage] = []
     start = time.perf_counter()
     try:
-        eval_dir, vae_dir = train_and_sample(args, preset, work, stages)
-        t0 = time.perf_counter()
-        rows = score_all(preset, work, eval_dir, vae_dir, args.device, out_dir / "quality_grid.png", args.cond)
-        stages.append(Stage("metrics", "benchmarks/quality.py (in process)", time.perf_counter() - t0))
+        eval_dir, vae_dir, runs = train_and_sample(args, preset, work, stages)
+        rows, best = sample_and_score(args, preset, work, eval_dir, vae_dir, runs, stages, out_dir / "quality_grid.png")
     finally:
         torch.set_num_threads(previous_threads)   # callers in the same process keep their setting
     total = time.perf_counter() - start
@@ -475,8 +591,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
               f"conditioned on {'captions' if args.cond == 'text' else 'masks'}, {preset.unet_steps} steps each, "
               f"{args.threads} thread(s); wall time {total / 60:.1f} min")
     table = markdown_table(rows)
+    seconds = step_times(stages, runs, preset.unet_steps)
+    summary, summary_table = seed_summary(rows, seconds)
+    if args.seeds > 1 or args.guidance:
+        table = (f"Mean over {args.seeds} training seed(s) (min-max); guidance 1 and each variant's best of "
+                 f"{', '.join(f'{g:g}' for g in (1.0, *args.guidance))} (lowest 1-step FD pixels); seconds per "
+                 f"training step from each train_unet.py run's wall time.\n\n{summary_table}\n\nEvery run:\n\n{table}")
     report = {"preset": args.preset, "arch": args.arch, "cond": args.cond, "settings": asdict(preset),
-              "unet_overrides": args.unet_override,
+              "unet_overrides": args.unet_override, "variants": {v: VARIANTS[v] for v in args.variants},
+              "seeds": args.seeds, "guidance": args.guidance, "best_guidance": best,
+              "seconds_per_step": seconds, "summary": summary,
               "threads": args.threads, "vae": str(vae_dir), "features": FEATURE_NOTES, "rows": rows,
               "stages": [asdict(s) for s in stages], "wall_time_s": total,
               "machine_at_start": machine_at_start, "machine_at_end": machine()}

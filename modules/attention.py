@@ -6,14 +6,23 @@ actual device type and dtype succeeds and agrees with SDPA; otherwise PyTorch's
 ``scaled_dot_product_attention``. CPU always uses SDPA, and ``LDM_ATTENTION=sdpa`` forces it.
 The probe matters because an xformers wheel built for another torch/CUDA can import fine
 and then raise on every call (see shared/ANCHORS.md).
+
+Forward-mode autodiff (the MeanFlow objective's Jacobian-vector product) passes only through
+SDPA's math backend: in torch 2.13 the fused kernels, flash and memory-efficient on CUDA, cuDNN,
+and the flash kernel SDPA picks on CPU, have no forward-mode formula ("Trying to use forward AD
+with _scaled_dot_product_flash_attention_for_cpu that does not support it"), and xformers'
+kernels have none either. Inside :func:`forward_ad_attention` every call takes the math path.
 """
 from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 logger = logging.getLogger("modules.attention")
 
@@ -22,6 +31,7 @@ XFORMERS = "xformers"
 
 _backends: dict[tuple[str, torch.dtype], str] = {}
 _memory_efficient_attention = None   # xformers' function, set once a probe has passed
+_math_only = False                   # inside forward_ad_attention()
 
 
 def _xformers_capable(device: torch.device) -> bool:
@@ -90,9 +100,23 @@ def reset_attention_backends() -> None:
     _memory_efficient_attention = None
 
 
+@contextmanager
+def forward_ad_attention() -> Iterator[None]:
+    """Within it, attention runs SDPA's math backend, the one forward-mode autodiff passes through
+    (slower and more memory than the fused kernels: only the Jacobian-vector product needs it)."""
+    global _math_only
+    previous = _math_only
+    _math_only = True
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        _math_only = previous
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(head_dim)) v over ``[B, heads, N, head_dim]`` tensors."""
-    if attention_backend(q.device, q.dtype) == XFORMERS:
+    if not _math_only and attention_backend(q.device, q.dtype) == XFORMERS:
         out = _memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v)

@@ -9,81 +9,20 @@ inherited from its name. Reading, overriding and saving configs is in :mod:`modu
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Optional
 
-from modules.errors import ConfigError
-
-
-# ----------------------------------------------------------------------------- rules
-
-Rule = Callable[[Any], Optional[str]]   # value -> what is wrong with it, or None
-
-
-def setting(default: Any, *rules: Rule) -> Any:
-    """A dataclass field with a default and the rules its value must pass."""
-    return field(default=default, metadata={"rules": rules})
-
-
-def field_rules(f: dataclasses.Field) -> tuple[Rule, ...]:
-    return f.metadata.get("rules", ())
-
-
-def positive(v) -> Optional[str]:
-    return None if v > 0 else f"must be > 0, got {v!r}"
-
-
-def non_negative(v) -> Optional[str]:
-    return None if v >= 0 else f"must be >= 0, got {v!r}"
-
-
-def at_most(limit: float) -> Rule:
-    """A sanity bound: values above it are typos (or a 100 GB allocation), not settings."""
-    return lambda v: None if v <= limit else f"must be <= {limit}, got {v!r}"
-
-
-def fraction(*, low_open: bool = False, high_open: bool = False) -> Rule:
-    low, high = "(" if low_open else "[", ")" if high_open else "]"
-
-    def rule(v) -> Optional[str]:
-        ok = (v > 0 if low_open else v >= 0) and (v < 1 if high_open else v <= 1)
-        return None if ok else f"must be in {low}0, 1{high}, got {v!r}"
-    return rule
-
-
-def one_of(*choices) -> Rule:
-    return lambda v: None if v in choices else f"{v!r} is not one of {', '.join(map(str, choices))}"
-
-
-def is_power_of_two(n: int) -> bool:
-    """The one definition of the power-of-two rule (step counts, M, downsampling factors)."""
-    return n >= 1 and n & (n - 1) == 0
-
-
-def power_of_two(v) -> Optional[str]:
-    return None if is_power_of_two(v) else f"must be a power of two, got {v!r}"
-
-
-def non_empty(v) -> Optional[str]:
-    return None if len(v) else "needs at least one entry"
-
-
-def each(*rules: Rule) -> Rule:
-    """Apply ``rules`` to every entry of a tuple."""
-    def rule(values) -> Optional[str]:
-        return next((problem for v in values for r in rules if (problem := r(v))), None)
-    return rule
-
-
-def fail(key: str, problem: str) -> ConfigError:
-    return ConfigError(f"config key '{key}': {problem}")
+from modules.config_rules import (at_least, at_most, each, fail, fraction, non_empty, non_negative, one_of, positive,
+                                  power_of_two, scale_range, setting, time_interval)
+from modules.errors import ConfigError  # noqa: F401  (callers catch config errors from here)
+from modules.sampling_rules import DEFAULT_SAMPLER, guidance_problem, sampling_problem
 
 
 # ----------------------------------------------------------------------------- shared sections
 
 SIZE_LIMIT = 16384          # pixels per side
 WIDTH_LIMIT = 8192          # channels
+OT_POOL_LIMIT = 2048        # rows of one train.ot_pairing assignment (O(n^3): about 17 s on a CPU core)
 
 
 @dataclass
@@ -129,6 +68,10 @@ class TrainConfig:
     channels_last: bool = False
     tf32: bool = True
     fused_optimizer: bool = True
+    # Stage 2 (iSM's scaling OT): pair noise with data by one assignment minimising the summed squared
+    # distance over ot_pool consecutive micro-batches of a process (modules/ot_pairing.py).
+    ot_pairing: bool = False
+    ot_pool: int = setting(1, positive, at_most(64))
 
 
 def _check_widths(prefix: str, base: int, mult: tuple[int, ...], groups: int) -> None:
@@ -180,8 +123,9 @@ class VAERunConfig:
     scale_samples: int = setting(256, positive)        # images used to measure the latent scale factor
 
     def check(self, prefix: str) -> None:
-        if self.train.gradient_checkpointing:
-            raise fail(f"{prefix}train.gradient_checkpointing", "is a stage-2 (UNet) switch; the VAE has none")
+        for switch in ("gradient_checkpointing", "ot_pairing"):
+            if getattr(self.train, switch):
+                raise fail(f"{prefix}train.{switch}", "is a stage-2 (UNet) switch; the VAE has none")
         f = self.model.downsample_factor
         if self.data.image_size % f:
             raise fail(f"{prefix}data.image_size", f"{self.data.image_size} is not divisible by the VAE's "
@@ -193,7 +137,8 @@ class VAERunConfig:
 @dataclass
 class UNetModelConfig:
     """The stage-2 network. ``arch=unet`` reads in_channels .. resample; ``arch=dit`` reads
-    in_channels and patch_size .. time_freq_shift (README "DiT"); both read num_step_levels."""
+    in_channels and patch_size .. time_freq_shift (README "DiT"); both read num_step_levels, step_input
+    and guidance_input."""
     in_channels: int = setting(4, positive, at_most(1024))        # set from the VAE's latent channels
     base_channels: int = setting(192, positive, at_most(WIDTH_LIMIT))
     channel_mult: tuple[int, ...] = setting((1, 2, 2, 4, 4, 4), non_empty, each(positive, at_most(64)))
@@ -206,6 +151,11 @@ class UNetModelConfig:
     dropout: float = setting(0.0, fraction(high_open=True))
     resample: str = setting("conv", one_of("conv", "wavelet"))
     num_step_levels: int = setting(0, non_negative, at_most(64))   # shortcut: log2 M + 1 (derived); 0: none
+    # The second time input (derived from the objective): "level", the shortcut's integer step level
+    # through a table of num_step_levels entries (0: no such input); "interval", MeanFlow's interval
+    # length h = s - t in [0, 1], embedded like t (sinusoid of h * 1000, MLP).
+    step_input: str = setting("level", one_of("level", "interval"))
+    guidance_input: bool = False        # iSM intrinsic guidance: the guidance scale w is an input (derived)
     arch: str = setting("unet", one_of("unet", "dit"))
     # DiT (Peebles & Xie 2023); the defaults are DiT-B/2, the shortcut paper's network.
     patch_size: int = setting(2, one_of(1, 2, 4, 8))              # latent pixels per token side
@@ -268,6 +218,12 @@ class ShortcutConfig:
     teacher_ema_decay: float = setting(0.95, fraction(high_open=True))      # 0: the online model teaches
     bootstrap_cfg: bool = False
     cfg_scale: float = setting(1.5, non_negative)       # training guidance scale used with bootstrap_cfg
+    # iSM (arXiv 2510.21250) intrinsic guidance: the guidance scale w is a network input, drawn per row
+    # uniformly from guidance_range; flow targets are guided, w (x1 - x0) + (1 - w) v_uncond, for t in
+    # guidance_interval and plain outside it; bootstrap targets ask the teacher at the row's w.
+    intrinsic_guidance: bool = False
+    guidance_range: tuple[float, float] = setting((1.0, 3.0), scale_range)
+    guidance_interval: tuple[float, float] = setting((0.25, 1.0), time_interval)
 
     @property
     def num_levels(self) -> int:
@@ -278,6 +234,37 @@ class ShortcutConfig:
 @dataclass
 class FlowConfig:
     time_sampling: str = setting("uniform", one_of("uniform", "logit_normal"))
+
+
+@dataclass
+class MeanFlowConfig:
+    """MeanFlow (Geng et al., arXiv 2505.13447) in this project's time, t = 0 noise, t = 1 data: the
+    network learns the average velocity over [t, s], s >= t. The paper's (t, r) are 1 - s, 1 - t here."""
+    # t and s: the lower and the higher of two logit-normal draws; the paper's logit-normal(-0.4, 1.0)
+    # over its reversed time is logit-normal(+0.4, 1.0) over ours.
+    time_mean: float = setting(0.4, at_least(-10), at_most(10))
+    time_std: float = setting(1.0, positive, at_most(10))
+    equal_fraction: float = setting(0.75, fraction())      # rows with s = t (flow matching); the paper's best
+    # Adaptive loss weight 1 / (||delta||^2 + c)^p on each row's squared error summed over its elements.
+    loss_power: float = setting(1.0, non_negative, at_most(4))     # p; 0: the plain summed squared error
+    loss_eps: float = setting(0.01, positive)                 # c: the official JAX code's (its CIFAR code: 1e-3)
+    # Guidance folded into the target (the paper's appendix): v_g = omega v + kappa u(z, t, t | c)
+    # + (1 - omega - kappa) u(z, t, t | null) for t in guidance_interval (our time: the paper's [a, b] is
+    # [1 - b, 1 - a] here), v elsewhere and on dropped rows.
+    omega: float = setting(1.0, non_negative, at_most(100))     # 1 with kappa 0: no guidance
+    kappa: float = setting(0.0, fraction(high_open=True))
+    guidance_interval: tuple[float, float] = setting((0.0, 1.0), time_interval)
+
+    @property
+    def guided(self) -> bool:
+        return self.omega != 1.0 or self.kappa != 0.0
+
+
+@dataclass
+class LatentLossConfig:
+    # objective=shortcut: iSM's multi-level Haar wavelet loss on the prediction error, every sub-band
+    # weighted equally (modules/wavelet.py: wavelet_loss); 0: the plain mean squared error.
+    wavelet_levels: int = setting(0, non_negative, at_most(8))
 
 
 @dataclass
@@ -323,38 +310,17 @@ class EvalConfig:
                        "eval.inception_sha256 (the SHA-256 of that file: it runs code when loaded)")
 
 
-# Which samplers fit which objective, and the one each uses by default.
-SAMPLERS_FOR = {"shortcut": ("shortcut", "euler", "heun"), "flow": ("euler", "heun"), "ddpm": ("ddim", "ddpm")}
-DEFAULT_SAMPLER = {"shortcut": "shortcut", "flow": "euler", "ddpm": "ddim"}
-
-
-def sampling_problem(objective: str, sampler: str, steps: int, denoise_timesteps: int,
-                     num_timesteps: int) -> Optional[str]:
-    """Why a model trained with ``objective`` cannot be sampled so, or None: the one home of these rules."""
-    if sampler not in SAMPLERS_FOR[objective]:
-        return f"sampler {sampler} does not fit a {objective} model (use one of {', '.join(SAMPLERS_FOR[objective])})"
-    if steps < 1:
-        return f"steps must be an integer >= 1, got {steps}"
-    if sampler == "shortcut" and (not is_power_of_two(steps) or steps > denoise_timesteps):
-        rule = (f"shortcut sampling needs a power of two between 1 and the model's denoise_timesteps="
-                f"{denoise_timesteps} (1, 2, 4, ..., {denoise_timesteps})")
-        if is_power_of_two(steps):
-            return f"{steps} steps exceeds the trained maximum of {denoise_timesteps}: {rule}"
-        return f"{rule}, got {steps}"
-    if sampler in ("ddim", "ddpm") and steps > num_timesteps:
-        return f"{steps} steps: must be <= the schedule's {num_timesteps} timesteps (ddpm.num_timesteps)"
-    return None
-
-
 @dataclass
 class UNetRunConfig:
-    objective: str = setting("shortcut", one_of("shortcut", "flow", "ddpm"))
+    objective: str = setting("shortcut", one_of("shortcut", "flow", "ddpm", "meanflow"))
     vae: str = ""                       # exported VAE folder or train_vae output dir
     model: UNetModelConfig = field(default_factory=UNetModelConfig)
     cond: CondConfig = field(default_factory=CondConfig)
     shortcut: ShortcutConfig = field(default_factory=ShortcutConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
+    meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)
     ddpm: DDPMConfig = field(default_factory=DDPMConfig)
+    loss: LatentLossConfig = field(default_factory=LatentLossConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, weight_decay=0.1))
@@ -372,7 +338,16 @@ class UNetRunConfig:
         """Entries of the step-size embedding: levels 0 .. log2 M for shortcut models, none otherwise."""
         return self.shortcut.num_levels + 1 if self.objective == "shortcut" else 0
 
+    @property
+    def step_input(self) -> str:
+        return "interval" if self.objective == "meanflow" else "level"
+
+    @property
+    def guidance_input(self) -> bool:
+        return self.objective == "shortcut" and self.shortcut.intrinsic_guidance
+
     def check(self, prefix: str) -> None:
+        self._check_objective_switches(prefix)
         if self.model.arch == "dit" and self.cond.type == "mask" and self.cond.mask_mode != "concat":
             raise fail(f"{prefix}cond.mask_mode", f"model.arch=dit has no cross-attention: it reads masks as "
                        f"concatenated input channels only (cond.mask_mode=concat), got {self.cond.mask_mode}")
@@ -388,6 +363,21 @@ class UNetRunConfig:
             raise fail(f"{prefix}model.num_step_levels", f"{self.model.num_step_levels} does not fit "
                        f"objective={self.objective} with shortcut.denoise_timesteps={self.shortcut.denoise_timesteps} "
                        f"(expected {self.num_step_levels})")
+        # Derived fields: their defaults, or what the objective derives.
+        if self.model.step_input not in ("level", self.step_input):
+            raise fail(f"{prefix}model.step_input", f"{self.model.step_input} does not fit objective={self.objective} "
+                       f"(a continuous interval input is MeanFlow's)")
+        if self.model.guidance_input and not self.guidance_input:
+            raise fail(f"{prefix}model.guidance_input", "a guidance-scale input needs objective=shortcut with "
+                       "shortcut.intrinsic_guidance=true")
+        pool_rows = self.train.ot_pool * self.train.batch_size
+        if self.train.ot_pairing and pool_rows > OT_POOL_LIMIT:
+            raise fail(f"{prefix}train.ot_pool", f"{self.train.ot_pool} micro-batches of train.batch_size="
+                       f"{self.train.batch_size} make {pool_rows} rows; one exact assignment is limited to "
+                       f"{OT_POOL_LIMIT} (its cost grows as rows^3)")
+        problem = guidance_problem(self, self.sample.cfg_scale)
+        if problem:
+            raise fail(f"{prefix}sample.cfg_scale", problem)
         for key, steps_list in (("sample.steps", self.sample.steps), ("eval.steps", self.eval.steps)):
             for steps in steps_list:
                 problem = sampling_problem(self.objective, DEFAULT_SAMPLER[self.objective], steps,
@@ -395,13 +385,39 @@ class UNetRunConfig:
                 if problem:
                     raise fail(f"{prefix}{key}", problem)
 
+    def _check_objective_switches(self, prefix: str) -> None:
+        """The MeanFlow and iSM switches against the objective, the condition and the training switches."""
+        conditional = self.cond.type != "none"
+        if self.objective == "meanflow":
+            if self.train.gradient_checkpointing:
+                raise fail(f"{prefix}train.gradient_checkpointing", "cannot be used with objective=meanflow: "
+                           "torch's checkpointing does not recompute the forward-mode (JVP) tangents")
+            if self.meanflow.guided and not conditional:
+                raise fail(f"{prefix}meanflow.omega", "guidance (meanflow.omega != 1 or meanflow.kappa != 0) needs "
+                           "a conditional model (cond.type=class or mask)")
+        for key, on in (("shortcut.intrinsic_guidance", self.shortcut.intrinsic_guidance),
+                        ("loss.wavelet_levels", self.loss.wavelet_levels > 0)):
+            if on and self.objective != "shortcut":
+                raise fail(f"{prefix}{key}", f"is a switch of objective=shortcut, got objective={self.objective}")
+        if self.shortcut.intrinsic_guidance and self.objective == "shortcut":
+            if not conditional:
+                raise fail(f"{prefix}shortcut.intrinsic_guidance", "needs a conditional model (cond.type=class "
+                           "or mask): guidance mixes conditional and unconditional velocities")
+            low, high = self.shortcut.guidance_range
+            if not low <= 1 <= high:
+                raise fail(f"{prefix}shortcut.guidance_range", f"must include 1 (no guidance: what dropped rows, "
+                           f"evaluation and the default --cfg-scale use), got {self.shortcut.guidance_range}")
+            if self.shortcut.bootstrap_cfg:
+                raise fail(f"{prefix}shortcut.bootstrap_cfg", "and shortcut.intrinsic_guidance are two ways to "
+                           "train guidance in; choose one")
+
     @property
     def eval_steps(self) -> tuple[int, ...]:
         """The step counts FID is measured at: eval.steps, or 1, 4 and the finest the model has."""
         if self.eval.steps:
             return self.eval.steps
         finest = self.shortcut.denoise_timesteps if self.objective == "shortcut" else 128 \
-            if self.objective == "flow" else min(self.ddpm.num_timesteps, 250)
+            if self.objective in ("flow", "meanflow") else min(self.ddpm.num_timesteps, 250)
         return tuple(sorted({1, min(4, finest), finest}))
 
 
@@ -420,3 +436,11 @@ def check_trained(cfg: UNetRunConfig) -> None:
     if cfg.model.num_step_levels != cfg.num_step_levels:
         raise fail("model.num_step_levels", f"{cfg.model.num_step_levels} does not fit objective={cfg.objective} "
                    f"with shortcut.denoise_timesteps={cfg.shortcut.denoise_timesteps} (expected {cfg.num_step_levels})")
+    for key, have, expected in (("model.step_input", cfg.model.step_input, cfg.step_input),
+                                ("model.guidance_input", cfg.model.guidance_input, cfg.guidance_input)):
+        if have != expected:
+            raise fail(key, f"{have} does not fit objective={cfg.objective} (expected {expected})")
+    levels = cfg.loss.wavelet_levels
+    if levels and cfg.latent_size % 2 ** levels:
+        raise fail("loss.wavelet_levels", f"{levels} Haar levels halve the latents {levels} times: the latent size "
+                   f"{cfg.latent_size} is not divisible by {2 ** levels}")

@@ -17,7 +17,8 @@ import typing
 from pathlib import Path
 from typing import Any, Optional
 
-from modules.config import ConfigError, fail, field_rules
+from modules.config_rules import fail, field_rules
+from modules.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 

@@ -1,9 +1,10 @@
 """What the stage-2 networks (modules/unet.py, modules/dit.py) share: the call contract and its one
-input check, gradient checkpointing, the time sinusoid, zero-initialised layers, self- and cross-attention.
+input check, gradient checkpointing, the time sinusoid, the step-size and guidance embeddings,
+zero-initialised layers, self- and cross-attention.
 
-Every stage-2 network is called as ``model(x, t, level=None, cond=None, drop=None)`` and returns a
-prediction shaped like ``x`` (see :class:`Denoiser`), so objectives, samplers, EMAs, checkpoints
-and exports never ask which network they hold.
+Every stage-2 network is called as ``model(x, t, level=None, cond=None, drop=None, guidance=None)``
+and returns a prediction shaped like ``x`` (see :class:`Denoiser`), so objectives, samplers, EMAs,
+checkpoints and exports never ask which network they hold.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, f
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32)
                       / (half - freq_shift))
-    args = (t.float() * TIME_SCALE)[:, None] * freqs[None, :]
+    # At least float32 (a bf16 t would collapse nearby times); float64 stays float64 (exact derivative checks).
+    args = (t.to(torch.promote_types(t.dtype, torch.float32)) * TIME_SCALE)[:, None] * freqs[None, :]
     return F.pad(torch.cat([args.cos(), args.sin()], dim=1), (0, dim - 2 * half))
 
 
@@ -41,6 +43,38 @@ def zero_init(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
+
+
+class ScalarEmbedding(nn.Module):
+    """A continuous input embedded like t: MLP of the sinusoid of ``value * 1000``. Its last layer starts
+    at zero, so a network given this input starts as the network without it."""
+
+    def __init__(self, frequency_channels: int, dim: int, freq_shift: int = 0):
+        super().__init__()
+        self.freq_shift = freq_shift
+        self.mlp = nn.Sequential(nn.Linear(frequency_channels, dim), nn.SiLU(), zero_init(nn.Linear(dim, dim)))
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        first = self.mlp[0]
+        sinusoid = timestep_embedding(value, first.in_features, freq_shift=self.freq_shift)
+        return self.mlp(sinusoid.to(first.weight.dtype))
+
+
+def step_embedding(model_cfg: UNetModelConfig, frequency_channels: int, dim: int) -> Optional[nn.Module]:
+    """The second time input: a table of shortcut levels, MeanFlow's interval length embedded like t, or None."""
+    if model_cfg.step_input == "interval":
+        return ScalarEmbedding(frequency_channels, dim, model_cfg.time_freq_shift)
+    return nn.Embedding(model_cfg.num_step_levels, dim) if model_cfg.num_step_levels > 0 else None
+
+
+def guidance_embedding(model_cfg: UNetModelConfig, frequency_channels: int, dim: int) -> Optional[nn.Module]:
+    """iSM's intrinsic guidance: the guidance scale w embedded like t (sinusoid of w * 1000, MLP), or None."""
+    return ScalarEmbedding(frequency_channels, dim, model_cfg.time_freq_shift) if model_cfg.guidance_input else None
+
+
+def output_layer(embedding: nn.Module) -> nn.Module:
+    """The layer an embedding ends with (the table itself, or the MLP's last layer), to zero it."""
+    return embedding.mlp[-1] if isinstance(embedding, ScalarEmbedding) else embedding
 
 
 class SelfAttention(nn.Module):
@@ -77,19 +111,24 @@ class CrossAttention(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """Base of the stage-2 networks: ``forward(x, t, level=None, cond=None, drop=None)`` -> prediction like ``x``.
+    """Base of the stage-2 networks: ``forward(x, t, level=None, cond=None, drop=None, guidance=None)`` ->
+    prediction like ``x``.
 
     x: latents ``[B, in_channels, h, w]`` (h, w divisible by ``size_factor``); t: ``[B]`` float in [0, 1];
-    level: ``[B]`` long step-size level (required iff ``model.num_step_levels > 0``); cond: see
-    :class:`modules.conditioning.Conditioner` (None = null condition for every sample);
-    drop: ``[B]`` bool, True = use the null condition for that sample (classifier-free guidance).
-    Set ``gradient_checkpointing = True`` to recompute block activations in the backward pass.
-    Subclasses set ``time_mlp`` (its first layer's width is the sinusoid's), ``level_emb`` (or None),
+    level: the step input, required iff the network has one: ``[B]`` long step-size level
+    (``model.step_input=level`` with ``model.num_step_levels > 0``) or ``[B]`` float interval length
+    h in [0, 1] (``model.step_input=interval``); cond: see :class:`modules.conditioning.Conditioner`
+    (None = null condition for every sample); drop: ``[B]`` bool, True = use the null condition for
+    that sample (classifier-free guidance); guidance: ``[B]`` float guidance scale, required iff
+    ``model.guidance_input``. Set ``gradient_checkpointing = True`` to recompute block activations in
+    the backward pass. Subclasses set ``time_mlp`` (its first layer's width is the sinusoid's),
+    ``level_emb`` and ``guidance_emb`` (:func:`step_embedding`, :func:`guidance_embedding`),
     ``conditioner``, ``size_factor`` and ``size_rule`` (why that factor).
     """
 
     time_mlp: nn.Sequential
     level_emb: Optional[nn.Module]
+    guidance_emb: Optional[nn.Module]
     conditioner: nn.Module
     size_factor: int
     size_rule: str
@@ -102,7 +141,8 @@ class Denoiser(nn.Module):
         self.gradient_checkpointing = False
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, level: Optional[torch.Tensor],
-                      cond: Optional[torch.Tensor], drop: Optional[torch.Tensor]) -> torch.Tensor:
+                      cond: Optional[torch.Tensor], drop: Optional[torch.Tensor],
+                      guidance: Optional[torch.Tensor]) -> torch.Tensor:
         """The network's one input check (shapes and dtypes only: no device sync), because a wrong
         shape would otherwise fail deep inside torch or, worse, broadcast silently."""
         m, c = self.model_cfg, self.cond_cfg
@@ -117,11 +157,18 @@ class Denoiser(nn.Module):
                             f"{t.dtype if torch.is_tensor(t) else type(t).__name__} of shape {list(getattr(t, 'shape', []))}")
         if self.level_emb is None and level is not None:
             problems.append("level given, but this network has no step-size embedding (model.num_step_levels=0)")
-        if self.level_emb is not None and (level is None or level.dtype not in (torch.int64, torch.int32)
-                                           or tuple(level.shape) != (b,)):
-            problems.append(f"this network embeds the step size (model.num_step_levels={m.num_step_levels}): "
-                            f"level must be an integer tensor of shape [{b}], got "
+        interval = m.step_input == "interval"
+        if self.level_emb is not None and (level is None or tuple(level.shape) != (b,) or (
+                not level.is_floating_point() if interval else level.dtype not in (torch.int64, torch.int32))):
+            kind, what = (("a float", "the interval length (model.step_input=interval)") if interval else
+                          ("an integer", f"the step size (model.num_step_levels={m.num_step_levels})"))
+            problems.append(f"this network embeds {what}: level must be {kind} tensor of shape [{b}], got "
                             f"{'None' if level is None else f'{level.dtype} of shape {list(level.shape)}'}")
+        if (self.guidance_emb is not None) != (guidance is not None) or (
+                guidance is not None and (not guidance.is_floating_point() or tuple(guidance.shape) != (b,))):
+            problems.append(f"guidance must be a float tensor of shape [{b}] for a network with a guidance input "
+                            f"(model.guidance_input={m.guidance_input}) and None otherwise, got "
+                            f"{'None' if guidance is None else f'{guidance.dtype} of shape {list(guidance.shape)}'}")
         if c.type == "none" and cond is not None:
             problems.append("this network is unconditional (cond.type=none) but a condition was given")
         if c.type == "class" and cond is not None and (cond.dtype not in (torch.int64, torch.int32)
@@ -153,14 +200,16 @@ class Denoiser(nn.Module):
         return self.time_mlp(sinusoid.to(first.weight.dtype))
 
     def _conditioned(self, x: torch.Tensor, t: torch.Tensor, level: Optional[torch.Tensor],
-                     cond: Optional[torch.Tensor], drop: Optional[torch.Tensor]):
+                     cond: Optional[torch.Tensor], drop: Optional[torch.Tensor], guidance: Optional[torch.Tensor]):
         """The checked inputs as the network body takes them: ``(x, emb, context)``, with ``emb`` the
-        SiLU of time + step-size + condition embeddings, ``x`` with the mask channels concatenated and
-        ``context`` the cross-attention tokens (or None)."""
-        t = self._check_inputs(x, t, level, cond, drop)
+        SiLU of time + step-size + guidance + condition embeddings, ``x`` with the mask channels
+        concatenated and ``context`` the cross-attention tokens (or None)."""
+        t = self._check_inputs(x, t, level, cond, drop, guidance)
         emb = self.time_embedding(t)
         if self.level_emb is not None:
             emb = emb + self.level_emb(level)
+        if self.guidance_emb is not None:
+            emb = emb + self.guidance_emb(guidance)
         emb_add, context, concat = self.conditioner(cond, drop, x.shape[0], (x.shape[2], x.shape[3]))
         if emb_add is not None:
             emb = emb + emb_add

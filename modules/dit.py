@@ -7,8 +7,9 @@ the attention and for the MLP, all six from the conditioning vector and zero-ini
 block starts as the identity); the final adaLN layer (zero-initialised) and unpatchify. No
 learned sigma: flow and shortcut models predict a velocity, DDPM models epsilon.
 
-Conditioning vector c = MLP(sinusoid of ``t * 1000``) + step-size level embedding (shortcut
-models; zero-initialised, so a converted pretrained DiT computes its own function at the start)
+Conditioning vector c = MLP(sinusoid of ``t * 1000``) + step-size embedding (a shortcut level's
+table or a MeanFlow interval's MLP) + guidance-scale embedding (intrinsic guidance), both ending in
+zero-initialised layers so a converted pretrained DiT computes its own function at the start,
 + class embedding (label ``num_classes`` is the null label). Masks enter as extra input channels
 (``cond.mask_mode=concat``; the config refuses the others). Text (``cond.text_mode``): the token
 embeddings through a cross-attention layer in every block, after the self-attention,
@@ -27,7 +28,8 @@ from torch import nn
 
 from modules.conditioning import Conditioner, sincos_position_embedding
 from modules.config import CondConfig, UNetModelConfig
-from modules.denoiser import CrossAttention, Denoiser, SelfAttention, zero_init
+from modules.denoiser import (CrossAttention, Denoiser, SelfAttention, guidance_embedding, output_layer,
+                              step_embedding, zero_init)
 
 FREQUENCY_CHANNELS = 256     # width of the time sinusoid fed to the time MLP (the DiT code's)
 NORM_EPS = 1e-6
@@ -78,7 +80,8 @@ class DiT(Denoiser):
         self.time_freq_shift = m.time_freq_shift
 
         self.time_mlp = nn.Sequential(nn.Linear(FREQUENCY_CHANNELS, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.level_emb = nn.Embedding(m.num_step_levels, dim) if m.num_step_levels > 0 else None
+        self.level_emb = step_embedding(m, FREQUENCY_CHANNELS, dim)
+        self.guidance_emb = guidance_embedding(m, FREQUENCY_CHANNELS, dim)
         # Cross-attention for text tokens only: labels go through adaLN, masks in as channels.
         self.conditioner = Conditioner(self.cond_cfg, m, dim, reads_context=self.cond_cfg.type == "text")
         context_dim = m.context_dim if self.conditioner.provides_context else None
@@ -92,7 +95,8 @@ class DiT(Denoiser):
 
     def _init_weights(self) -> None:
         """As the DiT code: Xavier-uniform linear layers and patch projection, N(0, 0.02) time MLP and
-        label table; zero modulations, final layer, step-size table and text pooling."""
+        label table; zero modulations, final layer, text pooling and the last layer of the step-size and
+        guidance embeddings (their first layers as the time MLP's)."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -111,14 +115,19 @@ class DiT(Denoiser):
                 zero_init(block.cross_attn.out)     # PixArt-alpha: each block starts without the text
         for layer in (self.final_modulation, self.final_proj):
             zero_init(layer)
-        if self.level_emb is not None:
-            zero_init(self.level_emb)
+        for embedding in (self.level_emb, self.guidance_emb):
+            if embedding is None:
+                continue
+            if embedding is not output_layer(embedding):
+                nn.init.normal_(embedding.mlp[0].weight, std=0.02)
+            zero_init(output_layer(embedding))
         if hasattr(self.conditioner, "text_pool"):
             zero_init(self.conditioner.text_pool)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, level: Optional[torch.Tensor] = None,
-                cond: Optional[torch.Tensor] = None, drop: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x, c, context = self._conditioned(x, t, level, cond, drop)
+                cond: Optional[torch.Tensor] = None, drop: Optional[torch.Tensor] = None,
+                guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x, c, context = self._conditioned(x, t, level, cond, drop, guidance)
         h = self.patch_embed(x)
         b, dim, grid_h, grid_w = h.shape
         tokens = h.flatten(2).transpose(1, 2)

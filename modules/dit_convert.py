@@ -43,8 +43,8 @@ logger = logging.getLogger("modules.dit_convert")
 DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")   # the latter: DiT pipelines before diffusers 0.28
 EMBEDDER = "transformer_blocks.{}.norm1.emb."
 # Parts of our DiT that a diffusers DiT does not have: they keep their fresh initialisation.
-NEW_PARTS = ("level_emb.", "conditioner.encoder.", "conditioner.to_concat.", "conditioner.null_channels",
-             "conditioner.text_pool.", "conditioner.null_text")
+NEW_PARTS = ("level_emb.", "guidance_emb.", "conditioner.encoder.", "conditioner.to_concat.",
+             "conditioner.null_channels", "conditioner.text_pool.", "conditioner.null_text")
 
 
 def _refuse_pickle(path: Path) -> None:

@@ -11,9 +11,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from modules.config import DEFAULT_SAMPLER, DDPMConfig, UNetRunConfig
+from modules.config import DDPMConfig, UNetRunConfig
 from modules.objectives import DDPMSchedule, ModelCall
 from modules.samplers import guided, sample
+from modules.sampling_rules import DEFAULT_SAMPLER
 from modules.seeding import initial_noise, noise_generators
 
 # The tests' override of the compiler backend (e.g. aot_eager): inductor takes minutes to compile
@@ -31,11 +32,12 @@ class GenerationSpec:
     ddpm: DDPMConfig
     cond_type: str
     num_classes: int
+    guidance_input: bool = False    # the network takes the guidance scale (intrinsic guidance)
 
     @classmethod
     def from_run_config(cls, cfg: UNetRunConfig) -> "GenerationSpec":
         return cls(cfg.objective, cfg.model.in_channels, cfg.latent_size, cfg.shortcut.denoise_timesteps,
-                   cfg.ddpm, cfg.cond.type, cfg.cond.num_classes)
+                   cfg.ddpm, cfg.cond.type, cfg.cond.num_classes, cfg.model.guidance_input)
 
 
 @torch.no_grad()
@@ -44,14 +46,17 @@ def generate_latents(unet, spec: GenerationSpec, cond: Optional[torch.Tensor], s
                      device: torch.device | str = "cpu") -> torch.Tensor:
     """Latents (unscaled by the VAE factor) for one batch; row i depends only on seeds[i] and cond[i].
 
-    ``sampler`` and ``steps`` must pass ``modules.config.sampling_problem`` (callers check it
-    where the request is made: the config, sample.py's arguments).
+    ``sampler`` and ``steps`` must pass ``modules.sampling_rules.sampling_problem``, and ``cfg_scale``
+    ``modules.sampling_rules.guidance_problem`` (callers check them where the request is made: the config,
+    sample.py's arguments).
     """
     method = sampler or DEFAULT_SAMPLER[spec.objective]
     noise = initial_noise(seeds, (spec.latent_channels, spec.latent_size, spec.latent_size), device=device)
-    fn = guided(unet, cond, cfg_scale)
+    fn = guided(unet, cond, cfg_scale, intrinsic=spec.guidance_input)
     if spec.objective == "shortcut" and method != "shortcut":
         fn = at_finest_level(fn, spec.denoise_timesteps)
+    if spec.objective == "meanflow" and method != "meanflow":
+        fn = at_zero_interval(fn)
     if method in ("ddim", "ddpm"):
         return sample(method, fn, noise, steps, schedule=DDPMSchedule.from_config(spec.ddpm),
                       generators=noise_generators(seeds), **({"eta": eta} if method == "ddim" else {}))
@@ -64,6 +69,13 @@ def at_finest_level(fn, denoise_timesteps: int):
 
     def flow_fn(x, t, level=None):
         return fn(x, t, torch.full((x.shape[0],), finest, dtype=torch.long, device=x.device))
+    return flow_fn
+
+
+def at_zero_interval(fn):
+    """A MeanFlow model used as a plain flow model (Euler/Heun): u(z, t, h = 0) is the instantaneous velocity."""
+    def flow_fn(x, t, level=None):
+        return fn(x, t, torch.zeros(x.shape[0], device=x.device))
     return flow_fn
 
 

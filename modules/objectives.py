@@ -1,13 +1,16 @@
-"""Training objectives for the latent network: flow matching, shortcut models and DDPM.
+"""Training objectives for the latent network: flow matching, shortcut models and DDPM (MeanFlow
+is in modules/meanflow.py).
 
 Every objective is one class with one call, ``loss(model, x1, cond, draws) -> (loss, logs)``:
 the training loop calls nothing else, so a new objective is a new class. Objectives hold no
 weights and no training state (the trainer owns networks, EMAs and optimizers); the shortcut
 objective is given, at construction, how to run its teacher. Every network is called as
 ``model(x, t, level=None, cond=None, drop=None)`` with ``t`` a float in [0, 1] (flow
-convention: 0 noise, 1 data; DDPM passes timestep / num_timesteps). ``cond`` is only ever
-passed through or indexed by batch row. :class:`Draws` makes every random choice reproducible.
-Configs are validated where they are built (modules/config.py); objectives trust them.
+convention: 0 noise, 1 data; DDPM passes timestep / num_timesteps), plus ``guidance=w`` for a
+network with a guidance-scale input only (so any other model function keeps the 5-argument
+call). ``cond`` is only ever passed through or indexed by batch row. :class:`Draws` makes every
+random choice reproducible. Configs are validated where they are built (modules/config.py);
+objectives trust them.
 """
 from __future__ import annotations
 
@@ -19,6 +22,9 @@ from typing import Callable, Optional
 import torch
 
 from modules.config import DDPMConfig, FlowConfig, ShortcutConfig, UNetRunConfig
+from modules.draws import Draws, broadcast, condition_dropout, draw_device, noise_for, rand, randint
+from modules.meanflow import MeanFlowObjective
+from modules.wavelet import wavelet_loss
 
 ModelCall = Callable[..., torch.Tensor]
 Logs = dict[str, torch.Tensor]
@@ -27,55 +33,17 @@ Logs = dict[str, torch.Tensor]
 Teacher = Callable[[], AbstractContextManager]
 
 
-@dataclass
-class Draws:
-    """The randomness of one micro-batch.
-
-    ``generator`` makes every random draw (noise, times, dropout, levels); ``index`` is the
-    micro-batch's place in the run (over steps, micro-steps and processes), for choices that
-    rotate deterministically rather than being drawn. ``index`` None draws them too.
-    """
-    generator: Optional[torch.Generator] = None
-    index: Optional[int] = None
-
 # Shortcut targets and the intermediate teacher point are clipped here, as in the paper's code.
 SHORTCUT_CLIP = 4.0
 
 
-# ----------------------------------------------------------------------------- random draws
-
-def _draw_device(generator: Optional[torch.Generator], device: torch.device) -> torch.device:
-    # A generator only draws on its own device; results are moved to the data's device.
-    return generator.device if generator is not None else device
-
-
-def _rand(n: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
-    return torch.rand(n, generator=generator, device=_draw_device(generator, device)).to(device)
-
-
-def _randint(high: int, n: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
-    return torch.randint(0, high, (n,), generator=generator, device=_draw_device(generator, device)).to(device)
-
-
-def _randn_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    noise = torch.randn(x.shape, generator=generator, device=_draw_device(generator, x.device))
-    return noise.to(device=x.device, dtype=x.dtype)
-
-
-def _broadcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return t.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-
-
-def _condition_dropout(n: int, cond: Optional[torch.Tensor], cond_drop: float,
-                       generator: Optional[torch.Generator], device: torch.device) -> Optional[torch.Tensor]:
-    """Whole-sample dropout mask (True = null condition); None for unconditional models."""
-    if cond is None:
-        return None
-    return _rand(n, generator, device) < cond_drop
-
-
 def _mse_per_sample(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+def guidance_kw(guidance: Optional[torch.Tensor]) -> dict:
+    """The ``guidance`` keyword of a model call: given only to a network with a guidance-scale input."""
+    return {} if guidance is None else {"guidance": guidance}
 
 
 # ----------------------------------------------------------------------------- flow
@@ -90,17 +58,17 @@ class FlowObjective:
     def sample_t(self, n: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
         if self.cfg.time_sampling == "logit_normal":
             # SD3's logit-normal(0, 1): more weight on the middle of the path.
-            z = torch.randn(n, generator=generator, device=_draw_device(generator, device)).to(device)
+            z = torch.randn(n, generator=generator, device=draw_device(generator, device)).to(device)
             return torch.sigmoid(z)
-        return _rand(n, generator, device)
+        return rand(n, generator, device)
 
     def loss(self, model: ModelCall, x1: torch.Tensor, cond: Optional[torch.Tensor],
              draws: Draws) -> tuple[torch.Tensor, Logs]:
         generator = draws.generator
-        noise = _randn_like(x1, generator)
+        noise = noise_for(x1, draws)
         t = self.sample_t(x1.shape[0], generator, x1.device)
-        drop = _condition_dropout(x1.shape[0], cond, self.cond_drop, generator, x1.device)
-        tb = _broadcast(t, x1)
+        drop = condition_dropout(x1.shape[0], cond, self.cond_drop, generator, x1.device)
+        tb = broadcast(t, x1)
         x_t = (1 - tb) * noise + tb * x1
         pred = model(x_t, t, level=None, cond=cond, drop=drop)
         loss = _mse_per_sample(pred, x1 - noise).mean()
@@ -135,7 +103,7 @@ def bootstrap_levels(n: int, num_levels: int, generator: Optional[torch.Generato
     if index is not None:
         offset = (index * n) % num_levels
     else:
-        offset = int(_randint(num_levels, 1, generator, torch.device("cpu")).item())
+        offset = int(randint(num_levels, 1, generator, torch.device("cpu")).item())
     return (offset + torch.arange(n, device=device)) % num_levels
 
 
@@ -151,15 +119,18 @@ class ShortcutBatch:
     is_bootstrap: torch.Tensor      # [B] bool
     noise: torch.Tensor             # x0 of every row
     num_flow: int                   # rows 0 .. num_flow - 1 are flow rows
+    guidance: Optional[torch.Tensor] = None   # [B] float guidance scale w (intrinsic guidance), else None
 
 
 def _teacher_velocity(teacher: ModelCall, x: torch.Tensor, t: torch.Tensor, level: torch.Tensor,
-                      cond: Optional[torch.Tensor], guided_rows: torch.Tensor, scale: float) -> torch.Tensor:
-    """Teacher velocity; rows in ``guided_rows`` get v_u + w (v_c - v_u) on the same x."""
+                      cond: Optional[torch.Tensor], guided_rows: torch.Tensor, scale: float,
+                      guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Teacher velocity; rows in ``guided_rows`` get v_u + w (v_c - v_u) on the same x (bootstrap_cfg);
+    ``guidance``: the scale each row asks an intrinsically guided teacher for (never with guided rows)."""
     n = x.shape[0]
     keep = None if cond is None else torch.zeros(n, dtype=torch.bool, device=x.device)
     if guided_rows.numel() == 0:
-        return teacher(x, t, level=level, cond=cond, drop=keep).to(x.dtype)
+        return teacher(x, t, level=level, cond=cond, drop=keep, **guidance_kw(guidance)).to(x.dtype)
     # One doubled forward: all rows conditional, plus the guided rows again with the null condition.
     rows = torch.cat([torch.arange(n, device=x.device), guided_rows])
     drop = torch.cat([keep, torch.ones(guided_rows.numel(), dtype=torch.bool, device=x.device)])
@@ -170,15 +141,22 @@ def _teacher_velocity(teacher: ModelCall, x: torch.Tensor, t: torch.Tensor, leve
 
 
 def shortcut_targets(teacher: ModelCall, x1: torch.Tensor, cond: Optional[torch.Tensor],
-                     cfg: ShortcutConfig, cond_drop: float = 0.0,
-                     generator: Optional[torch.Generator] = None, index: Optional[int] = None) -> ShortcutBatch:
+                     cfg: ShortcutConfig, cond_drop: float = 0.0, generator: Optional[torch.Generator] = None,
+                     index: Optional[int] = None, noise: Optional[torch.Tensor] = None) -> ShortcutBatch:
     """Build the shortcut batch of SPEC section 5 (no gradient flows through the teacher).
 
     Rows 0..B-B_b-1 are flow rows: level log2 M, t = i/M, target x1 - x0, condition
     dropout. Rows B-B_b..B-1 are bootstrap rows: level k stratified over 0..log2 M - 1,
     t = j 2^-k with t + 2^-k <= 1, real condition, target from two half steps of the
     teacher at level k + 1. ``cond`` keeps the row order of ``x1``; ``index`` is
-    :attr:`Draws.index`.
+    :attr:`Draws.index`; ``noise`` is :attr:`Draws.noise` (None: drawn).
+
+    With ``cfg.intrinsic_guidance`` every row gets a guidance scale w, uniform in
+    ``cfg.guidance_range`` (1 on dropped rows: the null condition has no guidance); flow rows
+    with the real condition and t in ``cfg.guidance_interval`` regress w (x1 - x0) + (1 - w) v_u,
+    v_u the teacher's unconditional velocity (whose expectation given x_t is the guided velocity
+    v_u + w (v_c - v_u)), and the bootstrap rows' teacher is asked at the row's w, so every level
+    learns the guidance of the finest one instead of compounding it.
     """
     m = cfg.denoise_timesteps
     num_levels = cfg.num_levels
@@ -187,12 +165,12 @@ def shortcut_targets(teacher: ModelCall, x1: torch.Tensor, cond: Optional[torch.
     n_flow = b - n_boot
     device = x1.device
 
-    noise = _randn_like(x1, generator)
-    t_flow = _randint(m, n_flow, generator, device).float() / m
+    noise = noise_for(x1, Draws(generator, noise=noise))
+    t_flow = randint(m, n_flow, generator, device).float() / m
     level_boot = bootstrap_levels(n_boot, num_levels, generator, device, index)
     d_boot = torch.pow(2.0, -level_boot.float())
     # j uniform in [0, 2^k): floor of a uniform draw scaled per row, so t + d <= 1.
-    j = torch.floor(_rand(n_boot, generator, device) * torch.pow(2.0, level_boot.float()))
+    j = torch.floor(rand(n_boot, generator, device) * torch.pow(2.0, level_boot.float()))
     t_boot = j * d_boot
     t = torch.cat([t_flow, t_boot])
     level = torch.cat([torch.full((n_flow,), num_levels, dtype=torch.long, device=device), level_boot])
@@ -201,42 +179,69 @@ def shortcut_targets(teacher: ModelCall, x1: torch.Tensor, cond: Optional[torch.
     drop = None
     if cond is not None:
         drop = torch.zeros(b, dtype=torch.bool, device=device)
-        drop[:n_flow] = _rand(n_flow, generator, device) < cond_drop
+        drop[:n_flow] = rand(n_flow, generator, device) < cond_drop
 
-    tb = _broadcast(t, x1)
+    guidance = None
+    if cfg.intrinsic_guidance:
+        low, high = cfg.guidance_range
+        guidance = low + (high - low) * rand(b, generator, device)
+        if drop is not None:
+            guidance = torch.where(drop, 1.0, guidance)
+
+    tb = broadcast(t, x1)
     x_t = (1 - tb) * noise + tb * x1
     target = torch.empty_like(x1)
     target[:n_flow] = x1[:n_flow] - noise[:n_flow]
+    if guidance is not None and cond is not None:
+        low, high = cfg.guidance_interval
+        rows = torch.nonzero((t_flow >= low) & (t_flow <= high) & ~drop[:n_flow]).flatten()
+        if rows.numel():
+            ones = torch.ones(rows.numel(), device=device)
+            with torch.no_grad():
+                v_null = teacher(x_t[rows], t[rows], level=level[rows], cond=cond[rows.to(cond.device)],
+                                 drop=ones.bool(), guidance=ones).to(x1.dtype)
+            w = broadcast(guidance[rows], x1)
+            target[rows] = w * target[rows] + (1 - w) * v_null
 
     if n_boot:
         xb, tb_boot = x_t[n_flow:], t_boot
-        half = _broadcast(d_boot / 2, x1)
+        half = broadcast(d_boot / 2, x1)
         cond_boot = None if cond is None else cond[n_flow:]
         guided_rows = torch.zeros(0, dtype=torch.long, device=device)
         if cfg.bootstrap_cfg and cond is not None and cfg.cfg_scale != 1.0:
             guided_rows = torch.nonzero(level_boot == num_levels - 1).flatten()
+        w_boot = None if guidance is None else guidance[n_flow:]
         with torch.no_grad():
-            v1 = _teacher_velocity(teacher, xb, tb_boot, level_boot + 1, cond_boot, guided_rows, cfg.cfg_scale)
+            v1 = _teacher_velocity(teacher, xb, tb_boot, level_boot + 1, cond_boot, guided_rows, cfg.cfg_scale,
+                                   w_boot)
             x_mid = torch.clamp(xb + half * v1, -SHORTCUT_CLIP, SHORTCUT_CLIP)
             v2 = _teacher_velocity(teacher, x_mid, tb_boot + d_boot / 2, level_boot + 1, cond_boot,
-                                   guided_rows, cfg.cfg_scale)
+                                   guided_rows, cfg.cfg_scale, w_boot)
             target[n_flow:] = torch.clamp((v1 + v2) / 2, -SHORTCUT_CLIP, SHORTCUT_CLIP)
 
     return ShortcutBatch(x_t=x_t, t=t, level=level, target=target.detach(), drop=drop,
-                         is_bootstrap=is_bootstrap, noise=noise, num_flow=n_flow)
+                         is_bootstrap=is_bootstrap, noise=noise, num_flow=n_flow, guidance=guidance)
 
 
 class ShortcutObjective:
     """Flow matching plus shortcut self-consistency (Frans et al., ICLR 2025).
 
     ``teacher`` gives the model call that builds the bootstrap targets (see :data:`Teacher`);
-    None: the online model teaches (still without gradient).
+    None: the online model teaches (still without gradient). ``wavelet_levels`` > 0 replaces each
+    row's mean squared error by iSM's multi-level wavelet loss (:func:`modules.wavelet.wavelet_loss`).
     """
 
-    def __init__(self, cfg: ShortcutConfig, cond_drop: float = 0.0, teacher: Optional[Teacher] = None):
+    def __init__(self, cfg: ShortcutConfig, cond_drop: float = 0.0, teacher: Optional[Teacher] = None,
+                 wavelet_levels: int = 0):
         self.cfg = cfg
         self.cond_drop = cond_drop
         self.teacher = teacher
+        self.wavelet_levels = wavelet_levels
+
+    def per_sample(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.wavelet_levels:
+            return wavelet_loss(pred.float() - target.float(), self.wavelet_levels)
+        return _mse_per_sample(pred, target)
 
     def loss(self, model: ModelCall, x1: torch.Tensor, cond: Optional[torch.Tensor],
              draws: Draws) -> tuple[torch.Tensor, Logs]:
@@ -245,9 +250,10 @@ class ShortcutObjective:
         "loss_by_level" is the mean loss of the rows of each step-size level (NaN where a level has
         no row; level log2 M holds the flow rows). Nothing here waits for the device."""
         with (self.teacher() if self.teacher is not None else nullcontext(model)) as teacher:
-            batch = shortcut_targets(teacher, x1, cond, self.cfg, self.cond_drop, draws.generator, draws.index)
-        pred = model(batch.x_t, batch.t, level=batch.level, cond=cond, drop=batch.drop)
-        per_sample = _mse_per_sample(pred, batch.target)
+            batch = shortcut_targets(teacher, x1, cond, self.cfg, self.cond_drop, draws.generator, draws.index,
+                                     draws.noise)
+        pred = model(batch.x_t, batch.t, level=batch.level, cond=cond, drop=batch.drop, **guidance_kw(batch.guidance))
+        per_sample = self.per_sample(pred, batch.target)
         loss = per_sample.mean()
         detached = per_sample.detach()
         logs = {"loss_flow": detached[:batch.num_flow].mean()}
@@ -279,7 +285,7 @@ class DDPMSchedule:
     def add_noise(self, x: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """sqrt(abar_t) x + sqrt(1 - abar_t) noise for integer timesteps [B]."""
         abar = self.alphas_cumprod.to(x.device)[timesteps]
-        return _broadcast(abar.sqrt(), x) * x + _broadcast((1 - abar).sqrt(), x) * noise
+        return broadcast(abar.sqrt(), x) * x + broadcast((1 - abar).sqrt(), x) * noise
 
 
 class DDPMObjective:
@@ -293,9 +299,9 @@ class DDPMObjective:
     def loss(self, model: ModelCall, x1: torch.Tensor, cond: Optional[torch.Tensor],
              draws: Draws) -> tuple[torch.Tensor, Logs]:
         generator = draws.generator
-        noise = _randn_like(x1, generator)
-        timesteps = _randint(self.schedule.num_timesteps, x1.shape[0], generator, x1.device)
-        drop = _condition_dropout(x1.shape[0], cond, self.cond_drop, generator, x1.device)
+        noise = noise_for(x1, draws)
+        timesteps = randint(self.schedule.num_timesteps, x1.shape[0], generator, x1.device)
+        drop = condition_dropout(x1.shape[0], cond, self.cond_drop, generator, x1.device)
         x_t = self.schedule.add_noise(x1, noise, timesteps)
         pred = model(x_t, timesteps.float() / self.schedule.num_timesteps, level=None, cond=cond, drop=drop)
         loss = _mse_per_sample(pred, noise).mean()
@@ -304,14 +310,16 @@ class DDPMObjective:
 
 # ----------------------------------------------------------------------------- factory
 
-Objective = FlowObjective | ShortcutObjective | DDPMObjective
+Objective = FlowObjective | ShortcutObjective | DDPMObjective | MeanFlowObjective
 
 
 def build_objective(run_cfg: UNetRunConfig, teacher: Optional[Teacher] = None) -> Objective:
     """The objective of ``run_cfg``; ``teacher`` is the shortcut teacher (None: the online model)."""
     cond_drop = run_cfg.cond.drop if run_cfg.cond.type != "none" else 0.0
     if run_cfg.objective == "shortcut":
-        return ShortcutObjective(run_cfg.shortcut, cond_drop, teacher)
+        return ShortcutObjective(run_cfg.shortcut, cond_drop, teacher, run_cfg.loss.wavelet_levels)
     if run_cfg.objective == "flow":
         return FlowObjective(run_cfg.flow, cond_drop)
+    if run_cfg.objective == "meanflow":
+        return MeanFlowObjective(run_cfg.meanflow, cond_drop)
     return DDPMObjective(run_cfg.ddpm, cond_drop)

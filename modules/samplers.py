@@ -1,11 +1,12 @@
-"""Samplers: shortcut, Euler / Heun flow ODE, DDIM and ancestral DDPM, plus classifier-free guidance.
+"""Samplers: shortcut, MeanFlow, Euler / Heun flow ODE, DDIM and ancestral DDPM, plus classifier-free guidance.
 
 Samplers call a model *function* ``fn(x, t, level) -> Tensor`` (t [B] float in [0, 1], flow
-convention t = 0 noise, t = 1 data; level [B] long or None) and know nothing about the
-network; :func:`guided` turns a conditional network into such a function. Stochastic samplers
+convention t = 0 noise, t = 1 data; level: [B] long shortcut level, [B] float MeanFlow interval
+length, or None) and know nothing about the network; :func:`guided` turns a conditional network
+into such a function. Stochastic samplers
 draw from one generator per sample (``modules.seeding.noise_generators``), so a sample depends
 on its seed only, never on the batch it was generated in. Which step counts a model can be
-sampled with is a config rule (``modules.config.sampling_problem``), checked before sampling.
+sampled with is a config rule (``modules.sampling_rules.sampling_problem``), checked before sampling.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from modules.objectives import DDPMSchedule, ModelCall
 
 SampleFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
-METHODS = ("shortcut", "euler", "heun", "ddim", "ddpm")
+METHODS = ("shortcut", "meanflow", "euler", "heun", "ddim", "ddpm")
 
 
 def _per_sample_randn(like: torch.Tensor, generators: Optional[Sequence[torch.Generator]]) -> torch.Tensor:
@@ -28,16 +29,20 @@ def _per_sample_randn(like: torch.Tensor, generators: Optional[Sequence[torch.Ge
 
 # ----------------------------------------------------------------------------- guidance
 
-def guided(model: ModelCall, cond: Optional[torch.Tensor], cfg_scale: float) -> SampleFn:
+def guided(model: ModelCall, cond: Optional[torch.Tensor], cfg_scale: float, intrinsic: bool = False) -> SampleFn:
     """Classifier-free guidance v_u + w (v_c - v_u) as a sampler function.
 
     w == 1: conditional forward only; w == 0: unconditional forward only; otherwise one
     doubled-batch forward where both branches see the same x. ``cond`` None: the model is
-    unconditional and ``cfg_scale`` is ignored.
+    unconditional and ``cfg_scale`` is ignored. ``intrinsic``: the model takes w as an input
+    (intrinsic guidance), so one conditional forward is given it.
     """
     if cond is None:
         return lambda x, t, level=None: model(x, t, level=level, cond=None, drop=None)
     scale = float(cfg_scale)
+    if intrinsic:
+        return lambda x, t, level=None: model(x, t, level=level, cond=cond, drop=None,
+                                              guidance=torch.full((x.shape[0],), scale, device=x.device))
 
     def fn(x: torch.Tensor, t: torch.Tensor, level: Optional[torch.Tensor] = None) -> torch.Tensor:
         b = x.shape[0]
@@ -66,6 +71,17 @@ def sample_shortcut(fn: SampleFn, noise: torch.Tensor, steps: int) -> torch.Tens
     """Euler steps that ask the model for its step size: x <- x + (1/steps) fn(x, i/steps, level=log2 steps)."""
     level = torch.full((noise.shape[0],), steps.bit_length() - 1, dtype=torch.long, device=noise.device)
     return sample_euler(lambda x, t, _: fn(x, t, level), noise, steps)
+
+
+@torch.no_grad()
+def sample_meanflow(fn: SampleFn, noise: torch.Tensor, steps: int) -> torch.Tensor:
+    """MeanFlow steps on the grid t_i = i/steps: x <- x + (t_(i+1) - t_i) u(x, t_i, h = t_(i+1) - t_i),
+    u the average velocity over the step (1 step: one forward from noise to data)."""
+    x = noise
+    for i in range(steps):
+        t, s = i / steps, (i + 1) / steps
+        x = x + (s - t) * fn(x, _times(x, t), _times(x, s - t)).to(x.dtype)
+    return x
 
 
 @torch.no_grad()
@@ -131,6 +147,8 @@ def sample(method: str, fn: SampleFn, noise: torch.Tensor, steps: Optional[int],
     """ddim: schedule, eta, generators; ddpm: schedule, generators."""
     if method == "shortcut":
         return sample_shortcut(fn, noise, steps, **kw)
+    if method == "meanflow":
+        return sample_meanflow(fn, noise, steps, **kw)
     if method == "euler":
         return sample_euler(fn, noise, steps, **kw)
     if method == "heun":

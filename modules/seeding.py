@@ -21,6 +21,7 @@ _GOLDEN64 = 0x9E3779B97F4A7C15
 
 SHARED_STREAM = -1  # ``rank`` of the stream every process draws alike (global-batch noise)
 _SAMPLER_STREAM = 1  # stochastic samplers' per-image stream, apart from the initial noise
+_PAIRED_NOISE_STREAM = 2   # train.ot_pairing's noise, apart from the micro-batch's own draws
 
 
 def _splitmix64(z: int) -> int:
@@ -80,6 +81,12 @@ def step_generator(seed: int, step: int, micro_step: int, rank: int, device: tor
     process's own stream.
     """
     return torch.Generator(device=device).manual_seed(mix_seed(seed, step, micro_step, rank))
+
+
+def paired_noise_generator(seed: int, step: int, micro_step: int, rank: int,
+                           device: torch.device) -> torch.Generator:
+    """The noise that ``train.ot_pairing`` pairs with micro-batch (step, micro step) of ``rank``."""
+    return torch.Generator(device=device).manual_seed(mix_seed(seed, step, micro_step, rank, _PAIRED_NOISE_STREAM))
 
 
 def process_share_randn(shape: tuple[int, ...], shared: torch.Generator, rank: int, world_size: int) -> torch.Tensor:

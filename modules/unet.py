@@ -8,7 +8,8 @@ zero-initialised ``conv_out``. ResBlocks take the timestep embedding as a scale 
 of their second GroupNorm (ADM's "scale-shift norm").
 
 Conditioning of the timestep embedding: sinusoid of ``t * 1000`` (``t`` in [0, 1]) through
-an MLP, plus the shortcut step-size level embedding and the class embedding when present.
+an MLP, plus the step-size embedding (shortcut level or MeanFlow interval), the guidance-scale
+embedding (intrinsic guidance) and the class embedding when present.
 Models are saved as folders (``config.json`` + ``model.safetensors``, see modules/export.py).
 The configs are validated where they are built (modules/config.py); the network trusts them.
 """
@@ -22,8 +23,23 @@ from torch import nn
 
 from modules.conditioning import Conditioner
 from modules.config import CondConfig, UNetModelConfig
-from modules.denoiser import CrossAttention, Denoiser, SelfAttention, zero_init
+from modules.denoiser import CrossAttention, Denoiser, SelfAttention, guidance_embedding, step_embedding, zero_init
 from modules.wavelet import WaveletDownsample, WaveletUpsample
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 and returned in its input's dtype (as ADM's and LDM's UNets do).
+
+    CUDA autocast already runs GroupNorm in float32; CPU autocast feeds it bf16 inputs beside float32
+    weights, and then torch's forward-mode derivative comes out float32 beside a bf16 output, which the
+    next convolution refuses: this is what lets MeanFlow's JVP run under mixed precision. In float32 it
+    is plain GroupNorm (and float64 stays float64)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        weight = None if self.weight is None else self.weight.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.group_norm(x.to(dtype), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 class ResBlock(nn.Module):
@@ -31,10 +47,10 @@ class ResBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, temb_dim: int, groups: int, dropout: float):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.norm1 = GroupNorm32(groups, in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(temb_dim, 2 * out_ch)
-        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.norm2 = GroupNorm32(groups, out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -85,7 +101,7 @@ class SpatialTransformer(nn.Module):
 
     def __init__(self, ch: int, head_dim: int, depth: int, context_dim: Optional[int], groups: int):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.norm = GroupNorm32(groups, ch, eps=1e-6)
         self.proj_in = nn.Linear(ch, ch)
         self.blocks = nn.ModuleList(BasicTransformerBlock(ch, ch // head_dim, context_dim) for _ in range(depth))
         self.proj_out = zero_init(nn.Linear(ch, ch))
@@ -160,7 +176,8 @@ class UNet(Denoiser):
         self.size_rule = f"{self.num_levels} levels"
 
         self.time_mlp = nn.Sequential(nn.Linear(base, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
-        self.level_emb = nn.Embedding(m.num_step_levels, temb_dim) if m.num_step_levels > 0 else None
+        self.level_emb = step_embedding(m, base, temb_dim)
+        self.guidance_emb = guidance_embedding(m, base, temb_dim)
         self.conditioner = Conditioner(self.cond_cfg, m, temb_dim, reads_context=True)
         context_dim = m.context_dim if self.conditioner.provides_context else None
 
@@ -197,12 +214,13 @@ class UNet(Denoiser):
                                                  attn(base * mult, level), upsample))
                 ch = base * mult
 
-        self.norm_out = nn.GroupNorm(groups, ch)
+        self.norm_out = GroupNorm32(groups, ch)
         self.conv_out = zero_init(nn.Conv2d(ch, m.in_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, level: Optional[torch.Tensor] = None,
-                cond: Optional[torch.Tensor] = None, drop: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x, emb, context = self._conditioned(x, t, level, cond, drop)
+                cond: Optional[torch.Tensor] = None, drop: Optional[torch.Tensor] = None,
+                guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x, emb, context = self._conditioned(x, t, level, cond, drop, guidance)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:

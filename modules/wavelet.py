@@ -1,4 +1,5 @@
-"""Haar wavelet resampling ("Diffusion Probabilistic Model Made Slim", Yang et al., CVPR 2023).
+"""Haar wavelets: resampling ("Diffusion Probabilistic Model Made Slim", Yang et al., CVPR 2023) and
+the multi-level wavelet loss of improved shortcut training (iSM, arXiv 2510.21250).
 
 ``dwt`` is the one-level orthonormal 2D Haar transform. Each 2x2 pixel block
 ``[[a, b], [c, d]]`` (a = x[2i, 2j], b = x[2i, 2j+1], c = x[2i+1, 2j], d = x[2i+1, 2j+1])
@@ -15,6 +16,10 @@ same matrix, reconstruction is exact and the energy (sum of squares) is preserve
 Channel layout (band-major): ``dwt`` maps ``[B, C, H, W]`` to ``[B, 4C, H/2, W/2]`` with
 channels ``[0, C)`` = LL, ``[C, 2C)`` = LH, ``[2C, 3C)`` = HL, ``[3C, 4C)`` = HH, so
 ``out.view(B, 4, C, H/2, W/2)[:, k]`` is sub-band k of every input channel.
+
+``wavelet_loss`` weights every sub-band of an L-level decomposition equally (see there): because
+the transform is orthonormal, weighting each band by its number of coefficients would give back
+the plain pixel MSE, so the per-band normalisation is the whole point.
 
 ``WaveletDownsample`` / ``WaveletUpsample`` are drop-in replacements for the strided-conv /
 nearest-upsample-conv resamplers of the UNet and the VAE: a squeeze-excitation gate gives every
@@ -64,6 +69,26 @@ def idwt(bands: torch.Tensor) -> torch.Tensor:
     b, c, h, w = ll.shape
     blocks = torch.stack([top_left, top_right, bottom_left, bottom_right], dim=2)
     return F.pixel_shuffle(blocks.view(b, c * NUM_BANDS, h, w), 2)
+
+
+def wavelet_bands(x: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    """Sub-bands of a ``levels``-level Haar decomposition of ``[B, C, H, W]`` (H, W divisible by 2^levels):
+    LH, HL, HH of level 1, then of level 2 (the transform of level 1's LL), ..., then the last LL."""
+    bands, low = [], x
+    for _ in range(levels):
+        low, lh, hl, hh = dwt(low).chunk(NUM_BANDS, dim=1)
+        bands += [lh, hl, hh]
+    return bands + [low]
+
+
+def wavelet_loss(error: torch.Tensor, levels: int) -> torch.Tensor:
+    """iSM's multi-level wavelet loss of a prediction error ``[B, C, H, W]``, one value per row ``[B]``:
+    the mean square of each of the ``3 levels + 1`` sub-bands of :func:`wavelet_bands`, averaged with
+    equal weights. Per coefficient, a level-l detail band (and the final LL) then weighs 4^(l - 1) times
+    as much as a level-1 one: coarse structure counts as much as the finest detail, where the pixel MSE
+    (the same average weighted by band size) is dominated by level 1's three quarters of the coefficients."""
+    per_band = [band.pow(2).flatten(1).mean(1) for band in wavelet_bands(error, levels)]
+    return torch.stack(per_band, dim=1).mean(1)
 
 
 class SubbandGate(nn.Module):

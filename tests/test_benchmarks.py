@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -71,3 +72,18 @@ def test_bench_unet_times_a_dit_against_diffusers_dit_of_the_same_size():
     d, depth = 64, 2                                              # configs/unet/dit-tiny.json
     embedder = (256 * d + d) + (d * d + d) + (bench_unet.NUM_CLASSES + 1) * d
     assert theirs["params"] == ours["params"] + (depth - 1) * embedder
+
+
+def test_bench_objectives_times_every_quality_variant_with_its_switches():
+    """Each variant's step is the one its name says: the switches of quality.VARIANTS are on in its config
+    and network (guidance input, interval input, OT pool), and every round is timed."""
+    import bench_objectives
+    report = bench_objectives.main(["--preset", "micro", "--rounds", "2", "--steps", "1"])
+    assert set(report["seconds_per_step"]) == set(bench_objectives.quality.VARIANTS)
+    assert all(len(times) == 2 and min(times) > 0 for times in report["seconds_per_step"].values())
+    micro = bench_objectives.quality.PRESETS["micro"]
+    all_switches = bench_objectives.Variant("shortcut+all", micro, "unet", torch.device("cpu"))
+    assert all_switches.net.guidance_emb is not None and all_switches.pool is not None
+    assert all_switches.objective.wavelet_levels == 2
+    meanflow = bench_objectives.Variant("meanflow", micro, "unet", torch.device("cpu"))
+    assert meanflow.cfg.model.step_input == "interval" and meanflow.net.guidance_emb is None

@@ -109,3 +109,59 @@ def test_saved_configs_are_validated_like_command_line_ones():
     for junk in ([1, 2], "text", None):
         with pytest.raises(ConfigError, match="expected a JSON object"):
             from_dict(UNetRunConfig, junk)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["objective=meanflow", "train.gradient_checkpointing=true"],
+     "'train.gradient_checkpointing': cannot be used with objective=meanflow: torch's checkpointing does not "
+     "recompute the forward-mode"),
+    (["objective=meanflow", "meanflow.omega=2"], "'meanflow.omega': guidance .* needs a conditional model"),
+    (["objective=meanflow", "meanflow.guidance_interval=0.8,0.2"],
+     "'meanflow.guidance_interval': must be two times 0 <= low < high <= 1, got \\(0.8, 0.2\\)"),
+    (["objective=meanflow", "meanflow.equal_fraction=1.5"], "'meanflow.equal_fraction': must be in \\[0, 1\\]"),
+    (["objective=meanflow", "meanflow.loss_eps=0"], "'meanflow.loss_eps': must be > 0"),
+    (["shortcut.intrinsic_guidance=true"], "'shortcut.intrinsic_guidance': needs a conditional model"),
+    (["cond.type=class", "shortcut.intrinsic_guidance=true", "shortcut.bootstrap_cfg=true"],
+     "'shortcut.bootstrap_cfg': and shortcut.intrinsic_guidance are two ways"),
+    (["cond.type=class", "shortcut.intrinsic_guidance=true", "shortcut.guidance_range=1.5,3"],
+     "'shortcut.guidance_range': must include 1"),
+    (["cond.type=class", "shortcut.intrinsic_guidance=true", "shortcut.guidance_range=3,1"],
+     "'shortcut.guidance_range': must be two guidance scales 0 <= low <= high <= 100"),
+    (["cond.type=class", "shortcut.intrinsic_guidance=true", "sample.cfg_scale=4"],
+     "'sample.cfg_scale': guidance scale 4.0: this model takes the scale as an input"),
+    (["objective=flow", "cond.type=class", "shortcut.intrinsic_guidance=true"],
+     "'shortcut.intrinsic_guidance': is a switch of objective=shortcut, got objective=flow"),
+    (["objective=meanflow", "loss.wavelet_levels=2"], "'loss.wavelet_levels': is a switch of objective=shortcut"),
+    (["train.ot_pairing=true", "train.ot_pool=64", "train.batch_size=64"],
+     "'train.ot_pool': 64 micro-batches of train.batch_size=64 make 4096 rows; one exact assignment is limited "
+     "to 2048"),
+    (["model.step_input=interval"], "'model.step_input': interval does not fit objective=shortcut"),
+    (["model.guidance_input=true"], "'model.guidance_input': a guidance-scale input needs objective=shortcut"),
+])
+def test_meanflow_and_ism_bad_inputs(overrides, message):
+    with pytest.raises(ConfigError, match="config key " + message):
+        load_config(UNetRunConfig, "unet", "tiny", overrides)
+
+
+def test_ism_and_meanflow_settings_that_fit_are_accepted():
+    cfg = load_config(UNetRunConfig, "unet", "tiny", ["cond.type=class", "shortcut.intrinsic_guidance=true",
+                                                     "loss.wavelet_levels=2", "train.ot_pairing=true",
+                                                     "train.ot_pool=4", "sample.cfg_scale=2"])
+    assert cfg.guidance_input and cfg.step_input == "level"
+    cfg = load_config(UNetRunConfig, "unet", "tiny", ["objective=meanflow", "cond.type=mask", "meanflow.omega=2",
+                                                     "meanflow.kappa=0.5", "model.step_input=interval"])
+    assert cfg.step_input == "interval" and cfg.num_step_levels == 0 and not cfg.guidance_input
+
+
+def test_vae_refuses_ot_pairing():
+    with pytest.raises(ConfigError, match="'train.ot_pairing': is a stage-2"):
+        load_config(VAERunConfig, "vae", "tiny", ["train.ot_pairing=true"])
+
+
+def test_wavelet_levels_must_fit_the_latents():
+    from modules.config import check_trained
+    cfg = load_config(UNetRunConfig, "unet", "tiny", ["loss.wavelet_levels=3"])
+    cfg.cond.image_downsample = 8                          # 32 px / 8 = 4x4 latents: two halvings at most
+    cfg.model.num_step_levels = cfg.num_step_levels
+    with pytest.raises(ConfigError, match="'loss.wavelet_levels': 3 Haar levels .* size 4 is not divisible by 8"):
+        check_trained(cfg)

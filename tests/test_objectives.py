@@ -415,3 +415,46 @@ def test_overfit_four_latents(name, one_thread):
         losses.append(loss.item())
     first, last = np.mean(losses[:10]), np.mean(losses[-20:])
     assert last < first / 2.5, (name, first, last)
+
+
+# ----------------------------------------------------------------------------- iSM intrinsic guidance
+
+def guidance_aware(uncond_value, calls):
+    """labelled_velocity that also takes the guidance input and records (level, drop, guidance) per call."""
+    base = labelled_velocity(uncond_value)
+
+    def fn(x, t, level=None, cond=None, drop=None, guidance=None):
+        calls.append(dict(level=level.clone(), drop=drop.clone(), guidance=guidance.clone(), t=t.clone()))
+        return base(x, t, level, cond, drop)
+    return fn
+
+
+def test_intrinsic_guidance_targets():
+    """Flow rows with their label and t in the interval regress w (x1 - x0) + (1 - w) v_u (v_u from the
+    teacher with the null condition, at w = 1); other flow rows x1 - x0; dropped rows get w = 1; the
+    bootstrap teacher is asked at each row's own w."""
+    cfg = ShortcutConfig(denoise_timesteps=16, bootstrap_fraction=0.25, intrinsic_guidance=True,
+                         guidance_range=(1.0, 3.0), guidance_interval=(0.25, 0.75))
+    x1, labels = torch.randn(64, *SHAPE), torch.arange(64) % 3
+    calls = []
+    b = shortcut_targets(guidance_aware(-0.5, calls), x1, labels, cfg, cond_drop=0.25, generator=gen(0))
+    flow = ~b.is_bootstrap
+    w = b.guidance
+    assert ((w >= 1) & (w <= 3)).all() and w[~b.drop].std() > 0.4
+    assert torch.equal(w[b.drop], torch.ones(int(b.drop.sum())))
+    plain = x1 - b.noise
+    inside = flow & ~b.drop & (b.t >= 0.25) & (b.t <= 0.75)
+    assert inside.sum() > 10 and (flow & ~inside).sum() > 10
+    wb = w.view(-1, 1, 1, 1)
+    torch.testing.assert_close(b.target[inside], (wb * plain + (1 - wb) * -0.5)[inside])
+    torch.testing.assert_close(b.target[flow & ~inside], plain[flow & ~inside])
+    null_query, *teacher_queries = calls
+    assert null_query["drop"].all() and torch.equal(null_query["guidance"], torch.ones(int(inside.sum())))
+    assert (null_query["level"] == 4).all()
+    for query in teacher_queries:            # the two half steps of the bootstrap rows
+        torch.testing.assert_close(query["guidance"], w[b.is_bootstrap])
+    # The student's forward gets the same w as its input.
+    seen = []
+    model = guidance_aware(-0.5, seen)
+    ShortcutObjective(cfg, cond_drop=0.25).loss(model, x1, labels, draws(0))
+    torch.testing.assert_close(seen[-1]["guidance"], w)

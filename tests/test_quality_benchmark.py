@@ -39,7 +39,7 @@ def test_report_has_every_model_and_step_count(micro_run):
     work, report = micro_run
     preset = quality.PRESETS["micro"]
     rows = [(r["model"], r["steps"]) for r in report["rows"] if r["steps"] is not None]
-    assert rows == [(m, s) for m in quality.OBJECTIVES for s in preset.steps]
+    assert rows == [(m, s) for m in quality.DEFAULT_VARIANTS for s in preset.steps]
     on_disk = json.loads((work / "results" / "quality.json").read_text())
     assert on_disk["rows"] == report["rows"]
     table = (work / "results" / "quality.md").read_text()
@@ -98,7 +98,7 @@ def test_arch_dit_makes_the_same_table_with_dits(micro_run, tmp_path):
                            "--vae", str(work / "vae")])
     assert report["arch"] == "dit" and unet_report["arch"] == "unet"
     assert [(r["model"], r["steps"]) for r in report["rows"]] == [(r["model"], r["steps"]) for r in unet_report["rows"]]
-    for objective in quality.OBJECTIVES:
+    for objective in quality.DEFAULT_VARIANTS:
         assert isinstance(load_unet(tmp_path / "dit" / f"unet_{objective}" / "unet_ema"), DiT)
     commands = [s["command"] for s in report["stages"] if s["name"].startswith("unet_")]
     assert len(commands) == 2 and all("model.arch=dit" in c for c in commands)
@@ -118,7 +118,7 @@ def test_cond_text_scores_prompt_fidelity(micro_run, tmp_path):
     assert [(r["model"], r["steps"]) for r in report["rows"]] == [(r["model"], r["steps"]) for r in unet_report["rows"]]
     commands = [s["command"] for s in report["stages"]]
     assert all("cond.type=text" in c for c in commands if c.startswith("python train_unet.py"))
-    assert sum("--prompts" in c for c in commands) == len(quality.OBJECTIVES) * len(quality.PRESETS["micro"].steps)
+    assert sum("--prompts" in c for c in commands) == len(quality.DEFAULT_VARIANTS) * len(quality.PRESETS["micro"].steps)
     assert "| prompt fidelity | colour | shape |" in (tmp_path / "t" / "results" / "quality.md").read_text()
 
     captions = shape_captions(8, 16, quality.EVAL_SEED)
@@ -137,3 +137,28 @@ def test_cond_text_scores_prompt_fidelity(micro_run, tmp_path):
     assert row["colour_match"] == pytest.approx(np.mean(colour_ok))
     assert row["shape_match"] == pytest.approx(np.mean(shape_ok))
     assert row["prompt_fidelity"] == pytest.approx(np.mean(np.array(colour_ok) & np.array(shape_ok)))
+def test_variants_seeds_and_guidance_sweep(micro_run, tmp_path):
+    """--variants/--seeds/--guidance: one run per (variant, seed); the summary is the mean, min and max over
+    seeds of the per-run rows; the best scale of a variant has the lowest mean 1-step FD pixels and is
+    sampled at every step count."""
+    work, _ = micro_run
+    report = quality.main(["--preset", "micro", "--workdir", str(tmp_path / "w"), "--device", "cpu", "--vae",
+                           str(work / "vae"), "--variants", "shortcut+all,meanflow", "--seeds", "2",
+                           "--guidance", "2"])
+    runs = [s["name"] for s in report["stages"] if s["name"].startswith("unet_")]
+    assert runs == ["unet_shortcut+all", "unet_meanflow", "unet_shortcut+all_seed1", "unet_meanflow_seed1"]
+    rows = [r for r in report["rows"] if "variant" in r]
+    for entry in report["summary"]:
+        values = [r["fd_pixels"] for r in rows if (r["variant"], r["guidance"], r["steps"])
+                  == (entry["variant"], entry["guidance"], entry["steps"])]
+        assert len(values) == entry["seeds"] == 2
+        assert entry["fd_pixels"]["mean"] == pytest.approx(np.mean(values))
+        assert (entry["fd_pixels"]["min"], entry["fd_pixels"]["max"]) == (min(values), max(values))
+    for variant, best in report["best_guidance"].items():
+        one_step = {g: np.mean([r["fd_pixels"] for r in rows if r["variant"] == variant and r["steps"] == 1
+                                and r["guidance"] == g]) for g in (1.0, 2.0)}
+        assert best == min(one_step, key=one_step.get)
+        assert {r["steps"] for r in rows if r["variant"] == variant and r["guidance"] == best} == {1, 2}
+    assert set(report["seconds_per_step"]) == {"shortcut+all", "meanflow"}
+    commands = " ".join(s["command"] for s in report["stages"])
+    assert "shortcut.intrinsic_guidance=true loss.wavelet_levels=2 train.ot_pairing=true" in commands

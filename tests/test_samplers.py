@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from modules.config import sampling_problem
+from modules.sampling_rules import sampling_problem
 from modules.objectives import DDPMSchedule
 from modules.samplers import (ddim_timesteps, guided, sample, sample_ddim, sample_ddpm, sample_euler, sample_heun,
                               sample_shortcut)
@@ -228,5 +228,31 @@ def test_dispatcher(noise):
     strided = sample("ddpm", gaussian_epsilon, x, 50, schedule=SCHEDULE, generators=generators)
     assert torch.equal(strided, sample_ddim(gaussian_epsilon, x, 50, SCHEDULE, eta=1.0,
                                             generators=noise_generators(range(16))))
-    with pytest.raises(ValueError, match="sampler 'dpm' is not one of shortcut, euler, heun, ddim, ddpm"):
+    with pytest.raises(ValueError, match="sampler .dpm. is not one of shortcut, meanflow, euler, heun, ddim, ddpm"):
         sample("dpm", gaussian_velocity, x, 4)
+
+
+def test_intrinsic_guidance_is_one_forward_with_the_scale_as_input():
+    seen = []
+
+    def model(x, t, level=None, cond=None, drop=None, guidance=None):
+        seen.append(dict(drop=drop, guidance=guidance, rows=x.shape[0]))
+        return x + guidance.view(-1, 1, 1, 1)
+
+    x = torch.zeros(3, *SHAPE)
+    out = guided(model, torch.arange(3), 2.5, intrinsic=True)(x, torch.zeros(3), None)
+    assert torch.equal(out, torch.full_like(x, 2.5))
+    (call,) = seen
+    assert call["rows"] == 3 and call["drop"] is None and call["guidance"].tolist() == [2.5] * 3
+
+
+def test_meanflow_sampler_steps_on_the_grid_with_the_interval_length():
+    calls = []
+
+    def fn(x, t, level):
+        calls.append((t[0].item(), level[0].item()))
+        return torch.ones_like(x)
+
+    out = sample("meanflow", fn, torch.zeros(2, *SHAPE), 4)
+    assert calls == [(0.0, 0.25), (0.25, 0.25), (0.5, 0.25), (0.75, 0.25)]
+    assert torch.allclose(out, torch.ones_like(out))     # four steps of length 1/4 at velocity 1

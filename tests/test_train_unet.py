@@ -282,3 +282,89 @@ def test_the_training_loop_reads_nothing_from_the_device_between_logging_steps(s
     host_checked = host_reads_by_step(monkeypatch, lambda: train(shapes_dir, tiny_vae_run, tmp_path / "plain",
                                                                  *common, "train.fused_optimizer=false"))
     assert all(any(r.startswith("__bool__ optim.py:") for r in host_checked.get(s, [])) for s in range(steps))
+@pytest.mark.parametrize("preset", ["tiny", "dit-tiny"])
+def test_meanflow_trains_resumes_exports_and_samples(preset, shapes_dir, tiny_vae_run, tmp_path):
+    """objective=meanflow through train_unet.py (UNet and DiT, guidance folded in): a run resumed at step 2
+    equals a straight one; the export records the interval input; sample.py's images at 1 and 2 steps
+    are those of the exported model's steps written out: x0 + u(x0, 0, h = 1), and two half steps."""
+    import sample
+    from modules.image_io import to_uint8
+    from modules.seeding import image_seed, initial_noise
+    from modules.vae_loading import load_vae
+
+    def run(out, *extra):
+        train_unet.main(["--config", preset, "--data", str(shapes_dir), "--vae", str(tiny_vae_run), "--output-dir",
+                         str(out), "--report-to", "none", "objective=meanflow", "cond.type=class", "meanflow.omega=1.5",
+                         "train.checkpoint_every=2", "train.image_log_every=100", "sample.steps=1,2",
+                         f"cache_dir={tmp_path / 'cache'}", *extra])
+    run(tmp_path / "straight", "--max-steps", "4")
+    run(tmp_path / "split", "--max-steps", "2")
+    run(tmp_path / "split", "--max-steps", "4", "--resume", "latest")
+    for folder in ("unet", "unet_ema"):
+        assert_same_weights(tmp_path / "straight" / folder, tmp_path / "split" / folder)
+    export = read_unet_export(tmp_path / "straight" / "unet_ema")
+    assert export.config.objective == "meanflow" and export.config.model.step_input == "interval"
+    assert export.config.model.num_step_levels == 0
+
+    images = {}
+    for steps in (1, 2):
+        sample.main(["--unet", str(tmp_path / "straight"), "--out", str(tmp_path / f"s{steps}"), "--num-samples", "3",
+                     "--steps", str(steps), "--device", "cpu"])
+        images[steps] = np.stack([np.asarray(Image.open(tmp_path / f"s{steps}" / f"{i:06d}.png")) for i in range(3)])
+        manifest = [json.loads(line) for line in (tmp_path / f"s{steps}" / "manifest.jsonl").read_text().splitlines()]
+        assert [m["sampler"] for m in manifest] == ["meanflow"] * 3
+    unet = load_unet(tmp_path / "straight" / "unet_ema").eval()
+    vae = load_vae(tmp_path / "straight" / "frozen_vae").eval()
+    noise, labels = initial_noise([image_seed(0, i) for i in range(3)], (4, 16, 16)), torch.arange(3)
+    with torch.no_grad():
+        one = noise + unet(noise, torch.zeros(3), level=torch.ones(3), cond=labels)
+        half = noise + 0.5 * unet(noise, torch.zeros(3), level=torch.full((3,), 0.5), cond=labels)
+        two = half + 0.5 * unet(half, torch.full((3,), 0.5), level=torch.full((3,), 0.5), cond=labels)
+        for steps, z in ((1, one), (2, two)):
+            expected = to_uint8(vae.decode(z / vae.config.scale_factor).clamp(-1, 1))
+            assert np.abs(images[steps].astype(int) - expected.astype(int)).max() <= 1, steps
+
+
+def test_intrinsic_guidance_model_takes_the_cfg_scale_as_an_input(shapes_dir, tiny_vae_run, tmp_path):
+    """shortcut.intrinsic_guidance (with the wavelet loss): sample.py --cfg-scale W is one forward with w = W
+    (the images of x0 + f(x0, 0, level 0, w = W)); a scale outside the trained range is refused."""
+    import sample
+    from modules.errors import ConfigError
+    from modules.image_io import to_uint8
+    from modules.seeding import image_seed, initial_noise
+    from modules.vae_loading import load_vae
+
+    train(shapes_dir, tiny_vae_run, tmp_path / "run", "--max-steps", "3", "cond.type=class",
+          "shortcut.intrinsic_guidance=true", "loss.wavelet_levels=2", "train.checkpoint_every=3",
+          "train.image_log_every=100", f"cache_dir={tmp_path / 'cache'}")
+    sample.main(["--unet", str(tmp_path / "run"), "--out", str(tmp_path / "s"), "--num-samples", "2", "--steps", "1",
+                 "--cfg-scale", "2.5", "--device", "cpu"])
+    unet = load_unet(tmp_path / "run" / "unet_ema").eval()
+    vae = load_vae(tmp_path / "run" / "frozen_vae").eval()
+    noise = initial_noise([image_seed(0, i) for i in range(2)], (4, 16, 16))
+    with torch.no_grad():
+        z = noise + unet(noise, torch.zeros(2), level=torch.zeros(2, dtype=torch.long), cond=torch.arange(2),
+                         guidance=torch.full((2,), 2.5))
+        expected = to_uint8(vae.decode(z / vae.config.scale_factor).clamp(-1, 1))
+    got = np.stack([np.asarray(Image.open(tmp_path / "s" / f"{i:06d}.png")) for i in range(2)])
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+    with pytest.raises(ConfigError, match="--cfg-scale 5.0: guidance scale 5.0: this model takes the scale as an"):
+        sample.main(["--unet", str(tmp_path / "run"), "--out", str(tmp_path / "s5"), "--steps", "1",
+                     "--cfg-scale", "5"])
+
+
+def test_meanflow_trains_under_bf16_mixed_precision(shapes_dir, tiny_vae_run, tmp_path):
+    """Accelerate puts bf16 autocast inside the network's forward, so the JVP runs under it: through the
+    UNet's GroupNorm this used to stop the run ("Input type (torch.FloatTensor) and weight type
+    (CPUBFloat16Type) should be the same"); now it trains and exports finite weights. (A subprocess:
+    Accelerate's precision is fixed once per process.)"""
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "train_unet.py", "--config", "tiny", "--data", str(shapes_dir), "--vae", str(tiny_vae_run),
+         "--output-dir", str(tmp_path / "bf16"), "--report-to", "none", "--max-steps", "2", "objective=meanflow",
+         "cond.type=class", "train.mixed_precision=bf16", "train.checkpoint_every=2", "train.image_log_every=100",
+         f"cache_dir={tmp_path / 'cache'}"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mixed precision bf16" in result.stderr
+    weights = read_weights(tmp_path / "bf16" / "unet")
+    assert all(torch.isfinite(w).all() for w in weights.values())

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modules.wavelet import SubbandGate, WaveletDownsample, WaveletUpsample, dwt, idwt
+from modules.wavelet import SubbandGate, WaveletDownsample, WaveletUpsample, dwt, idwt, wavelet_bands, wavelet_loss
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 5, 6, 10), (3, 1, 2, 2)])
@@ -109,3 +109,36 @@ def test_upsample_output_is_idwt_of_gated_conv():
     bands = block.conv(x)
     expected = idwt(bands * block.gate.gates(bands)[:, :, None, None])
     assert torch.allclose(block(x), expected, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the iSM wavelet loss
+
+def columns(pattern, size=16):
+    """An image [1, 1, size, size] whose columns repeat ``pattern``: vertical stripes of one frequency."""
+    return torch.tensor(pattern, dtype=torch.float64).repeat(size // len(pattern)).repeat(size, 1)[None, None]
+
+
+def test_wavelet_loss_of_single_frequency_stripes():
+    """Period-2 stripes (+1, -1) have all their energy in level 1's HL band (coefficient 2, mean square 4);
+    period-4 stripes (+1, +1, -1, -1) in level 2's HL (coefficient 4, mean square 16). With equal band
+    weights the loss is that band's mean square over 3L + 1 bands; the pixel MSE is 1 for both."""
+    fine, coarse = columns([1, -1]), columns([1, 1, -1, -1])
+    band_means = [b.pow(2).mean().item() for b in wavelet_bands(fine, 2)]   # LH1 HL1 HH1 LH2 HL2 HH2 LL2
+    assert band_means == [0, 4, 0, 0, 0, 0, 0]
+    assert [b.pow(2).mean().item() for b in wavelet_bands(coarse, 2)] == [0, 0, 0, 0, 16, 0, 0]
+    assert wavelet_loss(fine, 1).item() == pytest.approx(4 / 4)
+    assert wavelet_loss(fine, 2).item() == pytest.approx(4 / 7)
+    assert wavelet_loss(coarse, 2).item() == pytest.approx(16 / 7)
+    assert fine.pow(2).mean().item() == coarse.pow(2).mean().item() == 1.0
+
+
+def test_band_size_weights_would_give_back_the_pixel_mse():
+    """Why the per-band normalisation matters: weighted by coefficient count, the bands of the orthonormal
+    transform sum to the pixel MSE exactly."""
+    error = torch.randn(3, 4, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    bands = wavelet_bands(error, 3)
+    by_size = sum(b.pow(2).flatten(1).sum(1) for b in bands) / error[0].numel()
+    torch.testing.assert_close(by_size, error.pow(2).flatten(1).mean(1))
+    equal = torch.stack([b.pow(2).flatten(1).mean(1) for b in bands], 1).mean(1)
+    torch.testing.assert_close(wavelet_loss(error, 3), equal)
+    assert not torch.allclose(equal, by_size)

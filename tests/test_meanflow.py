@@ -1,0 +1,223 @@
+"""MeanFlow (modules/meanflow.py) against closed forms: Gaussian data, where the velocity field and the
+average velocity over any interval are known exactly; the JVP against finite differences; the
+sampler; the time draws, the adaptive weight and the folded guidance; training end to end."""
+import math
+
+import pytest
+import torch
+
+from modules.attention import attention, forward_ad_attention
+from modules.config import MeanFlowConfig, UNetRunConfig
+from modules.config_io import load_config
+from modules.draws import Draws
+from modules.meanflow import MeanFlowObjective, average_velocity_jvp, num_equal
+from modules.networks import build_network
+from modules.samplers import sample_euler, sample_meanflow
+
+MU, SIGMA = 1.5, 0.5       # data x1 ~ N(MU, SIGMA^2) per element, noise x0 ~ N(0, 1)
+SHAPE = (3, 4, 4)
+
+
+def spread(t):
+    """Standard deviation of x_t = (1 - t) x0 + t x1."""
+    return torch.sqrt((1 - t) ** 2 + (t * SIGMA) ** 2)
+
+
+def view(t, x):
+    return t.view(-1, *([1] * (x.dim() - 1)))
+
+
+def true_velocity(z, t):
+    """E[x1 - x0 | x_t = z] = MU + (t SIGMA^2 - (1 - t)) / spread^2 (z - t MU)."""
+    t = view(t, z)
+    return MU + (t * SIGMA ** 2 - (1 - t)) / spread(t) ** 2 * (z - t * MU)
+
+
+def true_average_velocity(z, t, level=None, cond=None, drop=None):
+    """The exact u(z, t, s = t + h): the flow keeps z's standard score, z_tau = tau MU + spread(tau) xi, so
+    u = (z_s - z_t) / (s - t) = MU + (spread(s) - spread(t)) / ((s - t) spread(t)) (z - t MU); at h = 0, v."""
+    h = view(level, z)
+    tb = view(t, z)
+    safe = torch.where(h > 0, h, torch.ones_like(h))
+    slope = torch.where(h > 0, (spread(tb + safe) - spread(tb)) / (safe * spread(tb)),
+                        (tb * SIGMA ** 2 - (1 - tb)) / spread(tb) ** 2)
+    return MU + slope * (z - tb * MU)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_target_with_the_exact_average_velocity_is_exact():
+    """u = v + (s - t) du/dt with the true v and u (our time: t = 0 noise, tangent (v, 1, 0))."""
+    g = gen(0)
+    n = 64
+    t = torch.rand(n, generator=g) * 0.9
+    s = t + (1 - t) * torch.rand(n, generator=g)
+    z = t.view(-1, 1, 1, 1) * MU + spread(t).view(-1, 1, 1, 1) * torch.randn(n, *SHAPE, generator=g)
+    v = true_velocity(z, t)
+    u, du_dt = average_velocity_jvp(true_average_velocity, z, t, s, v)
+    target = v + view(s - t, v) * du_dt
+    exact = true_average_velocity(z, t, s - t)
+    torch.testing.assert_close(u, exact, rtol=0, atol=1e-6)
+    torch.testing.assert_close(target, exact, rtol=1e-5, atol=1e-5)
+    # The paper's sign, transcribed without mirroring its time (v - (s - t) du/dt), is wrong here.
+    wrong = v - view(s - t, v) * du_dt
+    assert (wrong - exact).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("preset", ["tiny", "dit-tiny"])
+def test_jvp_through_the_network_equals_a_central_difference(preset):
+    """du/dt along the flow through a real network (attention included), float64, against
+    (u(z + e v, t + e, s) - u(z - e v, t - e, s)) / 2e."""
+    cfg = load_config(UNetRunConfig, "unet", preset, ["objective=meanflow", "cond.type=class", "cond.num_classes=3"])
+    cfg.cond.image_downsample, cfg.model.step_input = 2, "interval"
+    torch.manual_seed(0)
+    net = build_network(cfg.model, cfg.cond).double()
+    with torch.no_grad():
+        for p in net.parameters():      # move the zero-initialised layers off zero, so every path counts
+            p.add_(0.05 * torch.randn_like(p))
+    g = gen(1)
+    z, v = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64), torch.randn(2, 4, 8, 8, generator=g,
+                                                                                   dtype=torch.float64)
+    t, s = torch.tensor([0.2, 0.5], dtype=torch.float64), torch.tensor([0.7, 0.9], dtype=torch.float64)
+    cond, drop = torch.tensor([0, 2]), torch.tensor([False, True])
+    u, du_dt = average_velocity_jvp(net, z, t, s, v, cond, drop)
+    eps = 1e-7
+    with torch.no_grad():
+        ahead = net(z + eps * v, t + eps, level=s - t - eps, cond=cond, drop=drop)
+        behind = net(z - eps * v, t - eps, level=s - t + eps, cond=cond, drop=drop)
+    torch.testing.assert_close(du_dt, (ahead - behind) / (2 * eps), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(u, net(z, t, level=s - t, cond=cond, drop=drop), rtol=0, atol=1e-12)
+
+
+def test_attention_takes_the_math_backend_inside_the_jvp():
+    """torch 2.13's CPU SDPA picks its flash kernel, which has no forward-mode formula; inside
+    forward_ad_attention the JVP passes and matches a central difference."""
+    g = gen(2)
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=g) for _ in range(3))
+    tangents = tuple(torch.randn(1, 2, 16, 8, generator=g) for _ in range(3))
+    with pytest.raises(NotImplementedError, match="forward AD"):
+        torch.func.jvp(attention, (q, k, v), tangents)
+    with forward_ad_attention():
+        out, d_out = torch.func.jvp(attention, (q.double(), k.double(), v.double()),
+                                    tuple(x.double() for x in tangents))
+    eps = 1e-6
+    shifted = [attention(*(x.double() + sign * eps * dx.double() for x, dx in zip((q, k, v), tangents)))
+               for sign in (1, -1)]
+    torch.testing.assert_close(d_out, (shifted[0] - shifted[1]) / (2 * eps), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("kernel", [
+    lambda q, k, v: torch.ops.aten._scaled_dot_product_flash_attention(q, k, v),
+    lambda q, k, v: torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, False),
+    lambda q, k, v: torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, False),
+], ids=["flash", "memory_efficient", "cudnn"])
+def test_the_fused_cuda_attention_kernels_have_no_forward_mode_formula(kernel):
+    """The claim behind forcing the math backend, checked without a GPU: torch's autograd layer (the same
+    on every device) refuses forward AD through the CUDA kernels; on meta tensors it answers before any
+    kernel would run. The math kernel passes."""
+    import torch.autograd.forward_ad as fwad
+    q, k, v = (torch.empty(1, 2, 16, 8, device="meta") for _ in range(3))
+    with fwad.dual_level():
+        dual = fwad.make_dual(q, torch.empty_like(q))
+        with pytest.raises(NotImplementedError, match="forward AD"):
+            kernel(dual, k, v)
+        out = torch.ops.aten._scaled_dot_product_attention_math(dual, k, v)[0]
+        assert fwad.unpack_dual(out).tangent is not None
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_meanflow_sampler_with_the_exact_average_velocity_lands_on_the_data_distribution(steps):
+    """Each step follows the exact trajectory, so noise x0 maps to MU + SIGMA x0: exactly N(MU, SIGMA^2)."""
+    noise = torch.randn(256, *SHAPE, generator=gen(3))
+    out = sample_meanflow(true_average_velocity, noise, steps)
+    torch.testing.assert_close(out, MU + SIGMA * noise, rtol=0, atol=2e-6)
+    # One Euler step with the instantaneous velocity does not (that is what MeanFlow fixes).
+    euler = sample_euler(lambda x, t, level: true_velocity(x, t), noise, 1)
+    assert (euler - (MU + SIGMA * noise)).abs().max() > 0.5
+
+
+def test_time_draws_mirror_the_papers_logit_normal():
+    """Non-equal rows: {logit t, logit s} are two N(0.4, 1) draws (the paper's N(-0.4, 1) over 1 - time);
+    s >= t; the first round(0.75 B) rows have s = t."""
+    objective = MeanFlowObjective(MeanFlowConfig())
+    t, s = objective.sample_times(40000, gen(4), torch.device("cpu"))
+    equal = num_equal(40000, 0.75)
+    assert equal == 30000 and torch.equal(t[:equal], s[:equal]) and (s[equal:] > t[equal:]).all()
+    logits = torch.logit(torch.cat([t[equal:], s[equal:]]).double())
+    assert abs(logits.mean().item() - 0.4) < 0.03 and abs(logits.std().item() - 1.0) < 0.03
+    paper_time = torch.logit(1 - torch.cat([t[equal:], s[equal:]]).double())   # the paper's r, t
+    assert abs(paper_time.mean().item() + 0.4) < 0.03
+
+
+class Constant(torch.nn.Module):
+    """u = a learnable constant per element (ignores its inputs)."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = torch.nn.Parameter(value.clone())
+
+    def forward(self, x, t, level=None, cond=None, drop=None):
+        return self.value.expand_as(x)
+
+
+@pytest.mark.parametrize("power", [0.0, 1.0])
+def test_adaptive_weight_loss_value_and_gradient(power):
+    """A constant u has du/dt = 0, so the target is v; loss = mean(sq / (sq + c)^p), gradient per row
+    2 (u - v) / (sq + c)^p (the weight is stop-gradient)."""
+    cfg = MeanFlowConfig(loss_power=power, loss_eps=0.5)
+    x1 = torch.randn(4, *SHAPE, generator=gen(5))
+    model = Constant(torch.randn(*SHAPE, generator=gen(6)))
+    noise = torch.randn(4, *SHAPE, generator=gen(7))
+    loss, logs = MeanFlowObjective(cfg).loss(model, x1, None, Draws(gen(8), noise=noise))
+    delta = model.value.detach() - (x1 - noise)
+    sq = delta.pow(2).flatten(1).sum(1)
+    torch.testing.assert_close(loss, (sq / (sq + 0.5) ** power).mean())
+    loss.backward()
+    expected = (2 * delta / view((sq + 0.5) ** power, delta)).sum(0) / 4
+    torch.testing.assert_close(model.value.grad, expected)
+    torch.testing.assert_close(logs["loss_flow"], sq[:3].mean() / delta[0].numel())
+    torch.testing.assert_close(logs["loss_interval"], sq[3:].mean() / delta[0].numel())
+
+
+def test_guidance_is_folded_into_the_velocity_inside_its_interval():
+    """v_g = omega v + kappa u_c + (1 - omega - kappa) u_null for rows with their condition and t in the
+    interval; v on dropped rows and outside; the queries are at h = 0."""
+    cfg = MeanFlowConfig(omega=2.0, kappa=0.25, guidance_interval=(0.3, 0.8))
+    calls = []
+
+    def model(x, t, level=None, cond=None, drop=None):
+        calls.append(level)
+        return torch.where(drop.view(-1, 1, 1, 1), -1.0, 3.0).expand_as(x)   # u_null = -1, u_cond = 3
+
+    t = torch.tensor([0.1, 0.3, 0.5, 0.8, 0.9, 0.5])
+    drop = torch.tensor([False, False, False, False, False, True])
+    v = torch.randn(6, *SHAPE, generator=gen(9))
+    v_g = MeanFlowObjective(cfg).guided_velocity(model, torch.zeros_like(v), t, v, torch.arange(6), drop)
+    inside = torch.tensor([False, True, True, True, False, False])
+    torch.testing.assert_close(v_g[inside], 2.0 * v[inside] + 0.25 * 3.0 + (1 - 2.0 - 0.25) * -1.0)
+    torch.testing.assert_close(v_g[~inside], v[~inside])
+    assert all(torch.equal(level, torch.zeros_like(level)) for level in calls)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "dit-tiny"])
+def test_the_jvp_runs_under_bf16_autocast(preset):
+    """Under CPU bf16 autocast (what Accelerate puts in the forward of a bf16 run) the JVP passes through
+    the UNet's float32 GroupNorm and the DiT, its loss is within bf16 rounding of the float32 loss, and
+    the gradients are finite."""
+    cfg = load_config(UNetRunConfig, "unet", preset, ["objective=meanflow", "meanflow.loss_power=0"])
+    cfg.cond.image_downsample, cfg.model.step_input = 2, "interval"
+    torch.manual_seed(0)
+    net = build_network(cfg.model, cfg.cond)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x1 = torch.randn(4, 4, 8, 8, generator=gen(10))
+    objective = MeanFlowObjective(cfg.meanflow)
+    plain, _ = objective.loss(net, x1, None, Draws(gen(11)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, _ = objective.loss(net, x1, None, Draws(gen(11)))
+    mixed.backward()
+    assert math.isclose(mixed.item(), plain.item(), rel_tol=0.05)
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
