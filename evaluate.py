@@ -95,6 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--num-samples", type=int, default=50000)
     sweep.add_argument("--sample-batch-size", type=int, default=64)
     sweep.add_argument("--seed", type=int, default=0)
+    cond = sweep.add_mutually_exclusive_group()     # passed to sample.py, as sample.py reads them
+    cond.add_argument("--class-label", default=None, help="class-conditioned model: a class, 'all' (default) or "
+                      "'random'")
+    cond.add_argument("--masks", default=None, help="mask-conditioned model: one sample per mask file in this "
+                      "folder (--num-samples is not used)")
+    cond.add_argument("--prompt", default=None, help="text-conditioned model: --num-samples images of this prompt")
+    cond.add_argument("--prompts", default=None, help="text-conditioned model: a file of prompts, one per line, "
+                      "--num-samples images each")
+    sweep.add_argument("--text-encoder", default=None, help="text-conditioned model: its text encoder folder, if "
+                       "moved")
     sweep.add_argument("--out", required=True, help="folder for the samples, sweep.md, sweep.json and sweep.png")
     return parser
 
@@ -198,6 +208,14 @@ def preflight(args) -> None:
     reference = args.folder if args.command == "stats" else args.ref if args.command == "sweep" else args.reference
     if not Path(reference).exists():
         raise MetricsError(f"reference {reference} not found")
+    if args.command == "sweep":             # the condition flags fit the model: nothing fails after Inception
+        import sample
+        folder = find_model_folder(args.unet, "unet_ema")
+        cfg = read_unet_export(folder).config
+        args.class_label = sample.parse_class_label(args.class_label)
+        problem = sample.condition_flags_problem(args, cfg.cond.type, cfg.cond.num_classes, folder)
+        if problem:
+            raise MetricsError(problem)
     if reference_sources(reference) is None:
         load_stats(reference)               # a statistics file: validated now
         load_source_size(reference)
@@ -245,12 +263,16 @@ def run_sweep(ev: Evaluator, args) -> None:
             folder = out / "samples" / key
             sample.main(["--unet", args.unet, "--out", str(folder), "--num-samples", str(args.num_samples),
                          "--steps", str(n), "--cfg-scale", str(scale), "--seed", str(args.seed),
-                         "--batch-size", str(args.sample_batch_size)])
-            scored = broadcast(key in done and done[key]["num_samples"] == args.num_samples, ev.state)
+                         "--batch-size", str(args.sample_batch_size),
+                         *(f for flag in ("class_label", "masks", "prompt", "prompts", "text_encoder")
+                           if getattr(args, flag) is not None
+                           for f in (f"--{flag.replace('_', '-')}", str(getattr(args, flag))))])
+            images = list_images(folder)    # --num-samples, one per mask, or --num-samples per prompt
+            scored = broadcast(key in done and done[key]["num_samples"] == len(images), ev.state)
             if scored:                      # by an earlier, interrupted sweep
                 rows.append(done.get(key))
                 continue
-            samples = ev.features(list_images(folder), probabilities=args.inception_score)
+            samples = ev.features(images, probabilities=args.inception_score)
             if ev.state.is_main_process:
                 row = {"steps": n, "cfg_scale": scale, "source_size": samples.source_size,
                        **ev.scores(samples, reference, args.kid, args.pr, args.inception_score)}
@@ -284,7 +306,8 @@ def write_text(path: Path, text: str, kept: str) -> None:
 def write_sweep_report(out: Path, rows: list[dict], args, reference: Reference) -> None:
     columns = ["steps", "cfg_scale", "fid"] + [c for c in ("kid", "precision", "recall", "inception_score")
                                                 if c in rows[0]]
-    lines = [f"Sweep of {args.unet}: {args.num_samples} samples per cell against {args.ref} "
+    count = rows[0]["num_samples"]
+    lines = [f"Sweep of {args.unet}: {count} samples per cell against {args.ref} "
              f"({size_text(reference.source_size) if reference.source_size else 'resolution not recorded'})", "",
              "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for row in rows:
@@ -295,7 +318,7 @@ def write_sweep_report(out: Path, rows: list[dict], args, reference: Reference) 
     series = {}
     for row in rows:
         series.setdefault(f"cfg {row['cfg_scale']:g}", []).append((math.log2(row["steps"]), row["fid"]))
-    title = f"FID-{args.num_samples // 1000 or args.num_samples}{'k' if args.num_samples >= 1000 else ''}"
+    title = f"FID-{count // 1000 or count}{'k' if count >= 1000 else ''}"
     ticks = {math.log2(s): str(s) for s in sorted({r["steps"] for r in rows})}
     write_or_fail(lambda: line_plot(series, out / "sweep.png", title=f"{title} against sampling steps",
                                     x_label="steps (log2)", y_label="FID", x_ticks=ticks), str(out / "sweep.png"), kept)

@@ -150,6 +150,24 @@ def load_models(args, device):
     return load_unet(unet_folder, export).to(device), vae.to(device).eval(), export, unet_folder
 
 
+def condition_flags_problem(args, cond_type: str, num_classes: int, unet_folder) -> Optional[str]:
+    """What is wrong with the condition flags (--class-label, --masks, --prompt, --prompts) for a model
+    conditioned on ``cond_type``, or None. ``evaluate.py sweep`` asks this before anything is sampled."""
+    prompt_flag = "--prompts" if args.prompts is not None else "--prompt" if args.prompt is not None else None
+    for flag, given, wanted in ((prompt_flag, prompt_flag is not None, "text"),
+                                ("--masks", args.masks is not None, "mask"),
+                                ("--class-label", args.class_label is not None, "class")):
+        if given and cond_type != wanted:
+            return f"{flag}: {unet_folder} is a '{cond_type}'-conditioned model, not {wanted}-conditioned"
+    if cond_type == "text" and prompt_flag is None:
+        return f"{unet_folder} is text-conditioned: pass --prompt TEXT or --prompts FILE"
+    if cond_type == "mask" and args.masks is None:
+        return f"{unet_folder} is mask-conditioned: pass --masks DIR"
+    if args.class_label not in (None, "all", "random") and not 0 <= int(args.class_label) < num_classes:
+        return f"--class-label {args.class_label}: the model knows classes 0..{num_classes - 1}"
+    return None
+
+
 def read_prompts(args) -> Optional[list[str]]:
     """The prompts of --prompt or --prompts FILE (one per line, blank lines skipped), or None."""
     if args.prompt is not None:
@@ -216,31 +234,19 @@ def main(argv=None) -> None:
     if problem:
         raise ConfigError(f"--cfg-scale {args.cfg_scale}: {problem}")
 
+    problem = condition_flags_problem(args, spec.cond_type, spec.num_classes, unet_folder)
+    if problem:
+        raise ConfigError(problem)
     names, masks = None, None
     prompts = read_prompts(args)
-    if prompts is not None and spec.cond_type != "text":
-        raise ConfigError(f"--prompt{'s' if args.prompts else ''}: {unet_folder} is a '{spec.cond_type}'-"
-                          "conditioned model, not text-conditioned")
-    if spec.cond_type == "text" and prompts is None:
-        raise ConfigError(f"{unet_folder} is text-conditioned: pass --prompt TEXT or --prompts FILE")
     encoder = load_text_encoder(args, export, unet_folder, device) if prompts is not None else None
     if encoder is not None:
         warn_truncated(sum(encoder.too_long(prompts)), encoder.tokens, "prompt(s) are")
     if args.masks is not None:
-        if spec.cond_type != "mask":
-            raise ConfigError(f"--masks: {unet_folder} is a '{spec.cond_type}'-conditioned model, not mask-conditioned")
         names, masks = load_masks(Path(args.masks), export.config.data.image_size)
         if args.grid and "grid" in (n.lower() for n in names):
             raise ConfigError(f"--masks {args.masks}: a mask named 'grid' would be overwritten by --grid's grid.png")
         logger.info("--masks: one sample per mask file (%d); --num-samples is not used", len(names))
-    elif spec.cond_type == "mask":
-        raise ConfigError(f"{unet_folder} is mask-conditioned: pass --masks DIR")
-    elif spec.cond_type == "class":
-        if args.class_label not in (None, "all", "random") and not 0 <= int(args.class_label) < spec.num_classes:
-            raise ConfigError(f"--class-label {args.class_label}: the model knows classes 0..{spec.num_classes - 1}")
-    elif args.class_label is not None:
-        raise ConfigError(f"--class-label: {unet_folder} is a '{spec.cond_type}'-conditioned model, not "
-                          "class-conditioned")
     count = len(names) if names is not None else args.num_samples * (len(prompts) if prompts else 1)
 
     def condition(i: int):

@@ -392,17 +392,20 @@ class UNetRunConfig:
             if self.train.gradient_checkpointing:
                 raise fail(f"{prefix}train.gradient_checkpointing", "cannot be used with objective=meanflow: "
                            "torch's checkpointing does not recompute the forward-mode (JVP) tangents")
+            if self.train.channels_last and self.model.arch == "unet":
+                raise fail(f"{prefix}train.channels_last", "cannot be used with objective=meanflow on the UNet: "
+                           "torch's forward-mode (JVP) GroupNorm refuses channels_last tensors")
             if self.meanflow.guided and not conditional:
                 raise fail(f"{prefix}meanflow.omega", "guidance (meanflow.omega != 1 or meanflow.kappa != 0) needs "
-                           "a conditional model (cond.type=class or mask)")
+                           "a conditional model (cond.type=class, mask or text)")
         for key, on in (("shortcut.intrinsic_guidance", self.shortcut.intrinsic_guidance),
                         ("loss.wavelet_levels", self.loss.wavelet_levels > 0)):
             if on and self.objective != "shortcut":
                 raise fail(f"{prefix}{key}", f"is a switch of objective=shortcut, got objective={self.objective}")
         if self.shortcut.intrinsic_guidance and self.objective == "shortcut":
             if not conditional:
-                raise fail(f"{prefix}shortcut.intrinsic_guidance", "needs a conditional model (cond.type=class "
-                           "or mask): guidance mixes conditional and unconditional velocities")
+                raise fail(f"{prefix}shortcut.intrinsic_guidance", "needs a conditional model (cond.type=class, "
+                           "mask or text): guidance mixes conditional and unconditional velocities")
             low, high = self.shortcut.guidance_range
             if not low <= 1 <= high:
                 raise fail(f"{prefix}shortcut.guidance_range", f"must include 1 (no guidance: what dropped rows, "
@@ -410,6 +413,11 @@ class UNetRunConfig:
             if self.shortcut.bootstrap_cfg:
                 raise fail(f"{prefix}shortcut.bootstrap_cfg", "and shortcut.intrinsic_guidance are two ways to "
                            "train guidance in; choose one")
+        guided = {"meanflow": self.meanflow.guided, "shortcut": self.shortcut.intrinsic_guidance
+                  or (self.shortcut.bootstrap_cfg and self.shortcut.cfg_scale != 1)}.get(self.objective, False)
+        if guided and conditional and self.cond.drop == 0:
+            raise fail(f"{prefix}cond.drop", f"must be above 0 for the guidance objective={self.objective} trains "
+                       "in: its targets use the unconditional velocity, which only condition dropout trains")
 
     @property
     def eval_steps(self) -> tuple[int, ...]:

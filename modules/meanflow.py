@@ -21,11 +21,12 @@ Choices (``meanflow.*``, the paper's defaults): t and s are the lower and higher
 logit-normal draws, ``equal_fraction`` of the rows get s = t; each row's squared error summed
 over its elements is weighted by 1 / (sq + c)^p (stop-gradient); guidance is folded into v.
 
-The JVP runs with forward-mode autodiff (``torch.func.jvp``), so attention takes SDPA's math
-backend inside it (:func:`modules.attention.forward_ad_attention`). It runs in the run's precision:
+The JVP runs with forward-mode autodiff (``torch.func.jvp``; ``torch.autograd.forward_ad`` under DDP
+and FSDP1, see :func:`_runs_forward_ad`), so attention takes SDPA's math backend inside it
+(:func:`modules.attention.forward_ad_attention`). It runs in the run's precision:
 under mixed precision Accelerate puts autocast inside the network's forward, so the tangent is bf16
 there too (the official PyTorch code runs it in float32; ``train.mixed_precision=no`` does that
-here). The UNet's GroupNorm computes in float32 for that reason (modules/unet.py: GroupNorm32).
+here). The UNet's GroupNorm and LayerNorm compute in float32 for that reason (modules/unet.py).
 Gradient checkpointing does not recompute tangents (torch refuses the recomputation), so the
 config refuses it with this objective.
 """
@@ -34,6 +35,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+import torch.autograd.forward_ad as fwad
 from torch.func import jvp
 
 from modules.attention import forward_ad_attention
@@ -43,19 +45,37 @@ from modules.draws import Draws, broadcast, condition_dropout, draw_device, nois
 ModelCall = Callable[..., torch.Tensor]
 
 
+def _runs_forward_ad(model: ModelCall) -> Optional[torch.nn.Module]:
+    """The module to run with ``torch.autograd.forward_ad`` when ``model`` is DDP or FSDP1 (compiled or not),
+    whose forwards fail inside ``torch.func.jvp`` (DDP's bucket rebuild and FSDP1's flat parameters need
+    real storage); None for the rest. That skips torch.compile's wrapper, which cannot trace dual
+    tensors; FSDP2's autograd Functions, which have no forward-mode formula, go through torch.func."""
+    inner = getattr(model, "_orig_mod", model)            # torch.compile's wrapper
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
+    return inner if isinstance(inner, (DistributedDataParallel, FullyShardedDataParallel)) else None
+
+
 def average_velocity_jvp(model: ModelCall, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
                          cond: Optional[torch.Tensor] = None,
                          drop: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(u, du/dt)``: the network's average velocity u(x_t, t, h = s - t), with gradient, and its total
     derivative along the flow, one JVP of (z, t, s) -> u along the tangent (v, 1, 0), attention on the
     math backend (module docstring)."""
-    def average_velocity(z: torch.Tensor, t_: torch.Tensor, s_: torch.Tensor) -> torch.Tensor:
-        return model(z, t_, level=s_ - t_, cond=cond, drop=drop)
-
     dtype = x_t.dtype
-    t, s = t.to(dtype), s.to(dtype)
+    t, s, v = t.to(dtype), s.to(dtype), v.to(dtype)
+    wrapped = _runs_forward_ad(model)
     with forward_ad_attention():
-        return jvp(average_velocity, (x_t, t, s), (v.to(dtype), torch.ones_like(t), torch.zeros_like(s)))
+        if wrapped is None:
+            return jvp(lambda z, t_, s_: model(z, t_, level=s_ - t_, cond=cond, drop=drop), (x_t, t, s),
+                       (v, torch.ones_like(t), torch.zeros_like(s)))
+        with fwad.dual_level():
+            t_dual = fwad.make_dual(t, torch.ones_like(t))
+            u, du_dt = fwad.unpack_dual(wrapped(fwad.make_dual(x_t, v), t_dual, level=s - t_dual, cond=cond,
+                                                drop=drop))
+    return u, torch.zeros_like(u) if du_dt is None else du_dt     # None: u does not depend on (z, t)
 
 
 def num_equal(batch_size: int, fraction: float) -> int:

@@ -42,4 +42,7 @@ def guidance_problem(cfg: UNetRunConfig, scale: float) -> Optional[str]:
     if cfg.guidance_input and not low <= scale <= high:
         return (f"guidance scale {scale}: this model takes the scale as an input (shortcut.intrinsic_guidance) "
                 f"and was trained for {low} to {high} (shortcut.guidance_range)")
+    if not cfg.guidance_input and scale != 1 and cfg.cond.type != "none" and cfg.cond.drop == 0:
+        return (f"guidance scale {scale} needs the unconditional velocity, and this model was trained with "
+                "cond.drop=0 (no condition dropout), so it has none")
     return None

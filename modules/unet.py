@@ -27,19 +27,32 @@ from modules.denoiser import CrossAttention, Denoiser, SelfAttention, guidance_e
 from modules.wavelet import WaveletDownsample, WaveletUpsample
 
 
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 and returned in its input's dtype (as ADM's and LDM's UNets do).
+def _in_float32(norm, x: torch.Tensor, weight, bias) -> torch.Tensor:
+    """``norm(x, weight, bias)`` computed in (at least) float32 and returned in ``x``'s dtype.
 
-    CUDA autocast already runs GroupNorm in float32; CPU autocast feeds it bf16 inputs beside float32
-    weights, and then torch's forward-mode derivative comes out float32 beside a bf16 output, which the
-    next convolution refuses: this is what lets MeanFlow's JVP run under mixed precision. In float32 it
-    is plain GroupNorm (and float64 stays float64)."""
+    CUDA autocast already runs GroupNorm and LayerNorm in float32; CPU autocast feeds them bf16 inputs
+    beside float32 weights, and then torch's forward-mode derivative comes out float32 beside a bf16
+    output, which the next convolution or linear layer refuses: this is what lets MeanFlow's JVP run
+    under mixed precision. In float32 it is the plain norm (and float64 stays float64)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    weight = None if weight is None else weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    return norm(x.to(dtype), weight, bias).to(x.dtype)
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm in float32 (as ADM's and LDM's UNets do; :func:`_in_float32`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        weight = None if self.weight is None else self.weight.to(dtype)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return F.group_norm(x.to(dtype), self.num_groups, weight, bias, self.eps).to(x.dtype)
+        return _in_float32(lambda x, w, b: F.group_norm(x, self.num_groups, w, b, self.eps), x, self.weight, self.bias)
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm in float32 (:func:`_in_float32`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _in_float32(lambda x, w, b: F.layer_norm(x, self.normalized_shape, w, b, self.eps), x, self.weight,
+                           self.bias)
 
 
 class ResBlock(nn.Module):
@@ -82,11 +95,11 @@ class BasicTransformerBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, context_dim: Optional[int]):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm32(dim)
         self.attn1 = SelfAttention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim) if context_dim else None
+        self.norm2 = LayerNorm32(dim) if context_dim else None
         self.attn2 = CrossAttention(dim, context_dim, heads) if context_dim else None
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm3 = LayerNorm32(dim)
         self.ff = GEGLU(dim)
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor]) -> torch.Tensor:

@@ -116,6 +116,17 @@ def test_saved_configs_are_validated_like_command_line_ones():
      "'train.gradient_checkpointing': cannot be used with objective=meanflow: torch's checkpointing does not "
      "recompute the forward-mode"),
     (["objective=meanflow", "meanflow.omega=2"], "'meanflow.omega': guidance .* needs a conditional model"),
+    (["objective=meanflow", "train.channels_last=true"],
+     "'train.channels_last': cannot be used with objective=meanflow on the UNet: torch's forward-mode"),
+    (["objective=meanflow", "cond.type=class", "meanflow.omega=2", "cond.drop=0"],
+     "'cond.drop': must be above 0 for the guidance objective=meanflow trains in"),
+    (["cond.type=text", "shortcut.intrinsic_guidance=true", "cond.drop=0"],
+     "'cond.drop': must be above 0 for the guidance objective=shortcut trains in"),
+    (["cond.type=mask", "shortcut.bootstrap_cfg=true", "cond.drop=0"],
+     "'cond.drop': must be above 0 for the guidance objective=shortcut trains in"),
+    (["cond.type=class", "cond.drop=0", "sample.cfg_scale=2"],
+     "'sample.cfg_scale': guidance scale 2.0 needs the unconditional velocity, and this model was trained with "
+     "cond.drop=0"),
     (["objective=meanflow", "meanflow.guidance_interval=0.8,0.2"],
      "'meanflow.guidance_interval': must be two times 0 <= low < high <= 1, got \\(0.8, 0.2\\)"),
     (["objective=meanflow", "meanflow.equal_fraction=1.5"], "'meanflow.equal_fraction': must be in \\[0, 1\\]"),
@@ -148,6 +159,11 @@ def test_ism_and_meanflow_settings_that_fit_are_accepted():
                                                      "loss.wavelet_levels=2", "train.ot_pairing=true",
                                                      "train.ot_pool=4", "sample.cfg_scale=2"])
     assert cfg.guidance_input and cfg.step_input == "level"
+    dit = load_config(UNetRunConfig, "unet", "dit-tiny", ["objective=meanflow", "train.channels_last=true",
+                                                         "cond.type=class", "meanflow.omega=2"])
+    assert dit.train.channels_last and dit.meanflow.guided
+    unguided = load_config(UNetRunConfig, "unet", "tiny", ["cond.type=class", "cond.drop=0"])
+    assert unguided.cond.drop == 0 and unguided.sample.cfg_scale == 1
     cfg = load_config(UNetRunConfig, "unet", "tiny", ["objective=meanflow", "cond.type=mask", "meanflow.omega=2",
                                                      "meanflow.kappa=0.5", "model.step_input=interval"])
     assert cfg.step_input == "interval" and cfg.num_step_levels == 0 and not cfg.guidance_input

@@ -221,3 +221,99 @@ def test_the_jvp_runs_under_bf16_autocast(preset):
     mixed.backward()
     assert math.isclose(mixed.item(), plain.item(), rel_tol=0.05)
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+# ----------------------------------------------------------------------------- the JVP through every engine
+
+def _jvp_engines_worker(rank, port):
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from torch.nn.parallel import DistributedDataParallel
+
+    from modules.unet import ResBlock
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        cfg = load_config(UNetRunConfig, "unet", "tiny", ["objective=meanflow", "cond.type=class",
+                                                          "cond.num_classes=3"])
+        cfg.model.step_input = "interval"
+        torch.manual_seed(0)
+        reference = build_network(cfg.model, cfg.cond).double()
+        with torch.no_grad():
+            for p in reference.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        g = gen(1)     # the same inputs on both ranks, so DDP's averaged gradient is the single-process one
+        z, v, w = (torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
+        t, s = torch.tensor([0.2, 0.5], dtype=torch.float64), torch.tensor([0.7, 0.9], dtype=torch.float64)
+        cond, drop = torch.tensor([0, 2]), torch.tensor([False, True])
+
+        def run(model):
+            u, du_dt = average_velocity_jvp(model, z, t, s, v, cond, drop)
+            (u * w).sum().backward()
+            return u.detach(), du_dt
+
+        u_ref, du_ref = run(reference)
+        grads_ref = {n: p.grad for n, p in reference.named_parameters()}
+
+        def fresh():
+            net = build_network(cfg.model, cfg.cond).double()
+            net.load_state_dict(reference.state_dict())
+            return net
+
+        def fsdp2(net):
+            for m in net.modules():
+                if isinstance(m, ResBlock):
+                    fully_shard(m)
+            return fully_shard(net)
+
+        engines = {
+            "ddp": lambda: DistributedDataParallel(fresh()),
+            "fsdp1": lambda: FullyShardedDataParallel(fresh(), device_id=torch.device("cpu"), use_orig_params=True,
+                                                      auto_wrap_policy=ModuleWrapPolicy({ResBlock})),
+            "fsdp2": lambda: fsdp2(fresh()),
+            "compiled": lambda: torch.compile(fresh(), backend="aot_eager"),
+            "compiled ddp": lambda: torch.compile(DistributedDataParallel(fresh()), backend="aot_eager"),
+        }
+        for name, build in engines.items():
+            model = build()
+            for _ in range(2):      # DDP rebuilds its buckets at the second forward
+                model.zero_grad()
+                u, du_dt = run(model)
+            torch.testing.assert_close(u, u_ref, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: u {m}")
+            torch.testing.assert_close(du_dt, du_ref, rtol=1e-8, atol=1e-10, msg=lambda m: f"{name}: du/dt {m}")
+            if name == "fsdp1":
+                with FullyShardedDataParallel.summon_full_params(model, with_grads=True):
+                    grads = {n.replace("_fsdp_wrapped_module.", ""): p.grad.clone()
+                             for n, p in model.named_parameters()}
+            else:
+                grads = {n.replace("_orig_mod.", "").replace("module.", "", 1) if "ddp" in name or name == "compiled"
+                         else n: p.grad.full_tensor() if name == "fsdp2" else p.grad
+                         for n, p in model.named_parameters()}
+            assert grads.keys() == grads_ref.keys(), name
+            for n, grad in grads.items():
+                torch.testing.assert_close(grad, grads_ref[n], rtol=1e-8, atol=1e-10,
+                                           msg=lambda m: f"{name}: gradient of {n} {m}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)     # as in tests/test_ema.py: no interpreter teardown under gloo's threads
+
+
+def test_the_jvp_and_its_gradient_are_the_same_through_ddp_fsdp_and_compile():
+    """The average velocity, its JVP and the loss gradient equal the plain module's (float64) through DDP,
+    FSDP1, FSDP2, torch.compile and compiled DDP on two CPU ranks. torch.func.jvp fails inside DDP and
+    FSDP1, forward_ad inside FSDP2 and compiled modules (modules/meanflow.py: _runs_forward_ad)."""
+    import socket
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_jvp_engines_worker, args=(port,), nprocs=2)

@@ -410,6 +410,42 @@ def test_sweep_scores_every_combination_and_resumes(tiny_unet_run, shapes_dir, e
     assert json.loads((out / "sweep.json").read_text()) == rows
 
 
+def test_sweep_takes_the_condition_flags_and_checks_them_before_anything_runs(shapes_dir, tiny_vae_run, extractor_file,
+                                                                               pin, tmp_path, capsys):
+    """A mask-conditioned model sweeps with --masks (one sample per mask, whatever --num-samples says);
+    without them, or with a prompt, the sweep stops in one line before any reference or sample is made."""
+    import shutil
+
+    import train_unet
+    run = tmp_path / "mask_run"
+    train_unet.main(["--config", "tiny", "--data", str(shapes_dir), "--vae", str(tiny_vae_run), "--output-dir",
+                     str(run), "--report-to", "none", "--max-steps", "1", "cond.type=mask",
+                     "train.checkpoint_every=1", "train.image_log_every=100", f"cache_dir={tmp_path / 'cache'}"])
+    capsys.readouterr()
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    sources = sorted((shapes_dir / "masks").rglob("*.png"))
+    for i in range(70):             # more images than the 64-d stand-in features, as the Frechet distance needs
+        shutil.copy(sources[i % len(sources)], masks / f"{i:02d}.png")
+    common = ["--inception", str(extractor_file), *pin, "--image-size", str(SIZE), "--workers", "1"]
+    sweep = ["sweep", *common, "--unet", str(run), "--ref", str(shapes_dir), "--steps", "1,2", "--num-samples", "64",
+             "--out", str(tmp_path / "sweep")]
+    for flags, message in (([], "is mask-conditioned: pass --masks DIR"),
+                           (["--prompt", "a red circle"], "is a 'mask'-conditioned model, not text-conditioned")):
+        assert evaluate.main([*sweep, *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "sweep").exists()
+    assert evaluate.main([*sweep, "--masks", str(masks)]) == 0
+    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert set(rows) == {"steps_1_cfg_1", "steps_2_cfg_1"} and all(r["num_samples"] == 70 for r in rows.values())
+    assert "70 samples per cell" in (tmp_path / "sweep" / "sweep.md").read_text()
+    made = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep" / "samples").rglob("*.png")}
+    assert len(made) == 140
+    assert evaluate.main([*sweep, "--masks", str(masks)]) == 0      # resumed: nothing sampled or scored anew
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep" / "samples").rglob("*.png")} == made
+
+
 def test_fid_and_validation_loss_during_training(shapes_dir, tiny_vae_run, extractor_file, pin, tmp_path,
                                                  monkeypatch):
     """eval.every: FID of the sampling EMA at 1, 4 and 8 steps and the held-out loss per level are
