@@ -298,7 +298,7 @@ class EvalConfig:
     reference: str = ""                            # statistics .npz of the real images (evaluate.py stats); "": no FID
     inception: str = ""                            # local inception-2015-12-05.pt
     inception_sha256: str = ""                     # its SHA-256 (a TorchScript file runs code when loaded)
-    num_samples: int = setting(2000, positive, at_most(1_000_000))    # generated per step count, over all processes
+    num_samples: int = setting(2000, at_least(2), at_most(1_000_000))  # generated per step count, over all processes
     steps: tuple[int, ...] = setting((), each(positive))              # (): 1, 4 and the finest the model has
     batch_size: int = setting(64, positive)
     image_size: int = setting(299, positive, at_most(1024))          # what the extractor sees

@@ -220,7 +220,9 @@ def save_emas(checkpoint: Path, emas: dict[str, EMA], rank: int) -> None:
 
 
 def load_emas(checkpoint: Path, emas: dict[str, EMA], rank: int, device: torch.device) -> None:
-    tensors = load_file(ema_file(checkpoint, rank), device=str(device))
+    # read on the CPU, then moved: safetensors refuses indexed CPU names such as "cpu:0", which a
+    # multi-process CPU run's accelerator.device is
+    tensors = {k: v.to(device) for k, v in load_file(ema_file(checkpoint, rank)).items()}
     for name, ema in emas.items():
         ema.load_state_dict({k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")})
 

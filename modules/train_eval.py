@@ -14,6 +14,7 @@ before any training.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -60,17 +61,23 @@ class TrainingEvaluator:
             return {}
         acc, e = self.accelerator, self.cfg.eval
         mine = range(acc.process_index, e.num_samples, acc.num_processes)
+        # Every process runs the same number of batches, a short share ending on stand-in batches whose
+        # images are dropped: the wrapped network's forward is a collective (DDP's buffer broadcast,
+        # FSDP's all-gathers), and a process that called it fewer times would leave the others waiting.
+        num_batches = math.ceil(math.ceil(e.num_samples / acc.num_processes) / e.batch_size)
         scores = {}
         for steps in self.cfg.eval_steps:
             arrays = []
-            for start in range(0, len(mine), e.batch_size):
+            for start in range(0, num_batches * e.batch_size, e.batch_size):
                 idx = list(mine[start:start + e.batch_size])
+                real = len(idx)
+                idx = idx or [0]
                 cond = conditions(self.spec, self.latent_set, idx)
                 with acc.autocast():
                     z = generate_latents(unet, self.spec, None if cond is None else cond.to(acc.device),
                                          [image_seed(EVAL_SEED, i) for i in idx], steps, device=acc.device)
                     images = decode_latents(vae, z.float(), vae.config.scale_factor, e.batch_size)
-                arrays.extend(to_uint8(images))
+                arrays.extend(to_uint8(images)[:real])
             local = extract_local(arrays, self.extractor, e.batch_size, acc.device, e.image_size, workers=1)
             found = gather(local, mine, acc) if acc.num_processes > 1 else local
             if acc.is_main_process and found.features.shape[0] < found.features.shape[1] and not self.warned:

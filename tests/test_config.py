@@ -89,6 +89,7 @@ def test_random_overrides_parse_or_name_the_problem(key, value):
     ("model.base_channels=1000000000", "config key 'model.base_channels': must be <= 8192"),
     ("sample.steps=1,3", "config key 'sample.steps': shortcut sampling needs a power of two"),
     ("sample.steps=16", "exceeds the trained maximum of 8"),
+    ("eval.num_samples=1", "config key 'eval.num_samples': must be >= 2, got 1"),   # a covariance needs two
 ])
 def test_each_field_has_its_own_rules(override, message):
     """Rules come from each field's declaration (not from its name), all at start-up."""

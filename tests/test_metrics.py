@@ -480,6 +480,68 @@ def test_fid_and_validation_loss_during_training(shapes_dir, tiny_vae_run, extra
     assert logged[4]["fid/steps_1"] == pytest.approx(expected, rel=1e-6)
 
 
+def test_fid_during_training_when_a_process_has_no_image_to_make(shapes_dir, tiny_vae_run, extractor_file, pin,
+                                                                  tmp_path):
+    """Three processes, eval.num_samples=2: the third makes none of the images, yet calls the network as
+    often as the others (stand-in batches, dropped), and the logged FIDs equal one process's on the
+    exported EMA. A text model's empty-prompt buffer is broadcast by DDP at the first forward after a
+    training step; the process without images skipped it, and the run hung or paired the wrong messages."""
+    import contextlib
+    import json
+    import os
+    import re
+    import signal
+
+    from accelerate import Accelerator
+
+    from modules.config import UNetRunConfig
+    from modules.config_io import from_dict
+    from modules.export import load_unet
+    from modules.generation import GenerationSpec
+    from modules.latent_cache import LatentDataset
+    from modules.tiny_clip import write_tiny_clip
+    from modules.train_eval import TrainingEvaluator
+    from modules.vae_loading import load_vae
+    clip = write_tiny_clip(tmp_path / "clip" / "sd")
+    reference = tmp_path / "shapes.npz"
+    assert evaluate.main(["stats", "--inception", str(extractor_file), *pin, "--image-size", str(SIZE),
+                          str(shapes_dir), "--out", str(reference)]) == 0
+    root = Path(evaluate.__file__).parent
+    launch = subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_2proc.yaml",
+         "--num_processes", "3", "train_unet.py", "--config", "tiny", "--data", str(shapes_dir), "--vae",
+         str(tiny_vae_run), "--output-dir", str(tmp_path / "run"), "--report-to", "none", "--max-steps", "4",
+         "cond.type=text", f"cond.text_encoder={clip}", "train.batch_size=3", "train.checkpoint_every=2",
+         "train.image_log_every=100", f"cache_dir={tmp_path / 'cache'}", "eval.every=2", "eval.steps=1",
+         f"eval.reference={reference}", f"eval.inception={extractor_file}", f"eval.inception_sha256={pin[1]}",
+         "eval.num_samples=2", "eval.batch_size=1", f"eval.image_size={SIZE}"],
+        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"})
+    try:
+        _, stderr = launch.communicate(timeout=150)      # about 20 s; a hang is what this test catches
+    except subprocess.TimeoutExpired:
+        launch.kill()       # and its workers, which torch's launcher starts in sessions of their own
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            with contextlib.suppress(OSError):
+                if str(tmp_path / "run").encode() in cmdline.read_bytes():
+                    os.kill(int(cmdline.parent.name), signal.SIGKILL)
+        launch.communicate()
+        pytest.fail("the three-process run with evaluation hung")
+    assert launch.returncode == 0, stderr[-3000:]
+    assert "3 process(es)" in stderr
+    logged = dict(re.findall(r"(fid/steps_\d+) ([0-9.e+-]+)", stderr.split("step 4: ")[1].splitlines()[0]))
+    run = tmp_path / "run"
+    cfg = from_dict(UNetRunConfig, json.loads((run / "config.json").read_text()))
+    vae = load_vae(run / "frozen_vae").eval()
+    latents = LatentDataset(next((tmp_path / "cache").glob("latents_*")), hflip=False)
+    evaluator = TrainingEvaluator(cfg, Accelerator(cpu=True), GenerationSpec.from_run_config(cfg), latents,
+                                  vae.config.scale_factor)
+    expected = evaluator.fid(load_unet(run / "unet_ema").eval(), vae)
+    assert logged.keys() == expected.keys() == {"fid/steps_1"}
+    for key, value in expected.items():
+        assert float(logged[key]) == pytest.approx(value, rel=1e-3), key     # logged to 4 digits
+
+
 def test_fid_during_training_needs_a_vouched_inception():
     from modules.config import ConfigError, UNetRunConfig
     from modules.config_io import load_config

@@ -164,22 +164,41 @@ def test_class_conditional_model_separates_two_classes(tmp_path, tiny_vae_run):
     assert accuracy >= 0.9, accuracy
 
 
-@pytest.mark.parametrize("objective", ["shortcut", "meanflow"])
-def test_two_process_ddp(objective, shapes_dir, tiny_vae_run, tmp_path):
-    """Two CPU processes train with DDP and keep identical EMAs. MeanFlow's JVP goes through DDP's forward,
-    whose bucket rebuild at step 2 once failed inside torch.func.jvp."""
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+def launch_two_processes(shapes_dir, tiny_vae_run, tmp_path, out, *extra) -> str:
+    """``train_unet.py`` under ``accelerate launch`` with two CPU processes; its log."""
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_2proc.yaml",
          "train_unet.py", "--config", "tiny", "--data", str(shapes_dir), "--vae", str(tiny_vae_run),
-         "--output-dir", str(tmp_path / "ddp"), "--report-to", "none", "--max-steps", "4", "cond.type=class",
-         f"objective={objective}", "train.batch_size=4", "train.checkpoint_every=4", "train.image_log_every=4",
-         f"cache_dir={tmp_path / 'cache'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+         "--output-dir", str(out), "--report-to", "none", "cond.type=class", "train.batch_size=4",
+         "train.checkpoint_every=2", "train.image_log_every=4", f"cache_dir={tmp_path / 'cache'}", *extra],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es), distributed type MULTI_CPU" in result.stderr
-    assert "EMA weights identical on all 2 processes" in result.stderr
+    return result.stderr
+
+
+def test_two_process_meanflow(shapes_dir, tiny_vae_run, tmp_path):
+    """MeanFlow's JVP goes through DDP's forward, whose bucket rebuild at step 2 once failed inside
+    torch.func.jvp."""
+    log = launch_two_processes(shapes_dir, tiny_vae_run, tmp_path, tmp_path / "ddp", "--max-steps", "4",
+                               "objective=meanflow")
+    assert "EMA weights identical on all 2 processes" in log
     assert (tmp_path / "ddp" / "unet_ema" / "model.safetensors").is_file()
+
+
+def test_two_process_run_resumed_by_two_processes_equals_a_straight_one(shapes_dir, tiny_vae_run, tmp_path):
+    """Two CPU processes train with DDP and keep identical EMAs; stopped and resumed by two processes, the
+    run ends with the straight run's weights. (A two-process resume once failed to read the EMAs onto the
+    device "cpu:0".)"""
+    log = launch_two_processes(shapes_dir, tiny_vae_run, tmp_path, tmp_path / "straight", "--max-steps", "4")
+    assert "2 process(es), distributed type MULTI_CPU" in log
+    assert "EMA weights identical on all 2 processes" in log
+    launch_two_processes(shapes_dir, tiny_vae_run, tmp_path, tmp_path / "split", "--max-steps", "2")
+    log = launch_two_processes(shapes_dir, tiny_vae_run, tmp_path, tmp_path / "split", "--max-steps", "4",
+                               "--resume", "latest")
+    assert "EMA weights identical on all 2 processes" in log
+    for folder in ("unet", "unet_ema"):
+        assert_same_weights(tmp_path / "straight" / folder, tmp_path / "split" / folder)
 
 
 def test_resume_with_another_model_config_names_the_fields(shapes_dir, tiny_vae_run, tmp_path, capsys):
