@@ -40,6 +40,7 @@ from modules.features import (INCEPTION_URL, extract, list_images, load_features
 from modules.metrics import (feature_statistics, frechet_distance, inception_score, kernel_inception_distance,
                              precision_recall)
 from modules.plots import line_plot
+from modules.sampling_rules import DEFAULT_SAMPLER, guidance_problem, sampling_problem, unconditional_problem
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -214,6 +215,11 @@ def preflight(args) -> None:
         cfg = read_unet_export(folder).config
         args.class_label = sample.parse_class_label(args.class_label)
         problem = sample.condition_flags_problem(args, cfg.cond.type, cfg.cond.num_classes, folder)
+        for n in sweep_list(args.steps, int, "--steps"):
+            problem = problem or sampling_problem(cfg.objective, DEFAULT_SAMPLER[cfg.objective], n,
+                                                  cfg.shortcut.denoise_timesteps, cfg.ddpm.num_timesteps)
+        for w in sweep_list(args.cfg_scales, float, "--cfg-scales"):
+            problem = problem or guidance_problem(cfg, w) or unconditional_problem(cfg, w)
         if problem:
             raise MetricsError(problem)
     if reference_sources(reference) is None:
@@ -244,10 +250,21 @@ def run_scores(ev: Evaluator, args) -> None:
     print(f"{result['fid']:.6f}" if args.command == "fid" else json.dumps(result))
 
 
+def sweep_list(text: str, kind, flag: str) -> list:
+    """A comma-separated list of numbers, or one line naming the flag."""
+    try:
+        values = [kind(v) for v in text.split(",")]
+    except ValueError:
+        raise MetricsError(f"{flag} {text}: expected comma-separated numbers") from None
+    if not all(math.isfinite(v) for v in values):
+        raise MetricsError(f"{flag} {text}: expected finite numbers")
+    return values
+
+
 def run_sweep(ev: Evaluator, args) -> None:
     import sample
-    steps = [int(s) for s in args.steps.split(",")]
-    scales = [float(w) for w in args.cfg_scales.split(",")]
+    steps = sweep_list(args.steps, int, "--steps")
+    scales = sweep_list(args.cfg_scales, float, "--cfg-scales")
     out = Path(args.out)
     reference = ev.reference(args.ref)
     table_path = out / "sweep.json"

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from modules.accelerator import broadcast, finish
 from modules.checkpoint import WRITE_ERRORS, write_failure
 from modules.cli import run_cli
-from modules.sampling_rules import DEFAULT_SAMPLER, guidance_problem, sampling_problem
+from modules.sampling_rules import DEFAULT_SAMPLER, guidance_problem, sampling_problem, unconditional_problem
 from modules.config_io import diff_fields
 from modules.errors import CheckpointError, ConfigError, ModelFolderError
 from modules.export import find_model_folder, load_unet, read_config, read_unet_export
@@ -230,7 +230,7 @@ def main(argv=None) -> None:
         raise ConfigError(f"--sampler {sampler} --steps {args.steps}: {problem}")
     if spec.cond_type == "none" and args.cfg_scale != 1.0:
         logger.warning("--cfg-scale %s ignored: %s is an unconditional model", args.cfg_scale, unet_folder)
-    problem = guidance_problem(export.config, args.cfg_scale)
+    problem = guidance_problem(export.config, args.cfg_scale) or unconditional_problem(export.config, args.cfg_scale)
     if problem:
         raise ConfigError(f"--cfg-scale {args.cfg_scale}: {problem}")
 
@@ -248,6 +248,9 @@ def main(argv=None) -> None:
             raise ConfigError(f"--masks {args.masks}: a mask named 'grid' would be overwritten by --grid's grid.png")
         logger.info("--masks: one sample per mask file (%d); --num-samples is not used", len(names))
     count = len(names) if names is not None else args.num_samples * (len(prompts) if prompts else 1)
+    if count > MAX_SAMPLES:
+        raise ConfigError(f"--prompts {args.prompts}: {len(prompts)} prompts x --num-samples {args.num_samples} "
+                          f"make {count} images, at most {MAX_SAMPLES} in one folder")
 
     def condition(i: int):
         """Image i's condition: its mask, its class (one, all in turn, or drawn by seed), its prompt (here the

@@ -298,7 +298,7 @@ class EvalConfig:
     reference: str = ""                            # statistics .npz of the real images (evaluate.py stats); "": no FID
     inception: str = ""                            # local inception-2015-12-05.pt
     inception_sha256: str = ""                     # its SHA-256 (a TorchScript file runs code when loaded)
-    num_samples: int = setting(2000, at_least(2), at_most(1_000_000))  # generated per step count, over all processes
+    num_samples: int = setting(2000, positive, at_most(1_000_000))    # generated per step count, over all processes
     steps: tuple[int, ...] = setting((), each(positive))              # (): 1, 4 and the finest the model has
     batch_size: int = setting(64, positive)
     image_size: int = setting(299, positive, at_most(1024))          # what the extractor sees
@@ -308,6 +308,8 @@ class EvalConfig:
         if self.reference and not (self.inception and self.inception_sha256):
             raise fail(f"{prefix}inception", "FID during training (eval.reference set) needs eval.inception and "
                        "eval.inception_sha256 (the SHA-256 of that file: it runs code when loaded)")
+        if self.every and self.reference and self.num_samples < 2:
+            raise fail(f"{prefix}num_samples", f"must be >= 2 for FID (a covariance), got {self.num_samples}")
 
 
 @dataclass

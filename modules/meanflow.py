@@ -26,7 +26,8 @@ and FSDP1, see :func:`_runs_forward_ad`), so attention takes SDPA's math backend
 (:func:`modules.attention.forward_ad_attention`). It runs in the run's precision:
 under mixed precision Accelerate puts autocast inside the network's forward, so the tangent is bf16
 there too (the official PyTorch code runs it in float32; ``train.mixed_precision=no`` does that
-here). The UNet's GroupNorm and LayerNorm compute in float32 for that reason (modules/unet.py).
+here). The UNet's GroupNorm and LayerNorm compute in float32 so that tangents keep the output's
+dtype (modules/unet.py).
 Gradient checkpointing does not recompute tangents (torch refuses the recomputation), so the
 config refuses it with this objective.
 """

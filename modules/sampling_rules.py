@@ -42,7 +42,14 @@ def guidance_problem(cfg: UNetRunConfig, scale: float) -> Optional[str]:
     if cfg.guidance_input and not low <= scale <= high:
         return (f"guidance scale {scale}: this model takes the scale as an input (shortcut.intrinsic_guidance) "
                 f"and was trained for {low} to {high} (shortcut.guidance_range)")
+    return None
+
+
+def unconditional_problem(cfg: UNetRunConfig, scale: float) -> Optional[str]:
+    """Why guidance ``scale`` cannot be applied to a model trained as ``cfg`` because it never learnt the
+    unconditional prediction, or None. Asked where images are requested (sample.py, evaluate.py sweep),
+    not of saved configs, so a model trained so still loads and samples at scale 1."""
     if not cfg.guidance_input and scale != 1 and cfg.cond.type != "none" and cfg.cond.drop == 0:
-        return (f"guidance scale {scale} needs the unconditional velocity, and this model was trained with "
+        return (f"guidance scale {scale} needs the unconditional prediction, and this model was trained with "
                 "cond.drop=0 (no condition dropout), so it has none")
     return None

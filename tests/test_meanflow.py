@@ -297,6 +297,13 @@ def _jvp_engines_worker(rank, port):
             for n, grad in grads.items():
                 torch.testing.assert_close(grad, grads_ref[n], rtol=1e-8, atol=1e-10,
                                            msg=lambda m: f"{name}: gradient of {n} {m}")
+        # Under CPU bf16 autocast too (DDP takes the forward-AD path): the UNet's norms keep their tangents
+        # in the output's dtype; a float32 LayerNorm tangent beside a bf16 output stopped the next linear.
+        ddp = DistributedDataParallel(fresh().float())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            u, du_dt = average_velocity_jvp(ddp, z.float(), t.float(), s.float(), v.float(), cond, drop)
+        for got, want in ((u, u_ref), (du_dt, du_ref)):
+            assert ((got.double() - want).norm() / want.norm()).item() < 0.05
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -305,7 +312,8 @@ def _jvp_engines_worker(rank, port):
 
 def test_the_jvp_and_its_gradient_are_the_same_through_ddp_fsdp_and_compile():
     """The average velocity, its JVP and the loss gradient equal the plain module's (float64) through DDP,
-    FSDP1, FSDP2, torch.compile and compiled DDP on two CPU ranks. torch.func.jvp fails inside DDP and
+    FSDP1, FSDP2, torch.compile and compiled DDP on two CPU ranks, and DDP's within bf16 rounding under
+    autocast. torch.func.jvp fails inside DDP and
     FSDP1, forward_ad inside FSDP2 and compiled modules (modules/meanflow.py: _runs_forward_ad)."""
     import socket
 

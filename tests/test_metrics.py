@@ -431,7 +431,9 @@ def test_sweep_takes_the_condition_flags_and_checks_them_before_anything_runs(sh
     sweep = ["sweep", *common, "--unet", str(run), "--ref", str(shapes_dir), "--steps", "1,2", "--num-samples", "64",
              "--out", str(tmp_path / "sweep")]
     for flags, message in (([], "is mask-conditioned: pass --masks DIR"),
-                           (["--prompt", "a red circle"], "is a 'mask'-conditioned model, not text-conditioned")):
+                           (["--prompt", "a red circle"], "is a 'mask'-conditioned model, not text-conditioned"),
+                           (["--masks", str(masks), "--steps", "1,3"], "shortcut sampling needs a power of two"),
+                           (["--masks", str(masks), "--cfg-scales", "1,x"], "--cfg-scales 1,x: expected")):
         assert evaluate.main([*sweep, *flags]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
@@ -441,9 +443,10 @@ def test_sweep_takes_the_condition_flags_and_checks_them_before_anything_runs(sh
     assert set(rows) == {"steps_1_cfg_1", "steps_2_cfg_1"} and all(r["num_samples"] == 70 for r in rows.values())
     assert "70 samples per cell" in (tmp_path / "sweep" / "sweep.md").read_text()
     made = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep" / "samples").rglob("*.png")}
-    assert len(made) == 140
+    made[tmp_path / "sweep" / "sweep.json"] = (tmp_path / "sweep" / "sweep.json").stat().st_mtime_ns
+    assert len(made) == 141
     assert evaluate.main([*sweep, "--masks", str(masks)]) == 0      # resumed: nothing sampled or scored anew
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep" / "samples").rglob("*.png")} == made
+    assert {p: p.stat().st_mtime_ns for p in made} == made
 
 
 def test_fid_and_validation_loss_during_training(shapes_dir, tiny_vae_run, extractor_file, pin, tmp_path,

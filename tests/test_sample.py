@@ -93,6 +93,21 @@ def test_refusals(tiny_unet_run, tiny_vae_run, tmp_path, capsys):
     assert "does not exist" in refusal(capsys, *unet, "--vae", tmp_path / "gone", "--out", tmp_path / "b")
 
 
+def test_guidance_for_a_model_trained_without_condition_dropout_is_refused(shapes_dir, tiny_vae_run, tmp_path,
+                                                                          capsys):
+    """cond.drop=0 trains no unconditional prediction: --cfg-scale 2 is refused in one line, and the model
+    still loads and samples at scale 1."""
+    import train_unet
+    run = tmp_path / "run"
+    train_unet.main(["--config", "tiny", "--data", str(shapes_dir), "--vae", str(tiny_vae_run), "--output-dir",
+                     str(run), "--report-to", "none", "--max-steps", "1", "cond.type=class", "cond.drop=0",
+                     "train.checkpoint_every=1", "train.image_log_every=100", f"cache_dir={tmp_path / 'cache'}"])
+    capsys.readouterr()
+    assert "trained with cond.drop=0" in refusal(capsys, "--unet", run, "--out", tmp_path / "a", "--cfg-scale", 2)
+    run_cli(sample.main, ["--unet", str(run), "--out", str(tmp_path / "b"), "--num-samples", "2"])
+    assert len(read_pngs(tmp_path / "b")) == 2
+
+
 def test_cli_help_and_error_exit():
     result = subprocess.run([sys.executable, "sample.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0 and "--cfg-scale" in result.stdout
