@@ -249,8 +249,8 @@ def main(argv=None) -> None:
         logger.info("--masks: one sample per mask file (%d); --num-samples is not used", len(names))
     count = len(names) if names is not None else args.num_samples * (len(prompts) if prompts else 1)
     if count > MAX_SAMPLES:
-        raise ConfigError(f"--prompts {args.prompts}: {len(prompts)} prompts x --num-samples {args.num_samples} "
-                          f"make {count} images, at most {MAX_SAMPLES} in one folder")
+        raise ConfigError(f"{count} images requested (one per mask, or --num-samples per prompt): at most "
+                          f"{MAX_SAMPLES} in one folder")
 
     def condition(i: int):
         """Image i's condition: its mask, its class (one, all in turn, or drawn by seed), its prompt (here the

@@ -74,9 +74,8 @@ def average_velocity_jvp(model: ModelCall, x_t: torch.Tensor, t: torch.Tensor, s
                        (v, torch.ones_like(t), torch.zeros_like(s)))
         with fwad.dual_level():
             t_dual = fwad.make_dual(t, torch.ones_like(t))
-            u, du_dt = fwad.unpack_dual(wrapped(fwad.make_dual(x_t, v), t_dual, level=s - t_dual, cond=cond,
-                                                drop=drop))
-    return u, torch.zeros_like(u) if du_dt is None else du_dt     # None: u does not depend on (z, t)
+            return fwad.unpack_dual(wrapped(fwad.make_dual(x_t, v), t_dual, level=s - t_dual, cond=cond,
+                                            drop=drop))
 
 
 def num_equal(batch_size: int, fraction: float) -> int:
