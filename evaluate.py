@@ -31,16 +31,16 @@ import numpy as np
 import torch
 from accelerate import PartialState
 
-from modules.accelerator import broadcast, finish
-from modules.checkpoint import write_atomically, write_or_fail
+from modules.run.accelerator import broadcast, finish
+from modules.run.checkpoint import write_atomically, write_or_fail
 from modules.errors import MetricsError, UserError
-from modules.export import find_model_folder, read_unet_export
-from modules.features import (INCEPTION_URL, extract, list_images, load_features, load_inception, load_source_size,
+from modules.run.export import find_model_folder, read_unet_export
+from modules.eval.features import (INCEPTION_URL, extract, list_images, load_features, load_inception, load_source_size,
                               load_stats, reference_sources, save_stats, size_text)
-from modules.metrics import (feature_statistics, frechet_distance, inception_score, kernel_inception_distance,
+from modules.core.metrics import (feature_statistics, frechet_distance, inception_score, kernel_inception_distance,
                              precision_recall)
-from modules.plots import line_plot
-from modules.sampling_rules import DEFAULT_SAMPLER, guidance_problem, sampling_problem, unconditional_problem
+from modules.eval.plots import line_plot
+from modules.config.sampling import DEFAULT_SAMPLER, guidance_problem, sampling_problem, unconditional_problem
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:

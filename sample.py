@@ -28,20 +28,20 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from modules.accelerator import broadcast, finish
-from modules.checkpoint import WRITE_ERRORS, write_failure
-from modules.cli import run_cli
-from modules.sampling_rules import DEFAULT_SAMPLER, guidance_problem, sampling_problem, unconditional_problem
-from modules.config_io import diff_fields
+from modules.run.accelerator import broadcast, finish
+from modules.run.checkpoint import WRITE_ERRORS, write_failure
+from modules.config.cli import run_cli
+from modules.config.sampling import DEFAULT_SAMPLER, guidance_problem, sampling_problem, unconditional_problem
+from modules.config.io import diff_fields
 from modules.errors import CheckpointError, ConfigError, ModelFolderError
-from modules.export import find_model_folder, load_unet, read_config, read_unet_export
-from modules.generation import GenerationSpec, compiled_for_sampling, decode_latents, generate_latents
-from modules.image_io import UnreadableImage, find_images, image_tensor, mask_tensor, save_png, tile, to_uint8
-from modules.sample_folder import MANIFEST, SampleFolder, batches, pending
-from modules.samplers import METHODS
-from modules.seeding import image_seed, mix_seed
-from modules.text_encoder import TextEncoder, encode_unique, warn_truncated
-from modules.vae_loading import load_vae, vae_identity
+from modules.run.export import find_model_folder, load_unet, read_config, read_unet_export
+from modules.core.generation import GenerationSpec, compiled_for_sampling, decode_latents, generate_latents
+from modules.data.image_io import UnreadableImage, find_images, image_tensor, mask_tensor, save_png, tile, to_uint8
+from modules.run.sample_folder import MANIFEST, SampleFolder, batches, pending
+from modules.core.samplers import METHODS
+from modules.core.seeding import image_seed, mix_seed
+from modules.interop.clip import TextEncoder, encode_unique, warn_truncated
+from modules.interop.vae import load_vae, vae_identity
 
 logger = logging.getLogger("sample")
 GRID_MAX = 256

@@ -17,32 +17,32 @@ import torch
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
-from modules.accelerator import adam, make_accelerator, prepare_network
-from modules.checkpoint import (Checkpointer, RunIdentity, StopRequest, TrainingState, checkpoint_if_due, count_step,
+from modules.run.accelerator import adam, make_accelerator, prepare_network
+from modules.run.checkpoint import (Checkpointer, RunIdentity, StopRequest, TrainingState, checkpoint_if_due, count_step,
                                export_or_fail, saved_on_data_error, write_or_fail)
-from modules.cli import build_parser, resolve_run_config, run_cli
-from modules.config import UNetRunConfig, check_trained
-from modules.config_io import to_dict
-from modules.data import build_dataset
-from modules.dit_convert import load_init_weights
-from modules.ema import EMA, load_emas, replicas_agree, save_emas, teacher
+from modules.config.cli import build_parser, resolve_run_config, run_cli
+from modules.config.schema import UNetRunConfig, check_trained
+from modules.config.io import to_dict
+from modules.data.dataset import build_dataset
+from modules.interop.dit import load_init_weights
+from modules.core.ema import EMA, load_emas, replicas_agree, save_emas, teacher
 from modules.errors import ConfigError
-from modules.export import find_model_folder, save_unet
-from modules.generation import GenerationSpec, batch_condition, conditions, decode_latents, generate_latents
-from modules.image_io import make_grid
-from modules.latent_cache import build_or_load
-from modules.draws import randn_like
-from modules.objectives import Draws, build_objective
-from modules.optim import apply_update, lr_factor, set_lr
-from modules.order import make_loader
-from modules.ot_pairing import PairedPool
-from modules.run_folder import claim_output_dir, save_run_config
-from modules.seeding import SHARED_STREAM, paired_noise_generator, process_share_randn, step_generator
-from modules.tracking import Throughput, check_tracker, init_trackers, log_image, memory_stats, to_scalars
-from modules.train_eval import TrainingEvaluator
-from modules.networks import build_network
-from modules.text_encoder import TextEncoder
-from modules.vae_loading import load_vae, save_vae, vae_identity
+from modules.run.export import find_model_folder, save_unet
+from modules.core.generation import GenerationSpec, batch_condition, conditions, decode_latents, generate_latents
+from modules.data.image_io import make_grid
+from modules.data.latent_cache import build_or_load
+from modules.core.draws import randn_like
+from modules.core.objectives import Draws, build_objective
+from modules.run.optim import apply_update, lr_factor, set_lr
+from modules.data.order import make_loader
+from modules.core.ot_pairing import PairedPool
+from modules.run.output_dir import claim_output_dir, save_run_config
+from modules.core.seeding import SHARED_STREAM, paired_noise_generator, process_share_randn, step_generator
+from modules.run.tracking import Throughput, check_tracker, init_trackers, log_image, memory_stats, to_scalars
+from modules.eval.training import TrainingEvaluator
+from modules.core.networks import build_network
+from modules.interop.clip import TextEncoder
+from modules.interop.vae import load_vae, save_vae, vae_identity
 
 logger = logging.getLogger("train_unet")
 MODEL_SECTIONS = ("model", "cond", "objective", "shortcut.denoise_timesteps")   # what a resume may not change

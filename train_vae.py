@@ -16,24 +16,24 @@ import torch
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
-from modules.accelerator import adam, make_accelerator, prepare_network
-from modules.checkpoint import (Checkpointer, RunIdentity, StopRequest, TrainingState, checkpoint_if_due, count_step,
+from modules.run.accelerator import adam, make_accelerator, prepare_network
+from modules.run.checkpoint import (Checkpointer, RunIdentity, StopRequest, TrainingState, checkpoint_if_due, count_step,
                                export_or_fail, saved_on_data_error)
-from modules.cli import build_parser, resolve_run_config, run_cli
-from modules.config import VAERunConfig
-from modules.config_io import to_dict
-from modules.data import build_dataset, split_validation
+from modules.config.cli import build_parser, resolve_run_config, run_cli
+from modules.config.schema import VAERunConfig
+from modules.config.io import to_dict
+from modules.data.dataset import build_dataset, split_validation
 from modules.errors import ConfigError
-from modules.image_io import make_grid
-from modules.losses import VAELoss
-from modules.metrics import psnr
-from modules.optim import apply_update, lr_factor, set_lr
-from modules.order import make_loader
-from modules.run_folder import claim_output_dir, save_run_config
-from modules.seeding import SHARED_STREAM, process_share_randn, step_generator
-from modules.tracking import Throughput, check_tracker, init_trackers, log_image, memory_stats, to_scalars
-from modules.vae import AutoencoderKL
-from modules.vae_loading import save_vae
+from modules.data.image_io import make_grid
+from modules.core.vae_loss import VAELoss
+from modules.core.metrics import psnr
+from modules.run.optim import apply_update, lr_factor, set_lr
+from modules.data.order import make_loader
+from modules.run.output_dir import claim_output_dir, save_run_config
+from modules.core.seeding import SHARED_STREAM, process_share_randn, step_generator
+from modules.run.tracking import Throughput, check_tracker, init_trackers, log_image, memory_stats, to_scalars
+from modules.core.networks.vae import AutoencoderKL
+from modules.interop.vae import save_vae
 
 logger = logging.getLogger("train_vae")
 

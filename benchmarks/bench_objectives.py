@@ -28,13 +28,13 @@ sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
 
 import quality  # noqa: E402
-from modules.config import UNetRunConfig  # noqa: E402
-from modules.config_io import load_config  # noqa: E402
-from modules.draws import Draws  # noqa: E402
-from modules.ema import EMA, teacher  # noqa: E402
-from modules.networks import build_network  # noqa: E402
-from modules.objectives import build_objective  # noqa: E402
-from modules.ot_pairing import PairedPool  # noqa: E402
+from modules.config.schema import UNetRunConfig  # noqa: E402
+from modules.config.io import load_config  # noqa: E402
+from modules.core.draws import Draws  # noqa: E402
+from modules.core.ema import EMA, teacher  # noqa: E402
+from modules.core.networks import build_network  # noqa: E402
+from modules.core.objectives import build_objective  # noqa: E402
+from modules.core.ot_pairing import PairedPool  # noqa: E402
 
 LATENT_CHANNELS, VAE_FACTOR = 4, 4      # the quality presets' VAE: f4, 4 latent channels
 

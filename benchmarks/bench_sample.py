@@ -31,12 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_unet  # noqa: E402
 import bench_vae  # noqa: E402
-from modules.config import ConfigError, UNetRunConfig, VAERunConfig  # noqa: E402
-from modules.config_io import load_config  # noqa: E402
-from modules.generation import (GenerationSpec, compile_options, compiled_for_sampling, decode_latents,  # noqa: E402
+from modules.config.schema import ConfigError, UNetRunConfig, VAERunConfig  # noqa: E402
+from modules.config.io import load_config  # noqa: E402
+from modules.core.generation import (GenerationSpec, compile_options, compiled_for_sampling, decode_latents,  # noqa: E402
                                 generate_latents)
-from modules.networks import build_network  # noqa: E402
-from modules.vae import AutoencoderKL  # noqa: E402
+from modules.core.networks import build_network  # noqa: E402
+from modules.core.networks.vae import AutoencoderKL  # noqa: E402
 
 NUM_CLASSES = bench_unet.NUM_CLASSES
 MODELS = ("ours", "diffusers")

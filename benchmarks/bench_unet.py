@@ -47,15 +47,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from modules.accelerator import adam  # noqa: E402
-from modules.attention import attention_backend  # noqa: E402
-from modules.config import ConfigError, UNetRunConfig  # noqa: E402
-from modules.config_io import load_config  # noqa: E402
-from modules.ema import EMA, teacher  # noqa: E402
-from modules.networks import build_network  # noqa: E402
-from modules.objectives import Draws, build_objective  # noqa: E402
-from modules.optim import apply_update  # noqa: E402
-from modules.unet import count_parameters  # noqa: E402
+from modules.run.accelerator import adam  # noqa: E402
+from modules.core.attention import attention_backend  # noqa: E402
+from modules.config.schema import ConfigError, UNetRunConfig  # noqa: E402
+from modules.config.io import load_config  # noqa: E402
+from modules.core.ema import EMA, teacher  # noqa: E402
+from modules.core.networks import build_network  # noqa: E402
+from modules.core.objectives import Draws, build_objective  # noqa: E402
+from modules.run.optim import apply_update  # noqa: E402
+from modules.core.networks.unet import count_parameters  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NUM_CLASSES = 1000

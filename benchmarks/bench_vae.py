@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from modules.config import VAEModelConfig  # noqa: E402
-from modules.vae import AutoencoderKL  # noqa: E402
+from modules.config.schema import VAEModelConfig  # noqa: E402
+from modules.core.networks.vae import AutoencoderKL  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KL_WEIGHT = 1e-6

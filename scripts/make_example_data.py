@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plain script
 
-from modules.synthetic import BACKGROUNDS, LAYOUTS, make_shapes  # noqa: E402
+from scripts.shapes import BACKGROUNDS, LAYOUTS, make_shapes  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

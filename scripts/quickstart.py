@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plai
 import sample  # noqa: E402
 import train_unet  # noqa: E402
 import train_vae  # noqa: E402
-from modules.cli import run_cli  # noqa: E402
-from modules.image_io import image_tensor, make_grid, save_png, to_uint8  # noqa: E402
-from modules.synthetic import make_shapes  # noqa: E402
+from modules.config.cli import run_cli  # noqa: E402
+from modules.data.image_io import image_tensor, make_grid, save_png, to_uint8  # noqa: E402
+from scripts.shapes import make_shapes  # noqa: E402
 
 STEP_COUNTS = (1, 4, 128)
 IMAGES_PER_ROW = 12

@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from modules.synthetic import make_shapes  # noqa: E402
+from scripts.shapes import make_shapes  # noqa: E402
 
 torch.set_num_threads(1)
 

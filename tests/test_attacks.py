@@ -991,7 +991,7 @@ def test_minor_m12_a_trailing_slash_does_not_encode_the_data_again(ctx, tmp_path
 
 
 def latent_cache_command(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "modules.latent_cache", *map(str, args)], cwd=ROOT, env=ENV,
+    return subprocess.run([sys.executable, "-m", "modules.data.latent_cache", *map(str, args)], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
 
 

@@ -6,8 +6,8 @@ import types
 import pytest
 import torch
 
-from modules import attention as attn_mod
-from modules.attention import attention, attention_backend, reset_attention_backends
+from modules.core import attention as attn_mod
+from modules.core.attention import attention, attention_backend, reset_attention_backends
 
 REAL_XFORMERS_CAPABLE = attn_mod._xformers_capable
 
@@ -76,7 +76,7 @@ def test_working_xformers_is_used_with_layout_transposes(monkeypatch, caplog):
         return xformers_layout_reference(q, k, v)
 
     install_fake_xformers(monkeypatch, fake)
-    with caplog.at_level(logging.INFO, logger="modules.attention"):
+    with caplog.at_level(logging.INFO, logger="modules.core.attention"):
         assert attention_backend("cpu", torch.float64) == "xformers"
         q, k, v = random_qkv(2, 3, 5, 9, 8)
         out = attention(q, k, v)

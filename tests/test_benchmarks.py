@@ -39,7 +39,7 @@ def test_bench_sample_times_ours_and_diffusers(capsys):
 
 def test_bench_unet_and_bench_vae_run_at_smoke_sizes():
     pytest.importorskip("diffusers")
-    from modules.objectives import num_bootstrap
+    from modules.core.objectives import num_bootstrap
     batch = 4
     unet = bench_unet.main(["--preset", "tiny", "--batch", str(batch), "--steps", "1", "--warmup", "0",
                             "--latent-size", "8", "--device", "cpu", "--gemm-size", "256"])

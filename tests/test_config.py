@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modules.config import ConfigError, UNetRunConfig, VAERunConfig
-from modules.config_io import diff_fields, from_dict, load_config, to_dict
+from modules.config.schema import ConfigError, UNetRunConfig, VAERunConfig
+from modules.config.io import diff_fields, from_dict, load_config, to_dict
 
 
 def test_presets_load_and_round_trip():
@@ -179,7 +179,7 @@ def test_vae_refuses_ot_pairing():
 
 
 def test_wavelet_levels_must_fit_the_latents():
-    from modules.config import check_trained
+    from modules.config.schema import check_trained
     cfg = load_config(UNetRunConfig, "unet", "tiny", ["loss.wavelet_levels=3"])
     cfg.cond.image_downsample = 8                          # 32 px / 8 = 4x4 latents: two halvings at most
     cfg.model.num_step_levels = cfg.num_step_levels

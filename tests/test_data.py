@@ -18,13 +18,13 @@ from hypothesis import strategies as st
 from PIL import Image
 from scipy import ndimage
 
-from modules import image_io
-from modules.config import DataConfig
-from modules.data import build_dataset, split_validation
+from modules.data import image_io
+from modules.config.schema import DataConfig
+from modules.data.dataset import build_dataset, split_validation
 from modules.errors import DataError
-from modules.metrics import mask_iou as batch_mask_iou
-from modules.order import ResumableBatchSampler, make_loader
-from modules.synthetic import PLAIN_GREY, SHAPES, foreground_mask, make_shapes, render_shape_batch
+from modules.core.metrics import mask_iou as batch_mask_iou
+from modules.data.order import ResumableBatchSampler, make_loader
+from scripts.shapes import PLAIN_GREY, SHAPES, foreground_mask, make_shapes, render_shape_batch
 
 
 def mask_iou(a, b) -> float:

@@ -12,19 +12,19 @@ from torch.utils.flop_counter import FlopCounterMode
 import sample
 import test_unet
 import train_unet
-from modules.checkpoint import RunIdentity
-from modules.cli import run_cli
-from modules.config import CondConfig, ConfigError, UNetModelConfig, UNetRunConfig, check_trained
-from modules.config_io import load_config, to_dict
-from modules.dit import DiT
-from modules.dit_convert import load_init_weights
+from modules.run.checkpoint import RunIdentity
+from modules.config.cli import run_cli
+from modules.config.schema import CondConfig, ConfigError, UNetModelConfig, UNetRunConfig, check_trained
+from modules.config.io import load_config, to_dict
+from modules.core.networks.dit import DiT
+from modules.interop.dit import load_init_weights
 from modules.errors import CheckpointError, ModelFolderError
-from modules.export import load_unet, save_unet
-from modules.image_io import to_uint8
-from modules.networks import build_network
-from modules.seeding import image_seed, initial_noise
-from modules.unet import UNet, count_parameters
-from modules.vae_loading import load_vae
+from modules.run.export import load_unet, save_unet
+from modules.data.image_io import to_uint8
+from modules.core.networks import build_network
+from modules.core.seeding import image_seed, initial_noise
+from modules.core.networks.unet import UNet, count_parameters
+from modules.interop.vae import load_vae
 from test_train_unet import assert_same_weights, train
 from test_unet import DOWNSAMPLE, LATENT, inputs, masks, perturbed
 

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from modules.ema import EMA
+from modules.core.ema import EMA
 
 
 class Net(nn.Module):
@@ -300,7 +300,7 @@ def test_swapped_under_fsdp1_reaches_the_root_unit():
 
 def test_the_teacher_runs_in_eval_mode_with_the_ema_weights():
     """Bootstrap targets carry no dropout noise (the official code calls the teacher with train=False)."""
-    from modules.ema import teacher
+    from modules.core.ema import teacher
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 16), nn.Dropout(0.5), nn.Linear(16, 2)).train()
     ema = EMA(model, decay=0.5, warmup=False)

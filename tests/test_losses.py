@@ -10,8 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from modules.config import VAELossConfig
-from modules.losses import (LPIPS, NLayerDiscriminator, PerceptualWeightsError, VAELoss,
+from modules.config.schema import VAELossConfig
+from modules.core.vae_loss import (LPIPS, NLayerDiscriminator, PerceptualWeightsError, VAELoss,
                             adaptive_disc_weight, convert_lpips_checkpoint, expected_lpips_shapes,
                             hinge_d_loss, main as losses_main)
 
@@ -229,12 +229,12 @@ def test_without_weights_perceptual_is_off_with_one_warning(caplog):
     torch.manual_seed(0)
     ae = ToyAutoencoder()
     x = images(5)
-    with caplog.at_level(logging.WARNING, logger="modules.losses"):
+    with caplog.at_level(logging.WARNING, logger="modules.core.vae_loss"):
         loss_fn = make_loss()
         recon, post = ae(x)
         loss, logs = loss_fn.generator_loss(x, recon, post, ae.decoder.weight, step=0)
         loss_fn.generator_loss(x, recon, post, ae.decoder.weight, step=1)
-    warnings = [r for r in caplog.records if r.name == "modules.losses" and r.levelno == logging.WARNING]
+    warnings = [r for r in caplog.records if r.name == "modules.core.vae_loss" and r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "perceptual" in warnings[0].getMessage()
     assert logs["loss_perceptual"].item() == 0.0
     expected = (x - recon).abs().mean() + 1e-2 * post.kl().mean() / x[0].numel()

@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 
-from modules.attention import attention, forward_ad_attention
-from modules.config import MeanFlowConfig, UNetRunConfig
-from modules.config_io import load_config
-from modules.draws import Draws
-from modules.meanflow import MeanFlowObjective, average_velocity_jvp, num_equal
-from modules.networks import build_network
-from modules.samplers import sample_euler, sample_meanflow
+from modules.core.attention import attention, forward_ad_attention
+from modules.config.schema import MeanFlowConfig, UNetRunConfig
+from modules.config.io import load_config
+from modules.core.draws import Draws
+from modules.core.objectives.meanflow import MeanFlowObjective, average_velocity_jvp, num_equal
+from modules.core.networks import build_network
+from modules.core.samplers import sample_euler, sample_meanflow
 
 MU, SIGMA = 1.5, 0.5       # data x1 ~ N(MU, SIGMA^2) per element, noise x0 ~ N(0, 1)
 SHAPE = (3, 4, 4)
@@ -233,7 +233,7 @@ def _jvp_engines_worker(rank, port):
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
     from torch.nn.parallel import DistributedDataParallel
 
-    from modules.unet import ResBlock
+    from modules.core.networks.unet import ResBlock
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)

@@ -18,9 +18,9 @@ from PIL import Image
 
 import evaluate
 from modules.errors import MetricsError
-from modules.features import (INCEPTION_URL, fid_folder_vs_stats, fid_from_folders, folder_features, list_images,
+from modules.eval.features import (INCEPTION_URL, fid_folder_vs_stats, fid_from_folders, folder_features, list_images,
                               load_image, load_inception, load_source_size, load_stats, save_stats)
-from modules.metrics import (feature_statistics, frechet_distance, inception_score, kernel_inception_distance,
+from modules.core.metrics import (feature_statistics, frechet_distance, inception_score, kernel_inception_distance,
                              mask_iou, precision_recall, psnr)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -284,8 +284,8 @@ def test_cli_success_matches_the_library(folders, tmp_path, extractor_file, pin,
 def test_every_reader_accepts_the_same_image_files(tmp_path):
     """One definition of "an image file" (modules/image_io.py): FID folders take .webp and .gif
     like the training data does; before, FID silently ignored them."""
-    from modules.data import build_dataset
-    from modules.config import DataConfig
+    from modules.data.dataset import build_dataset
+    from modules.config.schema import DataConfig
     folder = tmp_path / "mixed"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -456,7 +456,7 @@ def test_fid_and_validation_loss_during_training(shapes_dir, tiny_vae_run, extra
     import train_unet
     from accelerate import Accelerator
 
-    from modules.train_eval import EVAL_SEED
+    from modules.eval.training import EVAL_SEED
     reference = tmp_path / "shapes.npz"
     assert evaluate.main(["stats", "--inception", str(extractor_file), *pin, "--image-size", str(SIZE),
                           str(shapes_dir), "--out", str(reference)]) == 0
@@ -497,14 +497,14 @@ def test_fid_during_training_when_a_process_has_no_image_to_make(shapes_dir, tin
 
     from accelerate import Accelerator
 
-    from modules.config import UNetRunConfig
-    from modules.config_io import from_dict
-    from modules.export import load_unet
-    from modules.generation import GenerationSpec
-    from modules.latent_cache import LatentDataset
-    from modules.tiny_clip import write_tiny_clip
-    from modules.train_eval import TrainingEvaluator
-    from modules.vae_loading import load_vae
+    from modules.config.schema import UNetRunConfig
+    from modules.config.io import from_dict
+    from modules.run.export import load_unet
+    from modules.core.generation import GenerationSpec
+    from modules.data.latent_cache import LatentDataset
+    from scripts.tiny_clip import write_tiny_clip
+    from modules.eval.training import TrainingEvaluator
+    from modules.interop.vae import load_vae
     clip = write_tiny_clip(tmp_path / "clip" / "sd")
     reference = tmp_path / "shapes.npz"
     assert evaluate.main(["stats", "--inception", str(extractor_file), *pin, "--image-size", str(SIZE),
@@ -546,8 +546,8 @@ def test_fid_during_training_when_a_process_has_no_image_to_make(shapes_dir, tin
 
 
 def test_fid_during_training_needs_a_vouched_inception():
-    from modules.config import ConfigError, UNetRunConfig
-    from modules.config_io import load_config
+    from modules.config.schema import ConfigError, UNetRunConfig
+    from modules.config.io import load_config
     with pytest.raises(ConfigError, match="eval.inception_sha256"):
         load_config(UNetRunConfig, "unet", "tiny", ["eval.every=10", "eval.reference=ref.npz", "eval.inception=x.pt"])
 
@@ -602,19 +602,19 @@ def test_training_fid_against_a_reference_of_another_resolution_warns(tmp_path, 
     import logging
     from types import SimpleNamespace
 
-    from modules.config import UNetRunConfig
-    from modules.config_io import load_config
-    from modules.train_eval import TrainingEvaluator
+    from modules.config.schema import UNetRunConfig
+    from modules.config.io import load_config
+    from modules.eval.training import TrainingEvaluator
     stats = save_stats(tmp_path / "ref24.npz", np.zeros(64), np.eye(64), source_size=(24, 24))
     cfg = load_config(UNetRunConfig, "unet", "tiny", ["eval.every=10", f"eval.reference={stats}", "data.image_size=32",
                                                       f"eval.inception={extractor_file}", f"eval.inception_sha256={pin[1]}"])
-    with caplog.at_level(logging.WARNING, logger="modules.train_eval"):
+    with caplog.at_level(logging.WARNING, logger="modules.eval.training"):
         TrainingEvaluator(cfg, SimpleNamespace(device="cpu", is_main_process=True), None, None, 1.0)
     assert "24x24 px" in caplog.text and "32x32 px" in caplog.text
     caplog.clear()
     same = save_stats(tmp_path / "ref32.npz", np.zeros(64), np.eye(64), source_size=(32, 32))
     cfg.eval.reference = str(same)
-    with caplog.at_level(logging.WARNING, logger="modules.train_eval"):
+    with caplog.at_level(logging.WARNING, logger="modules.eval.training"):
         TrainingEvaluator(cfg, SimpleNamespace(device="cpu", is_main_process=True), None, None, 1.0)
     assert caplog.text == ""
 

@@ -9,9 +9,9 @@ from torch import nn
 
 from contextlib import nullcontext
 
-from modules.config import DDPMConfig, FlowConfig, ShortcutConfig, UNetRunConfig
-from modules.config_io import load_config
-from modules.objectives import (DDPMObjective, DDPMSchedule, Draws, FlowObjective, ShortcutObjective,
+from modules.config.schema import DDPMConfig, FlowConfig, ShortcutConfig, UNetRunConfig
+from modules.config.io import load_config
+from modules.core.objectives import (DDPMObjective, DDPMSchedule, Draws, FlowObjective, ShortcutObjective,
                                 bootstrap_levels, build_objective, num_bootstrap, shortcut_targets)
 
 SHAPE = (4, 4, 4)   # per-sample latent shape used by the closed-form tests

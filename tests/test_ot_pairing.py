@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment as scipy_assignment
 
-from modules.ot_pairing import PairedPool, linear_sum_assignment, pair_noise
+from modules.core.ot_pairing import PairedPool, linear_sum_assignment, pair_noise
 
 
 @pytest.mark.parametrize("n, kind", [(1, "normal"), (2, "normal"), (7, "normal"), (64, "normal"), (200, "normal"),
@@ -63,7 +63,7 @@ def test_pool_pairs_across_its_micro_batches_and_keeps_data_in_place():
 def test_ot_run_resumed_mid_pool_equals_a_straight_run(shapes_dir, tiny_vae_run, tmp_path):
     """Pool of 3 micro-batches, checkpoint at step 4: the resumed run rebuilds the pool of steps 3-5."""
     import train_unet
-    from modules.export import read_weights
+    from modules.run.export import read_weights
 
     def train(out, *extra):
         train_unet.main(["--config", "tiny", "--data", str(shapes_dir), "--vae", str(tiny_vae_run), "--output-dir",

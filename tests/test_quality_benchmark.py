@@ -90,8 +90,8 @@ def test_refuses_a_non_empty_workdir(tmp_path):
 
 def test_arch_dit_makes_the_same_table_with_dits(micro_run, tmp_path):
     """--arch dit: the same runs and rows, with DiTs (the micro run's VAE reused, as --vae allows)."""
-    from modules.dit import DiT
-    from modules.export import load_unet
+    from modules.core.networks.dit import DiT
+    from modules.run.export import load_unet
 
     work, unet_report = micro_run
     report = quality.main(["--preset", "micro", "--arch", "dit", "--workdir", str(tmp_path / "dit"), "--device", "cpu",
@@ -109,7 +109,7 @@ def test_cond_text_scores_prompt_fidelity(micro_run, tmp_path):
     fidelity re-derived here (the colour's hue through colorsys instead of the module's own formula)."""
     import colorsys
 
-    from modules.synthetic import COLOURS, foreground_mask, shape_captions, shape_of
+    from scripts.shapes import COLOURS, foreground_mask, shape_captions, shape_of
 
     work, unet_report = micro_run
     report = quality.main(["--preset", "micro", "--cond", "text", "--workdir", str(tmp_path / "t"), "--device", "cpu",

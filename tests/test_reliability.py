@@ -29,21 +29,21 @@ import pytest
 import torch
 from PIL import Image
 
-import modules.export as export_module
+import modules.run.export as export_module
 import train_unet
 import train_vae
-from modules.checkpoint import MANIFEST, STATE_NAME, checkpoint_problem
-from modules.cli import run_cli
-from modules.config import DataConfig, UNetRunConfig, VAERunConfig
-from modules.config_io import from_dict
-from modules.data import build_dataset
+from modules.run.checkpoint import MANIFEST, STATE_NAME, checkpoint_problem
+from modules.config.cli import run_cli
+from modules.config.schema import DataConfig, UNetRunConfig, VAERunConfig
+from modules.config.io import from_dict
+from modules.data.dataset import build_dataset
 from modules.errors import ModelFolderError
-from modules.export import load_unet, read_weights
-from modules.latent_cache import file_hashes
-from modules.order import ResumableBatchSampler
-from modules.networks import build_network
-from modules.vae import AutoencoderKL
-from modules.vae_loading import load_vae
+from modules.run.export import load_unet, read_weights
+from modules.data.latent_cache import file_hashes
+from modules.data.order import ResumableBatchSampler
+from modules.core.networks import build_network
+from modules.core.networks.vae import AutoencoderKL
+from modules.interop.vae import load_vae
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import sample
-from modules.cli import run_cli
+from modules.config.cli import run_cli
 from modules.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,7 +118,7 @@ def test_cli_help_and_error_exit():
 
 def test_gif_masks_are_read_as_training_reads_them(tmp_path):
     """sample.py --masks takes every image file type training takes (.gif included; it skipped them)."""
-    from modules.image_io import mask_tensor
+    from modules.data.image_io import mask_tensor
     folder = tmp_path / "masks"
     folder.mkdir()
     mask = np.zeros((32, 32), np.uint8)
@@ -230,8 +230,8 @@ def test_the_work_list_is_lazy_whatever_the_count(tmp_path):
     import itertools
     import tracemalloc
 
-    from modules.image_io import save_png
-    from modules.sample_folder import SampleFolder, pending
+    from modules.data.image_io import save_png
+    from modules.run.sample_folder import SampleFolder, pending
     count, request = 10 ** 7, {"count": 10 ** 7, "model": "m"}
     first = SampleFolder(tmp_path / "s", request, rank=0)
     first.open(overwrite=False)
@@ -258,7 +258,7 @@ def test_compiled_sampling_gives_the_images_of_eager_sampling(tiny_unet_run, tmp
     in production, without inductor's code generation, which takes minutes on a CPU."""
     from torch._dynamo.utils import counters
 
-    from modules.generation import COMPILE_BACKEND_ENV
+    from modules.core.generation import COMPILE_BACKEND_ENV
     monkeypatch.setenv(COMPILE_BACKEND_ENV, "aot_eager")
     common = ["--unet", tiny_unet_run, "--num-samples", 2, "--steps", 1, "--seed", 3]
     run(*common, "--out", tmp_path / "eager")

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from modules.sampling_rules import sampling_problem
-from modules.objectives import DDPMSchedule
-from modules.samplers import (ddim_timesteps, guided, sample, sample_ddim, sample_ddpm, sample_euler, sample_heun,
+from modules.config.sampling import sampling_problem
+from modules.core.objectives import DDPMSchedule
+from modules.core.samplers import (ddim_timesteps, guided, sample, sample_ddim, sample_ddpm, sample_euler, sample_heun,
                               sample_shortcut)
-from modules.seeding import initial_noise, noise_generators
+from modules.core.seeding import initial_noise, noise_generators
 
 N = 16384   # samples for mean/variance checks: standard errors ~ 0.012 (mean), 1.1% (variance)
 SHAPE = (4, 2, 2)

@@ -17,21 +17,21 @@ from PIL import Image
 
 import sample
 import train_unet
-from modules.cli import run_cli
-from modules.config import DataConfig, ShortcutConfig, UNetRunConfig
-from modules.config_io import load_config
-from modules.data import build_dataset
-from modules.export import load_unet, read_unet_export
-from modules.generation import decode_latents
-from modules.image_io import to_uint8
-from modules.latent_cache import LatentDataset
-from modules.networks import build_network
-from modules.objectives import shortcut_targets
-from modules.seeding import image_seed, initial_noise
-from modules.synthetic import SHAPES, read_caption, render_shape_batch, shape_captions
-from modules.text_encoder import TextEncoder
-from modules.tiny_clip import write_tiny_clip
-from modules.vae_loading import load_vae
+from modules.config.cli import run_cli
+from modules.config.schema import DataConfig, ShortcutConfig, UNetRunConfig
+from modules.config.io import load_config
+from modules.data.dataset import build_dataset
+from modules.run.export import load_unet, read_unet_export
+from modules.core.generation import decode_latents
+from modules.data.image_io import to_uint8
+from modules.data.latent_cache import LatentDataset
+from modules.core.networks import build_network
+from modules.core.objectives import shortcut_targets
+from modules.core.seeding import image_seed, initial_noise
+from scripts.shapes import SHAPES, read_caption, render_shape_batch, shape_captions
+from modules.interop.clip import TextEncoder
+from scripts.tiny_clip import write_tiny_clip
+from modules.interop.vae import load_vae
 
 transformers = pytest.importorskip("transformers")
 

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 import train_unet
-from modules.export import read_weights
-from modules.generation import GenerationSpec, generate_latents
-from modules.latent_cache import LatentDataset
-from modules.export import load_unet, read_unet_export
+from modules.run.export import read_weights
+from modules.core.generation import GenerationSpec, generate_latents
+from modules.data.latent_cache import LatentDataset
+from modules.run.export import load_unet, read_unet_export
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,7 +100,7 @@ def test_latent_cache_reused_and_rebuilt(shapes_dir, tiny_vae_run, tmp_path, cap
 def test_a_missing_cache_says_whether_the_data_changed(tmp_path):
     """m5: with a cache of the same VAE and settings for other data next to it, the reason for
     encoding is that the data changed, not "no cache yet"."""
-    from modules.latent_cache import cache_folder, cache_problem
+    from modules.data.latent_cache import cache_folder, cache_problem
     key = {"vae": "v" * 32, "data": "d" * 32, "split": "train", "image_size": 32, "hflip": True, "masks": False,
            "format": 2}
     assert "no cache for data fingerprint dddddddddddd" in cache_problem(cache_folder(tmp_path, key), key, 24)
@@ -204,7 +204,7 @@ def test_two_process_run_resumed_by_two_processes_equals_a_straight_one(shapes_d
 def test_resume_with_another_model_config_names_the_fields(shapes_dir, tiny_vae_run, tmp_path, capsys):
     train(shapes_dir, tiny_vae_run, tmp_path / "run", "--max-steps", "1", "train.checkpoint_every=1",
           "train.image_log_every=100", f"cache_dir={tmp_path / 'cache'}")
-    from modules.cli import run_cli
+    from modules.config.cli import run_cli
     with pytest.raises(SystemExit):
         run_cli(train_unet.main, ["--config", "tiny", "--data", str(shapes_dir), "--vae", str(tiny_vae_run),
                                   "--output-dir", str(tmp_path / "run"), "--report-to", "none", "--resume", "latest",
@@ -310,9 +310,9 @@ def test_meanflow_trains_resumes_exports_and_samples(preset, shapes_dir, tiny_va
     equals a straight one; the export records the interval input; sample.py's images at 1 and 2 steps
     are those of the exported model's steps written out: x0 + u(x0, 0, h = 1), and two half steps."""
     import sample
-    from modules.image_io import to_uint8
-    from modules.seeding import image_seed, initial_noise
-    from modules.vae_loading import load_vae
+    from modules.data.image_io import to_uint8
+    from modules.core.seeding import image_seed, initial_noise
+    from modules.interop.vae import load_vae
 
     def run(out, *extra):
         train_unet.main(["--config", preset, "--data", str(shapes_dir), "--vae", str(tiny_vae_run), "--output-dir",
@@ -352,9 +352,9 @@ def test_intrinsic_guidance_model_takes_the_cfg_scale_as_an_input(shapes_dir, ti
     (the images of x0 + f(x0, 0, level 0, w = W)); a scale outside the trained range is refused."""
     import sample
     from modules.errors import ConfigError
-    from modules.image_io import to_uint8
-    from modules.seeding import image_seed, initial_noise
-    from modules.vae_loading import load_vae
+    from modules.data.image_io import to_uint8
+    from modules.core.seeding import image_seed, initial_noise
+    from modules.interop.vae import load_vae
 
     train(shapes_dir, tiny_vae_run, tmp_path / "run", "--max-steps", "3", "cond.type=class",
           "shortcut.intrinsic_guidance=true", "loss.wavelet_levels=2", "train.checkpoint_every=3",

@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from modules.checkpoint import TrainingState, count_step
-from modules.config import TrainConfig
+from modules.run.checkpoint import TrainingState, count_step
+from modules.config.schema import TrainConfig
 from modules.errors import TrainingAborted
-from modules.optim import lr_factor
-from modules.seeding import SHARED_STREAM, process_share_randn, step_generator
+from modules.run.optim import lr_factor
+from modules.core.seeding import SHARED_STREAM, process_share_randn, step_generator
 
 
 def test_lr_schedule_is_a_function_of_the_step():
@@ -85,7 +85,7 @@ def test_bad_steps_are_read_at_logging_and_checkpoint_steps_only():
 
 
 def test_image_seeds_are_distinct_within_a_run_and_use_every_bit_of_the_base_seed():
-    from modules.seeding import image_seed, mix_seed
+    from modules.core.seeding import image_seed, mix_seed
     seeds = [image_seed(0, i) for i in range(50_000)]
     assert len(set(seeds)) == 50_000 and all(0 <= s < 2 ** 32 for s in seeds)   # no repeated noise in an FID set
     bases = (0, 1, 2 ** 32, 2 ** 64, 2 ** 70, -1)

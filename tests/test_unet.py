@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 
-from modules.attention import reset_attention_backends
-from modules.config import ConfigError, CondConfig, UNetModelConfig, UNetRunConfig, check_trained
-from modules.config_io import load_config, validate
-from modules.denoiser import timestep_embedding
+from modules.core.attention import reset_attention_backends
+from modules.config.schema import ConfigError, CondConfig, UNetModelConfig, UNetRunConfig, check_trained
+from modules.config.io import load_config, validate
+from modules.core.networks.denoiser import timestep_embedding
 from modules.errors import ModelFolderError
-from modules.export import load_unet, save_unet
-from modules.unet import UNet, count_parameters
+from modules.run.export import load_unet, save_unet
+from modules.core.networks.unet import UNet, count_parameters
 
 TINY = UNetModelConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
                        head_dim=16, context_dim=32, norm_groups=8)
@@ -333,8 +333,8 @@ def test_compiled_training_step_matches_eager_and_compiles_once():
     measured once: gradients within 1.6e-7 of eager)."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    from modules.config import ShortcutConfig
-    from modules.objectives import Draws, ShortcutObjective
+    from modules.config.schema import ShortcutConfig
+    from modules.core.objectives import Draws, ShortcutObjective
 
     def step(model, seed):
         objective = ShortcutObjective(ShortcutConfig(denoise_timesteps=8), cond_drop=0.2)

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from modules.config import VAEModelConfig
+from modules.config.schema import VAEModelConfig
 from modules.errors import ModelFolderError
-from modules.vae import AutoencoderKL, DiagonalGaussian, Upsample
-from modules.vae_loading import convert_diffusers_state_dict, load_vae, save_vae
+from modules.core.networks.vae import AutoencoderKL, DiagonalGaussian, Upsample
+from modules.interop.vae import convert_diffusers_state_dict, load_vae, save_vae
 
 TINY = VAEModelConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
 ATOL = 1e-5
@@ -242,7 +242,7 @@ def test_load_refuses_other_model_kinds(tmp_path):
 
 def test_a_kind_of_null_is_named_as_such_not_as_a_none_model(tmp_path):
     """m5: a VAE (or UNet) config.json with "kind": null said "holds a 'None' model"."""
-    from modules.export import read_config
+    from modules.run.export import read_config
     (tmp_path / "config.json").write_text(json.dumps({"kind": None, "model": {}}))
     for load in (load_vae, lambda folder: read_config(folder, kind="unet")):
         with pytest.raises(ModelFolderError) as err:

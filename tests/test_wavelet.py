@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modules.wavelet import SubbandGate, WaveletDownsample, WaveletUpsample, dwt, idwt, wavelet_bands, wavelet_loss
+from modules.core.wavelet import SubbandGate, WaveletDownsample, WaveletUpsample, dwt, idwt, wavelet_bands, wavelet_loss
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 5, 6, 10), (3, 1, 2, 2)])

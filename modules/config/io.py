@@ -1,0 +1,225 @@
+"""Building configs: presets, dotted ``key=value`` overrides, saved files, and validation.
+
+A preset in ``configs/<stage>/<name>.json`` (or any JSON file) is a possibly partial nested
+dict merged over a dataclass's defaults; trailing command-line words ``a.b=value`` are applied
+last. Every key and value is checked against the dataclass types, so a typo is an error naming
+the key instead of a silently ignored setting, and :func:`validate` then applies every field's
+rules (see :mod:`modules.config`). ``load_config`` and ``from_dict`` are the only ways a config
+is built from outside input, and both validate.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+from modules.core.settings import fail, field_rules
+from modules.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def _parse_scalar(key: str, tp: Any, value: Any) -> Any:
+    """Convert ``value`` (a JSON value or a command-line string) to ``tp`` or raise."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _parse_scalar(key, inner[0], value)
+    if origin is tuple:
+        if isinstance(value, str):
+            text = value.strip().strip("[]()")
+            items = [s for s in (p.strip() for p in text.split(",")) if s]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            raise fail(key, f"expected a list, got {value!r}")
+        return tuple(_parse_scalar(key, args[0], v) for v in items)
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+            if not math.isfinite(out):
+                raise ValueError
+            return out
+        if tp is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError, OverflowError):
+        raise fail(key, f"expected {getattr(tp, '__name__', str(tp))}, got {value!r}") from None
+    raise fail(key, f"unsupported type {tp}")
+
+
+def _set(cfg: Any, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = cfg
+    for i, part in enumerate(parts):
+        prefix = ".".join(parts[:i])
+        if not dataclasses.is_dataclass(node):
+            raise ConfigError(f"unknown config key '{dotted}': '{prefix}' has no sub-keys")
+        names = [f.name for f in dataclasses.fields(node)]
+        if part not in names:
+            where = f"under '{prefix}'" if prefix else "at the top level"
+            raise ConfigError(f"unknown config key '{dotted}' (valid keys {where}: {', '.join(names)})")
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(getattr(node, part)):
+                first = dataclasses.fields(getattr(node, part))[0].name
+                raise ConfigError(f"config key '{dotted}' is a section; set its fields, e.g. '{dotted}.{first}'")
+            setattr(node, part, _parse_scalar(dotted, typing.get_type_hints(type(node))[part], value))
+        else:
+            node = getattr(node, part)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def apply_dict(cfg: Any, values: dict, source: str = "config") -> Any:
+    """Merge a nested dict (a preset or a saved config) into ``cfg``; unknown keys are errors."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected a JSON object of config sections, got {type(values).__name__}")
+    for key, value in _flatten(values).items():
+        _set(cfg, key, value)
+    return cfg
+
+
+def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
+    """Apply command-line words ``a.b=value`` in order."""
+    for word in overrides:
+        if "=" not in word:
+            raise ConfigError(f"override '{word}' is not of the form key=value (e.g. train.lr=2e-4)")
+        key, value = word.split("=", 1)
+        _set(cfg, key.strip(), value.strip())
+    return cfg
+
+
+# ----------------------------------------------------------------------------- validation
+
+def validate(cfg: Any, prefix: str = "") -> Any:
+    """Every field's rules, then each section's ``check``, depth first; errors name the key."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            validate(value, key + ".")
+            continue
+        for rule in field_rules(f):
+            problem = rule(value)
+            if problem:
+                raise fail(key, problem)
+    if hasattr(cfg, "check"):
+        cfg.check(prefix)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- files
+
+def read_json(path: Path, error=ConfigError) -> Any:
+    """A JSON file's value; unreadable, non-UTF-8 or invalid files raise ``error`` naming the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a UTF-8 text file") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: invalid JSON ({e})") from None
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def resolve_preset(stage: str, name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix == ".json" and path.is_file():
+        return path
+    preset = CONFIG_DIR / stage / f"{name_or_path}.json"
+    if preset.is_file():
+        return preset
+    known = sorted(p.stem for p in (CONFIG_DIR / stage).glob("*.json"))
+    raise ConfigError(f"config '{name_or_path}' is neither a JSON file nor a {stage} preset "
+                      f"(presets: {', '.join(known)})")
+
+
+def load_config(cls, stage: str, name_or_path: Optional[str], overrides: list[str] = ()):
+    """Defaults of ``cls``, then the preset or file, then the overrides; validated."""
+    cfg = cls()
+    if name_or_path:
+        path = resolve_preset(stage, name_or_path)
+        apply_dict(cfg, read_json(path), str(path))
+    apply_overrides(cfg, list(overrides))
+    return validate(cfg)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, values: dict, source: str = "config", prefix: str = ""):
+    """Rebuild a config saved by :func:`to_dict` (strict: unknown keys are errors), validated.
+
+    ``prefix`` is where the section sits in a run config (``"model."``), for the error messages.
+    """
+    return validate(apply_dict(cls(), values, source), prefix)
+
+
+def save_json(cfg_or_dict: Any, path: Path) -> None:
+    """Write a config (or any JSON-able dict) atomically: a reader never sees half a file."""
+    data = cfg_or_dict if isinstance(cfg_or_dict, dict) else to_dict(cfg_or_dict)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def diff_fields(a: dict, b: dict, keys: Optional[list[str]] = None) -> list[str]:
+    """Dotted keys whose values differ between two config dicts (for mismatch messages)."""
+    fa, fb = _flatten(a), _flatten(b)
+    names = keys if keys is not None else sorted(set(fa) | set(fb))
+    return [f"{k}: {fa.get(k)!r} != {fb.get(k)!r}" for k in names
+            if _normalise(fa.get(k)) != _normalise(fb.get(k))]
+
+
+def with_defaults(values: Any, defaults: Any) -> Any:
+    """A saved config dict with the keys it lacks taken from ``defaults``, at every depth: a config
+    saved before a field existed reads as if it had held the field's default."""
+    if not isinstance(values, dict) or not isinstance(defaults, dict):
+        return values
+    return {**defaults, **{k: with_defaults(v, defaults.get(k)) for k, v in values.items()}}
+
+
+def _normalise(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def changes_in(saved: dict, new: dict, sections: tuple[str, ...]) -> list[str]:
+    """Differences between two config dicts inside the given (dotted) sections or keys."""
+    return [line for line in diff_fields(saved, new)
+            if any(line.startswith(f"{s}.") or line.startswith(f"{s}:") for s in sections)]

@@ -1,0 +1,152 @@
+"""The MeanFlow objective (Geng et al., "Mean Flows for One-step Generative Modeling", arXiv 2505.13447).
+
+In this project's time (t = 0 noise x0, t = 1 data x1, x_t = (1 - t) x0 + t x1, v = x1 - x0) the
+network u(z, t, h) predicts the average velocity over [t, s], s = t + h >= t, of the flow's
+trajectory z_tau through z_t = z:
+
+    (s - t) u(z_t, t, s) = integral from t to s of v(z_tau, tau) dtau.
+
+Differentiating in t with s held fixed: -u + (s - t) du/dt = -v, so the MeanFlow identity is
+
+    u(z_t, t, s) = v(z_t, t) + (s - t) du/dt,    du/dt = (partial_z u) v + partial_t u   (s held fixed),
+
+the total derivative along the trajectory: one Jacobian-vector product of (z, t, s) -> u along the
+tangent (v, 1, 0). (The paper runs time the other way, t = 1 noise and r <= t, and writes
+u = v - (t - r) du/dt with the tangent (v, 0, 1) on (z, r, t); tests/test_meanflow.py checks ours
+against the closed form of Gaussian data.) The regression target v + (s - t) du/dt is
+stop-gradient; the loss backpropagates through the primal output u only. Rows with s = t are
+plain flow matching.
+
+Choices (``meanflow.*``, the paper's defaults): t and s are the lower and higher of two
+logit-normal draws, ``equal_fraction`` of the rows get s = t; each row's squared error summed
+over its elements is weighted by 1 / (sq + c)^p (stop-gradient); guidance is folded into v.
+
+The JVP runs with forward-mode autodiff (``torch.func.jvp``; ``torch.autograd.forward_ad`` under DDP
+and FSDP1, see :func:`_runs_forward_ad`), so attention takes SDPA's math backend inside it
+(:func:`modules.attention.forward_ad_attention`). It runs in the run's precision:
+under mixed precision Accelerate puts autocast inside the network's forward, so the tangent is bf16
+there too (the official PyTorch code runs it in float32; ``train.mixed_precision=no`` does that
+here). The UNet's GroupNorm and LayerNorm compute in float32 so that tangents keep the output's
+dtype (modules/unet.py).
+Gradient checkpointing does not recompute tangents (torch refuses the recomputation), so the
+config refuses it with this objective.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.autograd.forward_ad as fwad
+from torch.func import jvp
+
+from modules.core.attention import forward_ad_attention
+from modules.config.schema import MeanFlowConfig
+from modules.core.draws import Draws, broadcast, condition_dropout, draw_device, noise_for
+
+ModelCall = Callable[..., torch.Tensor]
+
+
+def _runs_forward_ad(model: ModelCall) -> Optional[torch.nn.Module]:
+    """The module to run with ``torch.autograd.forward_ad`` when ``model`` is DDP or FSDP1 (compiled or not),
+    whose forwards fail inside ``torch.func.jvp`` (DDP's bucket rebuild and FSDP1's flat parameters need
+    real storage); None for the rest. That skips torch.compile's wrapper, which cannot trace dual
+    tensors; FSDP2's autograd Functions, which have no forward-mode formula, go through torch.func."""
+    inner = getattr(model, "_orig_mod", model)            # torch.compile's wrapper
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
+    return inner if isinstance(inner, (DistributedDataParallel, FullyShardedDataParallel)) else None
+
+
+def average_velocity_jvp(model: ModelCall, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
+                         cond: Optional[torch.Tensor] = None,
+                         drop: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u, du/dt)``: the network's average velocity u(x_t, t, h = s - t), with gradient, and its total
+    derivative along the flow, one JVP of (z, t, s) -> u along the tangent (v, 1, 0), attention on the
+    math backend (module docstring)."""
+    dtype = x_t.dtype
+    t, s, v = t.to(dtype), s.to(dtype), v.to(dtype)
+    wrapped = _runs_forward_ad(model)
+    with forward_ad_attention():
+        if wrapped is None:
+            return jvp(lambda z, t_, s_: model(z, t_, level=s_ - t_, cond=cond, drop=drop), (x_t, t, s),
+                       (v, torch.ones_like(t), torch.zeros_like(s)))
+        with fwad.dual_level():
+            t_dual = fwad.make_dual(t, torch.ones_like(t))
+            return fwad.unpack_dual(wrapped(fwad.make_dual(x_t, v), t_dual, level=s - t_dual, cond=cond,
+                                            drop=drop))
+
+
+def num_equal(batch_size: int, fraction: float) -> int:
+    """Rows with s = t: round(B * fraction)."""
+    return int(batch_size * fraction + 0.5)
+
+
+class MeanFlowObjective:
+    """MeanFlow: the network, called with ``level = h = s - t`` (a float), learns the average velocity."""
+
+    def __init__(self, cfg: MeanFlowConfig, cond_drop: float = 0.0):
+        self.cfg = cfg
+        self.cond_drop = cond_drop
+
+    def sample_times(self, n: int, generator: Optional[torch.Generator],
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(t, s)``: the lower and higher of two logit-normal(time_mean, time_std) draws; the first
+        ``round(n * equal_fraction)`` rows get s = t (the official JAX code's order)."""
+        z = torch.randn(2, n, generator=generator, device=draw_device(generator, device)).to(device)
+        pair = torch.sigmoid(self.cfg.time_mean + self.cfg.time_std * z)
+        t, s = pair.min(dim=0).values, pair.max(dim=0).values
+        equal = torch.arange(n, device=device) < num_equal(n, self.cfg.equal_fraction)
+        return t, torch.where(equal, t, s)
+
+    @torch.no_grad()
+    def guided_velocity(self, model: ModelCall, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor,
+                        cond: Optional[torch.Tensor], drop: Optional[torch.Tensor]) -> torch.Tensor:
+        """v_g = omega v + kappa u(x_t, t, t | c) + (1 - omega - kappa) u(x_t, t, t | null) on the rows with
+        their condition and t in the guidance interval; v elsewhere. Its expectation given x_t is the
+        CFG velocity v_u + omega / (1 - kappa) (v_c - v_u) once the network has learnt v_u and v_c."""
+        cfg = self.cfg
+        if cond is None or not cfg.guided:
+            return v
+        low, high = cfg.guidance_interval
+        rows = torch.nonzero((t >= low) & (t <= high) & ~drop).flatten()
+        if rows.numel() == 0:
+            return v
+        n = rows.numel()
+        if cfg.kappa:   # one doubled forward: conditional, then null
+            doubled = rows.repeat(2)
+            null = torch.arange(2 * n, device=x_t.device) >= n
+            out = model(x_t[doubled], t[doubled], level=torch.zeros(2 * n, device=x_t.device),
+                        cond=cond[doubled.to(cond.device)], drop=null).float()
+            u_cond, u_null = out[:n], out[n:]
+        else:
+            u_null = model(x_t[rows], t[rows], level=torch.zeros(n, device=x_t.device), cond=cond[rows.to(cond.device)],
+                           drop=torch.ones(n, dtype=torch.bool, device=x_t.device)).float()
+            u_cond = torch.zeros_like(u_null)
+        v_g = v.clone()
+        v_g[rows] = (cfg.omega * v[rows] + cfg.kappa * u_cond + (1 - cfg.omega - cfg.kappa) * u_null).to(v.dtype)
+        return v_g
+
+    def loss(self, model: ModelCall, x1: torch.Tensor, cond: Optional[torch.Tensor],
+             draws: Draws) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Adaptive-weighted squared error of u against its MeanFlow target. ``logs``: "loss_flow" and
+        "loss_interval", the unweighted mean squared error of the s = t rows and of the others (the
+        weighted loss is about 1 whatever the fit, with p = 1), when the batch has such rows."""
+        cfg, generator, b = self.cfg, draws.generator, x1.shape[0]
+        noise = noise_for(x1, draws)
+        t, s = self.sample_times(b, generator, x1.device)
+        drop = condition_dropout(b, cond, self.cond_drop, generator, x1.device)
+        tb = broadcast(t, x1)
+        x_t = (1 - tb) * noise + tb * x1
+        v = self.guided_velocity(model, x_t, t, x1 - noise, cond, drop)
+        u, du_dt = average_velocity_jvp(model, x_t, t, s, v, cond, drop)
+        target = (v + broadcast(s - t, v) * du_dt).detach()    # the MeanFlow identity, stop-gradient
+        squared = (u.float() - target.float()).pow(2).flatten(1).sum(1)
+        weight = 1.0 / (squared.detach() + cfg.loss_eps) ** cfg.loss_power
+        loss = (weight * squared).mean()
+        mse = squared.detach() / u[0].numel()
+        equal = num_equal(b, cfg.equal_fraction)
+        logs = {name: part.mean() for name, part in (("loss_flow", mse[:equal]), ("loss_interval", mse[equal:]))
+                if part.numel()}
+        return loss, logs

@@ -1,0 +1,396 @@
+"""Where training images come from: a local image folder, a ``save_to_disk`` folder, or the hub.
+
+:func:`open_source` turns ``data.path`` into a :class:`Source`: the image (and mask) records,
+their labels and class names, and the files skipped by a cheap header scan (empty files,
+files PIL cannot identify, decompression bombs), each logged. Local folders follow the HF
+``imagefolder`` layout: class sub-folders give labels; ``metadata.jsonl`` / ``metadata.csv``
+(``file_name``, optional ``label``, ``mask_file_name`` and a caption column) list images and pair masks, or a
+``masks/`` folder pairs them by path or stem. Every path a metadata file names must lie
+inside the data folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from modules.data.captions import with_captions
+from modules.config.schema import DataConfig
+from modules.errors import DataError
+from modules.data.image_io import IMAGE_EXTENSIONS, UnreadableImage, find_images, probe_image
+from modules.data.metadata import labels_from_values, path_inside, read_metadata
+
+logger = logging.getLogger(__name__)
+
+MASKS_FOLDER = "masks"
+_LOG_EACH_SKIPPED = 20      # skipped files logged one by one; the rest only counted
+
+
+# ----------------------------------------------------------------------------- records
+
+class FileRecords:
+    """Images (and masks) as files of a local folder; ``metadata``: its metadata rows, one per image."""
+
+    def __init__(self, images: list[str], masks: Optional[list[str]], metadata: Optional[list[dict]] = None):
+        self.images = images
+        self.masks = masks
+        self.metadata = metadata
+
+    def column(self, name: str) -> Optional[list[Any]]:
+        """A metadata column's value per image (None when no row has it)."""
+        if self.metadata is None or not any(name in row for row in self.metadata):
+            return None
+        return [row.get(name) for row in self.metadata]
+
+    def fingerprint(self) -> str:
+        """Changes when any listed file is added, removed or replaced: its path, size, mtime, ctime
+        and inode (the fields git's index watches; ``cp -p`` keeps a replaced file's size and mtime,
+        never its ctime or inode), without reading the files."""
+        h = hashlib.sha256()
+        for path in [*self.images, *(self.masks or [])]:
+            st = os.stat(path)
+            h.update(os.fsencode(path) + f"|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}\n".encode())
+        return h.hexdigest()
+
+    def name(self, row: int) -> str:
+        return self.images[row]
+
+    def image(self, row: int) -> str:
+        return self.images[row]
+
+    def mask(self, row: int) -> str:
+        return self.masks[row]
+
+    def mask_name(self, row: int) -> str:
+        return self.masks[row]
+
+
+class ArrowRecords:
+    """Rows of a ``datasets.Dataset`` whose image columns are read undecoded (bytes / path)."""
+
+    def __init__(self, table: Any, image_column: str, mask_column: Optional[str], origin: str, whole: Any = None):
+        self.table = table
+        self.image_column = image_column
+        self.mask_column = mask_column
+        self.origin = origin
+        self.whole = whole              # the data set with every column, for captions
+
+    def column(self, name: str) -> Optional[list[Any]]:
+        return list(self.whole[name]) if self.whole is not None and name in self.whole.column_names else None
+
+    def fingerprint(self) -> str:
+        """``datasets``' own fingerprint of the table (it changes with the table's content)."""
+        return hashlib.sha256(f"{self.table._fingerprint}|{self.image_column}|{self.mask_column}".encode()).hexdigest()
+
+    def name(self, row: int) -> str:
+        return f"{self.origin}[{row}]"
+
+    def mask_name(self, row: int) -> str:
+        return f"{self.origin}[{row}].{self.mask_column}"
+
+    def _source(self, value: Any) -> Union[str, io.BytesIO]:
+        if value is None:
+            raise UnreadableImage("no image in this row")
+        if value.get("bytes"):
+            return io.BytesIO(value["bytes"])
+        if value.get("path"):
+            return value["path"]
+        raise UnreadableImage("empty image entry")
+
+    def image(self, row: int) -> Union[str, io.BytesIO]:
+        return self._source(self.table[row][self.image_column])
+
+    def mask(self, row: int) -> Union[str, io.BytesIO]:
+        return self._source(self.table[row][self.mask_column])
+
+
+@dataclass
+class Source:
+    records: Union[FileRecords, ArrowRecords]
+    rows: np.ndarray                # record rows that passed the scan
+    labels: np.ndarray              # int64 per record row, -1 when unlabelled
+    class_names: list[str]
+    skipped_files: list[str]
+    has_masks: bool
+    description: str
+    captions: Optional[list[str]] = None    # per record row, when asked for (modules.data.build_dataset)
+
+    def fingerprint(self) -> str:
+        """Identity of the data: the latent cache's key, and what a resumed run compares."""
+        return with_captions(self.records.fingerprint(), self.captions)
+
+
+# ----------------------------------------------------------------------------- local folders
+
+def _class_of(rel: Path) -> Optional[str]:
+    return rel.parts[0] if len(rel.parts) > 1 else None
+
+
+def _folder_labels(rel_paths: list[Path], root: Path) -> tuple[list[int], list[str]]:
+    """Labels from class sub-folders (sorted names -> 0..K-1); -1 everywhere when there are none."""
+    classes = [_class_of(p) for p in rel_paths]
+    if all(c is None for c in classes):
+        return [-1] * len(rel_paths), []
+    top_level = [p for p, c in zip(rel_paths, classes) if c is None]
+    if top_level:
+        raise DataError(f"{root}: has both class sub-folders and images at the top level "
+                        f"(e.g. {top_level[0]}); put every image in a class folder or none")
+    names = sorted(set(classes))
+    lookup = {name: i for i, name in enumerate(names)}
+    return [lookup[c] for c in classes], names
+
+
+def _masks_by_stem(root: Path, rel_images: list[Path]) -> list[Optional[str]]:
+    """Pair images with files of ``masks/``: same relative path (any extension), else same stem."""
+    folder = root / MASKS_FOLDER
+    by_rel: dict[str, Path] = {}
+    by_stem: dict[str, list[Path]] = {}
+    for path in find_images(folder):
+        rel = path.relative_to(folder)
+        by_rel[str(rel.with_suffix(""))] = path
+        by_stem.setdefault(rel.stem, []).append(path)
+    paired: list[Optional[str]] = []
+    for rel in rel_images:
+        match = by_rel.get(str(rel.with_suffix("")))
+        if match is None:
+            candidates = by_stem.get(rel.stem, [])
+            if len(candidates) > 1:
+                raise DataError(f"{root / rel}: several masks in {folder} match its name "
+                                f"({', '.join(str(c.relative_to(folder)) for c in candidates)})")
+            match = candidates[0] if candidates else None
+        paired.append(str(match) if match is not None else None)
+    return paired
+
+
+def _scan_files(paths: list[str]) -> list[Optional[str]]:
+    workers = min(16, 4 * (os.cpu_count() or 1))
+    if len(paths) < 64:
+        return [probe_image(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(probe_image, paths, chunksize=64))
+
+
+@dataclass
+class _Listing:
+    """What a folder's layout says: images (relative paths), their labels and masks."""
+    rel_images: list[Path]
+    labels: list[int]
+    class_names: list[str]
+    masks: Optional[list[str]] = None
+    metadata: Optional[list[dict[str, Any]]] = None
+
+
+def _listing_from_metadata(root: Path, meta_path: Path, rows: list[dict[str, Any]],
+                           cfg: DataConfig) -> _Listing:
+    if not rows:
+        raise DataError(f"{meta_path}: no rows (no images listed)")
+    rel_images = [path_inside(root, r["file_name"], f"{meta_path}, file_name").relative_to(root) for r in rows]
+    missing = [str(p) for p in rel_images if not (root / p).is_file()]
+    if missing:
+        raise DataError(f"{meta_path} refers to {len(missing)} missing image file(s) in {root}, "
+                        f"e.g. {', '.join(missing[:5])}")
+    if any("label" in r for r in rows):
+        unlabelled = [r["file_name"] for r in rows if r.get("label") in (None, "")]
+        if unlabelled:
+            raise DataError(f"{meta_path}: no label for {unlabelled[0]} "
+                            f"({len(unlabelled)} row(s) without one)")
+        labels, class_names = labels_from_values([r["label"] for r in rows])
+        if all(_class_of(p) for p in rel_images):   # integer labels that match class folders
+            folder_labels, folder_names = _folder_labels(rel_images, root)
+            if folder_labels == labels and len(folder_names) == len(class_names):
+                class_names = folder_names
+    else:
+        labels, class_names = _folder_labels(rel_images, root)
+    listing = _Listing(rel_images, labels, class_names, metadata=rows)
+    if cfg.masks and any("mask_file_name" in r for r in rows):
+        listing.masks = []
+        for r in rows:
+            name = r.get("mask_file_name")
+            if name in (None, ""):
+                raise DataError(f"{meta_path}: no mask_file_name for image {r['file_name']} "
+                                "(data.masks is set)")
+            mask = path_inside(root, name, f"{meta_path}, mask_file_name")
+            if not mask.is_file():
+                raise DataError(f"{meta_path}: mask {name} of image {r['file_name']} "
+                                f"does not exist in {root}")
+            listing.masks.append(str(mask))
+    return listing
+
+
+def _listing_from_files(root: Path) -> _Listing:
+    files = [p for p in find_images(root) if p.relative_to(root).parts[0] != MASKS_FOLDER]
+    if not files:
+        raise DataError(f"{root}: no image files found (looked for "
+                        f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
+    rel_images = [p.relative_to(root) for p in files]
+    return _Listing(rel_images, *_folder_labels(rel_images, root))
+
+
+def _folder_source(root: Path, cfg: DataConfig) -> Source:
+    metadata = read_metadata(root)
+    listing = _listing_from_metadata(root, *metadata, cfg) if metadata else _listing_from_files(root)
+    rel_images, masks = listing.rel_images, listing.masks
+    if cfg.masks and masks is None:
+        if not (root / MASKS_FOLDER).is_dir():
+            raise DataError(f"{root}: data.masks is set but there is neither a '{MASKS_FOLDER}/' "
+                            "folder nor a metadata.jsonl/metadata.csv with a mask_file_name column")
+        paired = _masks_by_stem(root, rel_images)
+        missing = [str(root / rel) for rel, m in zip(rel_images, paired) if m is None]
+        if missing:
+            raise DataError(f"no mask in {root / MASKS_FOLDER} for image {missing[0]} "
+                            f"({len(missing)} image(s) without a mask)")
+        masks = [str(m) for m in paired]
+
+    images = [str(root / rel) for rel in rel_images]
+    problems = _scan_files(images)
+    if masks is not None:
+        for i, mask in enumerate(masks):
+            if problems[i] is None and os.path.getsize(mask) == 0:
+                problems[i] = f"its mask {mask} is an empty file"
+    skipped = [(path, why) for path, why in zip(images, problems) if why is not None]
+    for path, why in skipped[:_LOG_EACH_SKIPPED]:
+        logger.warning("skipping %s: %s", path, why)
+    if len(skipped) > _LOG_EACH_SKIPPED:
+        logger.warning("skipped %d more unreadable files in %s", len(skipped) - _LOG_EACH_SKIPPED, root)
+    if len(skipped) == len(images):
+        raise DataError(f"{root}: all {len(images)} image files are unreadable "
+                        f"(e.g. {skipped[0][0]}: {skipped[0][1]})")
+    rows_kept = np.array([i for i, why in enumerate(problems) if why is None], dtype=np.int64)
+    return Source(
+        records=FileRecords(images, masks, listing.metadata),
+        rows=rows_kept,
+        labels=np.asarray(listing.labels, dtype=np.int64),
+        class_names=listing.class_names,
+        skipped_files=[path for path, _ in skipped],
+        has_masks=masks is not None,
+        description=str(root),
+    )
+
+
+# ----------------------------------------------------------------------------- datasets sources
+
+def _arrow_source(table: Any, cfg: DataConfig, origin: str) -> Source:
+    """A ``datasets.Dataset``: image column (Image feature), optional label and mask columns."""
+    import datasets
+
+    features = table.features
+    image_columns = [name for name, f in features.items() if isinstance(f, datasets.Image)]
+    image_column = next((c for c in ("image", "img") if c in image_columns), None) or \
+        next((c for c in image_columns if c != "mask"), None)
+    if image_column is None:
+        raise DataError(f"{origin}: no image column (a datasets.Image feature) among the columns "
+                        f"{', '.join(features)}")
+    mask_column = None
+    if cfg.masks:
+        if "mask" not in features or not isinstance(features["mask"], datasets.Image):
+            raise DataError(f"{origin}: data.masks is set but there is no 'mask' image column "
+                            f"(columns: {', '.join(features)})")
+        mask_column = "mask"
+    label_column = next((c for c in ("label", "labels") if c in features), None)
+    n = len(table)
+    if n == 0:
+        raise DataError(f"{origin}: the data set has no rows")
+    class_names: list[str] = []
+    labels = np.full(n, -1, dtype=np.int64)
+    if label_column is not None:
+        feature = features[label_column]
+        values = list(table[label_column])
+        if isinstance(feature, datasets.ClassLabel):
+            labels, class_names = np.asarray(values, dtype=np.int64), list(feature.names)
+        else:
+            ints, class_names = labels_from_values(values)
+            labels = np.asarray(ints, dtype=np.int64)
+    # rows are read whole: keep only the image columns, undecoded (decoding happens in load_rgb)
+    undecoded = table.select_columns([image_column] + ([mask_column] if mask_column else []))
+    undecoded = undecoded.cast_column(image_column, datasets.Image(decode=False))
+    if mask_column is not None:
+        undecoded = undecoded.cast_column(mask_column, datasets.Image(decode=False))
+    empty = _empty_rows(undecoded, image_column)
+    if mask_column is not None:
+        no_mask = _empty_rows(undecoded, mask_column)
+        if no_mask.any():
+            first = int(np.flatnonzero(no_mask)[0])
+            raise DataError(f"{origin}: row {first} has no mask ({int(no_mask.sum())} row(s) "
+                            "without one; data.masks is set)")
+    if empty.all():
+        raise DataError(f"{origin}: every row's image is empty")
+    skipped = [f"{origin}[{i}]" for i in np.flatnonzero(empty)]
+    for name in skipped[:_LOG_EACH_SKIPPED]:
+        logger.warning("skipping %s: empty image", name)
+    return Source(
+        records=ArrowRecords(undecoded, image_column, mask_column, origin, whole=table),
+        rows=np.flatnonzero(~empty).astype(np.int64),
+        labels=labels,
+        class_names=class_names,
+        skipped_files=skipped,
+        has_masks=mask_column is not None,
+        description=origin,
+    )
+
+
+def _empty_rows(table: Any, column: str) -> np.ndarray:
+    """Rows whose undecoded image has neither bytes nor a path (read at the Arrow level)."""
+    import pyarrow.compute as pc
+
+    values = table.with_format("arrow")[column]
+    if hasattr(values, "combine_chunks"):
+        values = values.combine_chunks()
+    has_bytes = pc.binary_length(pc.struct_field(values, "bytes")).fill_null(0).to_numpy(zero_copy_only=False) > 0
+    has_path = pc.utf8_length(pc.struct_field(values, "path")).fill_null(0).to_numpy(zero_copy_only=False) > 0
+    valid = pc.is_valid(values).to_numpy(zero_copy_only=False)
+    return ~(valid & (has_bytes | has_path))
+
+
+def _saved_source(root: Path, cfg: DataConfig) -> Source:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(root))
+    except Exception as e:  # datasets raises several types for damaged folders
+        raise DataError(f"{root}: cannot load the save_to_disk data set ({type(e).__name__}: {e})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if cfg.split not in loaded:
+            raise DataError(f"{root}: no split '{cfg.split}' (splits: {', '.join(loaded)}); "
+                            "set data.split")
+        return _arrow_source(loaded[cfg.split], cfg, f"{root}:{cfg.split}")
+    return _arrow_source(loaded, cfg, str(root))
+
+
+def _hub_source(name: str, cfg: DataConfig) -> Source:
+    import datasets
+
+    try:
+        table = datasets.load_dataset(name, split=cfg.split)
+    except Exception as e:  # network, authentication, unknown name or split
+        raise DataError(f"'{name}' is neither a local folder nor a reachable hub dataset "
+                        f"(split '{cfg.split}'): {type(e).__name__}: {e}") from None
+    return _arrow_source(table, cfg, f"{name}:{cfg.split}")
+
+
+def _looks_like_path(text: str) -> bool:
+    return os.path.isabs(text) or text.startswith((".", "~")) or text.endswith(("/", os.sep))
+
+
+def open_source(cfg: DataConfig) -> Source:
+    """The records named by ``cfg.path`` (folder, save_to_disk folder or hub name)."""
+    if not cfg.path:
+        raise DataError("no data given: data.path is empty (pass --data FOLDER_OR_NAME)")
+    path = Path(cfg.path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise DataError(f"{path}: is a file, not a folder of images or a saved data set")
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            return _saved_source(path, cfg)
+        if not any(path.iterdir()):
+            raise DataError(f"{path}: the folder is empty")
+        return _folder_source(path, cfg)
+    if _looks_like_path(cfg.path):
+        raise DataError(f"{path}: no such folder")
+    return _hub_source(cfg.path, cfg)

@@ -1,0 +1,194 @@
+"""Pretrained DiT weights from diffusers (``DiTTransformer2DModel``, safetensors) into ours: ``init_from``.
+
+    train_unet.py --config dit-xl ... init_from=path/to/DiT-XL-2-256     # a diffusers folder
+
+Keys, diffusers -> ours (``i`` a block):
+    pos_embed.proj                                     -> patch_embed
+    transformer_blocks.0.norm1.emb.timestep_embedder.linear_1 / linear_2 -> time_mlp.0 / time_mlp.2
+    transformer_blocks.0.norm1.emb.class_embedder.embedding_table        -> conditioner.label_emb
+    transformer_blocks.i.norm1.linear                  -> blocks.i.modulation
+    transformer_blocks.i.attn1.to_q, to_k, to_v        -> blocks.i.attn.qkv (stacked: q, k, v)
+    transformer_blocks.i.attn1.to_out.0                -> blocks.i.attn.out
+    transformer_blocks.i.ff.net.0.proj / ff.net.2      -> blocks.i.fc1 / blocks.i.fc2
+    proj_out_1 / proj_out_2                            -> final_modulation / final_proj
+diffusers gives every block its own copy of the time and class embedders (``norm1.emb``; equal in
+converted official checkpoints) and feeds the final layer from block 0's: block 0's copy is
+taken, and differing copies are refused (ours has one conditioning vector). Learned-sigma
+checkpoints (``out_channels = 2 x in_channels``) keep the mean half of ``proj_out_2``.
+
+What is not in a diffusers DiT starts so that the converted model computes the same function:
+the step-size embedding at zero (a class-conditional DiT can be fine-tuned into a shortcut
+model), an unconditional or mask model's time MLP bias absorbs the null label's embedding, and
+a mask model's extra input channels get zero patch weights. Two numerical details of diffusers'
+DiT differ from the DiT code it was converted from: its time sinusoid spacing
+(``model.time_freq_shift=1`` reproduces it; the weights were trained with 0, the default) and
+the MLP LayerNorm's eps (1e-5 instead of 1e-6; ours keeps 1e-6, a relative difference of ~1e-6). At a
+latent size other than its ``sample_size`` diffusers rescales the position grid; ours does not.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from modules.config.schema import UNetRunConfig
+from modules.config.io import read_json
+from modules.errors import ModelFolderError
+from modules.run.export import CONFIG_NAME, load_state_strict, read_weights
+from modules.interop.vae import DIFFUSERS_WEIGHTS_NAME
+
+logger = logging.getLogger(__name__)
+
+DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")   # the latter: DiT pipelines before diffusers 0.28
+EMBEDDER = "transformer_blocks.{}.norm1.emb."
+# Parts of our DiT that a diffusers DiT does not have: they keep their fresh initialisation.
+NEW_PARTS = ("level_emb.", "guidance_emb.", "conditioner.encoder.", "conditioner.to_concat.",
+             "conditioner.null_channels", "conditioner.text_pool.", "conditioner.null_text")
+
+
+def _refuse_pickle(path: Path) -> None:
+    raise ModelFolderError(
+        f"{path}: pickled checkpoints (the DiT repository's .pt files, .bin, .ckpt) are not loaded: unpickling "
+        "can run code. Convert it once, where you trust the file, to a diffusers folder with safetensors weights "
+        "(diffusers' scripts/convert_dit_to_diffusers.py, then save_pretrained(..., safe_serialization=True)) "
+        "and pass that folder")
+
+
+def read_diffusers_dit(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
+    """``(config, weights, weights file)`` of a diffusers DiT: its folder, a pipeline folder holding
+    ``transformer/``, or its ``.safetensors`` file with ``config.json`` beside it."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFolderError(f"init_from {path}: does not exist (expected a diffusers DiTTransformer2DModel "
+                               "folder or its .safetensors file)")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            _refuse_pickle(path)
+        folder, weights = path.parent, path
+    else:
+        folder = path / "transformer" if (path / "transformer" / CONFIG_NAME).is_file() else path
+        weights = folder / DIFFUSERS_WEIGHTS_NAME
+        if not weights.is_file():
+            pickles = sorted(p for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+            if pickles:
+                _refuse_pickle(pickles[0])
+            raise ModelFolderError(f"init_from {folder}: no {DIFFUSERS_WEIGHTS_NAME} (expected a diffusers "
+                                   "DiTTransformer2DModel folder)")
+    if not (folder / CONFIG_NAME).is_file():
+        raise ModelFolderError(f"init_from {folder}: no {CONFIG_NAME} beside the weights (diffusers' model config)")
+    config = read_json(folder / CONFIG_NAME, ModelFolderError)
+    if not isinstance(config, dict) or config.get("_class_name") not in DIFFUSERS_CLASSES \
+            or config.get("norm_type") != "ada_norm_zero" or not config.get("patch_size"):
+        name = config.get("_class_name") if isinstance(config, dict) else None
+        raise ModelFolderError(f"init_from {folder / CONFIG_NAME}: describes {name or 'an unknown model'}, not a "
+                               "diffusers DiT (DiTTransformer2DModel, norm_type ada_norm_zero)")
+    return config, read_weights(weights), weights
+
+
+def dit_fields(config: dict, weights: dict[str, torch.Tensor], where: Path) -> dict[str, object]:
+    """The config fields of ours that a diffusers DiT fixes, keyed by their dotted names."""
+    def refuse(field: str, why: str):
+        raise ModelFolderError(f"init_from {where}: diffusers config field '{field}' = {config.get(field)!r}: {why}")
+
+    for field, wanted in (("activation_fn", "gelu-approximate"), ("attention_bias", True),
+                          ("norm_elementwise_affine", False)):
+        if config.get(field, wanted) != wanted:
+            refuse(field, f"only {wanted!r} is supported")
+    if config.get("norm_eps", 1e-5) not in (1e-5, 1e-6):
+        refuse("norm_eps", "only 1e-5 (diffusers' default) or 1e-6 (the DiT code's) is supported")
+    in_channels = config.get("in_channels", 4)
+    if config.get("out_channels") not in (None, in_channels, 2 * in_channels):
+        refuse("out_channels", f"must be in_channels ({in_channels}) or twice that (learned sigma)")
+    hidden = config.get("num_attention_heads", 16) * config.get("attention_head_dim", 72)
+    try:
+        mlp_hidden = weights["transformer_blocks.0.ff.net.0.proj.weight"].shape[0]
+    except KeyError:
+        raise ModelFolderError(f"init_from {where}: no 'transformer_blocks.0.ff.net.0.proj.weight': "
+                               "not a diffusers DiT's weights") from None
+    return {"model.in_channels": in_channels, "model.hidden_size": hidden,
+            "model.depth": config.get("num_layers", 28), "model.num_heads": config.get("num_attention_heads", 16),
+            "model.patch_size": config.get("patch_size"), "model.mlp_ratio": mlp_hidden / hidden,
+            "cond.num_classes": config.get("num_embeds_ada_norm")}
+
+
+def convert_diffusers_dit(weights: dict[str, torch.Tensor], config: dict, where: Path) -> dict[str, torch.Tensor]:
+    """A diffusers DiT state dict in our key layout (the module docstring has the map)."""
+    sd = dict(weights)
+    depth = config.get("num_layers", 28)
+    shared = {k.removeprefix(EMBEDDER.format(0)): v for k, v in sd.items() if k.startswith(EMBEDDER.format(0))}
+    for i in range(depth):
+        prefix = EMBEDDER.format(i)
+        copy = {k.removeprefix(prefix): sd.pop(k) for k in [k for k in sd if k.startswith(prefix)]}
+        differs = [k for k in sorted(shared.keys() | copy.keys())
+                   if k not in copy or k not in shared or not torch.equal(copy[k], shared[k])]
+        if differs:
+            raise ModelFolderError(f"init_from {where}: block {i}'s time/class embedder differs from block 0's "
+                                   f"('{prefix}{differs[0]}'); ours has one conditioning vector, so only "
+                                   "checkpoints whose blocks share it convert")
+    renames = {"pos_embed.proj.": "patch_embed.", "proj_out_1.": "final_modulation.", "proj_out_2.": "final_proj."}
+    out = {}
+    for name, value in [("time_mlp.0.", "timestep_embedder.linear_1."), ("time_mlp.2.", "timestep_embedder.linear_2."),
+                        ("conditioner.label_emb.", "class_embedder.embedding_table.")]:
+        out.update({name + k.removeprefix(value): v for k, v in shared.items() if k.startswith(value)})
+    for i in range(depth):
+        block = f"transformer_blocks.{i}."
+        for theirs, ours in (("norm1.linear.", "modulation."), ("attn1.to_out.0.", "attn.out."),
+                             ("ff.net.0.proj.", "fc1."), ("ff.net.2.", "fc2.")):
+            renames[block + theirs] = f"blocks.{i}.{ours}"
+        for kind in ("weight", "bias"):
+            parts = [sd.pop(f"{block}attn1.to_{x}.{kind}", None) for x in "qkv"]
+            if all(p is not None for p in parts):
+                out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat(parts)
+    for key, value in sd.items():
+        prefix = next((p for p in renames if key.startswith(p)), None)
+        out[renames[prefix] + key.removeprefix(prefix) if prefix else key] = value
+    channels, p = config.get("in_channels", 4), config.get("patch_size")
+    if config.get("out_channels") == 2 * channels:
+        # Output features are (patch row, patch column, channel), channel fastest: keep the mean channels.
+        for kind in ("weight", "bias"):
+            value = out[f"final_proj.{kind}"]
+            out[f"final_proj.{kind}"] = value.reshape(p, p, 2 * channels, -1)[:, :, :channels].reshape(
+                p * p * channels, *value.shape[1:])
+    return out
+
+
+def load_init_weights(model: torch.nn.Module, cfg: UNetRunConfig) -> None:
+    """Load ``cfg.init_from`` (a diffusers DiT) into the freshly built DiT ``model``; anything that does not
+    fit is one line naming the config key or the weight."""
+    config, weights, where = read_diffusers_dit(cfg.init_from)
+    fields = dit_fields(config, weights, where)
+    ours = {"model.in_channels": cfg.model.in_channels, "model.hidden_size": cfg.model.hidden_size,
+            "model.depth": cfg.model.depth, "model.num_heads": cfg.model.num_heads,
+            "model.patch_size": cfg.model.patch_size, "model.mlp_ratio": cfg.model.mlp_ratio,
+            "cond.num_classes": cfg.cond.num_classes}
+    if cfg.cond.type != "class":
+        del ours["cond.num_classes"]
+    for key, value in ours.items():
+        if fields[key] != value:
+            origin = {"model.in_channels": " (the VAE's latent channels)",
+                      "cond.num_classes": " (the data's classes)"}.get(key, "")
+            raise ModelFolderError(f"init_from {where}: the checkpoint has {key}={fields[key]}, this run "
+                                   f"{key}={value}{origin}: set {key}={fields[key]} or start from another DiT")
+    if config.get("sample_size") not in (None, cfg.latent_size):
+        logger.warning("init_from %s was made for %sx%s latents, this run has %dx%d: diffusers would rescale the "
+                       "position codes to its own grid, ours keeps the DiT code's unscaled grid", where,
+                       config["sample_size"], config["sample_size"], cfg.latent_size, cfg.latent_size)
+    sd = convert_diffusers_dit(weights, config, where)
+    fresh = model.state_dict()
+    if cfg.cond.type != "class":
+        # No label embedding here: the null label's vector moves into the time MLP's output bias.
+        table = sd.pop("conditioner.label_emb.weight")
+        sd["time_mlp.2.bias"] = sd["time_mlp.2.bias"] + table[fields["cond.num_classes"]]
+    if "conditioner.to_concat.weight" in fresh:
+        # The mask's input channels start with zero weights: the same function until they learn.
+        weight = sd["patch_embed.weight"]
+        extra = fresh["patch_embed.weight"].shape[1] - weight.shape[1]
+        sd["patch_embed.weight"] = torch.cat([weight, weight.new_zeros(weight.shape[0], extra, *weight.shape[2:])], 1)
+    # text's cross-attention and pooling start at zero output: the same function until they learn
+    new = [k for k in fresh if (k.startswith(NEW_PARTS) or ".cross_attn." in k) and k not in sd]
+    sd.update({k: fresh[k] for k in new})
+    load_state_strict(model, sd, where, f"this run's DiT (init_from={cfg.init_from})")
+    logger.info("init_from: %d tensors from %s (%d blocks, %d classes); initialised fresh: %s", len(sd) - len(new),
+                where, fields["model.depth"], fields["cond.num_classes"],
+                ", ".join(sorted({k.rsplit(".", 1)[0] for k in new})) or "nothing")

@@ -1,0 +1,256 @@
+"""Saving and loading VAEs: our exports, diffusers ``AutoencoderKL`` folders, SD/LDM single files.
+
+Our layout is diffusers' current one, so a diffusers folder loads after only
+:func:`convert_diffusers_state_dict` (old attention names, 1x1-conv-shaped attention weights).
+The original LDM / SD layout (``encoder.down.{i}.block.{j}``, ``mid.attn_1.q``, ``decoder.up.{i}``
+with up.0 the highest resolution, ...) is mapped by :func:`convert_ldm_state_dict`. Weights are
+only ever read from safetensors. Errors are :class:`ModelFolderError` naming the path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from modules.config.schema import VAEModelConfig
+from modules.config.io import from_dict, read_json
+from modules.errors import ConfigError, ModelFolderError
+from modules.run.export import (CONFIG_NAME, describe_kind, load_state_strict, read_folder_weights, read_weights,
+                            save_model_folder)
+from modules.core.networks.vae import AutoencoderKL
+
+SD_SCALE_FACTOR = 0.18215
+DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+VAE_CONFIG = "the VAE config"
+
+
+# ----------------------------------------------------------------------------- key conversion
+
+_DEPRECATED_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def _linear_attention_weight(key: str, value: torch.Tensor) -> torch.Tensor:
+    """Attention projections stored as 1x1 convs ([C, C, 1, 1] or [C, C, 1]) become Linear [C, C]."""
+    if ".attentions." in key and key.endswith(".weight") and value.dim() > 2 and "group_norm" not in key:
+        return value.reshape(value.shape[0], value.shape[1])
+    return value
+
+
+def convert_diffusers_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers ``AutoencoderKL`` state dict (current or pre-0.14 attention names) in our layout.
+
+    Our layout is diffusers' current one; older checkpoints (e.g. the hub's sd-vae-ft-mse) name
+    the attention projections ``query/key/value/proj_attn``, sometimes as 1x1-conv weights.
+    """
+    out = {}
+    for key, value in sd.items():
+        parts = key.split(".")
+        if len(parts) >= 2 and parts[-2] in _DEPRECATED_ATTENTION_NAMES and ".attentions." in key:
+            key = ".".join(parts[:-2] + [_DEPRECATED_ATTENTION_NAMES[parts[-2]], parts[-1]])
+        out[key] = _linear_attention_weight(key, value)
+    return out
+
+
+_LDM_ATTENTION_NAMES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_LDM_RESNET_NAMES = {"nin_shortcut": "conv_shortcut"}
+_LDM_TOP_NAMES = {"norm_out": "conv_norm_out"}
+# Prefixes of non-VAE entries in LDM checkpoints: the training loss's parameters (LPIPS,
+# discriminator, learned logvar) are saved alongside the autoencoder in LDM's VAE checkpoints.
+_LDM_IGNORED_PREFIXES = ("loss.",)
+
+
+def _ldm_num_levels(sd: dict[str, torch.Tensor]) -> int:
+    levels = {int(m.group(1)) for k in sd for m in [re.match(r"encoder\.down\.(\d+)\.", k)] if m}
+    if not levels:
+        raise KeyError("no 'encoder.down.<i>.' keys: not an LDM/SD autoencoder state dict")
+    return max(levels) + 1
+
+
+def _ldm_key(key: str, num_levels: int) -> Optional[str]:
+    """Our name for one LDM key, or None for keys of the training loss."""
+    if key.startswith(_LDM_IGNORED_PREFIXES):
+        return None
+    parts = key.split(".")
+    side = parts[0]
+    if side not in ("encoder", "decoder"):
+        return key                                            # quant_conv, post_quant_conv
+    rest = parts[1:]
+    if rest[0] in ("down", "up"):
+        level = int(rest[1])
+        # LDM numbers decoder levels from the highest resolution; diffusers from the lowest.
+        index = level if rest[0] == "down" else num_levels - 1 - level
+        group = "down_blocks" if rest[0] == "down" else "up_blocks"
+        if rest[2] == "block":
+            tail = [_LDM_RESNET_NAMES.get(rest[4], rest[4])] + rest[5:]
+            rest = [group, str(index), "resnets", rest[3]] + tail
+        elif rest[2] in ("downsample", "upsample"):
+            rest = [group, str(index), rest[2] + "rs", "0"] + rest[3:]
+    elif rest[0] == "mid":
+        if rest[1].startswith("block_"):
+            tail = [_LDM_RESNET_NAMES.get(rest[2], rest[2])] + rest[3:]
+            rest = ["mid_block", "resnets", str(int(rest[1].removeprefix("block_")) - 1)] + tail
+        elif rest[1] == "attn_1":
+            rest = ["mid_block", "attentions", "0", _LDM_ATTENTION_NAMES.get(rest[2], rest[2])] + rest[3:]
+    else:
+        rest = [_LDM_TOP_NAMES.get(rest[0], rest[0])] + rest[1:]
+    return ".".join([side] + rest)
+
+
+def convert_ldm_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An original LDM / SD first-stage state dict (``encoder.down.0.block.0.norm1.weight``, ...,
+    optionally prefixed ``first_stage_model.`` as inside a full SD checkpoint) in our layout."""
+    prefix = "first_stage_model."
+    if any(k.startswith(prefix) for k in sd):
+        sd = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
+    num_levels = _ldm_num_levels(sd)
+    out = {}
+    for key, value in sd.items():
+        new_key = _ldm_key(key, num_levels)
+        if new_key is not None:
+            out[new_key] = _linear_attention_weight(new_key, value)
+    return out
+
+
+# ----------------------------------------------------------------------------- save / load
+
+def vae_identity(model: AutoencoderKL) -> str:
+    """SHA-256 over the VAE's config and weights, whatever file format they came from: the key of
+    its latent caches, and what a stage-2 checkpoint records of the VAE it was trained with."""
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_vae(model: AutoencoderKL, folder: str | Path, run_config: Optional[dict] = None) -> Path:
+    """Write ``folder/config.json`` (kind "vae", the model config, the run config) + ``model.safetensors``."""
+    config = {"kind": "vae", "model": dataclasses.asdict(model.config), "run_config": run_config}
+    return save_model_folder(folder, model.state_dict(), config)
+
+
+def _config_from_diffusers(config: dict, where: Path) -> VAEModelConfig:
+    """Map a diffusers ``AutoencoderKL`` config.json onto ours; refuse what we cannot represent."""
+    def refuse(field: str, why: str):
+        raise ModelFolderError(f"{where}: diffusers config field '{field}' = {config.get(field)!r}: {why}")
+
+    widths = list(config.get("block_out_channels", (64,)))
+    base = widths[0]
+    if any(w % base for w in widths):
+        refuse("block_out_channels", f"every width must be a multiple of the first ({base})")
+    for field, allowed in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        if any(t != allowed for t in config.get(field, (allowed,))):
+            refuse(field, f"only {allowed} blocks are supported")
+    if config.get("act_fn", "silu") != "silu":
+        refuse("act_fn", "only silu is supported")
+    if config.get("out_channels", config.get("in_channels", 3)) != config.get("in_channels", 3):
+        refuse("out_channels", "must equal in_channels")
+    for field in ("use_quant_conv", "use_post_quant_conv"):
+        if not config.get(field, True):
+            refuse(field, "models without quant convs (SD3/Flux-style) are not supported")
+    if config.get("shift_factor") not in (None, 0, 0.0):
+        refuse("shift_factor", "latent shifting is not supported")
+    for field in ("latents_mean", "latents_std"):
+        if config.get(field) is not None:
+            refuse(field, "per-channel latent statistics are not supported")
+    return _model_config(dict(
+        in_channels=config.get("in_channels", 3),
+        base_channels=base,
+        channel_mult=[w // base for w in widths],
+        num_res_blocks=config.get("layers_per_block", 1),
+        latent_channels=config.get("latent_channels", 4),
+        norm_groups=config.get("norm_num_groups", 32),
+        mid_attention=config.get("mid_block_add_attention", True),
+        scale_factor=config.get("scaling_factor", SD_SCALE_FACTOR),
+    ), where)
+
+
+def _model_config(values: dict, where: Path) -> VAEModelConfig:
+    """Typed and validated exactly like a command-line config; errors name the file."""
+    try:
+        return from_dict(VAEModelConfig, values, str(where), prefix="model.")
+    except ConfigError as e:
+        raise ModelFolderError(f"{where}: {e}") from None
+
+
+def _config_from_ldm_weights(sd: dict[str, torch.Tensor], where: Path) -> VAEModelConfig:
+    """Read the architecture off converted LDM weights; GroupNorm(32) and SD's scale are assumed."""
+    try:
+        base = sd["encoder.conv_in.weight"].shape[0]
+        num_levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down_blocks."))
+        widths = [sd[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(num_levels)]
+        num_res = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down_blocks.0.resnets."))
+        values = dict(
+            in_channels=sd["encoder.conv_in.weight"].shape[1],
+            base_channels=base,
+            channel_mult=[w // base for w in widths],
+            num_res_blocks=num_res,
+            latent_channels=sd["post_quant_conv.weight"].shape[0],
+            norm_groups=32,
+            mid_attention=any(k.startswith("encoder.mid_block.attentions.") for k in sd),
+            scale_factor=SD_SCALE_FACTOR,
+        )
+    except (KeyError, ValueError) as e:
+        raise ModelFolderError(f"{where}: not an SD/LDM autoencoder checkpoint (missing {e})") from None
+    return _model_config(values, where)
+
+
+def _load_diffusers_folder(folder: Path, config: dict) -> AutoencoderKL:
+    weights = folder / DIFFUSERS_WEIGHTS_NAME
+    if not weights.is_file():
+        others = sorted(p.name for p in folder.glob("diffusion_pytorch_model*"))
+        hint = f" (found {', '.join(others)}; only .safetensors is accepted)" if others else ""
+        raise ModelFolderError(f"{folder}: diffusers AutoencoderKL folder without {DIFFUSERS_WEIGHTS_NAME}{hint}")
+    cfg = _config_from_diffusers(config, folder / CONFIG_NAME)
+    state = convert_diffusers_state_dict(read_weights(weights))
+    return load_state_strict(AutoencoderKL(cfg), state, weights, VAE_CONFIG)
+
+
+def _load_ldm_file(path: Path) -> AutoencoderKL:
+    raw = read_weights(path)
+    try:
+        sd = convert_ldm_state_dict(raw)
+    except (KeyError, ValueError, IndexError) as e:
+        raise ModelFolderError(f"{path}: not an SD/LDM autoencoder checkpoint ({e})") from None
+    return load_state_strict(AutoencoderKL(_config_from_ldm_weights(sd, path)), sd, path, VAE_CONFIG)
+
+
+def load_vae(path: str | Path) -> AutoencoderKL:
+    """Load a VAE from our exported folder, a diffusers ``AutoencoderKL`` folder (or a diffusers
+    pipeline folder with a ``vae/`` sub-folder) or a single SD/LDM-format ``.safetensors`` file.
+
+    A ``train_vae.py`` output dir loads its ``vae/`` export. Returns the model in eval mode,
+    on CPU, in float32. Errors are :class:`ModelFolderError` naming the path.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelFolderError(f"{path}: does not exist (expected a VAE folder or a .safetensors file)")
+    if path.is_file():
+        model = _load_ldm_file(path)
+    else:
+        if (path / "vae" / CONFIG_NAME).is_file():
+            path = path / "vae"
+        if not (path / CONFIG_NAME).is_file():
+            raise ModelFolderError(f"{path}: no {CONFIG_NAME}; expected an exported VAE folder, a diffusers "
+                                   "AutoencoderKL folder or an SD-format .safetensors file")
+        config = read_json(path / CONFIG_NAME, ModelFolderError)
+        if not isinstance(config, dict):
+            raise ModelFolderError(f"{path / CONFIG_NAME}: expected a JSON object, got {type(config).__name__}")
+        if config.get("kind") == "vae":
+            cfg = _model_config(config.get("model") or {}, path / CONFIG_NAME)
+            model = load_state_strict(AutoencoderKL(cfg), read_folder_weights(path, config), path, VAE_CONFIG)
+        elif config.get("_class_name") == "AutoencoderKL":
+            model = _load_diffusers_folder(path, config)
+        elif "kind" in config:
+            raise ModelFolderError(f"{path}: {CONFIG_NAME} holds {describe_kind(config)}, expected a 'vae'")
+        else:
+            name = config.get("_class_name")
+            what = f"a diffusers '{name}'" if name else "an unknown model"
+            raise ModelFolderError(f"{path}: {CONFIG_NAME} describes {what}, expected our VAE export "
+                                   "(kind 'vae') or a diffusers AutoencoderKL")
+    return model.eval()

@@ -1,0 +1,96 @@
+"""The training output folder: one run at a time, never mixed with another run's work.
+
+:func:`claim_output_dir` runs first, before any data or model is touched: it creates the
+folder, proves it writable, and takes an OS lock (``flock`` on ``.lock``) that the run holds
+until it ends, so a second run on the same folder is refused while the first lives, and a lock
+left by a killed run never blocks (the kernel drops it with the process). A folder holding
+checkpoints or finished exports belongs to its run: only ``--resume`` may continue it. An export
+that a kill interrupted is put right before the run goes on.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Iterator, Optional
+
+from accelerate import Accelerator
+
+from modules.run.accelerator import broadcast
+from modules.config.io import save_json
+from modules.errors import CheckpointError
+from modules.run.export import recover_model_folder
+
+CONFIG_NAME = "config.json"
+LOCK_NAME = ".lock"
+EXPORT_FOLDERS = ("vae", "unet", "unet_ema")
+
+
+def _take_lock(output_dir: Path) -> tuple[Optional[int], Optional[str]]:
+    """(file descriptor, None) holding the lock, or (None, why not)."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(output_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        return None, f"cannot write to output dir {output_dir} ({e.strerror or e})"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return None, (f"output dir {output_dir} is in use by another run ({holder}); wait for it to end "
+                          "or choose another --output-dir")
+        return None, f"cannot lock output dir {output_dir} ({e.strerror or e})"
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
+    return fd, None
+
+
+@contextlib.contextmanager
+def claim_output_dir(accelerator: Accelerator, output_dir: Path, resume: Optional[str]) -> Iterator[None]:
+    """Hold ``output_dir`` for this run (main process), refusing what would mix two runs.
+
+    Every process gets the same verdict, so none is left waiting at a barrier.
+    """
+    fd, problem = None, None
+    if accelerator.is_main_process:
+        fd, problem = _take_lock(output_dir)
+        if problem is None:
+            for name in EXPORT_FOLDERS:
+                recover_model_folder(output_dir / name)
+            if not resume:
+                problem = _owned_by_another_run(output_dir)
+    verdict = broadcast(problem, accelerator)
+    try:
+        if verdict:
+            raise CheckpointError(verdict)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)      # releases the lock
+
+
+def _owned_by_another_run(output_dir: Path) -> Optional[str]:
+    if any((output_dir / "checkpoints").glob("step_*")):
+        return (f"output dir {output_dir} already holds checkpoints; pass --resume latest to continue it "
+                "or choose another --output-dir")
+    exports = [name for name in EXPORT_FOLDERS if (output_dir / name / CONFIG_NAME).is_file()]
+    if exports:
+        return (f"output dir {output_dir} holds the finished exports of another run ({', '.join(exports)}/); "
+                "choose another --output-dir, or pass --resume latest to continue that run")
+    return None
+
+
+def save_run_config(accelerator: Accelerator, output_dir: Path, run_config) -> None:
+    """Save the resolved config (derived fields included) as ``OUTPUT_DIR/config.json``."""
+    if accelerator.is_main_process:
+        try:
+            save_json(run_config, output_dir / CONFIG_NAME)
+        except OSError as e:
+            raise CheckpointError(f"cannot write to output dir {output_dir} ({e.strerror or e})") from None
+    accelerator.wait_for_everyone()
