@@ -31,16 +31,15 @@ import numpy as np
 import torch
 from accelerate import PartialState
 
-from modules.run.accelerator import broadcast, finish
-from modules.run.checkpoint import write_atomically, write_or_fail
+from modules.run.accelerator import finish, from_main_process
+from modules import durable
 from modules.errors import MetricsError, UserError
-from modules.run.export import find_model_folder, read_unet_export
+from modules.run.export import find_model_folder, read_network_export
 from modules.eval.features import (INCEPTION_URL, extract, list_images, load_features, load_inception, load_source_size,
                               load_stats, reference_sources, save_stats, size_text)
 from modules.core.metrics import (feature_statistics, frechet_distance, inception_score, kernel_inception_distance,
                              precision_recall)
 from modules.eval.plots import line_plot
-from modules.config.sampling import DEFAULT_SAMPLER, guidance_problem, sampling_problem, unconditional_problem
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -212,14 +211,14 @@ def preflight(args) -> None:
     if args.command == "sweep":             # the condition flags fit the model: nothing fails after Inception
         import sample
         folder = find_model_folder(args.unet, "unet_ema")
-        cfg = read_unet_export(folder).config
+        export = read_network_export(folder)
+        cfg = export.config
         args.class_label = sample.parse_class_label(args.class_label)
-        problem = sample.condition_flags_problem(args, cfg.cond.type, cfg.cond.num_classes, folder)
+        problem = sample.condition_flags_problem(args, cfg.cond.type, export.sizes.num_classes, folder)
         for n in sweep_list(args.steps, int, "--steps"):
-            problem = problem or sampling_problem(cfg.objective, DEFAULT_SAMPLER[cfg.objective], n,
-                                                  cfg.shortcut.denoise_timesteps, cfg.ddpm.num_timesteps)
+            problem = problem or cfg.sampling_problem(None, n)
         for w in sweep_list(args.cfg_scales, float, "--cfg-scales"):
-            problem = problem or guidance_problem(cfg, w) or unconditional_problem(cfg, w)
+            problem = problem or cfg.guidance_problem(w) or cfg.unconditional_problem(w)
         if problem:
             raise MetricsError(problem)
     if reference_sources(reference) is None:
@@ -270,7 +269,7 @@ def run_sweep(ev: Evaluator, args) -> None:
     table_path = out / "sweep.json"
     done = {}
     if ev.state.is_main_process:
-        size = read_unet_export(find_model_folder(args.unet, "unet_ema")).config.data.image_size
+        size = read_network_export(find_model_folder(args.unet, "unet_ema")).config.data.image_size
         ev.check_resolution((size, size), reference)       # before anything is sampled
         done = read_table(table_path)
     rows = []
@@ -285,7 +284,7 @@ def run_sweep(ev: Evaluator, args) -> None:
                            if getattr(args, flag) is not None
                            for f in (f"--{flag.replace('_', '-')}", str(getattr(args, flag))))])
             images = list_images(folder)    # --num-samples, one per mask, or --num-samples per prompt
-            scored = broadcast(key in done and done[key]["num_samples"] == len(images), ev.state)
+            scored = from_main_process(key in done and done[key]["num_samples"] == len(images), ev.state)
             if scored:                      # by an earlier, interrupted sweep
                 rows.append(done.get(key))
                 continue
@@ -317,7 +316,7 @@ def read_table(path: Path) -> dict:
 
 def write_text(path: Path, text: str, kept: str) -> None:
     """``path`` written atomically; a failed write (a full disk) is one line saying what is ``kept``."""
-    write_or_fail(lambda: write_atomically(path, lambda tmp: tmp.write_text(text)), str(path), kept)
+    durable.write_or_fail(lambda: durable.write_file(path, text), str(path), kept)
 
 
 def write_sweep_report(out: Path, rows: list[dict], args, reference: Reference) -> None:
@@ -337,7 +336,7 @@ def write_sweep_report(out: Path, rows: list[dict], args, reference: Reference) 
         series.setdefault(f"cfg {row['cfg_scale']:g}", []).append((math.log2(row["steps"]), row["fid"]))
     title = f"FID-{count // 1000 or count}{'k' if count >= 1000 else ''}"
     ticks = {math.log2(s): str(s) for s in sorted({r["steps"] for r in rows})}
-    write_or_fail(lambda: line_plot(series, out / "sweep.png", title=f"{title} against sampling steps",
+    durable.write_or_fail(lambda: line_plot(series, out / "sweep.png", title=f"{title} against sampling steps",
                                     x_label="steps (log2)", y_label="FID", x_ticks=ticks), str(out / "sweep.png"), kept)
     print("\n".join(lines))
 

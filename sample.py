@@ -1,4 +1,4 @@
-"""Generate images with a trained UNet (EMA weights) and its VAE.
+"""Generate images with a trained stage-2 network (UNet or DiT, EMA weights) and its VAE.
 
     python sample.py --unet runs/unet --out samples --num-samples 64 --steps 1
     python sample.py --unet runs/unet --out samples --steps 4 --class-label 2 --cfg-scale 1.5 --grid
@@ -9,7 +9,7 @@
     accelerate launch sample.py --unet runs/unet --out s1 --num-samples 50000 --steps 1 --npz
 
 Writes one PNG per image and ``manifest.jsonl`` (one JSON line per image: index, file, seed,
-steps, sampler, guidance, condition; see modules/sample_folder.py). Image i depends only on
+steps, sampler, guidance, condition; see modules/run/sample_folder.py). Image i depends only on
 (--seed, i) and its condition, so neither the batch size nor the number of processes changes
 the result; under ``accelerate launch`` each process makes its share. Killed and run again with
 the same command, it keeps the finished images and makes only the rest.
@@ -28,20 +28,19 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from modules.run.accelerator import broadcast, finish
-from modules.run.checkpoint import WRITE_ERRORS, write_failure
+from modules.run.accelerator import finish, from_main_process
+from modules.durable import WRITE_ERRORS, write_failure
 from modules.config.cli import run_cli
-from modules.config.sampling import DEFAULT_SAMPLER, guidance_problem, sampling_problem, unconditional_problem
 from modules.config.io import diff_fields
-from modules.errors import CheckpointError, ConfigError, ModelFolderError
-from modules.run.export import find_model_folder, load_unet, read_config, read_unet_export
 from modules.core.generation import GenerationSpec, compiled_for_sampling, decode_latents, generate_latents
-from modules.data.image_io import UnreadableImage, find_images, image_tensor, mask_tensor, save_png, tile, to_uint8
-from modules.run.sample_folder import MANIFEST, SampleFolder, batches, pending
-from modules.core.samplers import METHODS
+from modules.core.objectives import SAMPLERS
 from modules.core.seeding import image_seed, mix_seed
-from modules.interop.clip import TextEncoder, encode_unique, warn_truncated
-from modules.interop.vae import load_vae, vae_identity
+from modules.data.image_io import UnreadableImage, find_images, image_tensor, mask_tensor, save_png, tile, to_uint8
+from modules.errors import CheckpointError, ConfigError, ModelFolderError
+from modules.interop.clip import TextEncoder, warn_truncated
+from modules.interop.vae import load_vae
+from modules.run.export import find_model_folder, load_network, read_config, read_network_export, vae_identity
+from modules.run.sample_folder import MANIFEST, SampleFolder, batches, pending
 
 logger = logging.getLogger("sample")
 GRID_MAX = 256
@@ -52,12 +51,14 @@ LABEL_STREAM = 2        # --class-label random: the labels' own random stream
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--unet", required=True, help="exported UNet folder, or a train_unet.py output dir (uses unet_ema)")
-    p.add_argument("--vae", default=None, help="VAE folder or train_vae.py output dir (default: the one the UNet recorded)")
+    p.add_argument("--unet", required=True, help="exported network folder (UNet or DiT), or a train_unet.py output "
+                   "dir (uses its unet_ema/ export)")
+    p.add_argument("--vae", default=None, help="VAE folder or train_vae.py output dir (default: the one the network "
+                   "recorded)")
     p.add_argument("--out", required=True, help="output folder for PNGs and manifest.jsonl")
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--steps", type=int, default=1, help="network evaluations per image (shortcut: a power of two)")
-    p.add_argument("--sampler", choices=METHODS, default=None,
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="default: shortcut / euler / meanflow / ddim by objective")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance w (1 = conditional only); "
                    "a model trained with shortcut.intrinsic_guidance takes w as an input, in one forward")
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     cond.add_argument("--prompts", default=None, help="text-conditioned model: a file of prompts, one per line, "
                       "--num-samples images each")
     p.add_argument("--text-encoder", default=None, help="text-conditioned model: the text encoder folder "
-                   "(default: the one the UNet recorded; it must be the same encoder)")
+                   "(default: the one the network recorded; it must be the same encoder)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
@@ -81,13 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="weights and compute (auto: bfloat16 on CUDA, float32 elsewhere); latents accumulate in float32")
     p.add_argument("--compile", action="store_true",
-                   help='torch.compile the UNet and the VAE decoder (mode="reduce-overhead": CUDA graphs on a GPU); '
+                   help='torch.compile the network and the VAE decoder (mode="reduce-overhead": CUDA graphs on a GPU); '
                         "the first batch, and a last smaller one, wait for the compiler")
     return p
 
 
 def load_masks(folder: Path, image_size: int) -> tuple[list[str], torch.Tensor]:
-    """Masks read exactly as training reads them (modules/data.py), one sample per file, named by stem."""
+    """Masks read exactly as training reads them (modules/data/dataset.py), one sample per file, named by stem."""
     if not folder.is_dir():
         raise ConfigError(f"--masks {folder}: not a folder")
     files = find_images(folder, recursive=False)
@@ -120,16 +121,16 @@ def parse_device(name: str) -> torch.device:
 
 
 def load_models(args, device):
-    unet_folder = find_model_folder(args.unet, "unet_ema")
-    export = read_unet_export(unet_folder)
+    net_folder = find_model_folder(args.unet, "unet_ema")
+    export = read_network_export(net_folder)
     recorded = export.vae
     # The training run's own copy first: the VAE it came from may have trained on since.
     kept = recorded.get("copy")
     vae_path = args.vae or (kept if kept and Path(kept, "config.json").is_file() else recorded.get("path"))
     if not vae_path:
-        raise ModelFolderError(f"{unet_folder}: records no VAE; pass --vae")
+        raise ModelFolderError(f"{net_folder}: records no VAE; pass --vae")
     if not Path(vae_path).exists():
-        raise ModelFolderError(f"VAE {vae_path} (recorded by {unet_folder}) does not exist; pass --vae")
+        raise ModelFolderError(f"VAE {vae_path} (recorded by {net_folder}) does not exist; pass --vae")
     vae_folder = find_model_folder(vae_path, "vae")
     vae = load_vae(vae_folder)
     vae_model = dataclasses.asdict(vae.config)
@@ -139,18 +140,18 @@ def load_models(args, device):
         mismatch = diff_fields({k: recorded["model"].get(k) for k in structural},
                                {k: vae_model.get(k) for k in structural})
         if mismatch:
-            raise ModelFolderError(f"VAE {vae_folder} does not match the one the UNet was trained with: "
+            raise ModelFolderError(f"VAE {vae_folder} does not match the one the network was trained with: "
                                    + "; ".join(mismatch))
     if recorded.get("identity") and vae_identity(vae) != recorded["identity"]:
-        raise ModelFolderError(f"VAE {vae_folder} has other weights than the one the UNet was trained with "
+        raise ModelFolderError(f"VAE {vae_folder} has other weights than the one the network was trained with "
                                f"(identity {vae_identity(vae)[:16]}, recorded {recorded['identity'][:16]})")
-    if vae.config.latent_channels != export.config.model.in_channels:
+    if vae.config.latent_channels != export.sizes.latent_channels:
         raise ModelFolderError(f"VAE {vae_folder} has {vae.config.latent_channels} latent channels, "
-                               f"the UNet expects {export.config.model.in_channels}")
-    return load_unet(unet_folder, export).to(device), vae.to(device).eval(), export, unet_folder
+                               f"the network expects {export.sizes.latent_channels}")
+    return load_network(net_folder, export).to(device), vae.to(device).eval(), export, net_folder
 
 
-def condition_flags_problem(args, cond_type: str, num_classes: int, unet_folder) -> Optional[str]:
+def condition_flags_problem(args, cond_type: str, num_classes: int, net_folder) -> Optional[str]:
     """What is wrong with the condition flags (--class-label, --masks, --prompt, --prompts) for a model
     conditioned on ``cond_type``, or None. ``evaluate.py sweep`` asks this before anything is sampled."""
     prompt_flag = "--prompts" if args.prompts is not None else "--prompt" if args.prompt is not None else None
@@ -158,11 +159,11 @@ def condition_flags_problem(args, cond_type: str, num_classes: int, unet_folder)
                                 ("--masks", args.masks is not None, "mask"),
                                 ("--class-label", args.class_label is not None, "class")):
         if given and cond_type != wanted:
-            return f"{flag}: {unet_folder} is a '{cond_type}'-conditioned model, not {wanted}-conditioned"
+            return f"{flag}: {net_folder} is a '{cond_type}'-conditioned model, not {wanted}-conditioned"
     if cond_type == "text" and prompt_flag is None:
-        return f"{unet_folder} is text-conditioned: pass --prompt TEXT or --prompts FILE"
+        return f"{net_folder} is text-conditioned: pass --prompt TEXT or --prompts FILE"
     if cond_type == "mask" and args.masks is None:
-        return f"{unet_folder} is mask-conditioned: pass --masks DIR"
+        return f"{net_folder} is mask-conditioned: pass --masks DIR"
     if args.class_label not in (None, "all", "random") and not 0 <= int(args.class_label) < num_classes:
         return f"--class-label {args.class_label}: the model knows classes 0..{num_classes - 1}"
     return None
@@ -184,15 +185,15 @@ def read_prompts(args) -> Optional[list[str]]:
     return prompts
 
 
-def load_text_encoder(args, export, unet_folder: Path, device):
-    """The text encoder a text-conditioned UNet was trained with (recorded in its export), checked by identity."""
+def load_text_encoder(args, export, net_folder: Path, device):
+    """The text encoder a text-conditioned network was trained with (recorded in its export), checked by identity."""
     recorded = export.text_encoder
     path = args.text_encoder or recorded.get("path")
     if not Path(path).exists():
-        raise ModelFolderError(f"text encoder {path} (recorded by {unet_folder}) does not exist; pass --text-encoder")
+        raise ModelFolderError(f"text encoder {path} (recorded by {net_folder}) does not exist; pass --text-encoder")
     encoder = TextEncoder(path, export.config.cond.text_layer, device)
     if encoder.identity != recorded["identity"]:
-        raise ModelFolderError(f"text encoder {path} is not the one {unet_folder} was trained with (identity "
+        raise ModelFolderError(f"text encoder {path} is not the one {net_folder} was trained with (identity "
                                f"{encoder.identity[:16]}, recorded {recorded['identity'][:16]})")
     return encoder
 
@@ -218,28 +219,28 @@ def main(argv=None) -> None:
         raise ConfigError(f"--eta {args.eta}: must be in [0, 1]")
     if not math.isfinite(args.cfg_scale):
         raise ConfigError(f"--cfg-scale {args.cfg_scale}: must be a finite number")
-    unet, vae, export, unet_folder = load_models(args, device)
+    net, vae, export, net_folder = load_models(args, device)
     dtype = torch.bfloat16 if args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda") \
         else torch.float32
-    unet.to(dtype)
+    net.to(dtype)
     vae.to(dtype)
-    spec = GenerationSpec.from_run_config(export.config)
-    sampler = args.sampler or DEFAULT_SAMPLER[spec.objective]
-    problem = sampling_problem(spec.objective, sampler, args.steps, spec.denoise_timesteps, spec.ddpm.num_timesteps)
+    spec = GenerationSpec.of(export.config, export.sizes)
+    sampler = args.sampler or export.config.objective_class.samplers[0]
+    problem = export.config.sampling_problem(sampler, args.steps)
     if problem:
         raise ConfigError(f"--sampler {sampler} --steps {args.steps}: {problem}")
     if spec.cond_type == "none" and args.cfg_scale != 1.0:
-        logger.warning("--cfg-scale %s ignored: %s is an unconditional model", args.cfg_scale, unet_folder)
-    problem = guidance_problem(export.config, args.cfg_scale) or unconditional_problem(export.config, args.cfg_scale)
+        logger.warning("--cfg-scale %s ignored: %s is an unconditional model", args.cfg_scale, net_folder)
+    problem = export.config.guidance_problem(args.cfg_scale) or export.config.unconditional_problem(args.cfg_scale)
     if problem:
         raise ConfigError(f"--cfg-scale {args.cfg_scale}: {problem}")
 
-    problem = condition_flags_problem(args, spec.cond_type, spec.num_classes, unet_folder)
+    problem = condition_flags_problem(args, spec.cond_type, spec.num_classes, net_folder)
     if problem:
         raise ConfigError(problem)
     names, masks = None, None
     prompts = read_prompts(args)
-    encoder = load_text_encoder(args, export, unet_folder, device) if prompts is not None else None
+    encoder = load_text_encoder(args, export, net_folder, device) if prompts is not None else None
     if encoder is not None:
         warn_truncated(sum(encoder.too_long(prompts)), encoder.tokens, "prompt(s) are")
     if args.masks is not None:
@@ -276,7 +277,7 @@ def main(argv=None) -> None:
         return {"index": i, "file": file_of(i), "seed": image_seed(args.seed, i), "steps": args.steps,
                 "sampler": sampler, "guidance": args.cfg_scale, "condition": condition(i)[1]}
 
-    request = {"unet": str(unet_folder.resolve()), "unet_sha256": read_config(unet_folder).get("sha256"),
+    request = {"unet": str(net_folder.resolve()), "unet_sha256": read_config(net_folder).get("sha256"),
                "vae": vae_identity(vae), "sampler": sampler, "steps": args.steps, "cfg_scale": args.cfg_scale,
                "eta": args.eta, "seed": args.seed, "count": count, "dtype": str(dtype),
                "conditions": names or prompts or args.class_label or spec.cond_type}
@@ -287,7 +288,7 @@ def main(argv=None) -> None:
             done = folder.open(args.overwrite)
         except ConfigError as e:
             done = str(e)
-    done = broadcast(done, state)      # every process gets the verdict, so none waits alone
+    done = from_main_process(done, state)      # every process gets the verdict, so none waits alone
     if isinstance(done, str):
         raise ConfigError(done)
     if len(done) and state.is_main_process:
@@ -295,13 +296,13 @@ def main(argv=None) -> None:
                     count - len(done))
     share = len(range(state.process_index, count - len(done), state.num_processes))
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    network = compiled_for_sampling(unet, vae) if args.compile else unet
+    network = compiled_for_sampling(net, vae) if args.compile else net
     try:
         with tqdm(total=share, desc="sampling", disable=not state.is_main_process) as progress:
             for idx in batches(pending(count, done, state.process_index, state.num_processes), args.batch_size):
                 conds = [condition(i)[0] for i in idx]
                 if encoder is not None:
-                    batch_cond = encode_unique(encoder, conds)
+                    batch_cond = encoder.encode_unique(conds)
                 else:
                     batch_cond = None if conds[0] is None else torch.stack(conds).to(device)
                 with autocast:

@@ -4,22 +4,27 @@ A preset in ``configs/<stage>/<name>.json`` (or any JSON file) is a possibly par
 dict merged over a dataclass's defaults; trailing command-line words ``a.b=value`` are applied
 last. Every key and value is checked against the dataclass types, so a typo is an error naming
 the key instead of a silently ignored setting, and :func:`validate` then applies every field's
-rules (see :mod:`modules.config`). ``load_config`` and ``from_dict`` are the only ways a config
-is built from outside input, and both validate.
+rules (see :mod:`modules.config.schema`). ``load_config`` and ``from_dict`` are the only ways a
+config is built from outside input, and both validate.
+
+A section declared with ``variant`` (the stage-2 ``model``) changes class with its ``arch`` key,
+which is applied before the section's other keys wherever it stands. A config class with an
+``upgrade`` function reads saved dicts of an earlier layout through it.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import types
 import typing
 from pathlib import Path
 from typing import Any, Optional
 
+from modules import durable
 from modules.core.settings import fail, field_rules
 from modules.errors import ConfigError
 
+VARIANT_KEY = "arch"
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
@@ -93,6 +98,40 @@ def _set(cfg: Any, dotted: str, value: Any) -> None:
             node = getattr(node, part)
 
 
+def _variants(cfg: Any, dotted: str) -> Optional[tuple[Any, str, dict]]:
+    """(parent, section name, choices) when ``dotted`` is the ``arch`` key of a variant section, else None."""
+    parts = dotted.split(".")
+    if len(parts) < 2 or parts[-1] != VARIANT_KEY:
+        return None
+    node = cfg
+    for part in parts[:-2]:
+        node = getattr(node, part, None)
+        if not dataclasses.is_dataclass(node):
+            return None
+    fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+    section = fields.get(parts[-2])
+    choices = section.metadata.get("variants") if section is not None else None
+    return (node, parts[-2], choices) if choices else None
+
+
+def _apply(cfg: Any, items: list[tuple[str, Any]]) -> None:
+    """Set dotted keys in order, after the ``arch`` keys of variant sections (they choose the section's class)."""
+    rest = []
+    for key, value in items:
+        variants = _variants(cfg, key)
+        if variants is None:
+            rest.append((key, value))
+            continue
+        parent, name, choices = variants
+        chosen = _parse_scalar(key, str, value)
+        if chosen not in choices:
+            raise fail(key, f"{chosen!r} is not one of {', '.join(choices)}")
+        if type(getattr(parent, name)) is not choices[chosen]:
+            setattr(parent, name, choices[chosen]())
+    for key, value in rest:
+        _set(cfg, key, value)
+
+
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
@@ -108,18 +147,20 @@ def apply_dict(cfg: Any, values: dict, source: str = "config") -> Any:
     """Merge a nested dict (a preset or a saved config) into ``cfg``; unknown keys are errors."""
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: expected a JSON object of config sections, got {type(values).__name__}")
-    for key, value in _flatten(values).items():
-        _set(cfg, key, value)
+    upgrade = getattr(type(cfg), "upgrade", None)
+    _apply(cfg, list(_flatten(upgrade(values) if upgrade else values).items()))
     return cfg
 
 
 def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
     """Apply command-line words ``a.b=value`` in order."""
+    items = []
     for word in overrides:
         if "=" not in word:
             raise ConfigError(f"override '{word}' is not of the form key=value (e.g. train.lr=2e-4)")
         key, value = word.split("=", 1)
-        _set(cfg, key.strip(), value.strip())
+        items.append((key.strip(), value.strip()))
+    _apply(cfg, items)
     return cfg
 
 
@@ -147,13 +188,9 @@ def validate(cfg: Any, prefix: str = "") -> Any:
 def read_json(path: Path, error=ConfigError) -> Any:
     """A JSON file's value; unreadable, non-UTF-8 or invalid files raise ``error`` naming the file."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise error(f"{path}: not a UTF-8 text file") from None
-    except json.JSONDecodeError as e:
-        raise error(f"{path}: invalid JSON ({e})") from None
-    except OSError as e:
-        raise error(f"{path}: cannot be read ({e.strerror or e})") from None
+        return durable.read_json(path)
+    except ValueError as e:
+        raise error(f"{path}: {e}") from None
 
 
 def resolve_preset(stage: str, name_or_path: str) -> Path:
@@ -192,11 +229,7 @@ def from_dict(cls, values: dict, source: str = "config", prefix: str = ""):
 
 def save_json(cfg_or_dict: Any, path: Path) -> None:
     """Write a config (or any JSON-able dict) atomically: a reader never sees half a file."""
-    data = cfg_or_dict if isinstance(cfg_or_dict, dict) else to_dict(cfg_or_dict)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    durable.write_json(path, cfg_or_dict if isinstance(cfg_or_dict, dict) else to_dict(cfg_or_dict))
 
 
 def diff_fields(a: dict, b: dict, keys: Optional[list[str]] = None) -> list[str]:

@@ -1,27 +1,38 @@
-"""Typed run configurations: every field, the rules it obeys, and the cross-field rules.
+"""Typed run configurations: the run-level sections, and the run configs that compose them with
+the sections of the networks and the objectives.
 
 A run's configuration is a tree of dataclasses. Each field is declared with its own rules
 (``setting(default, rule, ...)``) and each section may add cross-field rules in ``check``;
-:func:`modules.config_io.validate` applies them all, naming the offending key. It runs where a
+:func:`modules.config.io.validate` applies them all, naming the offending key. It runs where a
 config is built (the command line, or a saved file read back), and only there: networks,
 objectives and samplers trust a validated config. A field without rules has none: nothing is
-inherited from its name. Reading, overriding and saving configs is in :mod:`modules.config_io`.
+inherited from its name.
+
+A network's section (``model``) is its own config class, chosen by ``model.arch``
+(:data:`modules.core.networks.ARCHITECTURES`); an objective's section is its own config class,
+one per registered objective (:data:`modules.core.objectives.OBJECTIVES`). Sizes that follow from
+the VAE, the data, the text encoder and the objective are not config fields: :func:`network_sizes`
+derives them when a run starts (``Sizes``).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
-from modules.core.settings import (at_least, at_most, each, fail, fraction, non_empty, non_negative, one_of, positive,
-                                  power_of_two, scale_range, setting, time_interval)
-from modules.errors import ConfigError  # noqa: F401  (callers catch config errors from here)
-from modules.config.sampling import DEFAULT_SAMPLER, guidance_problem, sampling_problem
-
-
-# ----------------------------------------------------------------------------- shared sections
+from modules.config import legacy
+from modules.core.networks import ARCHITECTURES
+from modules.core.networks.conditioning import CondConfig
+from modules.core.networks.denoiser import Sizes
+from modules.core.networks.unet import UNetConfig
+from modules.core.networks.vae import VAEConfig
+from modules.core.objectives import OBJECTIVES, objective_class
+from modules.core.objectives.base import Objective
+from modules.core.settings import at_most, each, fail, fraction, non_empty, non_negative, one_of, positive, setting
+from modules.core.vae_loss import VAELossConfig
+from modules.errors import ConfigError
 
 SIZE_LIMIT = 16384          # pixels per side
-WIDTH_LIMIT = 8192          # channels
 OT_POOL_LIMIT = 2048        # rows of one train.ot_pairing assignment (O(n^3): about 17 s on a CPU core)
 
 
@@ -34,7 +45,6 @@ class DataConfig:
     hflip: bool = True
     vflip: bool = False
     rot90: bool = False
-    masks: bool = False                 # load paired masks (cond.type=mask sets this)
     num_val_images: int = setting(8, non_negative)   # held out for validation PSNR / sample grids
     num_workers: int = setting(2, non_negative, at_most(256))
 
@@ -74,49 +84,19 @@ class TrainConfig:
     ot_pool: int = setting(1, positive, at_most(64))
 
 
-def _check_widths(prefix: str, base: int, mult: tuple[int, ...], groups: int) -> None:
-    for m in mult:
-        if (base * m) % groups:
-            raise fail(f"{prefix}base_channels", f"{base} x {m} is not divisible by {prefix}norm_groups={groups}")
+def variant(choices: dict[str, type], default: str) -> Any:
+    """A section whose class is chosen by its ``arch`` key among ``choices`` (modules.config.io switches it)."""
+    return field(default_factory=choices[default], metadata={"variants": choices})
+
+
+NETWORK_CONFIGS = {name: network.Config for name, network in ARCHITECTURES.items()}
 
 
 # ----------------------------------------------------------------------------- stage 1
 
 @dataclass
-class VAEModelConfig:
-    in_channels: int = setting(3, positive, at_most(64))
-    base_channels: int = setting(128, positive, at_most(WIDTH_LIMIT))
-    channel_mult: tuple[int, ...] = setting((1, 2, 4, 4), non_empty, each(positive, at_most(64)))
-    num_res_blocks: int = setting(2, positive, at_most(64))
-    latent_channels: int = setting(4, positive, at_most(1024))
-    norm_groups: int = setting(32, positive)
-    mid_attention: bool = True
-    resample: str = setting("conv", one_of("conv", "wavelet"))
-    scale_factor: float = setting(1.0, positive)       # latent scale, measured after stage 1 (1 / std)
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.channel_mult) - 1)
-
-    def check(self, prefix: str) -> None:
-        _check_widths(prefix, self.base_channels, self.channel_mult, self.norm_groups)
-
-
-@dataclass
-class VAELossConfig:
-    kl_weight: float = setting(1e-6, non_negative)
-    perceptual_weight: float = setting(1.0, non_negative)
-    perceptual_weights: Optional[str] = None           # local VGG16/LPIPS weights; None disables
-    disc_start: int = setting(50_001, non_negative)
-    disc_weight: float = setting(0.5, non_negative)
-    disc_layers: int = setting(3, positive, at_most(8))
-    disc_channels: int = setting(64, positive, at_most(WIDTH_LIMIT))
-    disc_lr: float = setting(4.5e-6, positive)
-
-
-@dataclass
 class VAERunConfig:
-    model: VAEModelConfig = field(default_factory=VAEModelConfig)
+    model: VAEConfig = field(default_factory=VAEConfig)
     loss: VAELossConfig = field(default_factory=VAELossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=4.5e-6, adam_beta1=0.5, adam_beta2=0.9))
@@ -133,149 +113,6 @@ class VAERunConfig:
 
 
 # ----------------------------------------------------------------------------- stage 2
-
-@dataclass
-class UNetModelConfig:
-    """The stage-2 network. ``arch=unet`` reads in_channels .. resample; ``arch=dit`` reads
-    in_channels and patch_size .. time_freq_shift (README "DiT"); both read num_step_levels, step_input
-    and guidance_input."""
-    in_channels: int = setting(4, positive, at_most(1024))        # set from the VAE's latent channels
-    base_channels: int = setting(192, positive, at_most(WIDTH_LIMIT))
-    channel_mult: tuple[int, ...] = setting((1, 2, 2, 4, 4, 4), non_empty, each(positive, at_most(64)))
-    num_res_blocks: int = setting(2, positive, at_most(64))
-    attention_levels: tuple[int, ...] = setting((4, 5), each(non_negative))   # indices into channel_mult
-    head_dim: int = setting(32, positive)
-    transformer_depth: int = setting(1, positive, at_most(64))
-    context_dim: int = setting(256, positive, at_most(WIDTH_LIMIT))   # width of cross-attention tokens
-    norm_groups: int = setting(32, positive)
-    dropout: float = setting(0.0, fraction(high_open=True))
-    resample: str = setting("conv", one_of("conv", "wavelet"))
-    num_step_levels: int = setting(0, non_negative, at_most(64))   # shortcut: log2 M + 1 (derived); 0: none
-    # The second time input (derived from the objective): "level", the shortcut's integer step level
-    # through a table of num_step_levels entries (0: no such input); "interval", MeanFlow's interval
-    # length h = s - t in [0, 1], embedded like t (sinusoid of h * 1000, MLP).
-    step_input: str = setting("level", one_of("level", "interval"))
-    guidance_input: bool = False        # iSM intrinsic guidance: the guidance scale w is an input (derived)
-    arch: str = setting("unet", one_of("unet", "dit"))
-    # DiT (Peebles & Xie 2023); the defaults are DiT-B/2, the shortcut paper's network.
-    patch_size: int = setting(2, one_of(1, 2, 4, 8))              # latent pixels per token side
-    hidden_size: int = setting(768, positive, at_most(WIDTH_LIMIT))
-    depth: int = setting(12, positive, at_most(256))              # transformer blocks
-    num_heads: int = setting(12, positive, at_most(1024))
-    mlp_ratio: float = setting(4.0, positive, at_most(64))
-    # Time sinusoid spacing: 0 as the DiT code (and the UNet); 1 as diffusers' DiTTransformer2DModel.
-    time_freq_shift: int = setting(0, one_of(0, 1))
-
-    def check(self, prefix: str) -> None:
-        if self.arch == "dit":
-            # The UNet's fields are not read, so they are not checked either.
-            if self.hidden_size % self.num_heads:
-                raise fail(f"{prefix}num_heads", f"{self.num_heads} does not divide {prefix}hidden_size="
-                           f"{self.hidden_size}")
-            if self.hidden_size % 4:
-                raise fail(f"{prefix}hidden_size", f"must be a multiple of 4 (2-D sine-cosine positions: sin and "
-                           f"cos of rows and columns), got {self.hidden_size}")
-            if int(self.hidden_size * self.mlp_ratio) < 1:
-                raise fail(f"{prefix}mlp_ratio", f"{self.mlp_ratio} x {prefix}hidden_size={self.hidden_size} "
-                           "leaves the MLP no hidden unit")
-            return
-        _check_widths(prefix, self.base_channels, self.channel_mult, self.norm_groups)
-        for m in self.channel_mult:
-            if (self.base_channels * m) % self.head_dim:
-                raise fail(f"{prefix}head_dim", f"{self.head_dim} does not divide the level width "
-                           f"{self.base_channels} x {m} ({prefix}base_channels x {prefix}channel_mult)")
-        missing = [lvl for lvl in self.attention_levels if lvl >= len(self.channel_mult)]
-        if missing:
-            raise fail(f"{prefix}attention_levels", f"level(s) {missing} do not exist "
-                       f"({prefix}channel_mult has {len(self.channel_mult)} levels)")
-
-
-@dataclass
-class CondConfig:
-    type: str = setting("none", one_of("none", "class", "mask", "text"))
-    num_classes: int = setting(0, non_negative, at_most(1 << 20))     # set from the data's class folders
-    drop: float = setting(0.1, fraction())                            # whole-sample dropout (CFG)
-    mask_mode: str = setting("crossattn", one_of("crossattn", "concat", "both"))
-    mask_channels: int = setting(64, positive, at_most(WIDTH_LIMIT))  # width of the mask encoder
-    image_downsample: int = setting(8, power_of_two, at_most(256))    # image px per latent px; from the VAE
-    # Text prompts (README "Text prompts"): a frozen local CLIP text encoder (an SD folder with
-    # text_encoder/ + tokenizer/, or one folder holding both); its token embeddings are cached.
-    text_encoder: str = ""
-    text_layer: str = setting("last", one_of("last", "penultimate"))   # penultimate: SD 2's layer
-    text_mode: str = setting("crossattn", one_of("crossattn", "pooled"))   # tokens to cross-attention, or their mean
-    caption_column: str = setting("text", non_empty)                  # metadata.jsonl/csv or datasets column
-    allow_empty_caption: bool = False                                 # no caption: the empty prompt, not an error
-    text_tokens: int = setting(0, non_negative, at_most(4096))        # tokens per caption; from the encoder
-
-
-@dataclass
-class ShortcutConfig:
-    # The flow part uses the finest level log2 M. The paper calls it d = 0, the official code
-    # d = 1/M: the same embedding index, queried by the finest bootstrap level's teacher and by
-    # M-step sampling either way, so there is nothing to switch.
-    denoise_timesteps: int = setting(128, power_of_two, at_most(1 << 16))   # M: finest step is 1/M
-    bootstrap_fraction: float = setting(0.25, fraction(low_open=True, high_open=True))
-    teacher_ema_decay: float = setting(0.95, fraction(high_open=True))      # 0: the online model teaches
-    bootstrap_cfg: bool = False
-    cfg_scale: float = setting(1.5, non_negative)       # training guidance scale used with bootstrap_cfg
-    # iSM (arXiv 2510.21250) intrinsic guidance: the guidance scale w is a network input, drawn per row
-    # uniformly from guidance_range; flow targets are guided, w (x1 - x0) + (1 - w) v_uncond, for t in
-    # guidance_interval and plain outside it; bootstrap targets ask the teacher at the row's w.
-    intrinsic_guidance: bool = False
-    guidance_range: tuple[float, float] = setting((1.0, 3.0), scale_range)
-    guidance_interval: tuple[float, float] = setting((0.25, 1.0), time_interval)
-
-    @property
-    def num_levels(self) -> int:
-        """log2 M: bootstrap levels are 0 .. log2 M - 1, the flow rows use level log2 M."""
-        return self.denoise_timesteps.bit_length() - 1
-
-
-@dataclass
-class FlowConfig:
-    time_sampling: str = setting("uniform", one_of("uniform", "logit_normal"))
-
-
-@dataclass
-class MeanFlowConfig:
-    """MeanFlow (Geng et al., arXiv 2505.13447) in this project's time, t = 0 noise, t = 1 data: the
-    network learns the average velocity over [t, s], s >= t. The paper's (t, r) are 1 - s, 1 - t here."""
-    # t and s: the lower and the higher of two logit-normal draws; the paper's logit-normal(-0.4, 1.0)
-    # over its reversed time is logit-normal(+0.4, 1.0) over ours.
-    time_mean: float = setting(0.4, at_least(-10), at_most(10))
-    time_std: float = setting(1.0, positive, at_most(10))
-    equal_fraction: float = setting(0.75, fraction())      # rows with s = t (flow matching); the paper's best
-    # Adaptive loss weight 1 / (||delta||^2 + c)^p on each row's squared error summed over its elements.
-    loss_power: float = setting(1.0, non_negative, at_most(4))     # p; 0: the plain summed squared error
-    loss_eps: float = setting(0.01, positive)                 # c: the official JAX code's (its CIFAR code: 1e-3)
-    # Guidance folded into the target (the paper's appendix): v_g = omega v + kappa u(z, t, t | c)
-    # + (1 - omega - kappa) u(z, t, t | null) for t in guidance_interval (our time: the paper's [a, b] is
-    # [1 - b, 1 - a] here), v elsewhere and on dropped rows.
-    omega: float = setting(1.0, non_negative, at_most(100))     # 1 with kappa 0: no guidance
-    kappa: float = setting(0.0, fraction(high_open=True))
-    guidance_interval: tuple[float, float] = setting((0.0, 1.0), time_interval)
-
-    @property
-    def guided(self) -> bool:
-        return self.omega != 1.0 or self.kappa != 0.0
-
-
-@dataclass
-class LatentLossConfig:
-    # objective=shortcut: iSM's multi-level Haar wavelet loss on the prediction error, every sub-band
-    # weighted equally (modules/wavelet.py: wavelet_loss); 0: the plain mean squared error.
-    wavelet_levels: int = setting(0, non_negative, at_most(8))
-
-
-@dataclass
-class DDPMConfig:
-    num_timesteps: int = setting(1000, positive, at_most(100_000))
-    beta_start: float = setting(0.00085, fraction(low_open=True, high_open=True))
-    beta_end: float = setting(0.012, fraction(low_open=True, high_open=True))
-
-    def check(self, prefix: str) -> None:
-        if self.beta_start > self.beta_end:
-            raise fail(f"{prefix}beta_start", f"{self.beta_start} is above {prefix}beta_end={self.beta_end}")
 
 
 @dataclass
@@ -313,16 +150,12 @@ class EvalConfig:
 
 
 @dataclass
-class UNetRunConfig:
-    objective: str = setting("shortcut", one_of("shortcut", "flow", "ddpm", "meanflow"))
+class UNetRun:
+    """The sections of every stage-2 run; :data:`UNetRunConfig` adds one section per registered objective."""
+    objective: str = setting("shortcut", one_of(*OBJECTIVES))
     vae: str = ""                       # exported VAE folder or train_vae output dir
-    model: UNetModelConfig = field(default_factory=UNetModelConfig)
+    model: UNetConfig = variant(NETWORK_CONFIGS, "unet")      # model.arch: unet or dit
     cond: CondConfig = field(default_factory=CondConfig)
-    shortcut: ShortcutConfig = field(default_factory=ShortcutConfig)
-    flow: FlowConfig = field(default_factory=FlowConfig)
-    meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)
-    ddpm: DDPMConfig = field(default_factory=DDPMConfig)
-    loss: LatentLossConfig = field(default_factory=LatentLossConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, weight_decay=0.1))
@@ -331,25 +164,57 @@ class UNetRunConfig:
     cache_dir: str = ""                 # latent cache; default: <output-dir>/../latent_cache
     init_from: str = ""                 # model.arch=dit: start from a diffusers DiTTransformer2DModel (safetensors)
 
-    @property
-    def latent_size(self) -> int:
-        return self.data.image_size // self.cond.image_downsample
+    upgrade = staticmethod(legacy.upgrade)     # saved configs of the earlier layout read as today's
 
     @property
-    def num_step_levels(self) -> int:
-        """Entries of the step-size embedding: levels 0 .. log2 M for shortcut models, none otherwise."""
-        return self.shortcut.num_levels + 1 if self.objective == "shortcut" else 0
+    def objective_class(self) -> type[Objective]:
+        return objective_class(self.objective)
 
     @property
-    def step_input(self) -> str:
-        return "interval" if self.objective == "meanflow" else "level"
+    def objective_cfg(self):
+        """The objective's own section (``shortcut``, ``flow``, ...)."""
+        return getattr(self, self.objective)
 
     @property
-    def guidance_input(self) -> bool:
-        return self.objective == "shortcut" and self.shortcut.intrinsic_guidance
+    def eval_steps(self) -> tuple[int, ...]:
+        """The step counts FID is measured at: eval.steps, or the objective's (1, 4 and the finest)."""
+        return self.eval.steps or self.objective_class.eval_steps(self.objective_cfg)
+
+    def sampling_problem(self, sampler: Optional[str], steps: int) -> Optional[str]:
+        """Why this model cannot be sampled with ``sampler`` (None: its default) in ``steps`` steps, or None."""
+        cls = self.objective_class
+        return cls.sampling_problem(self.objective_cfg, sampler or cls.samplers[0], steps)
+
+    def guidance_problem(self, scale: float) -> Optional[str]:
+        """Why this model cannot be sampled at guidance ``scale``: the objective's rule (a scale it takes as
+        an input must be in its trained range), or None."""
+        return self.objective_class.guidance_problem(self.objective_cfg, scale)
+
+    def unconditional_problem(self, scale: float) -> Optional[str]:
+        """Why guidance ``scale`` cannot be applied because the model never learnt the unconditional
+        prediction, or None. Asked where images are requested (sample.py, evaluate.py sweep), not of saved
+        configs, so a model trained so still loads and samples at scale 1."""
+        intrinsic = self.objective_class.network_inputs(self.objective_cfg).guidance
+        if not intrinsic and scale != 1 and self.cond.type != "none" and self.cond.drop == 0:
+            return (f"guidance scale {scale} needs the unconditional prediction, and this model was trained with "
+                    "cond.drop=0 (no condition dropout), so it has none")
+        return None
 
     def check(self, prefix: str) -> None:
-        self._check_objective_switches(prefix)
+        objective = self.objective_class
+        objective.check(self.objective_cfg, self, prefix)
+        for name, other in OBJECTIVES.items():
+            if name == self.objective:
+                continue
+            section, defaults = getattr(self, name), other.Config()
+            for switch in other.switches:
+                if getattr(section, switch) != getattr(defaults, switch):
+                    raise fail(f"{prefix}{name}.{switch}", f"is a switch of objective={name}, got "
+                               f"objective={self.objective}")
+        conditional = self.cond.type != "none"
+        if objective.trains_guidance(self.objective_cfg) and conditional and self.cond.drop == 0:
+            raise fail(f"{prefix}cond.drop", f"must be above 0 for the guidance objective={self.objective} trains "
+                       "in: its targets use the unconditional velocity, which only condition dropout trains")
         if self.model.arch == "dit" and self.cond.type == "mask" and self.cond.mask_mode != "concat":
             raise fail(f"{prefix}cond.mask_mode", f"model.arch=dit has no cross-attention: it reads masks as "
                        f"concatenated input channels only (cond.mask_mode=concat), got {self.cond.mask_mode}")
@@ -358,99 +223,65 @@ class UNetRunConfig:
                        "Diffusion folder with text_encoder/ and tokenizer/, or one folder holding both)")
         if self.init_from and self.model.arch != "dit":
             raise fail(f"{prefix}init_from", "loads a diffusers DiT (DiTTransformer2DModel): it needs model.arch=dit")
-        if self.cond.type == "mask" and self.cond.mask_mode != "concat" and self.model.context_dim % 4:
+        if (self.model.arch == "unet" and self.cond.type == "mask" and self.cond.mask_mode != "concat"
+                and self.model.context_dim % 4):
             raise fail(f"{prefix}model.context_dim", "mask tokens need a multiple of 4 (2-D sine-cosine "
                        f"positions), got {self.model.context_dim}")
-        if self.model.num_step_levels not in (0, self.num_step_levels):
-            raise fail(f"{prefix}model.num_step_levels", f"{self.model.num_step_levels} does not fit "
-                       f"objective={self.objective} with shortcut.denoise_timesteps={self.shortcut.denoise_timesteps} "
-                       f"(expected {self.num_step_levels})")
-        # Derived fields: their defaults, or what the objective derives.
-        if self.model.step_input not in ("level", self.step_input):
-            raise fail(f"{prefix}model.step_input", f"{self.model.step_input} does not fit objective={self.objective} "
-                       f"(a continuous interval input is MeanFlow's)")
-        if self.model.guidance_input and not self.guidance_input:
-            raise fail(f"{prefix}model.guidance_input", "a guidance-scale input needs objective=shortcut with "
-                       "shortcut.intrinsic_guidance=true")
         pool_rows = self.train.ot_pool * self.train.batch_size
         if self.train.ot_pairing and pool_rows > OT_POOL_LIMIT:
             raise fail(f"{prefix}train.ot_pool", f"{self.train.ot_pool} micro-batches of train.batch_size="
                        f"{self.train.batch_size} make {pool_rows} rows; one exact assignment is limited to "
                        f"{OT_POOL_LIMIT} (its cost grows as rows^3)")
-        problem = guidance_problem(self, self.sample.cfg_scale)
+        problem = self.guidance_problem(self.sample.cfg_scale)
         if problem:
             raise fail(f"{prefix}sample.cfg_scale", problem)
         for key, steps_list in (("sample.steps", self.sample.steps), ("eval.steps", self.eval.steps)):
             for steps in steps_list:
-                problem = sampling_problem(self.objective, DEFAULT_SAMPLER[self.objective], steps,
-                                           self.shortcut.denoise_timesteps, self.ddpm.num_timesteps)
+                problem = self.sampling_problem(None, steps)
                 if problem:
                     raise fail(f"{prefix}{key}", problem)
 
-    def _check_objective_switches(self, prefix: str) -> None:
-        """The MeanFlow and iSM switches against the objective, the condition and the training switches."""
-        conditional = self.cond.type != "none"
-        if self.objective == "meanflow":
-            if self.train.gradient_checkpointing:
-                raise fail(f"{prefix}train.gradient_checkpointing", "cannot be used with objective=meanflow: "
-                           "torch's checkpointing does not recompute the forward-mode (JVP) tangents")
-            if self.train.channels_last and self.model.arch == "unet":
-                raise fail(f"{prefix}train.channels_last", "cannot be used with objective=meanflow on the UNet: "
-                           "torch's forward-mode (JVP) GroupNorm refuses channels_last tensors")
-            if self.meanflow.guided and not conditional:
-                raise fail(f"{prefix}meanflow.omega", "guidance (meanflow.omega != 1 or meanflow.kappa != 0) needs "
-                           "a conditional model (cond.type=class, mask or text)")
-        for key, on in (("shortcut.intrinsic_guidance", self.shortcut.intrinsic_guidance),
-                        ("loss.wavelet_levels", self.loss.wavelet_levels > 0)):
-            if on and self.objective != "shortcut":
-                raise fail(f"{prefix}{key}", f"is a switch of objective=shortcut, got objective={self.objective}")
-        if self.shortcut.intrinsic_guidance and self.objective == "shortcut":
-            if not conditional:
-                raise fail(f"{prefix}shortcut.intrinsic_guidance", "needs a conditional model (cond.type=class, "
-                           "mask or text): guidance mixes conditional and unconditional velocities")
-            low, high = self.shortcut.guidance_range
-            if not low <= 1 <= high:
-                raise fail(f"{prefix}shortcut.guidance_range", f"must include 1 (no guidance: what dropped rows, "
-                           f"evaluation and the default --cfg-scale use), got {self.shortcut.guidance_range}")
-            if self.shortcut.bootstrap_cfg:
-                raise fail(f"{prefix}shortcut.bootstrap_cfg", "and shortcut.intrinsic_guidance are two ways to "
-                           "train guidance in; choose one")
-        guided = {"meanflow": self.meanflow.guided, "shortcut": self.shortcut.intrinsic_guidance
-                  or (self.shortcut.bootstrap_cfg and self.shortcut.cfg_scale != 1)}.get(self.objective, False)
-        if guided and conditional and self.cond.drop == 0:
-            raise fail(f"{prefix}cond.drop", f"must be above 0 for the guidance objective={self.objective} trains "
-                       "in: its targets use the unconditional velocity, which only condition dropout trains")
 
-    @property
-    def eval_steps(self) -> tuple[int, ...]:
-        """The step counts FID is measured at: eval.steps, or 1, 4 and the finest the model has."""
-        if self.eval.steps:
-            return self.eval.steps
-        finest = self.shortcut.denoise_timesteps if self.objective == "shortcut" else 128 \
-            if self.objective in ("flow", "meanflow") else min(self.ddpm.num_timesteps, 250)
-        return tuple(sorted({1, min(4, finest), finest}))
+UNetRunConfig = dataclasses.make_dataclass(
+    "UNetRunConfig", [(name, cls.Config, field(default_factory=cls.Config)) for name, cls in OBJECTIVES.items()],
+    bases=(UNetRun,), namespace={"__module__": __name__,
+                                 "__doc__": "A stage-2 run: the sections of :class:`UNetRun` and one per objective."})
 
 
-def check_trained(cfg: UNetRunConfig) -> None:
-    """Rules for the fields a training run derives from the VAE and the data (``train_unet.derive_fields``):
-    checked once they are derived (before training starts) and when a trained model's config is read
-    back (exports). The latent size is known only here: the VAE sets ``cond.image_downsample``."""
-    if cfg.model.arch == "dit" and cfg.latent_size % cfg.model.patch_size:
-        raise fail("model.patch_size", f"{cfg.model.patch_size} does not divide the latent size {cfg.latent_size} "
-                   f"(data.image_size={cfg.data.image_size} / the VAE's downsampling factor "
-                   f"{cfg.cond.image_downsample})")
-    if cfg.cond.type == "text" and cfg.cond.text_tokens < 1:
-        raise fail("cond.text_tokens", "a text-conditioned model needs the encoder's token count, got 0")
-    if cfg.cond.type == "class" and cfg.cond.num_classes < 1:
-        raise fail("cond.num_classes", "a class-conditional model needs at least one class, got 0")
-    if cfg.model.num_step_levels != cfg.num_step_levels:
-        raise fail("model.num_step_levels", f"{cfg.model.num_step_levels} does not fit objective={cfg.objective} "
-                   f"with shortcut.denoise_timesteps={cfg.shortcut.denoise_timesteps} (expected {cfg.num_step_levels})")
-    for key, have, expected in (("model.step_input", cfg.model.step_input, cfg.step_input),
-                                ("model.guidance_input", cfg.model.guidance_input, cfg.guidance_input)):
-        if have != expected:
-            raise fail(key, f"{have} does not fit objective={cfg.objective} (expected {expected})")
-    levels = cfg.loss.wavelet_levels
-    if levels and cfg.latent_size % 2 ** levels:
-        raise fail("loss.wavelet_levels", f"{levels} Haar levels halve the latents {levels} times: the latent size "
-                   f"{cfg.latent_size} is not divisible by {2 ** levels}")
+# ----------------------------------------------------------------------------- derived sizes
+
+def network_sizes(cfg: UNetRun, vae: VAEConfig, num_classes: int = 0, text_tokens: int = 0,
+                  text_width: int = 0) -> Sizes:
+    """What the network of ``cfg`` is built for, from the VAE's config, the data's class count and the text
+    encoder's tokens and width; checked (:func:`sizes_problem`) before anything is trained."""
+    if cfg.cond.type == "class" and num_classes < 2:
+        raise ConfigError(f"cond.type=class needs class sub-folders (or a label column) in {cfg.data.path}; "
+                          f"found {num_classes} class(es)")
+    text = cfg.cond.type == "text"
+    sizes = Sizes(latent_channels=vae.latent_channels, latent_size=cfg.data.image_size // vae.downsample_factor,
+                  image_downsample=vae.downsample_factor, num_classes=num_classes if cfg.cond.type == "class" else 0,
+                  text_tokens=text_tokens if text else 0, text_width=text_width if text else 0,
+                  inputs=cfg.objective_class.network_inputs(cfg.objective_cfg))
+    problem = sizes_problem(cfg, sizes)
+    if problem:
+        raise ConfigError(problem)
+    return sizes
+
+
+def sizes_problem(cfg: UNetRun, sizes: Sizes) -> Optional[str]:
+    """Why a network of ``cfg`` cannot be built for ``sizes`` (as derived by :func:`network_sizes`, or as an
+    export recorded them), or None."""
+    if cfg.data.image_size % sizes.image_downsample or cfg.data.image_size // sizes.image_downsample != sizes.latent_size:
+        return (f"data.image_size={cfg.data.image_size} does not give {sizes.latent_size}x{sizes.latent_size} latents "
+                f"with the VAE's downsampling factor {sizes.image_downsample}")
+    problem = cfg.model.size_problem(sizes) or cfg.objective_class.sizes_problem(cfg.objective_cfg, sizes)
+    if problem:
+        return f"{problem} (data.image_size={cfg.data.image_size} / the VAE's factor {sizes.image_downsample})"
+    expected = cfg.objective_class.network_inputs(cfg.objective_cfg)
+    if sizes.inputs != expected:
+        return f"the network's inputs {sizes.inputs} do not fit objective={cfg.objective} (expected {expected})"
+    if cfg.cond.type == "class" and sizes.num_classes < 1:
+        return "a class-conditional model needs at least one class, got 0"
+    if cfg.cond.type == "text" and (sizes.text_tokens < 1 or sizes.text_width < 1):
+        return f"a text-conditioned model needs the encoder's tokens and width, got {sizes.text_tokens} x {sizes.text_width}"
+    return None

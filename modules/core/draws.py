@@ -48,7 +48,8 @@ def randn_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.T
     return noise.to(device=x.device, dtype=x.dtype)
 
 
-def broadcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def per_row(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t`` ([B], one value per row of ``x``) shaped to multiply ``x``: [B, 1, ..., 1] in ``x``'s dtype."""
     return t.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
 

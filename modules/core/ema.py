@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import sys
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 SHADOW_PREFIX = "shadow."
@@ -141,12 +139,6 @@ class EMA:
         torch._foreach_add_(shadows, torch._foreach_mul([p.float() for _, p in pairs], weight))
         self.count += 1 if finite is None else finite
 
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        """Overwrite the model's parameters with the shadow (cast to their dtype)."""
-        for shadow, local in self._matched(model):
-            local.copy_(shadow)
-
     @contextmanager
     def swapped(self, model: nn.Module) -> Iterator[nn.Module]:
         """The model holds the shadow weights inside the block and its own weights after it.
@@ -205,34 +197,3 @@ def teacher(model: nn.Module, owner: nn.Module, ema: Optional[EMA]) -> Callable[
         finally:
             model.train(was_training)
     return weights
-
-
-# ----------------------------------------------------------------------------- in checkpoints
-
-def ema_file(checkpoint: Path, rank: int) -> Path:
-    return checkpoint / f"ema_rank{rank}.safetensors"
-
-
-def save_emas(checkpoint: Path, emas: dict[str, EMA], rank: int) -> None:
-    """Write named EMAs into one file of a checkpoint, their tensors keyed ``<name>.<key>``."""
-    tensors = {f"{name}.{key}": value for name, ema in emas.items() for key, value in ema.state_dict().items()}
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, ema_file(checkpoint, rank))
-
-
-def load_emas(checkpoint: Path, emas: dict[str, EMA], rank: int, device: torch.device) -> None:
-    # read on the CPU, then moved: safetensors refuses indexed CPU names such as "cpu:0", which a
-    # multi-process CPU run's accelerator.device is
-    tensors = {k: v.to(device) for k, v in load_file(ema_file(checkpoint, rank)).items()}
-    for name, ema in emas.items():
-        ema.load_state_dict({k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")})
-
-
-def replicas_agree(emas: dict[str, EMA], gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """Replicated (not sharded) EMAs must be bit-identical on every process; fail loudly otherwise.
-
-    ``gather`` collects one tensor from every process (``accelerator.gather``).
-    """
-    local = torch.stack([v.double().sum() for ema in emas.values() for v in ema.state_dict().values()]).sum()
-    sums = gather(local.reshape(1))
-    if not torch.all(sums == sums[0]):
-        raise RuntimeError(f"EMA weights differ between processes (checksums {sums.tolist()})")

@@ -1,7 +1,7 @@
-"""From noise seeds and conditions to images: the pieces sample.py and train-time grids share.
+"""From noise seeds and conditions to images: the pieces sample.py, train-time grids and FID share.
 
-Both build a :class:`GenerationSpec` from the same resolved run config (during training, the
-run's; in sample.py, the one the export recorded), so both paths generate identically.
+All build a :class:`GenerationSpec` from the same resolved run config and sizes (during training,
+the run's; in sample.py, the ones the export recorded), so every path generates identically.
 """
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from modules.config.schema import DDPMConfig, UNetRunConfig
-from modules.core.objectives import DDPMSchedule, ModelCall
-from modules.core.samplers import guided, sample
-from modules.config.sampling import DEFAULT_SAMPLER
+from modules.core.networks.denoiser import Sizes
+from modules.core.objectives import objective_class
+from modules.core.objectives.base import ModelCall
+from modules.core.samplers import guided
 from modules.core.seeding import initial_noise, noise_generators
 
 # The tests' override of the compiler backend (e.g. aot_eager): inductor takes minutes to compile
@@ -24,59 +24,39 @@ COMPILE_BACKEND_ENV = "LDM_COMPILE_BACKEND"
 
 @dataclass
 class GenerationSpec:
-    """What a trained network needs to be sampled."""
+    """What a trained network needs to be sampled: its objective and that objective's section, its sizes
+    and its condition type."""
     objective: str
-    latent_channels: int
-    latent_size: int
-    denoise_timesteps: int
-    ddpm: DDPMConfig
+    objective_cfg: object
+    sizes: Sizes
     cond_type: str
-    num_classes: int
-    guidance_input: bool = False    # the network takes the guidance scale (intrinsic guidance)
 
     @classmethod
-    def from_run_config(cls, cfg: UNetRunConfig) -> "GenerationSpec":
-        return cls(cfg.objective, cfg.model.in_channels, cfg.latent_size, cfg.shortcut.denoise_timesteps,
-                   cfg.ddpm, cfg.cond.type, cfg.cond.num_classes, cfg.model.guidance_input)
+    def of(cls, cfg, sizes: Sizes) -> "GenerationSpec":
+        """The spec of a stage-2 run config (``UNetRunConfig``) and the sizes its network was built for."""
+        return cls(cfg.objective, cfg.objective_cfg, sizes, cfg.cond.type)
+
+    @property
+    def num_classes(self) -> int:
+        return self.sizes.num_classes
 
 
 @torch.no_grad()
-def generate_latents(unet, spec: GenerationSpec, cond: Optional[torch.Tensor], seeds: Sequence[int], steps: int,
+def generate_latents(net, spec: GenerationSpec, cond: Optional[torch.Tensor], seeds: Sequence[int], steps: int,
                      sampler: Optional[str] = None, cfg_scale: float = 1.0, eta: float = 0.0,
                      device: torch.device | str = "cpu") -> torch.Tensor:
     """Latents (unscaled by the VAE factor) for one batch; row i depends only on seeds[i] and cond[i].
 
-    ``sampler`` and ``steps`` must pass ``modules.sampling_rules.sampling_problem``, and ``cfg_scale``
-    ``modules.sampling_rules.guidance_problem`` (callers check them where the request is made: the config,
-    sample.py's arguments).
+    ``sampler`` (None: the objective's default) and ``steps`` must pass the objective's
+    ``sampling_problem``, and ``cfg_scale`` its ``guidance_problem`` (callers check them where the
+    request is made: the config, sample.py's arguments).
     """
-    method = sampler or DEFAULT_SAMPLER[spec.objective]
-    noise = initial_noise(seeds, (spec.latent_channels, spec.latent_size, spec.latent_size), device=device)
-    fn = guided(unet, cond, cfg_scale, intrinsic=spec.guidance_input)
-    if spec.objective == "shortcut" and method != "shortcut":
-        fn = at_finest_level(fn, spec.denoise_timesteps)
-    if spec.objective == "meanflow" and method != "meanflow":
-        fn = at_zero_interval(fn)
-    if method in ("ddim", "ddpm"):
-        return sample(method, fn, noise, steps, schedule=DDPMSchedule.from_config(spec.ddpm),
-                      generators=noise_generators(seeds), **({"eta": eta} if method == "ddim" else {}))
-    return sample(method, fn, noise, steps)
-
-
-def at_finest_level(fn, denoise_timesteps: int):
-    """A shortcut model used as a plain flow model (Euler/Heun): always ask for step d = 1/M."""
-    finest = denoise_timesteps.bit_length() - 1
-
-    def flow_fn(x, t, level=None):
-        return fn(x, t, torch.full((x.shape[0],), finest, dtype=torch.long, device=x.device))
-    return flow_fn
-
-
-def at_zero_interval(fn):
-    """A MeanFlow model used as a plain flow model (Euler/Heun): u(z, t, h = 0) is the instantaneous velocity."""
-    def flow_fn(x, t, level=None):
-        return fn(x, t, torch.zeros(x.shape[0], device=x.device))
-    return flow_fn
+    objective = objective_class(spec.objective)
+    s = spec.sizes
+    noise = initial_noise(seeds, (s.latent_channels, s.latent_size, s.latent_size), device=device)
+    fn = guided(net, cond, cfg_scale, intrinsic=s.inputs.guidance)
+    return objective.sample(spec.objective_cfg, sampler or objective.samplers[0], fn, noise, steps,
+                            noise_generators(seeds), eta)
 
 
 def compile_options() -> dict:
@@ -87,15 +67,15 @@ def compile_options() -> dict:
     return {"dynamic": False, **({"backend": backend} if backend else {"mode": "reduce-overhead"})}
 
 
-def compiled_for_sampling(unet: torch.nn.Module, vae: torch.nn.Module) -> ModelCall:
-    """Compile the VAE's decoder in place and return the UNet's compiled call, for
+def compiled_for_sampling(net: torch.nn.Module, vae: torch.nn.Module) -> ModelCall:
+    """Compile the VAE's decoder in place and return the network's compiled call, for
     ``generate_latents`` and ``decode_latents``; the weights and their names do not change.
 
     The call's output is cloned: a CUDA graph writes every replay's output into the same memory,
     and samplers keep one output across the next call (Heun's first velocity)."""
     options = compile_options()
     vae.decoder.compile(**options)
-    network = torch.compile(unet, **options)
+    network = torch.compile(net, **options)
     return lambda *args, **kwargs: network(*args, **kwargs).clone()
 
 

@@ -1,7 +1,8 @@
 """The rules a config field obeys: ``setting(default, rule, ...)`` and the rule vocabulary.
 
-A rule maps a value to what is wrong with it, or None. :mod:`modules.config` declares every field
-with its rules; :func:`modules.config_io.validate` applies them, naming the key.
+A rule maps a value to what is wrong with it, or None. Every config section (a network's, an
+objective's, the run's in modules/config/) declares its fields with their rules;
+:func:`modules.config.io.validate` applies them, naming the key.
 """
 from __future__ import annotations
 
@@ -87,3 +88,10 @@ def scale_range(v) -> Optional[str]:
 
 def fail(key: str, problem: str) -> ConfigError:
     return ConfigError(f"config key '{key}': {problem}")
+
+
+def check_widths(prefix: str, base: int, mult: tuple[int, ...], groups: int) -> None:
+    """Every level's width (``base`` x each of ``mult``) must split into ``groups`` GroupNorm groups."""
+    for m in mult:
+        if (base * m) % groups:
+            raise fail(f"{prefix}base_channels", f"{base} x {m} is not divisible by {prefix}norm_groups={groups}")

@@ -5,41 +5,33 @@ loss ``nll = L1 + perceptual_weight * LPIPS``, plus ``kl_weight * KL``, plus, fr
 ``disc_start``, a hinge-loss PatchGAN whose generator term is scaled by
 ``disc_weight * ||grad nll|| / ||grad g_loss||`` measured at the decoder's last layer.
 
-Perceptual weights are read only from a local ``.safetensors`` file whose keys are
-
-* ``features.N.weight`` / ``features.N.bias`` for the 13 convolutions of torchvision's
-  ``vgg16().features`` (N in 0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28), and
-* ``lin0.model.1.weight`` .. ``lin4.model.1.weight`` (shapes [1, C, 1, 1], C = 64, 128,
-  256, 512, 512): the LPIPS v0.1 linear heads, named as in the ``lpips`` package's
-  ``weights/v0.1/vgg.pth``.
-
-To build that file from the official downloads (torchvision's ``vgg16-397923af.pth`` and
-lpips' ``vgg.pth``)::
-
-    python -m modules.core.vae_loss convert --vgg vgg16-397923af.pth --lpips vgg.pth \\
-        --out lpips_vgg16.safetensors
-
-and set ``loss.perceptual_weights=lpips_vgg16.safetensors``.
+The LPIPS network's weights (VGG16 and the LPIPS v0.1 heads, other people's) are read and
+converted by modules/interop/lpips.py; :func:`expected_lpips_shapes` is their layout.
 """
 from __future__ import annotations
 
-import argparse
-import logging
-import sys
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from accelerate.utils import extract_model_from_parallel
-from safetensors.torch import save_file
 
-from modules.config.schema import VAELossConfig
-from modules.errors import UserError
-from modules.run.export import read_weights
+from modules.core.settings import at_most, non_negative, positive, setting
 
-logger = logging.getLogger(__name__)
+WIDTH_LIMIT = 8192
+
+
+@dataclass
+class VAELossConfig:
+    kl_weight: float = setting(1e-6, non_negative)
+    perceptual_weight: float = setting(1.0, non_negative)
+    perceptual_weights: Optional[str] = None           # local VGG16/LPIPS weights; None disables
+    disc_start: int = setting(50_001, non_negative)
+    disc_weight: float = setting(0.5, non_negative)
+    disc_layers: int = setting(3, positive, at_most(8))
+    disc_channels: int = setting(64, positive, at_most(WIDTH_LIMIT))
+    disc_lr: float = setting(4.5e-6, positive)
 
 # torchvision vgg16().features up to relu5_3: conv widths, "M" = 2x2 max-pool.
 _VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
@@ -49,10 +41,6 @@ _LPIPS_CHANNELS = (64, 128, 256, 512, 512)
 # ImageNet mean/std expressed for [-1, 1] inputs: shift = 2 * mean - 1, scale = 2 * std.
 _IMAGENET_SHIFT = (-0.030, -0.088, -0.188)
 _IMAGENET_SCALE = (0.458, 0.448, 0.450)
-
-
-class PerceptualWeightsError(UserError, ValueError):
-    """A perceptual-loss weights file that is missing, unreadable or of the wrong layout."""
 
 
 def _vgg16_features() -> nn.Sequential:
@@ -107,20 +95,6 @@ class LPIPS(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    @classmethod
-    def from_file(cls, path: str | Path) -> "LPIPS":
-        path = Path(path)
-        if not path.is_file():
-            raise PerceptualWeightsError(
-                f"perceptual weights file {path} not found; build it with `python -m modules.core.vae_loss "
-                "convert --vgg vgg16-397923af.pth --lpips vgg.pth --out lpips_vgg16.safetensors` "
-                "or set loss.perceptual_weights=null to train without the perceptual loss")
-        state = read_weights(path, PerceptualWeightsError)
-        model = cls()
-        _check_layout(state, expected_lpips_shapes(), str(path))
-        model.load_state_dict(state)
-        return model
-
     def _taps(self, x: torch.Tensor) -> list[torch.Tensor]:
         out = []
         h = (x - self.shift.to(x.dtype)) / self.scale.to(x.dtype)
@@ -142,52 +116,6 @@ class LPIPS(nn.Module):
 
 def _unit_normalise(f: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     return f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + eps)
-
-
-def _check_layout(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: str) -> None:
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {expected[k]})"
-             for k in expected if k in state and tuple(state[k].shape) != expected[k]]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected[:10])}"
-                        + (f" (+{len(unexpected) - 10} more)" if len(unexpected) > 10 else ""))
-    if wrong:
-        problems.append(f"wrong shapes: {', '.join(wrong)}")
-    if problems:
-        raise PerceptualWeightsError(f"{source}: not an LPIPS-VGG16 weights file ({'; '.join(problems)}); "
-                                     "see modules/losses.py for the expected layout")
-
-
-def convert_lpips_checkpoint(torchvision_vgg_state: dict[str, torch.Tensor],
-                             lpips_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Merge torchvision's ``vgg16`` state dict and lpips' ``vgg.pth`` heads into this module's layout.
-
-    Takes already-loaded state dicts; the classifier and the convolutions past relu5_3 are dropped.
-    lpips heads saved without dropout (``linK.model.0.weight``) are accepted as well.
-    """
-    expected = expected_lpips_shapes()
-    out: dict[str, torch.Tensor] = {}
-    for key in expected:
-        if key.startswith("features."):
-            if key not in torchvision_vgg_state:
-                raise PerceptualWeightsError(f"VGG16 state dict: missing key {key} (expected torchvision's "
-                                             "vgg16 layout, e.g. vgg16-397923af.pth)")
-            out[key] = torchvision_vgg_state[key]
-        else:
-            head = key.split(".", 1)[0]
-            candidates = [f"{head}.model.1.weight", f"{head}.model.0.weight"]
-            found = next((c for c in candidates if c in lpips_state), None)
-            if found is None:
-                raise PerceptualWeightsError(f"LPIPS state dict: missing key {candidates[0]} (expected the "
-                                             "lpips package's weights/v0.1/vgg.pth layout)")
-            out[key] = lpips_state[found]
-    out = {k: v.detach().to(torch.float32).contiguous() for k, v in out.items()}
-    _check_layout(out, expected, "converted LPIPS weights")
-    return out
 
 
 # ----------------------------------------------------------------------------- discriminator
@@ -274,7 +202,8 @@ def _logits_without_param_grads(discriminator: nn.Module, x: torch.Tensor) -> to
     This needs the full parameters locally: under FSDP / ZeRO-3 the discriminator (2.8M
     parameters at the defaults) must not be sharded.
     """
-    module = extract_model_from_parallel(discriminator)
+    module = getattr(discriminator, "_orig_mod", discriminator)     # torch.compile's wrapper
+    module = getattr(module, "module", module)                          # DDP's
     params = {name: p.detach() for name, p in module.named_parameters()}
     return torch.func.functional_call(module, params, (x,))
 
@@ -294,16 +223,11 @@ class VAELoss(nn.Module):
     latent dims, so ``kl_weight = 1e-6`` means the same trade-off here as in SD.
     """
 
-    def __init__(self, config: VAELossConfig, in_channels: int = 3):
+    def __init__(self, config: VAELossConfig, in_channels: int = 3, perceptual: Optional[LPIPS] = None):
+        """``perceptual``: the loaded LPIPS network (modules/interop/lpips.py), None: no perceptual term."""
         super().__init__()
         self.config = config
-        self.perceptual: Optional[LPIPS] = None
-        if config.perceptual_weight > 0:
-            if config.perceptual_weights:
-                self.perceptual = LPIPS.from_file(config.perceptual_weights)
-            else:
-                logger.warning("loss.perceptual_weights is not set: training without the perceptual "
-                               "(LPIPS) loss; see modules/losses.py to build the weights file")
+        self.perceptual = perceptual if config.perceptual_weight > 0 else None
         self.discriminator = NLayerDiscriminator(in_channels, config.disc_channels, config.disc_layers)
 
     def generator_loss(self, inputs: torch.Tensor, reconstructions: torch.Tensor, posterior,
@@ -353,46 +277,3 @@ class VAELoss(nn.Module):
         loss = factor * hinge_d_loss(logits_real, logits_fake)
         logs = {"loss_disc": loss, "logits_real": logits_real.mean(), "logits_fake": logits_fake.mean()}
         return loss, {k: v.detach().float() for k, v in logs.items()}
-
-
-# ----------------------------------------------------------------------------- converter CLI
-
-def _load_official(path: str) -> dict[str, torch.Tensor]:
-    file = Path(path)
-    if not file.is_file():
-        raise PerceptualWeightsError(f"{file}: file not found")
-    try:
-        # The user names these official files; weights_only refuses anything but tensors.
-        state = torch.load(str(file), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise PerceptualWeightsError(f"{file}: cannot be read as a PyTorch state dict ({e})") from None
-    if not isinstance(state, dict):
-        raise PerceptualWeightsError(f"{file}: holds a {type(state).__name__}, expected a state dict")
-    return state
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m modules.core.vae_loss",
-                                     description="Build the LPIPS-VGG16 .safetensors file the VAE loss reads.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    conv = sub.add_parser("convert", help="merge torchvision vgg16 + lpips vgg.pth into one safetensors file")
-    conv.add_argument("--vgg", required=True, help="torchvision vgg16 weights, e.g. vgg16-397923af.pth")
-    conv.add_argument("--lpips", required=True, help="lpips v0.1 heads: lpips/weights/v0.1/vgg.pth")
-    conv.add_argument("--out", required=True, help="output .safetensors file")
-    args = parser.parse_args(argv)
-    try:
-        out = Path(args.out)
-        if out.suffix != ".safetensors":
-            raise PerceptualWeightsError(f"--out {out}: must end in .safetensors")
-        state = convert_lpips_checkpoint(_load_official(args.vgg), _load_official(args.lpips))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(out))
-    except PerceptualWeightsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} ({len(state)} tensors)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

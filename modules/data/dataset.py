@@ -181,11 +181,12 @@ def split_validation(dataset: ImageDataset, n: int) -> tuple[ImageDataset, Image
     return dataset.subset(keep), dataset.subset(held).train(False)
 
 
-def build_dataset(cfg: DataConfig, caption_column: Optional[str] = None,
-                  allow_empty_caption: bool = False) -> ImageDataset:
+def build_dataset(cfg: DataConfig, caption_column: Optional[str] = None, allow_empty_caption: bool = False,
+                  masks: bool = False) -> ImageDataset:
     """The training data named by ``cfg.path`` (folder, save_to_disk folder or hub name); items carry
-    their ``caption`` from ``caption_column`` when it is given (see modules/captions.py)."""
-    source = open_source(cfg)
+    their ``caption`` from ``caption_column`` when it is given (see modules/data/captions.py), and their
+    ``mask`` with ``masks``."""
+    source = open_source(cfg, masks)
     if caption_column is not None:
         source.captions = read_captions(source.records.column(caption_column), source.rows, source.records.name,
                                         caption_column, allow_empty_caption, source.description)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from modules.run.checkpoint import write_atomically
+from modules import durable
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def save_png(array: np.ndarray, path: Path) -> None:
     """Write a PNG atomically: a crash or a full disk never leaves a partial file under ``path``."""
-    write_atomically(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    durable.write_file(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def make_grid(rows: list[torch.Tensor], pad: int = 2) -> torch.Tensor:

@@ -23,11 +23,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import fcntl
-import hashlib
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -40,12 +37,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from modules.run.checkpoint import WRITE_ERRORS, write_failure
+from modules import durable
 from modules.config.schema import DataConfig
-from modules.errors import CheckpointError, DataError
-from modules.run.export import file_sha256
 from modules.data.order import held_out as held_out_positions
-from modules.interop.clip import encode_unique, null_embedding, warn_truncated
+from modules.errors import CheckpointError, DataError
 
 logger = logging.getLogger(__name__)
 INFO_NAME = "cache_info.json"
@@ -64,12 +59,12 @@ def cache_key(vae_identity: str, data_fingerprint: str, data_cfg: DataConfig, wi
 
 
 def cache_folder(cache_root: Path, key: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    digest = durable.fingerprint(key)[:16]
     return cache_root / f"latents_{digest}"
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
-    return {str(path.relative_to(folder)): file_sha256(path)
+    return {str(path.relative_to(folder)): durable.sha256_file(path)
             for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != INFO_NAME)}
 
 
@@ -120,22 +115,23 @@ def _nearest_other_cache(folder: Path, key: dict) -> str:
 @contextlib.contextmanager
 def _build_lock(folder: Path, accelerator) -> Iterator[None]:
     """The main process holds ``.<folder>.lock`` (waiting for another run's build to finish)."""
-    fd = None
+    lock = None
     if accelerator.is_main_process:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder.with_name(f".{folder.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        lock = durable.Lock(folder.with_name(f".{folder.name}.lock"))
+        problem = lock.acquire(wait=False)
+        if problem and problem.startswith("in use"):
             logger.info("another run is building latent cache %s; waiting for it", folder)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            problem = lock.acquire(wait=True)
+        if problem:
+            raise CheckpointError(f"latent cache {folder}: {problem}")
     accelerator.wait_for_everyone()
     try:
         yield
     finally:
         accelerator.wait_for_everyone()
-        if fd is not None:
-            os.close(fd)
+        if lock is not None:
+            lock.release()
 
 
 @torch.no_grad()
@@ -152,7 +148,7 @@ def _encode_shard(vae, dataset, indices: list[int], batch_size: int, device, wit
             mean_f, std_f = flipped.mean.float().cpu(), flipped.std.float().cpu()
         if text_encoder is not None:
             captions = [it["caption"] for it in items]
-            text = encode_unique(text_encoder, captions).half().cpu()
+            text = text_encoder.encode_unique(captions).half().cpu()
             too_long = text_encoder.too_long(captions)
         for j, item in enumerate(items):
             row = {"index": chunk[j], "label": int(item["label"]), "substituted": int(item["substituted"]),
@@ -193,11 +189,11 @@ def _build(accelerator, vae, dataset, data_cfg: DataConfig, folder: Path, key: d
         merged.save_to_disk(str(tmp))
         info = {"key": key, "num_items": len(merged), "substituted": int(sum(merged["substituted"]))}
         if text_encoder is not None:
-            save_file({"null_text": null_embedding(text_encoder).half().cpu().contiguous()}, tmp / NULL_TEXT_NAME)
+            save_file({"null_text": text_encoder.null().half().cpu().contiguous()}, tmp / NULL_TEXT_NAME)
             info["truncated_captions"] = int(sum(merged["truncated"]))
         info.update(files=file_hashes(tmp), built=time.strftime("%Y-%m-%d %H:%M:%S"))
-        (tmp / INFO_NAME).write_text(json.dumps(info, indent=1))
-        tmp.rename(folder)
+        durable.write_json(tmp / INFO_NAME, info)
+        durable.publish_folder(tmp, folder)
         shutil.rmtree(shard_dir, ignore_errors=True)
 
 
@@ -218,15 +214,17 @@ def build_or_load(accelerator, vae, vae_identity: str, dataset, data_cfg: DataCo
                 _build(accelerator, vae, dataset, data_cfg, folder, key, batch_size, text_encoder)
             else:
                 logger.info("using latent cache %s", folder)
-    except WRITE_ERRORS as e:
+    except durable.WRITE_ERRORS as e:
         if accelerator.is_main_process:
             for part in (".shards", ".tmp"):
                 shutil.rmtree(folder.with_name(folder.name + part), ignore_errors=True)
-        raise CheckpointError(f"could not write the latent cache {folder} ({write_failure(e)}); "
+        raise CheckpointError(f"could not write the latent cache {folder} ({durable.write_failure(e)}); "
                               "nothing was trained yet, and no half-written cache is left") from None
     latents = LatentDataset(folder, data_cfg.hflip)
-    if text_encoder is not None and accelerator.is_main_process:
-        warn_truncated(latents.info.get("truncated_captions", 0), text_encoder.tokens, "caption(s) of the data are")
+    truncated = latents.info.get("truncated_captions", 0)
+    if text_encoder is not None and accelerator.is_main_process and truncated:
+        logger.warning("%d caption(s) of the data are longer than the text encoder's %d tokens: truncated (as Stable "
+                       "Diffusion does)", truncated, text_encoder.tokens)
     return latents
 
 

@@ -187,8 +187,7 @@ class _Listing:
     metadata: Optional[list[dict[str, Any]]] = None
 
 
-def _listing_from_metadata(root: Path, meta_path: Path, rows: list[dict[str, Any]],
-                           cfg: DataConfig) -> _Listing:
+def _listing_from_metadata(root: Path, meta_path: Path, rows: list[dict[str, Any]], masks: bool) -> _Listing:
     if not rows:
         raise DataError(f"{meta_path}: no rows (no images listed)")
     rel_images = [path_inside(root, r["file_name"], f"{meta_path}, file_name").relative_to(root) for r in rows]
@@ -209,13 +208,13 @@ def _listing_from_metadata(root: Path, meta_path: Path, rows: list[dict[str, Any
     else:
         labels, class_names = _folder_labels(rel_images, root)
     listing = _Listing(rel_images, labels, class_names, metadata=rows)
-    if cfg.masks and any("mask_file_name" in r for r in rows):
+    if masks and any("mask_file_name" in r for r in rows):
         listing.masks = []
         for r in rows:
             name = r.get("mask_file_name")
             if name in (None, ""):
                 raise DataError(f"{meta_path}: no mask_file_name for image {r['file_name']} "
-                                "(data.masks is set)")
+                                "(masks are needed: cond.type=mask)")
             mask = path_inside(root, name, f"{meta_path}, mask_file_name")
             if not mask.is_file():
                 raise DataError(f"{meta_path}: mask {name} of image {r['file_name']} "
@@ -233,13 +232,13 @@ def _listing_from_files(root: Path) -> _Listing:
     return _Listing(rel_images, *_folder_labels(rel_images, root))
 
 
-def _folder_source(root: Path, cfg: DataConfig) -> Source:
+def _folder_source(root: Path, masks_needed: bool) -> Source:
     metadata = read_metadata(root)
-    listing = _listing_from_metadata(root, *metadata, cfg) if metadata else _listing_from_files(root)
+    listing = _listing_from_metadata(root, *metadata, masks_needed) if metadata else _listing_from_files(root)
     rel_images, masks = listing.rel_images, listing.masks
-    if cfg.masks and masks is None:
+    if masks_needed and masks is None:
         if not (root / MASKS_FOLDER).is_dir():
-            raise DataError(f"{root}: data.masks is set but there is neither a '{MASKS_FOLDER}/' "
+            raise DataError(f"{root}: masks are needed (cond.type=mask) but there is neither a '{MASKS_FOLDER}/' "
                             "folder nor a metadata.jsonl/metadata.csv with a mask_file_name column")
         paired = _masks_by_stem(root, rel_images)
         missing = [str(root / rel) for rel, m in zip(rel_images, paired) if m is None]
@@ -276,7 +275,7 @@ def _folder_source(root: Path, cfg: DataConfig) -> Source:
 
 # ----------------------------------------------------------------------------- datasets sources
 
-def _arrow_source(table: Any, cfg: DataConfig, origin: str) -> Source:
+def _arrow_source(table: Any, masks: bool, origin: str) -> Source:
     """A ``datasets.Dataset``: image column (Image feature), optional label and mask columns."""
     import datasets
 
@@ -288,9 +287,9 @@ def _arrow_source(table: Any, cfg: DataConfig, origin: str) -> Source:
         raise DataError(f"{origin}: no image column (a datasets.Image feature) among the columns "
                         f"{', '.join(features)}")
     mask_column = None
-    if cfg.masks:
+    if masks:
         if "mask" not in features or not isinstance(features["mask"], datasets.Image):
-            raise DataError(f"{origin}: data.masks is set but there is no 'mask' image column "
+            raise DataError(f"{origin}: masks are needed (cond.type=mask) but there is no 'mask' image column "
                             f"(columns: {', '.join(features)})")
         mask_column = "mask"
     label_column = next((c for c in ("label", "labels") if c in features), None)
@@ -318,7 +317,7 @@ def _arrow_source(table: Any, cfg: DataConfig, origin: str) -> Source:
         if no_mask.any():
             first = int(np.flatnonzero(no_mask)[0])
             raise DataError(f"{origin}: row {first} has no mask ({int(no_mask.sum())} row(s) "
-                            "without one; data.masks is set)")
+                            "without one; masks are needed: cond.type=mask)")
     if empty.all():
         raise DataError(f"{origin}: every row's image is empty")
     skipped = [f"{origin}[{i}]" for i in np.flatnonzero(empty)]
@@ -348,7 +347,7 @@ def _empty_rows(table: Any, column: str) -> np.ndarray:
     return ~(valid & (has_bytes | has_path))
 
 
-def _saved_source(root: Path, cfg: DataConfig) -> Source:
+def _saved_source(root: Path, cfg: DataConfig, masks: bool) -> Source:
     import datasets
 
     try:
@@ -359,11 +358,11 @@ def _saved_source(root: Path, cfg: DataConfig) -> Source:
         if cfg.split not in loaded:
             raise DataError(f"{root}: no split '{cfg.split}' (splits: {', '.join(loaded)}); "
                             "set data.split")
-        return _arrow_source(loaded[cfg.split], cfg, f"{root}:{cfg.split}")
-    return _arrow_source(loaded, cfg, str(root))
+        return _arrow_source(loaded[cfg.split], masks, f"{root}:{cfg.split}")
+    return _arrow_source(loaded, masks, str(root))
 
 
-def _hub_source(name: str, cfg: DataConfig) -> Source:
+def _hub_source(name: str, cfg: DataConfig, masks: bool) -> Source:
     import datasets
 
     try:
@@ -371,15 +370,16 @@ def _hub_source(name: str, cfg: DataConfig) -> Source:
     except Exception as e:  # network, authentication, unknown name or split
         raise DataError(f"'{name}' is neither a local folder nor a reachable hub dataset "
                         f"(split '{cfg.split}'): {type(e).__name__}: {e}") from None
-    return _arrow_source(table, cfg, f"{name}:{cfg.split}")
+    return _arrow_source(table, masks, f"{name}:{cfg.split}")
 
 
 def _looks_like_path(text: str) -> bool:
     return os.path.isabs(text) or text.startswith((".", "~")) or text.endswith(("/", os.sep))
 
 
-def open_source(cfg: DataConfig) -> Source:
-    """The records named by ``cfg.path`` (folder, save_to_disk folder or hub name)."""
+def open_source(cfg: DataConfig, masks: bool = False) -> Source:
+    """The records named by ``cfg.path`` (folder, save_to_disk folder or hub name); ``masks``: pair each image
+    with its mask (cond.type=mask)."""
     if not cfg.path:
         raise DataError("no data given: data.path is empty (pass --data FOLDER_OR_NAME)")
     path = Path(cfg.path).expanduser()
@@ -387,10 +387,10 @@ def open_source(cfg: DataConfig) -> Source:
         if not path.is_dir():
             raise DataError(f"{path}: is a file, not a folder of images or a saved data set")
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-            return _saved_source(path, cfg)
+            return _saved_source(path, cfg, masks)
         if not any(path.iterdir()):
             raise DataError(f"{path}: the folder is empty")
-        return _folder_source(path, cfg)
+        return _folder_source(path, masks)
     if _looks_like_path(cfg.path):
         raise DataError(f"{path}: no such folder")
-    return _hub_source(cfg.path, cfg)
+    return _hub_source(cfg.path, cfg, masks)

@@ -32,11 +32,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from modules.run.checkpoint import write_atomically, write_or_fail
+from modules import durable
 from modules.errors import MetricsError
-from modules.run.export import file_sha256
 from modules.data.image_io import find_images, open_image
-from modules.core.metrics import feature_statistics, frechet_distance
 
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
                  "inception-2015-12-05.pt")
@@ -65,8 +63,8 @@ def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, features: Op
 
     def save() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, write)
-    write_or_fail(save, f"statistics file {path}", f"no partial {path.name} is left")
+        durable.write_file(path, write)
+    durable.write_or_fail(save, f"statistics file {path}", f"no partial {path.name} is left")
     return path
 
 
@@ -140,7 +138,7 @@ def load_inception(path: str | Path, device: str | torch.device = "cpu", sha256:
     if not path.is_file():
         raise MetricsError(f"Inception weights {path} not found; download inception-2015-12-05.pt "
                            f"(TorchScript, not the .pkl) from {INCEPTION_URL}")
-    actual = file_sha256(path)
+    actual = durable.sha256_file(path)
     if not trust_code and actual != (sha256 or "").strip().lower():
         given = f"not the {sha256} given by --inception-sha256" if sha256 else "and no --inception-sha256 was given"
         raise MetricsError(f"Inception weights {path}: a TorchScript file runs its own code when loaded, so it is "
@@ -217,13 +215,6 @@ def _listed_files(folder: Path) -> Optional[list[str]]:
     return None
 
 
-def load_image(path: Path, image_size: Optional[int]) -> np.ndarray:
-    """RGB float32 [3, S, S] in 0..255, converted and resized as clean-fid does (``convert("RGB")``,
-    which drops alpha, then per-channel float bicubic), so scores compare with its statistics.
-    Decompression bombs are refused as in training (``open_image``)."""
-    return _load(path, image_size)[0]
-
-
 def _read_rgb(path: Path) -> np.ndarray:
     try:
         with open_image(path) as img:
@@ -232,9 +223,11 @@ def _read_rgb(path: Path) -> np.ndarray:
         raise MetricsError(f"image {path}: cannot be read ({type(e).__name__}: {e})") from None
 
 
-def _load(source, image_size: Optional[int]) -> tuple[np.ndarray, tuple[int, int]]:
-    """An image file, or a uint8 HWC array (an ADM reference's rows), as float32 [3, S, S] in 0..255,
-    and its (height, width) before the resize."""
+def load_image(source, image_size: Optional[int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """An image file, or a uint8 HWC array (an ADM reference's rows), as float32 RGB [3, S, S] in 0..255,
+    converted and resized as clean-fid does (``convert("RGB")``, which drops alpha, then per-channel
+    float bicubic), so scores compare with its statistics; and its (height, width) before the resize.
+    Decompression bombs are refused as in training (``open_image``)."""
     rgb = source.astype(np.float32) if isinstance(source, np.ndarray) else _read_rgb(source)
     size = (rgb.shape[0], rgb.shape[1])
     if image_size is not None and size != (image_size, image_size):
@@ -255,7 +248,7 @@ def _batches(sources: Sequence, batch_size: int, image_size: Optional[int], work
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for start in range(0, len(sources), batch_size):
             chunk = sources[start:start + batch_size]
-            images, sizes = zip(*pool.map(lambda p: _load(p, image_size), chunk))
+            images, sizes = zip(*pool.map(lambda p: load_image(p, image_size), chunk))
             shapes = {im.shape for im in images}
             if len(shapes) > 1:
                 raise MetricsError(f"images near {chunk[0] if not isinstance(chunk[0], np.ndarray) else start} "
@@ -320,13 +313,6 @@ def extract(sources: Sequence, extractor: FeatureExtractor, batch_size: int = 50
     return gather(local, mine, state)
 
 
-def folder_features(folder: str | Path, extractor: FeatureExtractor, batch_size: int = 50,
-                    device: str | torch.device = "cpu", image_size: Optional[int] = 299,
-                    workers: int = 4) -> np.ndarray:
-    """Features [N, D] (float64) of every image of ``folder`` (:func:`list_images`), in its order."""
-    return extract(list_images(folder), extractor, batch_size, device, image_size, workers).features
-
-
 def reference_sources(reference: str | Path) -> Optional[Sequence]:
     """What a reference's features are extracted from: an image folder's files, a saved
     ``datasets`` folder's images, an ADM ``.npz``'s ``arr_0`` rows; None for a statistics file."""
@@ -353,27 +339,3 @@ def reference_sources(reference: str | Path) -> Optional[Sequence]:
 def _arrow_image(source) -> np.ndarray:
     with open_image(source) as img:
         return np.asarray(img.convert("RGB"))
-
-
-def _checked_distance(stats_a: tuple[np.ndarray, np.ndarray], stats_b: tuple[np.ndarray, np.ndarray],
-                      name_a: str, name_b: str) -> float:
-    if stats_a[0].shape != stats_b[0].shape:
-        raise MetricsError(f"{name_a} has {stats_a[0].shape[0]}-d features but {name_b} has "
-                           f"{stats_b[0].shape[0]}-d: they were computed with different extractors")
-    return frechet_distance(stats_a[0], stats_a[1], stats_b[0], stats_b[1])
-
-
-def fid_from_folders(folder_a: str | Path, folder_b: str | Path, extractor: FeatureExtractor,
-                     batch_size: int = 50, device: str | torch.device = "cpu",
-                     image_size: Optional[int] = 299, workers: int = 4) -> float:
-    stats_a = feature_statistics(folder_features(folder_a, extractor, batch_size, device, image_size, workers))
-    stats_b = feature_statistics(folder_features(folder_b, extractor, batch_size, device, image_size, workers))
-    return _checked_distance(stats_a, stats_b, str(folder_a), str(folder_b))
-
-
-def fid_folder_vs_stats(folder: str | Path, stats_path: str | Path, extractor: FeatureExtractor,
-                        batch_size: int = 50, device: str | torch.device = "cpu",
-                        image_size: Optional[int] = 299, workers: int = 4) -> float:
-    reference = load_stats(stats_path)
-    stats = feature_statistics(folder_features(folder, extractor, batch_size, device, image_size, workers))
-    return _checked_distance(stats, reference, str(folder), str(stats_path))

@@ -23,7 +23,7 @@ from modules.eval.features import extract_local, gather, load_inception, load_so
 from modules.core.generation import GenerationSpec, batch_condition, conditions, decode_latents, generate_latents
 from modules.data.image_io import to_uint8
 from modules.core.metrics import feature_statistics, frechet_distance
-from modules.core.objectives import Draws
+from modules.core.draws import Draws
 from modules.core.seeding import image_seed, mix_seed
 
 logger = logging.getLogger(__name__)
@@ -55,8 +55,8 @@ class TrainingEvaluator:
         return self.active and step % self.cfg.eval.every == 0
 
     @torch.no_grad()
-    def fid(self, unet, vae) -> dict[str, float]:
-        """FID at each of ``eval.steps`` (call with the sampling EMA's weights in ``unet``)."""
+    def fid(self, net, vae) -> dict[str, float]:
+        """FID at each of ``eval.steps`` (call with the sampling EMA's weights in ``net``)."""
         if self.extractor is None:
             return {}
         acc, e = self.accelerator, self.cfg.eval
@@ -74,7 +74,7 @@ class TrainingEvaluator:
                 idx = idx or [0]
                 cond = conditions(self.spec, self.latent_set, idx)
                 with acc.autocast():
-                    z = generate_latents(unet, self.spec, None if cond is None else cond.to(acc.device),
+                    z = generate_latents(net, self.spec, None if cond is None else cond.to(acc.device),
                                          [image_seed(EVAL_SEED, i) for i in idx], steps, device=acc.device)
                     images = decode_latents(vae, z.float(), vae.config.scale_factor, e.batch_size)
                 arrays.extend(to_uint8(images)[:real])
@@ -89,7 +89,7 @@ class TrainingEvaluator:
         return scores
 
     @torch.no_grad()
-    def validation(self, objective, unet) -> dict[str, torch.Tensor]:
+    def validation(self, objective, net) -> dict[str, torch.Tensor]:
         """The objective's logs on the held-out latents, with the same draws at every evaluation."""
         if self.val_set is None:
             return {}
@@ -103,7 +103,7 @@ class TrainingEvaluator:
             noise = torch.randn(mean.shape, generator=generator).to(acc.device)
             x1 = (mean + std * noise) * self.latent_scale
             with acc.autocast():
-                _, logs = objective.loss(unet, x1, batch_condition(batch, self.cfg.cond.type, acc.device),
+                _, logs = objective.loss(net, x1, batch_condition(batch, self.cfg.cond.type, acc.device),
                                          Draws(generator, index=j))
             for name, value in logs.items():
                 totals.setdefault(name, []).append(value.float().cpu())

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from modules.errors import ModelFolderError
-from modules.run.export import file_sha256
+from modules import durable
 
 logger = logging.getLogger(__name__)
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
@@ -59,7 +59,7 @@ def identity(encoder_dir: Path, tokenizer_dir: Path) -> str:
              *(tokenizer_dir / n for n in TOKENIZER_FILES if (tokenizer_dir / n).is_file())]
     h = hashlib.sha256()
     for f in files:
-        h.update(f"{f.name}:{file_sha256(f)}\n".encode())
+        h.update(f"{f.name}:{durable.sha256_file(f)}\n".encode())
     return h.hexdigest()
 
 
@@ -143,6 +143,17 @@ class TextEncoder:
         # transformers 5 holds the final layer norm on the model itself, earlier versions on its text_model
         return getattr(self._model, "text_model", self._model).final_layer_norm(hidden).float()
 
+    def encode_unique(self, prompts: list[str]) -> torch.Tensor:
+        """:meth:`encode` of each distinct prompt once, rows in the order of ``prompts``."""
+        distinct = sorted(set(prompts))
+        embeddings = self.encode(distinct)
+        index = {p: i for i, p in enumerate(distinct)}
+        return embeddings[torch.tensor([index[p] for p in prompts], device=embeddings.device)]
+
+    def null(self) -> torch.Tensor:
+        """The empty prompt's embedding ``[tokens, width]``: the null condition of classifier-free guidance."""
+        return self.encode([""])[0]
+
 
 def warn_truncated(count: int, tokens: int, where: str) -> None:
     """The one warning that counts the prompts cut to the encoder's context."""
@@ -151,15 +162,4 @@ def warn_truncated(count: int, tokens: int, where: str) -> None:
                        count, where, tokens)
 
 
-def encode_unique(encoder: TextEncoder, prompts: list[str]) -> torch.Tensor:
-    """``encoder.encode`` of each distinct prompt once, rows in the order of ``prompts``."""
-    distinct = sorted(set(prompts))
-    embeddings = encoder.encode(distinct)
-    index = {p: i for i, p in enumerate(distinct)}
-    return embeddings[torch.tensor([index[p] for p in prompts], device=embeddings.device)]
-
-
-def null_embedding(encoder: TextEncoder) -> torch.Tensor:
-    """The empty prompt's embedding ``[tokens, width]``: the null condition of classifier-free guidance."""
-    return encoder.encode([""])[0]
 

@@ -32,11 +32,12 @@ from pathlib import Path
 
 import torch
 
-from modules.config.schema import UNetRunConfig
 from modules.config.io import read_json
+from modules.config.schema import UNetRunConfig
+from modules.core.networks.denoiser import Sizes
 from modules.errors import ModelFolderError
-from modules.run.export import CONFIG_NAME, load_state_strict, read_weights
 from modules.interop.vae import DIFFUSERS_WEIGHTS_NAME
+from modules.run.export import CONFIG_NAME, load_state_strict, read_weights
 
 logger = logging.getLogger(__name__)
 
@@ -106,10 +107,10 @@ def dit_fields(config: dict, weights: dict[str, torch.Tensor], where: Path) -> d
     except KeyError:
         raise ModelFolderError(f"init_from {where}: no 'transformer_blocks.0.ff.net.0.proj.weight': "
                                "not a diffusers DiT's weights") from None
-    return {"model.in_channels": in_channels, "model.hidden_size": hidden,
+    return {"latent channels": in_channels, "model.hidden_size": hidden,
             "model.depth": config.get("num_layers", 28), "model.num_heads": config.get("num_attention_heads", 16),
             "model.patch_size": config.get("patch_size"), "model.mlp_ratio": mlp_hidden / hidden,
-            "cond.num_classes": config.get("num_embeds_ada_norm")}
+            "classes": config.get("num_embeds_ada_norm")}
 
 
 def convert_diffusers_dit(weights: dict[str, torch.Tensor], config: dict, where: Path) -> dict[str, torch.Tensor]:
@@ -153,33 +154,35 @@ def convert_diffusers_dit(weights: dict[str, torch.Tensor], config: dict, where:
     return out
 
 
-def load_init_weights(model: torch.nn.Module, cfg: UNetRunConfig) -> None:
-    """Load ``cfg.init_from`` (a diffusers DiT) into the freshly built DiT ``model``; anything that does not
-    fit is one line naming the config key or the weight."""
+def load_init_weights(model: torch.nn.Module, cfg: UNetRunConfig, sizes: Sizes) -> None:
+    """Load ``cfg.init_from`` (a diffusers DiT) into the freshly built DiT ``model`` (built for ``sizes``);
+    anything that does not fit is one line naming the config key, or the size and where it comes from."""
     config, weights, where = read_diffusers_dit(cfg.init_from)
     fields = dit_fields(config, weights, where)
-    ours = {"model.in_channels": cfg.model.in_channels, "model.hidden_size": cfg.model.hidden_size,
-            "model.depth": cfg.model.depth, "model.num_heads": cfg.model.num_heads,
-            "model.patch_size": cfg.model.patch_size, "model.mlp_ratio": cfg.model.mlp_ratio,
-            "cond.num_classes": cfg.cond.num_classes}
-    if cfg.cond.type != "class":
-        del ours["cond.num_classes"]
+    ours = {"model.hidden_size": cfg.model.hidden_size, "model.depth": cfg.model.depth,
+            "model.num_heads": cfg.model.num_heads, "model.patch_size": cfg.model.patch_size,
+            "model.mlp_ratio": cfg.model.mlp_ratio}
     for key, value in ours.items():
         if fields[key] != value:
-            origin = {"model.in_channels": " (the VAE's latent channels)",
-                      "cond.num_classes": " (the data's classes)"}.get(key, "")
             raise ModelFolderError(f"init_from {where}: the checkpoint has {key}={fields[key]}, this run "
-                                   f"{key}={value}{origin}: set {key}={fields[key]} or start from another DiT")
-    if config.get("sample_size") not in (None, cfg.latent_size):
+                                   f"{key}={value}: set {key}={fields[key]} or start from another DiT")
+    derived = {"latent channels": (sizes.latent_channels, "the VAE's")}
+    if cfg.cond.type == "class":
+        derived["classes"] = (sizes.num_classes, "the data's")
+    for what, (value, origin) in derived.items():
+        if fields[what] != value:
+            raise ModelFolderError(f"init_from {where}: the checkpoint has {fields[what]} {what}, this run "
+                                   f"{value} ({origin}): start from a DiT made for them")
+    if config.get("sample_size") not in (None, sizes.latent_size):
         logger.warning("init_from %s was made for %sx%s latents, this run has %dx%d: diffusers would rescale the "
                        "position codes to its own grid, ours keeps the DiT code's unscaled grid", where,
-                       config["sample_size"], config["sample_size"], cfg.latent_size, cfg.latent_size)
+                       config["sample_size"], config["sample_size"], sizes.latent_size, sizes.latent_size)
     sd = convert_diffusers_dit(weights, config, where)
     fresh = model.state_dict()
     if cfg.cond.type != "class":
         # No label embedding here: the null label's vector moves into the time MLP's output bias.
         table = sd.pop("conditioner.label_emb.weight")
-        sd["time_mlp.2.bias"] = sd["time_mlp.2.bias"] + table[fields["cond.num_classes"]]
+        sd["time_mlp.2.bias"] = sd["time_mlp.2.bias"] + table[fields["classes"]]
     if "conditioner.to_concat.weight" in fresh:
         # The mask's input channels start with zero weights: the same function until they learn.
         weight = sd["patch_embed.weight"]
@@ -190,5 +193,5 @@ def load_init_weights(model: torch.nn.Module, cfg: UNetRunConfig) -> None:
     sd.update({k: fresh[k] for k in new})
     load_state_strict(model, sd, where, f"this run's DiT (init_from={cfg.init_from})")
     logger.info("init_from: %d tensors from %s (%d blocks, %d classes); initialised fresh: %s", len(sd) - len(new),
-                where, fields["model.depth"], fields["cond.num_classes"],
+                where, fields["model.depth"], fields["classes"],
                 ", ".join(sorted({k.rsplit(".", 1)[0] for k in new})) or "nothing")

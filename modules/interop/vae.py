@@ -1,4 +1,4 @@
-"""Saving and loading VAEs: our exports, diffusers ``AutoencoderKL`` folders, SD/LDM single files.
+"""Loading VAEs: our exports (modules/run/export.py), diffusers ``AutoencoderKL`` folders, SD/LDM single files.
 
 Our layout is diffusers' current one, so a diffusers folder loads after only
 :func:`convert_diffusers_state_dict` (old attention names, 1x1-conv-shaped attention weights).
@@ -8,21 +8,16 @@ only ever read from safetensors. Errors are :class:`ModelFolderError` naming the
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from modules.config.schema import VAEModelConfig
-from modules.config.io import from_dict, read_json
-from modules.errors import ConfigError, ModelFolderError
-from modules.run.export import (CONFIG_NAME, describe_kind, load_state_strict, read_folder_weights, read_weights,
-                            save_model_folder)
-from modules.core.networks.vae import AutoencoderKL
+from modules.config.io import read_json
+from modules.core.networks.vae import AutoencoderKL, VAEConfig
+from modules.errors import ModelFolderError
+from modules.run.export import CONFIG_NAME, describe_kind, load_our_vae, load_state_strict, read_weights, vae_config
 
 SD_SCALE_FACTOR = 0.18215
 DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -116,25 +111,9 @@ def convert_ldm_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-# ----------------------------------------------------------------------------- save / load
+# ----------------------------------------------------------------------------- load
 
-def vae_identity(model: AutoencoderKL) -> str:
-    """SHA-256 over the VAE's config and weights, whatever file format they came from: the key of
-    its latent caches, and what a stage-2 checkpoint records of the VAE it was trained with."""
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def save_vae(model: AutoencoderKL, folder: str | Path, run_config: Optional[dict] = None) -> Path:
-    """Write ``folder/config.json`` (kind "vae", the model config, the run config) + ``model.safetensors``."""
-    config = {"kind": "vae", "model": dataclasses.asdict(model.config), "run_config": run_config}
-    return save_model_folder(folder, model.state_dict(), config)
-
-
-def _config_from_diffusers(config: dict, where: Path) -> VAEModelConfig:
+def _config_from_diffusers(config: dict, where: Path) -> VAEConfig:
     """Map a diffusers ``AutoencoderKL`` config.json onto ours; refuse what we cannot represent."""
     def refuse(field: str, why: str):
         raise ModelFolderError(f"{where}: diffusers config field '{field}' = {config.get(field)!r}: {why}")
@@ -158,7 +137,7 @@ def _config_from_diffusers(config: dict, where: Path) -> VAEModelConfig:
     for field in ("latents_mean", "latents_std"):
         if config.get(field) is not None:
             refuse(field, "per-channel latent statistics are not supported")
-    return _model_config(dict(
+    return vae_config(dict(
         in_channels=config.get("in_channels", 3),
         base_channels=base,
         channel_mult=[w // base for w in widths],
@@ -170,15 +149,7 @@ def _config_from_diffusers(config: dict, where: Path) -> VAEModelConfig:
     ), where)
 
 
-def _model_config(values: dict, where: Path) -> VAEModelConfig:
-    """Typed and validated exactly like a command-line config; errors name the file."""
-    try:
-        return from_dict(VAEModelConfig, values, str(where), prefix="model.")
-    except ConfigError as e:
-        raise ModelFolderError(f"{where}: {e}") from None
-
-
-def _config_from_ldm_weights(sd: dict[str, torch.Tensor], where: Path) -> VAEModelConfig:
+def _config_from_ldm_weights(sd: dict[str, torch.Tensor], where: Path) -> VAEConfig:
     """Read the architecture off converted LDM weights; GroupNorm(32) and SD's scale are assumed."""
     try:
         base = sd["encoder.conv_in.weight"].shape[0]
@@ -197,7 +168,7 @@ def _config_from_ldm_weights(sd: dict[str, torch.Tensor], where: Path) -> VAEMod
         )
     except (KeyError, ValueError) as e:
         raise ModelFolderError(f"{where}: not an SD/LDM autoencoder checkpoint (missing {e})") from None
-    return _model_config(values, where)
+    return vae_config(values, where)
 
 
 def _load_diffusers_folder(folder: Path, config: dict) -> AutoencoderKL:
@@ -242,8 +213,7 @@ def load_vae(path: str | Path) -> AutoencoderKL:
         if not isinstance(config, dict):
             raise ModelFolderError(f"{path / CONFIG_NAME}: expected a JSON object, got {type(config).__name__}")
         if config.get("kind") == "vae":
-            cfg = _model_config(config.get("model") or {}, path / CONFIG_NAME)
-            model = load_state_strict(AutoencoderKL(cfg), read_folder_weights(path, config), path, VAE_CONFIG)
+            model = load_our_vae(path, config)
         elif config.get("_class_name") == "AutoencoderKL":
             model = _load_diffusers_folder(path, config)
         elif "kind" in config:

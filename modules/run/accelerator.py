@@ -50,7 +50,7 @@ def adam(params, lr: float, cfg: TrainConfig, device: torch.device, weight_decay
          decoupled_weight_decay: bool = True) -> torch.optim.Optimizer:
     """AdamW (or, ``decoupled_weight_decay=False``, Adam with L2 weight decay) with ``train.adam_beta*``;
     the fused kernel on CUDA and CPU (``train.fused_optimizer``): one launch per step, and a bad step
-    skipped on the device (``modules.optim.step_unless_bad``)."""
+    skipped on the device (``modules.run.optim.step_unless_bad``)."""
     cls = torch.optim.AdamW if decoupled_weight_decay else torch.optim.Adam
     fused = {"fused": True} if cfg.fused_optimizer and device.type in FUSED_ADAM_DEVICES else {}
     return cls(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=weight_decay, **fused)
@@ -69,7 +69,7 @@ def prepare_network(accelerator: Accelerator, cfg: TrainConfig, network: torch.n
     return (network, *others)
 
 
-def broadcast(value, state):
+def from_main_process(value, state):
     """``value`` of the main process, on every process of ``state`` (an Accelerator or PartialState)."""
     if state.num_processes == 1:
         return value

@@ -1,34 +1,32 @@
-"""Checkpoints, resume and pre-emption: the machinery that makes a killed run lose nothing.
+"""Checkpoints and resume: the machinery that makes a killed run lose nothing.
 
-``checkpoints/step_N`` folders are written atomically (:class:`Checkpointer`); a stop signal
+``checkpoints/step_N`` folders are written atomically (:class:`Checkpointer`, through
+modules/durable.py) with the run's EMAs and counters, and carry the run's identity (script,
+network config, sizes, VAE, text encoder, data), checked before anything is loaded; a stop signal
 (SIGTERM, SIGINT, SIGHUP) makes the loop save and exit 0 at the end of the step
-(:class:`StopRequest`); non-finite steps are counted (on logging and checkpoint steps, so the
-loop never waits for the device) and too many in a row abort with the last good weights saved
-(:func:`count_step`). Every write goes through :func:`write_or_fail`, so a full disk is a
-one-line error that names what was kept, never a traceback.
+(:class:`StopRequest`); non-finite steps are counted on the device and read on logging and
+checkpoint steps (:class:`TrainingState`).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import os
 import re
-import shutil
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from accelerate import Accelerator
-from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
-from modules.config.schema import TrainConfig
-from modules.config.io import changes_in, with_defaults
-from modules.errors import CheckpointError, DataError, TrainingAborted
-from modules.run.export import file_sha256
+from modules import durable
+from modules.config.io import apply_dict, changes_in, to_dict
+from modules.config.legacy import legacy_sizes
+from modules.core.ema import EMA
+from modules.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -42,31 +40,41 @@ _STEP_FOLDER = re.compile(r"step_(\d+)")
 class RunIdentity:
     """What made a checkpoint; checked before it is continued, so nothing is loaded on a mismatch.
 
-    Another script, another network (``model_sections`` of the config) or another frozen VAE
-    is refused: the weights would not fit, or would silently train in another latent space.
-    Changed training data is allowed, with a warning.
+    Another script, another network (``model_sections`` of the config, and the sizes it was built
+    for) or another frozen VAE or text encoder is refused: the weights would not fit, or would
+    silently train in another latent space. Changed training data is allowed, with a warning.
     """
     script: str                         # "train_vae" | "train_unet"
-    config: dict                        # the resolved run config
+    config: Any                         # the resolved run config (a config dataclass)
     model_sections: tuple[str, ...]     # config entries that define the network
     vae: Optional[str] = None           # identity of the frozen VAE (stage 2)
     data: Optional[str] = None          # fingerprint of the training data
-    defaults: Optional[dict] = None     # the default config: fields a checkpoint predates read as these
     text_encoder: Optional[str] = None  # identity of the frozen text encoder (cond.type=text)
+    sizes: Optional[dict] = None        # stage 2: what the network was built for (Sizes)
 
     def record(self) -> dict:
         """What ``identity.json`` holds."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "defaults"}
+        return {"script": self.script, "config": to_dict(self.config), "vae": self.vae, "data": self.data,
+                "text_encoder": self.text_encoder, "sizes": self.sizes}
 
     def check(self, saved: dict, path: Path) -> None:
         """Refuse ``path`` (whose identity is ``saved``) when it cannot be continued by this run."""
         if saved.get("script") != self.script:
             raise CheckpointError(f"cannot resume from {path}: it was made by {saved.get('script')}.py, "
                                   f"not {self.script}.py")
-        changed = changes_in(with_defaults(saved.get("config") or {}, self.defaults), self.config, self.model_sections)
+        saved_config = saved.get("config") if isinstance(saved.get("config"), dict) else {}
+        try:   # the saved config as it reads today (earlier layouts upgraded, later fields at their defaults)
+            then = to_dict(apply_dict(type(self.config)(), saved_config, str(path / IDENTITY_NAME)))
+        except ConfigError as e:
+            raise CheckpointError(f"cannot resume from {path}: its config does not read ({e})") from None
+        changed = changes_in(then, to_dict(self.config), self.model_sections)
         if changed:
             raise CheckpointError(f"cannot resume from {path}: its checkpoints were made with another model "
                                   f"config ({'; '.join(changed)})")
+        sizes = saved.get("sizes") or legacy_sizes(saved_config)
+        if sizes != self.sizes:
+            raise CheckpointError(f"cannot resume from {path}: its network was built for other sizes ({sizes}; this "
+                                  f"run's are {self.sizes}): another VAE, data with other classes or another encoder")
         if saved.get("vae") != self.vae:
             raise CheckpointError(
                 f"cannot resume from {path}: it was trained with another VAE (identity {str(saved.get('vae'))[:16]}; "
@@ -127,116 +135,28 @@ class TrainingState:
         return self.step % every == 0 or self.step == last_step
 
 
-# A write that fails (disk full, quota, read-only or vanished folder) surfaces as OSError from
-# Python, RuntimeError from torch.save and SafetensorError from safetensors.
-WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
-
-
-def write_failure(e: BaseException) -> str:
-    """What went wrong with a write, for a one-line message."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return f"{type(e).__name__}: {e}; is the disk full?"
-
-
-def write_or_fail(write: Callable[[], None], what: str, kept: str) -> None:
-    """Run ``write``; a failed write is a CheckpointError saying ``what`` failed and what is ``kept``."""
-    try:
-        write()
-    except WRITE_ERRORS as e:
-        raise CheckpointError(f"could not write {what} ({write_failure(e)}); {kept}") from None
-
-
-def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
-    """``write(tmp)``, then rename it onto ``path``: a failed write leaves neither a partial ``path`` nor the tmp."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def export_or_fail(export: Callable[[], None], output_dir: Path, step: int) -> None:
-    """Run ``export`` (written after checkpoint ``step``); a failed write is a CheckpointError."""
-    write_or_fail(export, f"the exported models in {output_dir}",
-                  f"checkpoint step_{step} is saved and the previous exports are untouched")
-
-
-def checkpoint_if_due(state: TrainingState, cfg: TrainConfig, stop: "StopRequest", checkpointer: "Checkpointer",
-                      export: Callable[[], None], output_dir: Path) -> bool:
-    """Checkpoint and export every ``checkpoint_every`` steps, at the last step and when a stop
-    signal arrived; returns True when the run must stop now."""
-    stopping = stop.requested()
-    if state.due(cfg.checkpoint_every, cfg.max_steps) or stopping:
-        checkpointer.save(state.step)
-        export_or_fail(export, output_dir, state.step)
-    if stopping:
-        logger.info("%s received: saved step %d, exiting; continue with --resume latest",
-                    stop.signal_name or "stop", state.step)
-    return stopping
-
-
-def count_step(state: TrainingState, finite, cfg: TrainConfig, checkpointer: "Checkpointer") -> None:
-    """Advance the step counter and note whether the step was ``finite`` (a 0-d bool tensor, left on
-    the device: no host read). The notes are read at logging and checkpoint steps and at the last
-    step: each skipped step is logged and counted, and ``train.max_bad_steps`` of them in a row save
-    the state and abort the run. The abort may so come up to ``log_every`` steps after the limit was
-    reached; the weights saved then are still the last good ones, since bad updates never apply."""
-    state.step += 1
-    state.unread.append((state.step, torch.as_tensor(finite)))
-    if not (state.due(cfg.log_every, cfg.max_steps) or state.due(cfg.checkpoint_every, cfg.max_steps)):
-        return
-    limit = next(((step, run) for step, run in state.count_unread() if run >= cfg.max_bad_steps), None)
-    if limit is None:
-        return
-    checkpointer.save(state.step)
-    step, run = limit
-    later = (f" (step_{state.step}: steps are counted at logging and checkpoint steps)"
-             if step != state.step else "")
-    raise TrainingAborted(f"{run} consecutive non-finite steps at step {step}; saved the last good weights in "
-                          f"{checkpointer.root}{later}")
-
-
-@contextlib.contextmanager
-def saved_on_data_error(checkpointer: "Checkpointer", state: TrainingState) -> Iterator[None]:
-    """Data that fails mid-run (its folder vanished, every image unreadable) saves the last good
-    state before the one-line error, so no step done is lost."""
-    try:
-        yield
-    except DataError as e:
-        checkpointer.save(state.step)
-        # A DataLoader worker's error arrives with its traceback in the message: keep the last line.
-        reason = str(e).strip().splitlines()[-1].removeprefix(f"{DataError.__module__}.DataError: ")
-        raise DataError(f"{reason}; saved step {state.step} in {checkpointer.root}: once the data is back, "
-                        "continue with --resume latest") from None
-
-
 class Checkpointer:
     """``checkpoints/step_N`` folders written atomically, the newest ``keep`` kept.
 
-    A checkpoint is written into ``checkpoints/.tmp_step_N``, a manifest of every file, its size
-    and its SHA-256 (after an fsync) is written last, then the folder is renamed. A folder counts
-    as a checkpoint only if its manifest is present and every listed file has its recorded size,
-    so a half-written or truncated checkpoint is never chosen for a resume; the hashes are checked
-    before a checkpoint is loaded, and one whose content changed falls back to the previous one. The counters of ``state`` are stored as
-    JSON rather than registered with Accelerate, which would unpickle them without restriction:
-    a resume never runs code from a checkpoint's files.
+    A checkpoint is written into ``checkpoints/.tmp_step_N``: Accelerate's state, the EMAs (one
+    file per process when they are sharded, else the main process's), the counters of ``state`` as
+    JSON (registered with Accelerate they would be unpickled without restriction: a resume never
+    runs code from a checkpoint's files) and the identity; then a manifest of every file, its size
+    and its SHA-256 (after an fsync) is written last and the folder is renamed. A folder counts as
+    a checkpoint only if its manifest reads and every listed file has its recorded size, so a
+    half-written or truncated checkpoint is never chosen for a resume; the hashes are checked before
+    a checkpoint is loaded, and one whose content changed falls back to the previous one.
     """
 
-    def __init__(self, accelerator: Accelerator, output_dir: Path, keep: int, state: TrainingState,
-                 identity: RunIdentity, extra_save: Callable[[Path], None] = lambda path: None,
-                 extra_load: Callable[[Path], None] = lambda path: None):
+    def __init__(self, accelerator: Accelerator, output_dir: Path, keep: int, state: "TrainingState",
+                 identity: RunIdentity, emas: Optional[dict[str, EMA]] = None, sharded_emas: bool = False):
         self.accelerator = accelerator
         self.root = output_dir / "checkpoints"
         self.keep = keep
         self.state = state
         self.identity = identity
-        self.extra_save = extra_save
-        self.extra_load = extra_load
+        self.emas = emas or {}
+        self.sharded_emas = sharded_emas
 
     def save(self, step: int) -> Path:
         acc = self.accelerator
@@ -245,38 +165,58 @@ class Checkpointer:
         try:
             if acc.is_main_process:
                 self.root.mkdir(parents=True, exist_ok=True)
-                if tmp.exists():
-                    shutil.rmtree(tmp)
-                tmp.mkdir()
+                durable.fresh_folder(tmp)
             acc.wait_for_everyone()
             acc.save_state(str(tmp), safe_serialization=True)
-            self.extra_save(tmp)
+            self._save_emas(tmp)
             if acc.is_main_process:
-                (tmp / STATE_NAME).write_text(json.dumps(self.state.state_dict()))
-                (tmp / IDENTITY_NAME).write_text(json.dumps(self.identity.record(), indent=1))
+                durable.write_json(tmp / STATE_NAME, self.state.state_dict())
+                durable.write_json(tmp / IDENTITY_NAME, self.identity.record())
             acc.wait_for_everyone()
             if acc.is_main_process:
-                files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _synced_sha256(p)}
-                         for p in sorted(tmp.rglob("*")) if p.is_file()}
-                _write_synced(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
-                if final.exists():
-                    shutil.rmtree(final)
-                tmp.rename(final)
-                _fsync_dir(self.root)
+                for path in tmp.rglob("*"):       # what the manifest lists must survive a power cut
+                    if path.is_file():
+                        durable.sync_file(path)
+                durable.write_json(tmp / MANIFEST, {"step": step, "files": durable.manifest(tmp)}, sync=True)
+                durable.publish_folder(tmp, final, sync=True)
                 self._prune()
-        except WRITE_ERRORS as e:
+        except durable.WRITE_ERRORS as e:
             if acc.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"could not write checkpoint {final} ({write_failure(e)}); "
+                durable.clear(tmp)
+            raise CheckpointError(f"could not write checkpoint {final} ({durable.write_failure(e)}); "
                                   "the previous checkpoints are untouched") from None
         acc.wait_for_everyone()
         return final
 
+    def _save_emas(self, folder: Path) -> None:
+        if not self.emas:
+            return
+        acc = self.accelerator
+        if not self.sharded_emas and acc.num_processes > 1:
+            replicas_agree(self.emas, acc.gather)
+            if acc.is_main_process:
+                logger.info("EMA weights identical on all %d processes", acc.num_processes)
+        if self.sharded_emas or acc.is_main_process:
+            rank = acc.process_index if self.sharded_emas else 0
+            tensors = {f"{name}.{key}": value.contiguous().cpu()
+                       for name, ema in self.emas.items() for key, value in ema.state_dict().items()}
+            save_file(tensors, ema_file(folder, rank))
+
+    def _load_emas(self, folder: Path) -> None:
+        if not self.emas:
+            return
+        rank = self.accelerator.process_index if self.sharded_emas else 0
+        # read on the CPU, then moved: safetensors refuses indexed CPU names such as "cpu:0", which a
+        # multi-process CPU run's accelerator.device is
+        tensors = {k: v.to(self.accelerator.device) for k, v in load_file(ema_file(folder, rank)).items()}
+        for name, ema in self.emas.items():
+            ema.load_state_dict({k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")})
+
     def _prune(self) -> None:
         for _, path in self.valid()[:-self.keep] if self.keep > 0 else []:
-            shutil.rmtree(path, ignore_errors=True)
+            durable.clear(path)
         for stale in self.root.glob(".tmp_step_*"):
-            shutil.rmtree(stale, ignore_errors=True)
+            durable.clear(stale)
 
     def valid(self) -> list[tuple[int, Path]]:
         """(step, folder) of complete checkpoints, oldest first."""
@@ -315,9 +255,11 @@ class Checkpointer:
         for i, path in enumerate(candidates):
             self._check_identity(path)
             try:
-                _verify_contents(path)
+                problem = checkpoint_problem(path, deep=True)
+                if problem:
+                    raise CheckpointError(f"{problem}: damaged on disk")
                 self.accelerator.load_state(str(path))
-                self.extra_load(path)
+                self._load_emas(path)
                 self.state.load_state_dict(json.loads((path / STATE_NAME).read_text()))
                 logger.info("resumed from %s", path)
                 return path
@@ -328,7 +270,6 @@ class Checkpointer:
                                path, type(e).__name__, e, candidates[i + 1])
         return None
 
-
     def _check_identity(self, path: Path) -> None:
         saved_path = path / IDENTITY_NAME
         if not saved_path.is_file():
@@ -336,60 +277,40 @@ class Checkpointer:
                            "are not checked", path, IDENTITY_NAME)
             return
         try:
-            saved = json.loads(saved_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            saved = durable.read_json(saved_path)
+        except ValueError as e:
             raise CheckpointError(f"cannot resume from {path}: unreadable {IDENTITY_NAME} ({e})") from None
         self.identity.check(saved if isinstance(saved, dict) else {}, path)
 
 
-def checkpoint_problem(path: Path) -> Optional[str]:
-    """Why ``path`` is not a complete checkpoint, or None when it is."""
-    manifest = path / MANIFEST
+def checkpoint_problem(path: Path, deep: bool = False) -> Optional[str]:
+    """Why ``path`` is not a complete checkpoint, or None when it is (``deep``: every file's SHA-256 too)."""
     if not path.is_dir():
         return "no such folder"
-    if not manifest.is_file():
+    if not (path / MANIFEST).is_file():
         return f"no {MANIFEST} (the checkpoint was not finished)"
     try:
-        files = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError) as e:
+        record = durable.read_json(path / MANIFEST)
+    except ValueError as e:
         return f"unreadable {MANIFEST} ({e})"
-    for name, entry in files.items():
-        f = path / name
-        size = entry["size"] if isinstance(entry, dict) else entry
-        if not f.is_file():
-            return f"missing file {name}"
-        if f.stat().st_size != size:
-            return f"file {name} has {f.stat().st_size} bytes, expected {size} (truncated?)"
-    return None
+    if not isinstance(record, dict) or "files" not in record:
+        return f"unreadable {MANIFEST} (no file list)"
+    return durable.manifest_problem(path, record["files"], deep=deep)
 
 
-def _verify_contents(path: Path) -> None:
-    """The files' SHA-256 against the manifest (read in full, so done once, before loading)."""
-    for name, entry in json.loads((path / MANIFEST).read_text())["files"].items():
-        if isinstance(entry, dict) and file_sha256(path / name) != entry["sha256"]:
-            raise CheckpointError(f"file {name} differs from the manifest (SHA-256): damaged on disk")
+def ema_file(checkpoint: Path, rank: int) -> Path:
+    return checkpoint / f"ema_rank{rank}.safetensors"
 
 
-def _synced_sha256(path: Path) -> str:
-    """The file's SHA-256, after forcing its data to disk: a manifest never lists data a power cut can lose."""
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-    return file_sha256(path)
+def replicas_agree(emas: dict[str, EMA], gather) -> None:
+    """Replicated (not sharded) EMAs must be bit-identical on every process; fail loudly otherwise.
 
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    ``gather`` collects one tensor from every process (``accelerator.gather``).
+    """
+    local = torch.stack([v.double().sum() for ema in emas.values() for v in ema.state_dict().values()]).sum()
+    sums = gather(local.reshape(1))
+    if not torch.all(sums == sums[0]):
+        raise RuntimeError(f"EMA weights differ between processes (checksums {sums.tolist()})")
 
 
 class StopRequest:

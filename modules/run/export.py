@@ -1,18 +1,21 @@
 """Model folders: ``config.json`` + ``model.safetensors`` (like diffusers' save_pretrained).
 
 Weights are only ever read from safetensors, so nothing is unpickled from a user's file.
-Folders are written into a temporary sibling and renamed, so a crash never leaves a
-half-written export under the final name. A UNet export's ``config.json`` holds the resolved
-run config it was trained with (``run_config``, validated when read back like a command-line
-config, and the one source a loader reads), a summary of it (``model``, ``cond``,
-``objective``, ...), which weights it holds (``online`` or ``ema``), the VAE it was trained with and,
-for a text-conditioned model, its text encoder (path and identity: sample.py refuses another).
+Folders are written through modules/durable.py (a temporary sibling, then renamed), so a crash
+never leaves a half-written export under the final name. A stage-2 export's ``config.json``
+holds the resolved run config it was trained with (``run_config``, validated when read back like
+a command-line config, and the one source a loader reads, with ``sizes``, what its network was
+built for), a summary of it (``model``, ``cond``, ``objective``, ...), which weights it holds
+(``online`` or ``ema``), the VAE it was trained with and, for a text-conditioned model, its text
+encoder (path and identity: sample.py refuses another). Exports of the earlier layout (no
+``sizes``; modules/config/legacy.py) still load. The stage-2 folders keep their names ``unet/``
+and ``unet_ema/`` whatever the network, so existing runs and scripts keep working.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,48 +23,27 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from modules.config.schema import UNetRunConfig, check_trained
-from modules.config.io import diff_fields, from_dict, read_json, to_dict, with_defaults
-from modules.errors import ConfigError, ModelFolderError
-from modules.core.networks.denoiser import Denoiser
+from modules import durable
+from modules.config.io import diff_fields, from_dict, read_json, to_dict
+from modules.config.legacy import legacy_sizes
+from modules.config.schema import UNetRunConfig, sizes_problem
 from modules.core.networks import build_network
+from modules.core.networks.denoiser import Denoiser, Sizes
+from modules.core.networks.vae import AutoencoderKL, VAEConfig
+from modules.errors import ConfigError, ModelFolderError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
 def save_model_folder(folder: str | Path, state_dict: dict[str, torch.Tensor], config: dict) -> Path:
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    save_file(tensors, tmp / WEIGHTS_NAME)
-    config = {**config, "sha256": {WEIGHTS_NAME: file_sha256(tmp / WEIGHTS_NAME)}}
-    (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    if folder.exists():
-        old = folder.with_name(folder.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(folder)
-    return folder
-
-
-def recover_model_folder(folder: str | Path) -> None:
-    """Undo what a kill inside :func:`save_model_folder` left: the previous export back in place
-    if the new one never arrived, and no ``.tmp`` / ``.old`` leftovers."""
-    folder = Path(folder)
-    tmp, old = (folder.with_name(folder.name + suffix) for suffix in (".tmp", ".old"))
-    if not folder.exists() and (old / CONFIG_NAME).is_file():
-        old.rename(folder)
-    for leftover in (tmp, old):
-        if leftover.exists():
-            shutil.rmtree(leftover)
+    """Write ``folder`` (config.json, with the SHA-256 of the weights, and model.safetensors) atomically."""
+    def write(tmp: Path) -> None:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+        save_file(tensors, tmp / WEIGHTS_NAME)
+        record = {**config, "sha256": {WEIGHTS_NAME: durable.sha256_file(tmp / WEIGHTS_NAME)}}
+        (tmp / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
+    return durable.write_folder(folder, write)
 
 
 def read_config(folder: str | Path, kind: str | None = None) -> dict:
@@ -85,21 +67,13 @@ def describe_kind(config: dict) -> str:
     return "no 'kind' entry" if "kind" not in config else f"'kind': {json.dumps(kind)} (not a model kind)"
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_folder_weights(folder: Path, config: dict) -> dict[str, torch.Tensor]:
     """A model folder's weights, checked against the SHA-256 its config.json recorded (when it did)."""
     path = Path(folder) / WEIGHTS_NAME
     tensors = read_weights(path)
     expected = config.get("sha256", {}).get(WEIGHTS_NAME) if isinstance(config.get("sha256"), dict) else None
-    if expected and file_sha256(path) != expected:
-        raise ModelFolderError(f"{path}: its SHA-256 is {file_sha256(path)[:16]}..., not the {expected[:16]}... "
+    if expected and durable.sha256_file(path) != expected:
+        raise ModelFolderError(f"{path}: its SHA-256 is {durable.sha256_file(path)[:16]}..., not the {expected[:16]}... "
                                "recorded in config.json: the file is damaged or was replaced")
     return tensors
 
@@ -162,36 +136,71 @@ def find_model_folder(path: str | Path, subfolder: str) -> Path:
                            f"output dir with a '{subfolder}' export")
 
 
+# ----------------------------------------------------------------------------- the VAE
+
+def vae_identity(model: AutoencoderKL) -> str:
+    """SHA-256 over the VAE's config and weights, whatever file format they came from: the key of
+    its latent caches, and what a stage-2 checkpoint records of the VAE it was trained with."""
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_vae(model: AutoencoderKL, folder: str | Path, run_config: Optional[dict] = None) -> Path:
+    """Write ``folder/config.json`` (kind "vae", the model config, the run config) + ``model.safetensors``."""
+    config = {"kind": "vae", "model": dataclasses.asdict(model.config), "run_config": run_config}
+    return save_model_folder(folder, model.state_dict(), config)
+
+
+def vae_config(values: dict, where: Path) -> VAEConfig:
+    """A VAE's model config, typed and validated exactly like a command-line config; errors name the file."""
+    try:
+        return from_dict(VAEConfig, values, str(where), prefix="model.")
+    except ConfigError as e:
+        raise ModelFolderError(f"{where}: {e}") from None
+
+
+def load_our_vae(folder: Path, config: dict) -> AutoencoderKL:
+    """A VAE exported here (``config.json`` of kind "vae", read as ``config``), in eval mode."""
+    cfg = vae_config(config.get("model") or {}, folder / CONFIG_NAME)
+    return load_state_strict(AutoencoderKL(cfg), read_folder_weights(folder, config), folder, "the VAE config").eval()
+
+
 # ----------------------------------------------------------------------------- the stage-2 network
 
 @dataclass
-class UNetExport:
-    """What an exported UNet folder says about itself."""
+class NetworkExport:
+    """What an exported stage-2 folder says about itself."""
     folder: Path
-    config: UNetRunConfig      # the resolved run config, derived fields included
+    config: UNetRunConfig      # the resolved run config
+    sizes: Sizes               # what the network was built for
     weights: str               # "online" or "ema"
     vae: dict                  # the VAE it was trained with: {"path": ..., "model": {...}}
-    text_encoder: Optional[dict] = None   # cond.type=text: modules.text_encoder.TextEncoder.record()
+    text_encoder: Optional[dict] = None   # cond.type=text: modules.interop.clip.TextEncoder.record()
 
 
-def unet_export_config(cfg: UNetRunConfig, vae: dict, weights: str, text_encoder: Optional[dict] = None) -> dict:
-    """``config.json`` of a UNet export: the run config, and a summary of it for a reader's eye."""
+def export_config(cfg: UNetRunConfig, sizes: Sizes, vae: dict, weights: str, text_encoder: Optional[dict] = None) -> dict:
+    """``config.json`` of a stage-2 export: the run config and sizes, and a summary of them for a reader's eye."""
     summary = {"model": to_dict(cfg.model), "cond": to_dict(cfg.cond), "objective": cfg.objective,
-               "shortcut": to_dict(cfg.shortcut), "ddpm": to_dict(cfg.ddpm), "latent_size": cfg.latent_size}
+               cfg.objective: to_dict(cfg.objective_cfg), "latent_size": sizes.latent_size}
     ema = {"ema_decay": cfg.ema.decay} if weights == "ema" else {}
     text = {"text_encoder": text_encoder} if text_encoder is not None else {}
-    return {"kind": "unet", "weights": weights, **summary, **ema, "vae": vae, **text, "run_config": to_dict(cfg)}
+    return {"kind": "unet", "weights": weights, **summary, **ema, "vae": vae, **text, "run_config": to_dict(cfg),
+            "sizes": to_dict(sizes)}
 
 
-def save_unet(folder: str | Path, state_dict: dict[str, torch.Tensor], cfg: UNetRunConfig, vae: dict,
-              weights: str, text_encoder: Optional[dict] = None) -> Path:
-    """The one way a UNet is exported: its weights, its run config, its VAE's record (and its text encoder's)."""
-    return save_model_folder(folder, state_dict, unet_export_config(cfg, vae, weights, text_encoder))
+def save_network(folder: str | Path, state_dict: dict[str, torch.Tensor], cfg: UNetRunConfig, sizes: Sizes,
+                 vae: dict, weights: str, text_encoder: Optional[dict] = None) -> Path:
+    """The one way a stage-2 network is exported: its weights, its run config and sizes, its VAE's record
+    (and its text encoder's)."""
+    return save_model_folder(folder, state_dict, export_config(cfg, sizes, vae, weights, text_encoder))
 
 
-def read_unet_export(folder: str | Path) -> UNetExport:
-    """Read and validate an export's config.json: the run config is checked like a command-line
-    one, and the summary entries must agree with it (an edited summary is refused)."""
+def read_network_export(folder: str | Path) -> NetworkExport:
+    """Read and validate an export's config.json: the run config and the sizes are checked like a
+    command-line config, and the summary entries must agree with them (an edited summary is refused)."""
     folder = Path(folder)
     path = folder / CONFIG_NAME
     raw = read_config(folder, kind="unet")
@@ -199,7 +208,13 @@ def read_unet_export(folder: str | Path) -> UNetExport:
         if not isinstance(raw.get("run_config"), dict):
             raise ConfigError("no 'run_config' entry (the run config the model was trained with)")
         cfg = from_dict(UNetRunConfig, raw["run_config"], str(path))
-        check_trained(cfg)
+        recorded = raw["sizes"] if "sizes" in raw else legacy_sizes(raw["run_config"])
+        if not isinstance(recorded, dict):
+            raise ConfigError(f"'sizes' must be the sizes the network was built for, got {recorded!r}")
+        sizes = from_dict(Sizes, recorded, str(path), prefix="sizes.")
+        problem = sizes_problem(cfg, sizes)
+        if problem:
+            raise ConfigError(problem)
     except ConfigError as e:
         raise ModelFolderError(f"{path}: {e}") from None
     weights = raw.get("weights", "ema" if "ema_decay" in raw else "online")   # exports before 2026-12: no entry
@@ -212,21 +227,20 @@ def read_unet_export(folder: str | Path) -> UNetExport:
                                         and isinstance(text_encoder.get("identity"), str)):
         raise ModelFolderError(f"{path}: 'text_encoder' must be the record of the text encoder the model was "
                                f"trained with (path and identity), got {text_encoder!r}")
-    expected = unet_export_config(cfg, vae, weights, text_encoder if cfg.cond.type == "text" else None)
-    # Fields added since the export was written read as their defaults, as from_dict reads run_config.
-    summary = with_defaults({k: raw.get(k) for k in expected}, unet_export_config(UNetRunConfig(), vae, weights))
-    edited = diff_fields(summary, expected)
-    if edited:
-        raise ModelFolderError(f"{path}: its entries do not match its run_config ({'; '.join(edited[:3])}); "
-                               "was it edited? Change run_config instead")
-    return UNetExport(folder, cfg, weights, vae, text_encoder if cfg.cond.type == "text" else None)
+    if "sizes" in raw:   # the summary of an earlier export has other entries; its run_config is what is read
+        expected = export_config(cfg, sizes, vae, weights, text_encoder if cfg.cond.type == "text" else None)
+        edited = diff_fields({k: raw.get(k) for k in expected}, expected)
+        if edited:
+            raise ModelFolderError(f"{path}: its entries do not match its run_config ({'; '.join(edited[:3])}); "
+                                   "was it edited? Change run_config instead")
+    return NetworkExport(folder, cfg, sizes, weights, vae, text_encoder if cfg.cond.type == "text" else None)
 
 
-def load_unet(folder: str | Path, export: Optional[UNetExport] = None) -> Denoiser:
+def load_network(folder: str | Path, export: Optional[NetworkExport] = None) -> Denoiser:
     """Rebuild the stage-2 network (``model.arch``: UNet or DiT) from an exported folder
     (config.json + model.safetensors), in eval mode."""
-    export = export or read_unet_export(folder)
-    model = build_network(export.config.model, export.config.cond)
+    export = export or read_network_export(folder)
+    model = build_network(export.config.model, export.config.cond, export.sizes)
     weights = read_folder_weights(Path(folder), read_config(folder))
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)

@@ -10,45 +10,35 @@ that a kill interrupted is put right before the run goes on.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
-import json
-import os
-import socket
 from pathlib import Path
 from typing import Iterator, Optional
 
 from accelerate import Accelerator
 
-from modules.run.accelerator import broadcast
+from modules import durable
 from modules.config.io import save_json
 from modules.errors import CheckpointError
-from modules.run.export import recover_model_folder
+from modules.run.accelerator import from_main_process
 
 CONFIG_NAME = "config.json"
 LOCK_NAME = ".lock"
 EXPORT_FOLDERS = ("vae", "unet", "unet_ema")
 
 
-def _take_lock(output_dir: Path) -> tuple[Optional[int], Optional[str]]:
-    """(file descriptor, None) holding the lock, or (None, why not)."""
+def _take_lock(output_dir: Path) -> tuple[Optional[durable.Lock], Optional[str]]:
+    """(the lock, None) when taken, or (None, why not)."""
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(output_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         return None, f"cannot write to output dir {output_dir} ({e.strerror or e})"
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return None, (f"output dir {output_dir} is in use by another run ({holder}); wait for it to end "
-                          "or choose another --output-dir")
-        return None, f"cannot lock output dir {output_dir} ({e.strerror or e})"
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
-    return fd, None
+    lock = durable.Lock(output_dir / LOCK_NAME)
+    problem = lock.acquire(wait=False)
+    if problem is None:
+        return lock, None
+    if problem.startswith("in use by"):
+        return None, (f"output dir {output_dir} is {problem} (another run); wait for it to end "
+                      "or choose another --output-dir")
+    return None, f"cannot lock output dir {output_dir}: {problem}"
 
 
 @contextlib.contextmanager
@@ -57,22 +47,22 @@ def claim_output_dir(accelerator: Accelerator, output_dir: Path, resume: Optiona
 
     Every process gets the same verdict, so none is left waiting at a barrier.
     """
-    fd, problem = None, None
+    lock, problem = None, None
     if accelerator.is_main_process:
-        fd, problem = _take_lock(output_dir)
+        lock, problem = _take_lock(output_dir)
         if problem is None:
             for name in EXPORT_FOLDERS:
-                recover_model_folder(output_dir / name)
+                durable.recover_folder(output_dir / name)
             if not resume:
                 problem = _owned_by_another_run(output_dir)
-    verdict = broadcast(problem, accelerator)
+    verdict = from_main_process(problem, accelerator)
     try:
         if verdict:
             raise CheckpointError(verdict)
         yield
     finally:
-        if fd is not None:
-            os.close(fd)      # releases the lock
+        if lock is not None:
+            lock.release()
 
 
 def _owned_by_another_run(output_dir: Path) -> Optional[str]:

@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from PIL import Image
 
-from modules.run.checkpoint import write_atomically
+from modules import durable
 from modules.config.io import diff_fields
 from modules.errors import ConfigError
 
@@ -107,7 +107,7 @@ class SampleFolder:
                     (self.out / name).unlink(missing_ok=True)
                 shutil.rmtree(self.out / PARTS, ignore_errors=True)
             (self.out / PARTS).mkdir(exist_ok=True)
-            write_atomically(self.out / REQUEST, lambda tmp: tmp.write_text(json.dumps(self.request, indent=1) + "\n"))
+            durable.write_json(self.out / REQUEST, self.request)
         except (OSError, json.JSONDecodeError) as e:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             raise ConfigError(f"--out {self.out}: cannot use it ({reason})") from None
@@ -141,7 +141,7 @@ class SampleFolder:
         def write(tmp: Path) -> None:
             with open(tmp, "w") as f:
                 f.writelines(json.dumps(make_record(int(i))) + "\n" for i in indices)
-        write_atomically(self.out / MANIFEST, write)
+        durable.write_file(self.out / MANIFEST, write)
 
     def merge(self, make_record: Callable[[int], dict]) -> None:
         """Main process, after every process closed its part: one sorted manifest, parts removed."""
@@ -167,4 +167,4 @@ class SampleFolder:
                 for i in range(count):
                     with Image.open(self.out / file_of(i)) as img:
                         f.write(np.asarray(img.convert("RGB"), dtype=first.dtype).tobytes())
-        return write_atomically(self.out / "samples.npz", write)
+        return durable.write_file(self.out / "samples.npz", write)

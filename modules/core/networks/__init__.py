@@ -1,14 +1,18 @@
-"""The one place a stage-2 network is built: ``model.arch`` names the class (unet or dit)."""
+"""The networks: the stage-2 denoisers (one file each, with its own config) and the stage-1 VAE.
+
+``ARCHITECTURES`` is the one place ``model.arch`` is looked up: a new network is one file (a
+:class:`modules.core.networks.denoiser.Denoiser` with a ``Config`` dataclass) and one line here.
+"""
 from __future__ import annotations
 
-from modules.config.schema import CondConfig, UNetModelConfig
-from modules.core.networks.denoiser import Denoiser
+from modules.core.networks.conditioning import CondConfig
+from modules.core.networks.denoiser import Denoiser, Sizes
 from modules.core.networks.dit import DiT
 from modules.core.networks.unet import UNet
 
-ARCHITECTURES = {"unet": UNet, "dit": DiT}
+ARCHITECTURES: dict[str, type[Denoiser]] = {"unet": UNet, "dit": DiT}
 
 
-def build_network(model_cfg: UNetModelConfig, cond_cfg: CondConfig) -> Denoiser:
-    """A freshly initialised network of ``model_cfg.arch`` (configs are validated where they are built)."""
-    return ARCHITECTURES[model_cfg.arch](model_cfg, cond_cfg)
+def build_network(cfg, cond_cfg: CondConfig, sizes: Sizes) -> Denoiser:
+    """A freshly initialised network of ``cfg.arch`` (configs are validated where they are built)."""
+    return ARCHITECTURES[cfg.arch](cfg, cond_cfg, sizes)

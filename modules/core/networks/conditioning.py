@@ -11,15 +11,36 @@ prompt is never read, so it carries no information into the network.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from einops import rearrange
 from torch import nn
 
-from modules.config.schema import CondConfig, UNetModelConfig
-from modules.core.networks.denoiser import zero_init
+from modules.core.networks.denoiser import Sizes, zero_init
+from modules.core.settings import at_most, fraction, non_empty, one_of, positive, setting
 
+WIDTH_LIMIT = 8192          # channels
 Encoded = tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]
+
+
+@dataclass
+class CondConfig:
+    """The condition (``cond.*``): what it is, how often it is dropped, how the network reads it, and
+    where text comes from. Its sizes (classes, tokens, image pixels per latent pixel) are
+    :class:`modules.core.networks.denoiser.Sizes`, derived from the data, the encoder and the VAE."""
+    type: str = setting("none", one_of("none", "class", "mask", "text"))
+    drop: float = setting(0.1, fraction())                            # whole-sample dropout (CFG)
+    mask_mode: str = setting("crossattn", one_of("crossattn", "concat", "both"))
+    mask_channels: int = setting(64, positive, at_most(WIDTH_LIMIT))  # width of the mask encoder
+    # Text prompts (README "Text prompts"): a frozen local CLIP text encoder (an SD folder with
+    # text_encoder/ + tokenizer/, or one folder holding both); its token embeddings are cached.
+    text_encoder: str = ""
+    text_layer: str = setting("last", one_of("last", "penultimate"))   # penultimate: SD 2's layer
+    text_mode: str = setting("crossattn", one_of("crossattn", "pooled"))   # tokens to cross-attention, or their mean
+    caption_column: str = setting("text", non_empty)                  # metadata.jsonl/csv or datasets column
+    allow_empty_caption: bool = False                                 # no caption: the empty prompt, not an error
 
 
 def sincos_position_embedding(height: int, width: int, dim: int, device: torch.device,
@@ -35,7 +56,7 @@ def sincos_position_embedding(height: int, width: int, dim: int, device: torch.d
     cols = torch.arange(width, device=device, dtype=torch.float32)[:, None] * freqs
     rows = torch.cat([rows.sin(), rows.cos()], dim=1)[:, None, :].expand(height, width, 2 * quarter)
     cols = torch.cat([cols.sin(), cols.cos()], dim=1)[None, :, :].expand(height, width, 2 * quarter)
-    return torch.cat([rows, cols], dim=2).reshape(height * width, dim).to(dtype)
+    return rearrange(torch.cat([rows, cols], dim=2), "h w d -> (h w) d").to(dtype)
 
 
 class MaskEncoder(nn.Module):
@@ -61,11 +82,11 @@ class Conditioner(nn.Module):
       ``num_classes`` is the null label. Returns the label embedding ``[B, temb_dim]`` and,
       for a network that ``reads_context``, one context token ``[B, 1, context_dim]``.
     - mask: ``cond`` is a FloatTensor ``[B, 1, H, W]`` at image resolution (1 = foreground),
-      ``H = latent height * cond.image_downsample``. Per ``cond.mask_mode``: context tokens
+      ``H = latent height * sizes.image_downsample``. Per ``cond.mask_mode``: context tokens
       ``[B, h * w, context_dim]`` (crossattn), ``concat_channels`` input channels
       ``[B, k, h, w]`` (concat), or both.
-    - text: ``cond`` is a FloatTensor ``[B, cond.text_tokens, context_dim]`` of the frozen text
-      encoder's token embeddings (cached; modules/text_encoder.py). The null condition is the
+    - text: ``cond`` is a FloatTensor ``[B, sizes.text_tokens, sizes.text_width]`` of the frozen text
+      encoder's token embeddings (cached; modules/interop/clip.py). The null condition is the
       empty prompt's embedding, the buffer ``null_text`` (saved with the weights; set from the
       latent cache before training). ``cond.text_mode``: the tokens as context (crossattn), or
       their mean through a zero-initialised linear layer added to the embedding (pooled).
@@ -75,37 +96,39 @@ class Conditioner(nn.Module):
     that take no part in the loss. Mask tokens need such a network (a config rule).
     """
 
-    def __init__(self, cond_cfg: CondConfig, model_cfg: UNetModelConfig, temb_dim: int, reads_context: bool):
+    def __init__(self, cond_cfg: CondConfig, sizes: Sizes, context_dim: int, temb_dim: int, reads_context: bool):
+        """``context_dim``: the width of the class and mask context tokens (the network's own); text
+        tokens have the encoder's width."""
         super().__init__()
         self.type = cond_cfg.type
-        self.num_classes = cond_cfg.num_classes
-        self.image_downsample = cond_cfg.image_downsample
-        self.context_dim = model_cfg.context_dim
+        self.num_classes = sizes.num_classes
+        self.image_downsample = sizes.image_downsample
+        self.context_dim = sizes.text_width if self.type == "text" else context_dim
         self.provides_context = False
         self.concat_channels = 0
         if self.type == "none":
             return
         if self.type == "class":
-            self.label_emb = nn.Embedding(cond_cfg.num_classes + 1, temb_dim)
+            self.label_emb = nn.Embedding(sizes.num_classes + 1, temb_dim)
             if reads_context:
-                self.to_context = nn.Linear(temb_dim, model_cfg.context_dim)
+                self.to_context = nn.Linear(temb_dim, self.context_dim)
                 self.provides_context = True
             return
         if self.type == "text":
-            self.register_buffer("null_text", torch.zeros(cond_cfg.text_tokens, model_cfg.context_dim))
+            self.register_buffer("null_text", torch.zeros(sizes.text_tokens, sizes.text_width))
             if cond_cfg.text_mode == "pooled":
-                self.text_pool = zero_init(nn.Linear(model_cfg.context_dim, temb_dim))
+                self.text_pool = zero_init(nn.Linear(sizes.text_width, temb_dim))
             else:
                 self.provides_context = reads_context
             return
-        self.encoder = MaskEncoder(cond_cfg.mask_channels, cond_cfg.image_downsample)
+        self.encoder = MaskEncoder(cond_cfg.mask_channels, sizes.image_downsample)
         if cond_cfg.mask_mode in ("crossattn", "both"):
-            self.to_tokens = nn.Conv2d(cond_cfg.mask_channels, model_cfg.context_dim, 1)
-            self.null_token = nn.Parameter(torch.randn(model_cfg.context_dim) * 0.02)
+            self.to_tokens = nn.Conv2d(cond_cfg.mask_channels, self.context_dim, 1)
+            self.null_token = nn.Parameter(torch.randn(self.context_dim) * 0.02)
             self.provides_context = True
         if cond_cfg.mask_mode in ("concat", "both"):
             # As many channels as the latents: enough for a mask, and conv_in stays small.
-            self.concat_channels = model_cfg.in_channels
+            self.concat_channels = sizes.latent_channels
             self.to_concat = nn.Conv2d(cond_cfg.mask_channels, self.concat_channels, 1)
             self.null_channels = nn.Parameter(torch.randn(self.concat_channels) * 0.02)
 
@@ -157,7 +180,7 @@ class Conditioner(nn.Module):
         mask = torch.where(drop[:, None, None, None], 0.0, mask.to(self.encoder.layers[0].weight.dtype))
         features = self.encoder(mask)
         if self.provides_context:
-            tokens = self.to_tokens(features).flatten(2).transpose(1, 2)
+            tokens = rearrange(self.to_tokens(features), "b c h w -> b (h w) c")
             tokens = tokens + sincos_position_embedding(h, w, self.context_dim, tokens.device, tokens.dtype)
             tokens = torch.where(drop[:, None, None], self.null_token.to(tokens.dtype), tokens)
         if self.concat_channels:

@@ -15,24 +15,55 @@ zero-initialised layers so a converted pretrained DiT computes its own function 
 embeddings through a cross-attention layer in every block, after the self-attention,
 unmodulated and with a zero-initialised output (PixArt-alpha's block), or their mean added to c
 (pooled). Weights start as the official code initialises them. Called as every stage-2 network
-(:class:`modules.denoiser.Denoiser`); weights converted from diffusers' ``DiTTransformer2DModel``:
-modules/dit_convert.py.
+(:class:`modules.core.networks.denoiser.Denoiser`); weights converted from diffusers'
+``DiTTransformer2DModel``: modules/interop/dit.py.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
-from modules.core.networks.conditioning import Conditioner, sincos_position_embedding
-from modules.config.schema import CondConfig, UNetModelConfig
-from modules.core.networks.denoiser import (CrossAttention, Denoiser, SelfAttention, guidance_embedding, output_layer,
-                              step_embedding, zero_init)
+from modules.core.networks.conditioning import WIDTH_LIMIT, CondConfig, Conditioner, sincos_position_embedding
+from modules.core.networks.denoiser import (CrossAttention, Denoiser, SelfAttention, Sizes, guidance_embedding,
+                                            output_layer, step_embedding, zero_init)
+from modules.core.settings import at_most, fail, one_of, positive, setting
 
 FREQUENCY_CHANNELS = 256     # width of the time sinusoid fed to the time MLP (the DiT code's)
 NORM_EPS = 1e-6
+
+
+@dataclass
+class DiTConfig:
+    """``model.*`` of ``model.arch=dit`` (README "DiT"); the defaults are DiT-B/2, the shortcut paper's network."""
+    arch: str = "dit"
+    patch_size: int = setting(2, one_of(1, 2, 4, 8))              # latent pixels per token side
+    hidden_size: int = setting(768, positive, at_most(WIDTH_LIMIT))
+    depth: int = setting(12, positive, at_most(256))              # transformer blocks
+    num_heads: int = setting(12, positive, at_most(1024))
+    mlp_ratio: float = setting(4.0, positive, at_most(64))
+    # Time sinusoid spacing: 0 as the DiT code (and the UNet); 1 as diffusers' DiTTransformer2DModel.
+    time_freq_shift: int = setting(0, one_of(0, 1))
+
+    def check(self, prefix: str) -> None:
+        if self.hidden_size % self.num_heads:
+            raise fail(f"{prefix}num_heads", f"{self.num_heads} does not divide {prefix}hidden_size={self.hidden_size}")
+        if self.hidden_size % 4:
+            raise fail(f"{prefix}hidden_size", f"must be a multiple of 4 (2-D sine-cosine positions: sin and "
+                       f"cos of rows and columns), got {self.hidden_size}")
+        if int(self.hidden_size * self.mlp_ratio) < 1:
+            raise fail(f"{prefix}mlp_ratio", f"{self.mlp_ratio} x {prefix}hidden_size={self.hidden_size} "
+                       "leaves the MLP no hidden unit")
+
+    def size_problem(self, sizes: Sizes) -> Optional[str]:
+        """Why latents of ``sizes`` do not fit, or None."""
+        if sizes.latent_size % self.patch_size:
+            return f"model.patch_size={self.patch_size} does not divide the latent size {sizes.latent_size}"
+        return None
 
 
 def dit_positions(height: int, width: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -69,28 +100,31 @@ class DiTBlock(nn.Module):
 
 
 class DiT(Denoiser):
-    """DiT over latents ``[B, in_channels, h, w]``, h and w divisible by ``model.patch_size``."""
+    """DiT over latents ``[B, latent_channels, h, w]``, h and w divisible by ``model.patch_size``."""
 
-    def __init__(self, model_cfg: UNetModelConfig, cond_cfg: CondConfig):
-        super().__init__(model_cfg, cond_cfg)
-        m = self.model_cfg
+    Config = DiTConfig
+
+    def __init__(self, cfg: DiTConfig, cond_cfg: CondConfig, sizes: Sizes):
+        super().__init__(cfg, cond_cfg, sizes)
+        m = self.cfg
         dim, p = m.hidden_size, m.patch_size
         self.size_factor = p
         self.size_rule = f"model.patch_size={p}"
         self.time_freq_shift = m.time_freq_shift
 
         self.time_mlp = nn.Sequential(nn.Linear(FREQUENCY_CHANNELS, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.level_emb = step_embedding(m, FREQUENCY_CHANNELS, dim)
-        self.guidance_emb = guidance_embedding(m, FREQUENCY_CHANNELS, dim)
+        self.level_emb = step_embedding(sizes.inputs, FREQUENCY_CHANNELS, dim, m.time_freq_shift)
+        self.guidance_emb = guidance_embedding(sizes.inputs, FREQUENCY_CHANNELS, dim, m.time_freq_shift)
         # Cross-attention for text tokens only: labels go through adaLN, masks in as channels.
-        self.conditioner = Conditioner(self.cond_cfg, m, dim, reads_context=self.cond_cfg.type == "text")
-        context_dim = m.context_dim if self.conditioner.provides_context else None
-        self.patch_embed = nn.Conv2d(m.in_channels + self.conditioner.concat_channels, dim, p, stride=p)
+        self.conditioner = Conditioner(self.cond_cfg, sizes, sizes.text_width, dim,
+                                       reads_context=self.cond_cfg.type == "text")
+        context_dim = sizes.text_width if self.conditioner.provides_context else None
+        self.patch_embed = nn.Conv2d(sizes.latent_channels + self.conditioner.concat_channels, dim, p, stride=p)
         self.blocks = nn.ModuleList(DiTBlock(dim, m.num_heads, int(dim * m.mlp_ratio), context_dim)
                                     for _ in range(m.depth))
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
         self.final_modulation = nn.Linear(dim, 2 * dim)
-        self.final_proj = nn.Linear(dim, p * p * m.in_channels)
+        self.final_proj = nn.Linear(dim, p * p * sizes.latent_channels)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -125,18 +159,17 @@ class DiT(Denoiser):
             zero_init(self.conditioner.text_pool)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, level: Optional[torch.Tensor] = None,
-                cond: Optional[torch.Tensor] = None, drop: Optional[torch.Tensor] = None,
-                guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x, c, context = self._conditioned(x, t, level, cond, drop, guidance)
+                interval: Optional[torch.Tensor] = None, cond: Optional[torch.Tensor] = None,
+                drop: Optional[torch.Tensor] = None, guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x, c, context = self._conditioned(x, t, level, interval, cond, drop, guidance)
         h = self.patch_embed(x)
-        b, dim, grid_h, grid_w = h.shape
-        tokens = h.flatten(2).transpose(1, 2)
-        tokens = tokens + dit_positions(grid_h, grid_w, dim, tokens.device, tokens.dtype)
+        grid_h, grid_w = h.shape[2:]
+        tokens = rearrange(h, "b d h w -> b (h w) d")
+        tokens = tokens + dit_positions(grid_h, grid_w, tokens.shape[2], tokens.device, tokens.dtype)
         for block in self.blocks:
             tokens = self._run(block, tokens, c, context)
         shift, scale = self.final_modulation(c)[:, None, :].chunk(2, dim=2)
         out = self.final_proj(torch.addcmul(shift, self.norm_out(tokens), 1 + scale))
         # unpatchify: each token holds its p x p patch as (row, column, channel), channel fastest
-        p, channels = self.model_cfg.patch_size, self.model_cfg.in_channels
-        out = out.reshape(b, grid_h, grid_w, p, p, channels).permute(0, 5, 1, 3, 2, 4)
-        return out.reshape(b, channels, grid_h * p, grid_w * p)
+        return rearrange(out, "b (h w) (p q c) -> b c (h p) (w q)", h=grid_h, w=grid_w, p=self.cfg.patch_size,
+                         q=self.cfg.patch_size)

@@ -10,21 +10,61 @@ of their second GroupNorm (ADM's "scale-shift norm").
 Conditioning of the timestep embedding: sinusoid of ``t * 1000`` (``t`` in [0, 1]) through
 an MLP, plus the step-size embedding (shortcut level or MeanFlow interval), the guidance-scale
 embedding (intrinsic guidance) and the class embedding when present.
-Models are saved as folders (``config.json`` + ``model.safetensors``, see modules/export.py).
-The configs are validated where they are built (modules/config.py); the network trusts them.
+The config (:class:`UNetConfig`, the run config's ``model`` section with ``model.arch=unet``) is
+validated where it is built (modules/config/); the network trusts it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
-from modules.core.networks.conditioning import Conditioner
-from modules.config.schema import CondConfig, UNetModelConfig
-from modules.core.networks.denoiser import CrossAttention, Denoiser, SelfAttention, guidance_embedding, step_embedding, zero_init
+from modules.core.networks.conditioning import WIDTH_LIMIT, CondConfig, Conditioner
+from modules.core.networks.denoiser import (CrossAttention, Denoiser, SelfAttention, Sizes, guidance_embedding,
+                                            step_embedding, zero_init)
+from modules.core.settings import (at_most, check_widths, each, fail, fraction, non_empty, non_negative, one_of,
+                                   positive, setting)
 from modules.core.wavelet import WaveletDownsample, WaveletUpsample
+
+
+@dataclass
+class UNetConfig:
+    """``model.*`` of ``model.arch=unet``; the defaults are the seed's network."""
+    arch: str = "unet"
+    base_channels: int = setting(192, positive, at_most(WIDTH_LIMIT))
+    channel_mult: tuple[int, ...] = setting((1, 2, 2, 4, 4, 4), non_empty, each(positive, at_most(64)))
+    num_res_blocks: int = setting(2, positive, at_most(64))
+    attention_levels: tuple[int, ...] = setting((4, 5), each(non_negative))   # indices into channel_mult
+    head_dim: int = setting(32, positive)
+    transformer_depth: int = setting(1, positive, at_most(64))
+    context_dim: int = setting(256, positive, at_most(WIDTH_LIMIT))   # width of class and mask tokens
+    norm_groups: int = setting(32, positive)
+    dropout: float = setting(0.0, fraction(high_open=True))
+    resample: str = setting("conv", one_of("conv", "wavelet"))
+
+    def check(self, prefix: str) -> None:
+        check_widths(prefix, self.base_channels, self.channel_mult, self.norm_groups)
+        for m in self.channel_mult:
+            if (self.base_channels * m) % self.head_dim:
+                raise fail(f"{prefix}head_dim", f"{self.head_dim} does not divide the level width "
+                           f"{self.base_channels} x {m} ({prefix}base_channels x {prefix}channel_mult)")
+        missing = [lvl for lvl in self.attention_levels if lvl >= len(self.channel_mult)]
+        if missing:
+            raise fail(f"{prefix}attention_levels", f"level(s) {missing} do not exist "
+                       f"({prefix}channel_mult has {len(self.channel_mult)} levels)")
+
+    def size_problem(self, sizes: Sizes) -> Optional[str]:
+        """Why latents of ``sizes`` do not fit, or None."""
+        factor = 2 ** (len(self.channel_mult) - 1)
+        if sizes.latent_size % factor:
+            return (f"{len(self.channel_mult)} levels (model.channel_mult) halve the latents {len(self.channel_mult) - 1} "
+                    f"times: the latent size {sizes.latent_size} is not divisible by {factor}")
+        return None
+
 
 
 def _in_float32(norm, x: torch.Tensor, weight, bias) -> torch.Tensor:
@@ -120,12 +160,12 @@ class SpatialTransformer(nn.Module):
         self.proj_out = zero_init(nn.Linear(ch, ch))
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor]) -> torch.Tensor:
-        b, c, h, w = x.shape
+        h, w = x.shape[2:]
         # NCHW -> tokens [B, h*w, C]: a view, not a copy, when x is channels_last.
-        tokens = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c))
+        tokens = self.proj_in(rearrange(self.norm(x), "b c h w -> b (h w) c"))
         for block in self.blocks:
             tokens = block(tokens, context)
-        return x + self.proj_out(tokens).reshape(b, h, w, c).permute(0, 3, 1, 2)
+        return x + rearrange(self.proj_out(tokens), "b (h w) c -> b c h w", h=h, w=w)
 
 
 class Downsample(nn.Module):
@@ -176,12 +216,14 @@ class LevelBlock(nn.Module):
 
 
 class UNet(Denoiser):
-    """The stage-2 UNet, called as every stage-2 network is (:class:`modules.denoiser.Denoiser`):
+    """The stage-2 UNet, called as every stage-2 network is (:class:`modules.core.networks.denoiser.Denoiser`):
     latents' h and w must be divisible by 2^(levels - 1)."""
 
-    def __init__(self, model_cfg: UNetModelConfig, cond_cfg: CondConfig):
-        super().__init__(model_cfg, cond_cfg)
-        m = self.model_cfg
+    Config = UNetConfig
+
+    def __init__(self, cfg: UNetConfig, cond_cfg: CondConfig, sizes: Sizes):
+        super().__init__(cfg, cond_cfg, sizes)
+        m = self.cfg
         base, groups = m.base_channels, m.norm_groups
         temb_dim = 4 * base
         self.num_levels = len(m.channel_mult)
@@ -189,10 +231,10 @@ class UNet(Denoiser):
         self.size_rule = f"{self.num_levels} levels"
 
         self.time_mlp = nn.Sequential(nn.Linear(base, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
-        self.level_emb = step_embedding(m, base, temb_dim)
-        self.guidance_emb = guidance_embedding(m, base, temb_dim)
-        self.conditioner = Conditioner(self.cond_cfg, m, temb_dim, reads_context=True)
-        context_dim = m.context_dim if self.conditioner.provides_context else None
+        self.level_emb = step_embedding(sizes.inputs, base, temb_dim)
+        self.guidance_emb = guidance_embedding(sizes.inputs, base, temb_dim)
+        self.conditioner = Conditioner(self.cond_cfg, sizes, m.context_dim, temb_dim, reads_context=True)
+        context_dim = self.conditioner.context_dim if self.conditioner.provides_context else None
 
         def res(in_ch: int, out_ch: int) -> ResBlock:
             return ResBlock(in_ch, out_ch, temb_dim, groups, m.dropout)
@@ -202,7 +244,7 @@ class UNet(Denoiser):
                 return None
             return SpatialTransformer(ch, m.head_dim, m.transformer_depth, context_dim, groups)
 
-        self.conv_in = nn.Conv2d(m.in_channels + self.conditioner.concat_channels, base, 3, padding=1)
+        self.conv_in = nn.Conv2d(sizes.latent_channels + self.conditioner.concat_channels, base, 3, padding=1)
         self.down_blocks = nn.ModuleList()
         skip_channels = [base]
         ch = base
@@ -228,12 +270,12 @@ class UNet(Denoiser):
                 ch = base * mult
 
         self.norm_out = GroupNorm32(groups, ch)
-        self.conv_out = zero_init(nn.Conv2d(ch, m.in_channels, 3, padding=1))
+        self.conv_out = zero_init(nn.Conv2d(ch, sizes.latent_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, level: Optional[torch.Tensor] = None,
-                cond: Optional[torch.Tensor] = None, drop: Optional[torch.Tensor] = None,
-                guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x, emb, context = self._conditioned(x, t, level, cond, drop, guidance)
+                interval: Optional[torch.Tensor] = None, cond: Optional[torch.Tensor] = None,
+                drop: Optional[torch.Tensor] = None, guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x, emb, context = self._conditioned(x, t, level, interval, cond, drop, guidance)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
@@ -246,7 +288,3 @@ class UNet(Denoiser):
             h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.conv_out(F.silu(self.norm_out(h)))
 
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameter elements (shared parameters counted once)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -19,18 +19,41 @@ Latents are NOT multiplied by ``config.scale_factor`` here; callers do that.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from modules.core.attention import attention
-from modules.config.schema import VAEModelConfig
+from modules.core.settings import at_most, check_widths, each, non_empty, one_of, positive, setting
 from modules.core.wavelet import WaveletDownsample, WaveletUpsample
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 NORM_EPS = 1e-6
+
+
+@dataclass
+class VAEConfig:
+    """``model.*`` of a VAE run; the defaults are SD's kl-f8."""
+    in_channels: int = setting(3, positive, at_most(64))
+    base_channels: int = setting(128, positive, at_most(8192))
+    channel_mult: tuple[int, ...] = setting((1, 2, 4, 4), non_empty, each(positive, at_most(64)))
+    num_res_blocks: int = setting(2, positive, at_most(64))
+    latent_channels: int = setting(4, positive, at_most(1024))
+    norm_groups: int = setting(32, positive)
+    mid_attention: bool = True
+    resample: str = setting("conv", one_of("conv", "wavelet"))
+    scale_factor: float = setting(1.0, positive)       # latent scale, measured after stage 1 (1 / std)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    def check(self, prefix: str) -> None:
+        check_widths(prefix, self.base_channels, self.channel_mult, self.norm_groups)
 
 
 # ----------------------------------------------------------------------------- posterior
@@ -115,11 +138,11 @@ class SelfAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(ch, ch)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        tokens = self.group_norm(x).flatten(2).transpose(1, 2)           # [B, N, C]
-        q, k, v = (proj(tokens).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))
-        out = self.to_out[0](attention(q, k, v).squeeze(1))              # [B, N, C]
-        return x + out.transpose(1, 2).reshape(b, c, h, w)
+        h, w = x.shape[2:]
+        tokens = rearrange(self.group_norm(x), "b c h w -> b 1 (h w) c")    # one head
+        q, k, v = (proj(tokens) for proj in (self.to_q, self.to_k, self.to_v))
+        out = self.to_out[0](rearrange(attention(q, k, v), "b 1 n c -> b n c"))
+        return x + rearrange(out, "b (h w) c -> b c h w", h=h, w=w)
 
 
 class Downsample(nn.Module):
@@ -154,11 +177,11 @@ class Upsample(nn.Module):
         return F.conv_transpose2d(x, kernel, self.conv.bias, stride=2, padding=1)
 
 
-def _downsampler(cfg: VAEModelConfig, ch: int) -> nn.Module:
+def _downsampler(cfg: VAEConfig, ch: int) -> nn.Module:
     return WaveletDownsample(ch, ch) if cfg.resample == "wavelet" else Downsample(ch)
 
 
-def _upsampler(cfg: VAEModelConfig, ch: int) -> nn.Module:
+def _upsampler(cfg: VAEConfig, ch: int) -> nn.Module:
     return WaveletUpsample(ch, ch) if cfg.resample == "wavelet" else Upsample(ch)
 
 
@@ -196,12 +219,12 @@ class MidBlock(nn.Module):
         return self.resnets[1](x)
 
 
-def _widths(cfg: VAEModelConfig) -> list[int]:
+def _widths(cfg: VAEConfig) -> list[int]:
     return [cfg.base_channels * m for m in cfg.channel_mult]
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: VAEModelConfig):
+    def __init__(self, cfg: VAEConfig):
         super().__init__()
         widths = _widths(cfg)
         self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
@@ -228,7 +251,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Mirror of the encoder; ``up_blocks[0]`` works at the lowest resolution (diffusers' order)."""
 
-    def __init__(self, cfg: VAEModelConfig):
+    def __init__(self, cfg: VAEConfig):
         super().__init__()
         widths = _widths(cfg)[::-1]
         self.conv_in = nn.Conv2d(cfg.latent_channels, widths[0], 3, padding=1)
@@ -260,7 +283,7 @@ class AutoencoderKL(nn.Module):
     ``config.downsample_factor``; latents are ``[B, latent_channels, H / f, W / f]`` unscaled.
     """
 
-    def __init__(self, cfg: VAEModelConfig):
+    def __init__(self, cfg: VAEConfig):
         super().__init__()
         self.config = cfg
         self.encoder = Encoder(cfg)

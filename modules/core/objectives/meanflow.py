@@ -23,27 +23,56 @@ over its elements is weighted by 1 / (sq + c)^p (stop-gradient); guidance is fol
 
 The JVP runs with forward-mode autodiff (``torch.func.jvp``; ``torch.autograd.forward_ad`` under DDP
 and FSDP1, see :func:`_runs_forward_ad`), so attention takes SDPA's math backend inside it
-(:func:`modules.attention.forward_ad_attention`). It runs in the run's precision:
+(:func:`modules.core.attention.forward_ad_attention`). It runs in the run's precision:
 under mixed precision Accelerate puts autocast inside the network's forward, so the tangent is bf16
 there too (the official PyTorch code runs it in float32; ``train.mixed_precision=no`` does that
 here). The UNet's GroupNorm and LayerNorm compute in float32 so that tangents keep the output's
-dtype (modules/unet.py).
+dtype (modules/core/networks/unet.py).
 Gradient checkpointing does not recompute tangents (torch refuses the recomputation), so the
 config refuses it with this objective.
+
+Sampled in MeanFlow steps (1 step: one forward from noise to data), or as a flow model at h = 0
+(Euler, Heun).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwad
 from torch.func import jvp
 
 from modules.core.attention import forward_ad_attention
-from modules.config.schema import MeanFlowConfig
-from modules.core.draws import Draws, broadcast, condition_dropout, draw_device, noise_for
+from modules.core.draws import Draws, condition_dropout, draw_device, noise_for, per_row
+from modules.core.networks.denoiser import NetworkInputs
+from modules.core.objectives.base import Logs, ModelCall, Objective
+from modules.core.samplers import SampleFn, sample_ode, times
+from modules.core.settings import at_least, at_most, fail, fraction, non_negative, positive, setting, time_interval
 
-ModelCall = Callable[..., torch.Tensor]
+
+@dataclass
+class MeanFlowConfig:
+    """MeanFlow (Geng et al., arXiv 2505.13447) in this project's time, t = 0 noise, t = 1 data: the
+    network learns the average velocity over [t, s], s >= t. The paper's (t, r) are 1 - s, 1 - t here."""
+    # t and s: the lower and the higher of two logit-normal draws; the paper's logit-normal(-0.4, 1.0)
+    # over its reversed time is logit-normal(+0.4, 1.0) over ours.
+    time_mean: float = setting(0.4, at_least(-10), at_most(10))
+    time_std: float = setting(1.0, positive, at_most(10))
+    equal_fraction: float = setting(0.75, fraction())      # rows with s = t (flow matching); the paper's best
+    # Adaptive loss weight 1 / (||delta||^2 + c)^p on each row's squared error summed over its elements.
+    loss_power: float = setting(1.0, non_negative, at_most(4))     # p; 0: the plain summed squared error
+    loss_eps: float = setting(0.01, positive)                 # c: the official JAX code's (its CIFAR code: 1e-3)
+    # Guidance folded into the target (the paper's appendix): v_g = omega v + kappa u(z, t, t | c)
+    # + (1 - omega - kappa) u(z, t, t | null) for t in guidance_interval (our time: the paper's [a, b] is
+    # [1 - b, 1 - a] here), v elsewhere and on dropped rows.
+    omega: float = setting(1.0, non_negative, at_most(100))     # 1 with kappa 0: no guidance
+    kappa: float = setting(0.0, fraction(high_open=True))
+    guidance_interval: tuple[float, float] = setting((0.0, 1.0), time_interval)
+
+    @property
+    def guided(self) -> bool:
+        return self.omega != 1.0 or self.kappa != 0.0
 
 
 def _runs_forward_ad(model: ModelCall) -> Optional[torch.nn.Module]:
@@ -70,11 +99,11 @@ def average_velocity_jvp(model: ModelCall, x_t: torch.Tensor, t: torch.Tensor, s
     wrapped = _runs_forward_ad(model)
     with forward_ad_attention():
         if wrapped is None:
-            return jvp(lambda z, t_, s_: model(z, t_, level=s_ - t_, cond=cond, drop=drop), (x_t, t, s),
+            return jvp(lambda z, t_, s_: model(z, t_, interval=s_ - t_, cond=cond, drop=drop), (x_t, t, s),
                        (v, torch.ones_like(t), torch.zeros_like(s)))
         with fwad.dual_level():
             t_dual = fwad.make_dual(t, torch.ones_like(t))
-            return fwad.unpack_dual(wrapped(fwad.make_dual(x_t, v), t_dual, level=s - t_dual, cond=cond,
+            return fwad.unpack_dual(wrapped(fwad.make_dual(x_t, v), t_dual, interval=s - t_dual, cond=cond,
                                             drop=drop))
 
 
@@ -83,12 +112,11 @@ def num_equal(batch_size: int, fraction: float) -> int:
     return int(batch_size * fraction + 0.5)
 
 
-class MeanFlowObjective:
-    """MeanFlow: the network, called with ``level = h = s - t`` (a float), learns the average velocity."""
-
-    def __init__(self, cfg: MeanFlowConfig, cond_drop: float = 0.0):
-        self.cfg = cfg
-        self.cond_drop = cond_drop
+class MeanFlow(Objective):
+    """MeanFlow: the network, called with ``interval = h = s - t``, learns the average velocity."""
+    name = "meanflow"
+    Config = MeanFlowConfig
+    samplers = ("meanflow", "euler", "heun")
 
     def sample_times(self, n: int, generator: Optional[torch.Generator],
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,19 +145,19 @@ class MeanFlowObjective:
         if cfg.kappa:   # one doubled forward: conditional, then null
             doubled = rows.repeat(2)
             null = torch.arange(2 * n, device=x_t.device) >= n
-            out = model(x_t[doubled], t[doubled], level=torch.zeros(2 * n, device=x_t.device),
+            out = model(x_t[doubled], t[doubled], interval=torch.zeros(2 * n, device=x_t.device),
                         cond=cond[doubled.to(cond.device)], drop=null).float()
             u_cond, u_null = out[:n], out[n:]
         else:
-            u_null = model(x_t[rows], t[rows], level=torch.zeros(n, device=x_t.device), cond=cond[rows.to(cond.device)],
-                           drop=torch.ones(n, dtype=torch.bool, device=x_t.device)).float()
+            u_null = model(x_t[rows], t[rows], interval=torch.zeros(n, device=x_t.device),
+                           cond=cond[rows.to(cond.device)], drop=torch.ones(n, dtype=torch.bool, device=x_t.device)).float()
             u_cond = torch.zeros_like(u_null)
         v_g = v.clone()
         v_g[rows] = (cfg.omega * v[rows] + cfg.kappa * u_cond + (1 - cfg.omega - cfg.kappa) * u_null).to(v.dtype)
         return v_g
 
     def loss(self, model: ModelCall, x1: torch.Tensor, cond: Optional[torch.Tensor],
-             draws: Draws) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             draws: Draws) -> tuple[torch.Tensor, Logs]:
         """Adaptive-weighted squared error of u against its MeanFlow target. ``logs``: "loss_flow" and
         "loss_interval", the unweighted mean squared error of the s = t rows and of the others (the
         weighted loss is about 1 whatever the fit, with p = 1), when the batch has such rows."""
@@ -137,11 +165,11 @@ class MeanFlowObjective:
         noise = noise_for(x1, draws)
         t, s = self.sample_times(b, generator, x1.device)
         drop = condition_dropout(b, cond, self.cond_drop, generator, x1.device)
-        tb = broadcast(t, x1)
+        tb = per_row(t, x1)
         x_t = (1 - tb) * noise + tb * x1
         v = self.guided_velocity(model, x_t, t, x1 - noise, cond, drop)
         u, du_dt = average_velocity_jvp(model, x_t, t, s, v, cond, drop)
-        target = (v + broadcast(s - t, v) * du_dt).detach()    # the MeanFlow identity, stop-gradient
+        target = (v + per_row(s - t, v) * du_dt).detach()    # the MeanFlow identity, stop-gradient
         squared = (u.float() - target.float()).pow(2).flatten(1).sum(1)
         weight = 1.0 / (squared.detach() + cfg.loss_eps) ** cfg.loss_power
         loss = (weight * squared).mean()
@@ -150,3 +178,47 @@ class MeanFlowObjective:
         logs = {name: part.mean() for name, part in (("loss_flow", mse[:equal]), ("loss_interval", mse[equal:]))
                 if part.numel()}
         return loss, logs
+
+    # ---- what the network and the run need
+
+    @staticmethod
+    def network_inputs(cfg: MeanFlowConfig) -> NetworkInputs:
+        return NetworkInputs(step="interval")
+
+    @staticmethod
+    def trains_guidance(cfg: MeanFlowConfig) -> bool:
+        return cfg.guided
+
+    @staticmethod
+    def check(cfg: MeanFlowConfig, run, prefix: str) -> None:
+        if run.train.gradient_checkpointing:
+            raise fail(f"{prefix}train.gradient_checkpointing", "cannot be used with objective=meanflow: "
+                       "torch's checkpointing does not recompute the forward-mode (JVP) tangents")
+        if run.train.channels_last and run.model.arch == "unet":
+            raise fail(f"{prefix}train.channels_last", "cannot be used with objective=meanflow on the UNet: "
+                       "torch's forward-mode (JVP) GroupNorm refuses channels_last tensors")
+        if cfg.guided and run.cond.type == "none":
+            raise fail(f"{prefix}meanflow.omega", "guidance (meanflow.omega != 1 or meanflow.kappa != 0) needs "
+                       "a conditional model (cond.type=class, mask or text)")
+
+    # ---- sampling
+
+    @staticmethod
+    def sample(cfg: MeanFlowConfig, sampler: str, fn: ModelCall, noise: torch.Tensor, steps: int,
+               generators: Optional[Sequence[torch.Generator]] = None, eta: float = 0.0) -> torch.Tensor:
+        """``meanflow``: :func:`sample_meanflow`; ``euler``/``heun``: the flow ODE of u(z, t, h = 0), the
+        instantaneous velocity."""
+        if sampler == "meanflow":
+            return sample_meanflow(fn, noise, steps)
+        return sample_ode(sampler, lambda x, t: fn(x, t, interval=torch.zeros_like(t)), noise, steps)
+
+
+@torch.no_grad()
+def sample_meanflow(fn: SampleFn, noise: torch.Tensor, steps: int) -> torch.Tensor:
+    """MeanFlow steps on the grid t_i = i/steps: x <- x + (t_(i+1) - t_i) u(x, t_i, h = t_(i+1) - t_i),
+    u the average velocity over the step (1 step: one forward from noise to data)."""
+    x = noise
+    for i in range(steps):
+        t, s = i / steps, (i + 1) / steps
+        x = x + (s - t) * fn(x, times(x, t), interval=times(x, s - t)).to(x.dtype)
+    return x

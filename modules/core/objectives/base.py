@@ -1,0 +1,118 @@
+"""What every objective file provides (:class:`Objective`), and the helpers they share.
+
+An objective owns everything that depends on it: its config section (``Config``, the run config's
+section of the same name), what the network must embed besides the latents and the time
+(:meth:`Objective.network_inputs`), whether it needs a teacher EMA, its targets and loss
+(:meth:`Objective.loss`), its samplers (the first is the default) and the step counts they accept,
+the step counts evaluation scores by default, and its rules against the rest of the run config.
+The training loop, sampling and evaluation ask the objective, never its name.
+
+Every network is called as ``net(x, t, level=None, interval=None, cond=None, drop=None)`` with ``t``
+a float in [0, 1] (flow convention: 0 noise, 1 data; DDPM passes timestep / num_timesteps), plus
+``guidance=w`` for a network with a guidance-scale input only (so any other model function keeps
+the shorter call). ``cond`` is only ever passed through or indexed by batch row. Every random
+choice comes from :class:`modules.core.draws.Draws`. Configs are validated where they are built;
+objectives trust them.
+"""
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Callable, ClassVar, Optional, Sequence
+
+import torch
+
+from modules.core.draws import Draws
+from modules.core.networks.denoiser import NetworkInputs, Sizes
+
+ModelCall = Callable[..., torch.Tensor]
+Logs = dict[str, torch.Tensor]
+# How an objective runs its teacher: a context in which it gets the teacher's model call (for the
+# EMA teacher: the training network with the EMA weights swapped in).
+Teacher = Callable[[], AbstractContextManager]
+
+
+def mse_per_sample(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+def guidance_kw(guidance: Optional[torch.Tensor]) -> dict:
+    """The ``guidance`` keyword of a model call: given only to a network with a guidance-scale input."""
+    return {} if guidance is None else {"guidance": guidance}
+
+
+class Objective:
+    """One training objective of the stage-2 network; subclasses fill in the class attributes and
+    override what differs from these defaults (no step input, no teacher, no guidance of its own)."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    samplers: ClassVar[tuple[str, ...]]        # the samplers that fit it; the first is the default
+    # Fields of Config that change training only under this objective: set under another, they are refused.
+    switches: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, cfg, cond_drop: float = 0.0, teacher: Optional[Teacher] = None):
+        self.cfg = cfg
+        self.cond_drop = cond_drop
+        self.teacher = teacher
+
+    def loss(self, net: ModelCall, x1: torch.Tensor, cond: Optional[torch.Tensor],
+             draws: Draws) -> tuple[torch.Tensor, Logs]:
+        """The training loss of one micro-batch of latents ``x1`` and its logs (tensors, left on the device)."""
+        raise NotImplementedError
+
+    # ---- what the network and the run need
+
+    @staticmethod
+    def network_inputs(cfg) -> NetworkInputs:
+        return NetworkInputs()
+
+    @staticmethod
+    def teacher_decay(cfg) -> float:
+        """The decay of the EMA whose weights teach (0: no teacher EMA)."""
+        return 0.0
+
+    @staticmethod
+    def trains_guidance(cfg) -> bool:
+        """Whether training folds guidance in (it then needs the unconditional prediction: cond.drop > 0)."""
+        return False
+
+    @staticmethod
+    def check(cfg, run, prefix: str) -> None:
+        """Rules between this section and the rest of the run config ``run`` (raise ``fail(key, why)``)."""
+
+    @staticmethod
+    def sizes_problem(cfg, sizes: Sizes) -> Optional[str]:
+        """Why latents of ``sizes`` cannot train under this section, or None."""
+        return None
+
+    # ---- sampling and evaluation
+
+    @staticmethod
+    def eval_steps(cfg) -> tuple[int, ...]:
+        """The step counts FID is measured at when ``eval.steps`` is not given."""
+        return (1, 4, 128)
+
+    @classmethod
+    def sampling_problem(cls, cfg, sampler: str, steps: int) -> Optional[str]:
+        """Why a model trained under ``cfg`` cannot be sampled so, or None: the one home of these rules."""
+        if sampler not in cls.samplers:
+            return f"sampler {sampler} does not fit a {cls.name} model (use one of {', '.join(cls.samplers)})"
+        if steps < 1:
+            return f"steps must be an integer >= 1, got {steps}"
+        return cls.steps_problem(cfg, sampler, steps)
+
+    @staticmethod
+    def steps_problem(cfg, sampler: str, steps: int) -> Optional[str]:
+        return None
+
+    @staticmethod
+    def guidance_problem(cfg, scale: float) -> Optional[str]:
+        """Why a model trained under ``cfg`` cannot be sampled at guidance ``scale``, or None."""
+        return None
+
+    @staticmethod
+    def sample(cfg, sampler: str, fn: ModelCall, noise: torch.Tensor, steps: int,
+               generators: Optional[Sequence[torch.Generator]] = None, eta: float = 0.0) -> torch.Tensor:
+        """Latents from ``noise`` in ``steps`` steps of ``sampler`` (checked by :meth:`sampling_problem`);
+        ``fn(x, t, **inputs)`` is the (guided) network."""
+        raise NotImplementedError

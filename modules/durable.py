@@ -1,0 +1,287 @@
+"""Durable writes: the one module that renames, locks, syncs or hashes files.
+
+Every file the toolkit writes that someone relies on later (checkpoints, exports, the latent
+cache, sample folders, configs, statistics, sweep tables, PNGs) is written through here, so each
+inherits the same guarantees:
+
+* **Atomic**: a file or a folder is built under a temporary name in its own folder and renamed
+  into place (:func:`write_file`, :func:`write_folder`); a crash, a kill or a full disk leaves the
+  old version or none, never half of one. Temporary files have random names and are created
+  exclusively; a temporary folder's fixed name is cleared first: a link planted under either is
+  never written through.
+* **Checked**: a folder's manifest (:func:`manifest`) lists every file with its size and SHA-256;
+  :func:`manifest_problem` finds a missing, truncated or (``deep``) changed file.
+* **One writer**: :class:`Lock` is an OS lock (``flock``) that the kernel drops when its process
+  dies, so a killed run never leaves a stale lock.
+* **One line on failure**: :func:`write_or_fail` turns a failed write (a full disk, a read-only
+  folder) into a :class:`modules.errors.CheckpointError` that says what failed and what was kept.
+
+Imports only the standard library and safetensors' error type; usable from every layer.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Union
+
+from safetensors import SafetensorError
+
+from modules.errors import CheckpointError
+
+# A write that fails (disk full, quota, read-only or vanished folder) surfaces as OSError from
+# Python, RuntimeError from torch.save and SafetensorError from safetensors.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+HASH_BLOCK = 1 << 22
+Content = Union[str, bytes, Callable[[Path], Any]]
+
+
+# ----------------------------------------------------------------------------- hashing
+
+def sha256_file(path: Union[str, Path]) -> str:
+    """The SHA-256 of a file's content (the one hashing scheme of every manifest and identity)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(HASH_BLOCK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(value: Any) -> str:
+    """The SHA-256 of a JSON value written canonically (sorted keys): the identity of anything derived
+    from the inputs ``value`` names."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- failures
+
+def write_failure(e: BaseException) -> str:
+    """What went wrong with a write, for a one-line message."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return f"{type(e).__name__}: {e}; is the disk full?"
+
+
+@contextlib.contextmanager
+def failed_write_is(what: str, kept: str) -> Iterator[None]:
+    """Within it, a failed write is a CheckpointError saying ``what`` failed and what is ``kept``."""
+    try:
+        yield
+    except WRITE_ERRORS as e:
+        raise CheckpointError(f"could not write {what} ({write_failure(e)}); {kept}") from None
+
+
+def write_or_fail(write: Callable[[], Any], what: str, kept: str) -> Any:
+    """Run ``write``; a failed write is a CheckpointError saying ``what`` failed and what is ``kept``."""
+    with failed_write_is(what, kept):
+        return write()
+
+
+# ----------------------------------------------------------------------------- files and folders
+
+def sync_file(path: Path) -> None:
+    """Force a file's (or a folder's) data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file(path: Union[str, Path], content: Content, sync: bool = False) -> Path:
+    """Write ``path`` atomically. ``content`` is text, bytes, or a function that writes the file at the
+    path it is given (``lambda tmp: image.save(tmp)``). ``sync``: the data reaches the disk before the
+    rename (what a manifest lists must survive a power cut)."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(content, (str, bytes)):
+                f.write(content.encode() if isinstance(content, str) else content)
+        if callable(content):
+            content(tmp)
+        if sync:
+            sync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json(path: Union[str, Path], value: Any, sync: bool = False) -> Path:
+    return write_file(path, json.dumps(value, indent=1) + "\n", sync)
+
+
+def clear(path: Path) -> None:
+    """Remove whatever is at ``path``: a link (never what it points to), a file or a folder."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def fresh_folder(path: Union[str, Path]) -> Path:
+    """An empty folder at ``path``, created exclusively (whatever was there, a planted link included, is
+    removed first, and a link is never followed)."""
+    path = Path(path)
+    clear(path)
+    path.mkdir(parents=False)
+    return path
+
+
+def publish_folder(tmp: Path, folder: Path, sync: bool = False) -> Path:
+    """Put the finished folder ``tmp`` in place of ``folder``: an existing ``folder`` is moved aside to
+    ``NAME.old``, ``tmp`` renamed in, and the old one removed. A kill between the two renames leaves
+    the old version aside, which :func:`recover_folder` puts back. ``sync``: every file and the
+    parent folder reach the disk first."""
+    if sync:
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                sync_file(path)
+    if folder.exists() or folder.is_symlink():
+        old = fresh_folder(folder.with_name(folder.name + ".old"))
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        clear(old)
+    else:
+        os.replace(tmp, folder)
+    if sync:
+        sync_file(folder.parent)
+    return folder
+
+
+def write_folder(folder: Union[str, Path], write: Callable[[Path], Any], sync: bool = False) -> Path:
+    """Build a folder with ``write(tmp)`` in ``NAME.tmp`` beside ``folder``, then :func:`publish_folder` it.
+    A failed write leaves ``folder`` as it was and no ``NAME.tmp``."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = fresh_folder(folder.with_name(folder.name + ".tmp"))
+    try:
+        write(tmp)
+        publish_folder(tmp, folder, sync)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def recover_folder(folder: Union[str, Path]) -> None:
+    """Undo what a kill inside :func:`write_folder` left: the previous version back in place when the
+    new one never arrived, and no ``NAME.tmp`` / ``NAME.old`` leftovers."""
+    folder = Path(folder)
+    tmp, old = (folder.with_name(folder.name + suffix) for suffix in (".tmp", ".old"))
+    if not folder.exists() and old.is_dir() and not old.is_symlink() and any(old.iterdir()):
+        os.replace(old, folder)
+    for leftover in (tmp, old):
+        clear(leftover)
+
+
+# ----------------------------------------------------------------------------- manifests
+
+def manifest(folder: Path, exclude: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """Every file under ``folder`` (relative name -> size and SHA-256), but those named in ``exclude``."""
+    return {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in exclude}
+
+
+def manifest_problem(folder: Path, files: Any, deep: bool = False, exact: bool = False,
+                     exclude: tuple[str, ...] = ()) -> Optional[str]:
+    """Why ``folder`` does not hold what the manifest ``files`` lists, or None. Sizes are always checked;
+    ``deep`` reads every file for its SHA-256 too; ``exact``: a file the manifest does not list (but those
+    named in ``exclude``) is a problem too. A manifest that is not a mapping of names to entries with a
+    size is itself the problem (a damaged manifest never raises)."""
+    if not isinstance(files, dict):
+        return f"the manifest's file list is {type(files).__name__}, not a mapping of names"
+    for name, entry in files.items():
+        size = entry.get("size") if isinstance(entry, dict) else entry
+        if not isinstance(name, str) or not isinstance(size, int) or isinstance(size, bool):
+            return f"the manifest's entry for {name!r} has no size"
+        path = folder / name
+        if Path(os.path.normpath(name)).is_absolute() or os.path.normpath(name).startswith(".."):
+            return f"the manifest names {name!r}, outside the folder"
+        if not path.is_file():
+            return f"missing file {name}"
+        if path.stat().st_size != size:
+            return f"file {name} has {path.stat().st_size} bytes, expected {size} (truncated?)"
+    if exact:
+        extra = [p.name for p in folder.rglob("*") if p.is_file() and p.name not in exclude
+                 and str(p.relative_to(folder)) not in files]
+        if extra:
+            return f"unexpected file {sorted(extra)[0]}"
+    if deep:
+        for name, entry in files.items():
+            expected = entry.get("sha256") if isinstance(entry, dict) else None
+            if expected is not None and sha256_file(folder / name) != expected:
+                return f"file {name} changed since it was written (SHA-256)"
+    return None
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's value, or raises ValueError with the reason (unreadable, not UTF-8, invalid JSON)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError("not a UTF-8 text file") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON ({e})") from None
+    except OSError as e:
+        raise ValueError(f"cannot be read ({e.strerror or e})") from None
+
+
+# ----------------------------------------------------------------------------- locks
+
+class Lock:
+    """An exclusive OS lock on the file ``path``, held from :meth:`acquire` until :meth:`release` or the
+    process's death (the kernel drops it). The file is opened without following a link, and holds
+    the holder's pid and host so a refusal can name it."""
+
+    def __init__(self, path: Union[str, Path]):
+        self.path = Path(path)
+        self.fd: Optional[int] = None
+
+    def acquire(self, wait: bool = False) -> Optional[str]:
+        """Take the lock (``wait``: until it is free); returns None, or why it was not taken."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return f"{self.path} is a link; remove it"
+            return f"cannot create the lock file {self.path} ({e.strerror or e})"
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError as e:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return f"in use by {holder}"
+            return f"cannot lock {self.path} ({e.strerror or e})"
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
+        except OSError:
+            pass    # the record is for messages only; the lock itself is held
+        self.fd = fd
+        return None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    @contextlib.contextmanager
+    def held(self, wait: bool = True) -> Iterator[None]:
+        problem = self.acquire(wait)
+        if problem:
+            raise CheckpointError(f"cannot lock {self.path}: {problem}")
+        try:
+            yield
+        finally:
+            self.release()
