@@ -33,6 +33,7 @@ from modules.config.io import load_config  # noqa: E402
 from modules.core.draws import Draws  # noqa: E402
 from modules.core.ema import EMA, teacher  # noqa: E402
 from modules.core.networks import build_network  # noqa: E402
+from modules.core.networks.denoiser import Sizes  # noqa: E402
 from modules.core.objectives import build_objective  # noqa: E402
 from modules.core.ot_pairing import PairedPool  # noqa: E402
 
@@ -48,25 +49,25 @@ class Variant:
                       f"data.image_size={preset.image_size}", f"sample.steps=1,{max(preset.steps)}"]
                      + list(preset.unet_args if arch == "unet" else preset.dit_args) + list(switches))
         cfg = load_config(UNetRunConfig, "unet", "tiny", overrides)
-        cfg.model.in_channels, cfg.cond.image_downsample = LATENT_CHANNELS, VAE_FACTOR
-        cfg.model.num_step_levels, cfg.model.step_input = cfg.num_step_levels, cfg.step_input
-        cfg.model.guidance_input = cfg.guidance_input
+        self.sizes = Sizes(latent_channels=LATENT_CHANNELS, latent_size=cfg.data.image_size // VAE_FACTOR,
+                           image_downsample=VAE_FACTOR, inputs=cfg.objective_class.network_inputs(cfg.objective_cfg))
         torch.manual_seed(0)
         self.cfg, self.device = cfg, device
-        self.net = build_network(cfg.model, cfg.cond).to(device).train()
+        self.net = build_network(cfg.model, cfg.cond, self.sizes).to(device).train()
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.train.lr, fused=device.type == "cuda")
         self.emas = [EMA(self.net, cfg.ema.decay)]
         if objective == "shortcut":
             self.emas.append(EMA(self.net, cfg.shortcut.teacher_ema_decay, warmup=False))
-        self.objective = build_objective(cfg, teacher(self.net, self.net, self.emas[-1] if objective == "shortcut"
-                                                      else None))
+        cond_drop = cfg.cond.drop if cfg.cond.type != "none" else 0.0
+        self.objective = build_objective(cfg.objective, cfg.objective_cfg, cond_drop,
+                                         teacher(self.net, self.net, self.emas[-1] if objective == "shortcut" else None))
         self.generator = torch.Generator().manual_seed(1)
         self.pool = (PairedPool(cfg.train.ot_pool, self.batch, lambda m, x1: torch.randn_like(x1))
                      if cfg.train.ot_pairing else None)
         self.micro = 0
 
     def batch(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        b, size = self.cfg.train.batch_size, self.cfg.latent_size
+        b, size = self.cfg.train.batch_size, self.sizes.latent_size
         x1 = torch.randn(b, LATENT_CHANNELS, size, size, generator=self.generator).to(self.device)
         mask = (torch.rand(b, 1, self.cfg.data.image_size, self.cfg.data.image_size, generator=self.generator)
                 < 0.3).float().to(self.device)

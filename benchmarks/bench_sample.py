@@ -6,10 +6,10 @@
 Per (batch, steps): the median wall time of one whole generation, from noise through ``steps``
 network evaluations (Euler / shortcut steps, one conditional forward each: guidance scale 1)
 to the decoded images, with bf16 weights and compute on CUDA (float32 on CPU). Ours is
-``modules.generation`` (what sample.py runs); diffusers' is ``UNet2DConditionModel`` (the
+``modules.core.generation`` (what sample.py runs); diffusers' is ``UNet2DConditionModel`` (the
 preset's widths, as ``bench_unet.py`` builds it; ``DiTTransformer2DModel`` for a DiT preset) and
 ``AutoencoderKL`` (``bench_vae.py``'s), stepped by the same Euler loop. Each model is timed eagerly, then compiled as ``sample.py
---compile`` compiles (``modules.generation.compile_options``: mode="reduce-overhead", CUDA graphs
+--compile`` compiles (``modules.core.generation.compile_options``: mode="reduce-overhead", CUDA graphs
 on GPU; the UNet and the VAE decoder) and timed again. Prints one markdown table with the
 ours/diffusers and compiled/eager ratios; ``--json OUT`` also writes the numbers. Random
 weights: this measures speed, not images.
@@ -31,11 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_unet  # noqa: E402
 import bench_vae  # noqa: E402
-from modules.config.schema import ConfigError, UNetRunConfig, VAERunConfig  # noqa: E402
+from modules.config.schema import ConfigError, UNetRunConfig, VAERunConfig, sizes_problem  # noqa: E402
 from modules.config.io import load_config  # noqa: E402
 from modules.core.generation import (GenerationSpec, compile_options, compiled_for_sampling, decode_latents,  # noqa: E402
                                 generate_latents)
 from modules.core.networks import build_network  # noqa: E402
+from modules.core.networks.denoiser import Sizes  # noqa: E402
 from modules.core.networks.vae import AutoencoderKL  # noqa: E402
 
 NUM_CLASSES = bench_unet.NUM_CLASSES
@@ -65,15 +66,21 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     try:
         vae_cfg = load_config(VAERunConfig, "vae", args.vae_preset).model
         args.cfg = load_config(UNetRunConfig, "unet", args.unet_preset,
-                               ["cond.type=class", f"cond.num_classes={NUM_CLASSES}",
-                                f"model.in_channels={vae_cfg.latent_channels}",
-                                f"cond.image_downsample={vae_cfg.downsample_factor}",
-                                f"shortcut.denoise_timesteps={max(args.steps)}", f"sample.steps={args.steps[0]}"])
-        args.cfg.model.num_step_levels = args.cfg.num_step_levels
+                               ["cond.type=class", f"shortcut.denoise_timesteps={max(args.steps)}",
+                                f"sample.steps={args.steps[0]}"])
     except ConfigError as e:
         p.error(str(e))
+    # What our network is built for: the VAE's latents, NUM_CLASSES labels, the objective's inputs.
+    cfg = args.cfg
+    args.sizes = Sizes(latent_channels=vae_cfg.latent_channels,
+                       latent_size=cfg.data.image_size // vae_cfg.downsample_factor,
+                       image_downsample=vae_cfg.downsample_factor, num_classes=NUM_CLASSES,
+                       inputs=cfg.objective_class.network_inputs(cfg.objective_cfg))
+    problem = sizes_problem(cfg, args.sizes)
+    if problem:
+        p.error(problem)
     args.vae_cfg = vae_cfg
-    args.latent_size = args.cfg.latent_size
+    args.latent_size = args.sizes.latent_size
     return args
 
 
@@ -99,10 +106,10 @@ class Ours:
     """Our UNet and VAE, generating as sample.py does."""
 
     def __init__(self, args, device: torch.device, dtype: torch.dtype):
-        self.unet = build_network(args.cfg.model, args.cfg.cond).to(device, dtype).eval()
+        self.unet = build_network(args.cfg.model, args.cfg.cond, args.sizes).to(device, dtype).eval()
         self.vae = AutoencoderKL(args.vae_cfg).to(device, dtype).eval()
         self.network = self.unet
-        self.spec = GenerationSpec.from_run_config(args.cfg)
+        self.spec = GenerationSpec.of(args.cfg, args.sizes)
         self.device, self.dtype = device, dtype
 
     def compile(self) -> None:
@@ -119,10 +126,10 @@ class Diffusers:
     """diffusers' UNet2DConditionModel and AutoencoderKL at our widths, stepped by the same Euler loop."""
 
     def __init__(self, args, device: torch.device, dtype: torch.dtype):
-        bench_args = argparse.Namespace(cfg=args.cfg, latent_size=args.latent_size)
+        bench_args = argparse.Namespace(cfg=args.cfg, latent_size=args.latent_size, sizes=args.sizes)
         self.unet = bench_unet.build_diffusers(bench_args).to(device, dtype).eval()
         self.vae = bench_vae.build_diffusers(args.vae_cfg).to(device, dtype).eval()
-        self.model, self.latent_size = args.cfg.model, args.latent_size
+        self.model, self.latent_size, self.channels = args.cfg.model, args.latent_size, args.sizes.latent_channels
         self.device, self.dtype = device, dtype
 
     def compile(self) -> None:
@@ -133,9 +140,10 @@ class Diffusers:
     def generate(self, batch: int, steps: int) -> torch.Tensor:
         m, device, dtype = self.model, self.device, self.dtype
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(batch, m.in_channels, self.latent_size, self.latent_size, generator=g).to(device)
+        x = torch.randn(batch, self.channels, self.latent_size, self.latent_size, generator=g).to(device)
         labels = (torch.arange(batch) % NUM_CLASSES).to(device)
-        context = torch.zeros(batch, bench_unet.CONTEXT_TOKENS, m.context_dim, device=device, dtype=dtype)
+        context = (None if m.arch == "dit"     # diffusers' DiT reads no context tokens (our DiT has no width for them)
+                   else torch.zeros(batch, bench_unet.CONTEXT_TOKENS, m.context_dim, device=device, dtype=dtype))
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             for i in range(steps):
                 t = torch.full((batch,), 1000.0 * i / steps, device=device)

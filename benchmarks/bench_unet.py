@@ -20,8 +20,8 @@ Each training rate is also given in TFLOP/s and as a share of the measured matmu
 FLOPs of one step (forward and backward: convolutions, matmuls, attention) are counted by
 ``torch.utils.flop_counter`` on the meta device, and the peak is the best of ten
 ``--gemm-size``-cubed matmuls in --dtype (TF32 for fp32 on CUDA). A second table times our
-training loop's own step with the flow and with the shortcut objective (``modules.objectives``
-with its EMA teacher, ``modules.optim.apply_update``, the EMA updates: what train_unet.py runs)
+training loop's own step with the flow and with the shortcut objective (``modules.core.objectives``
+with its EMA teacher, ``modules.run.optim.apply_update``, the EMA updates: what train_unet.py runs)
 and gives their ratio. Prints markdown tables with ours/diffusers ratios; ``--json OUT`` also
 writes the numbers.
 """
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import gc
 import importlib.util
 import itertools
@@ -52,13 +53,15 @@ from modules.core.attention import attention_backend  # noqa: E402
 from modules.config.schema import ConfigError, UNetRunConfig  # noqa: E402
 from modules.config.io import load_config  # noqa: E402
 from modules.core.ema import EMA, teacher  # noqa: E402
+from modules.core.draws import Draws  # noqa: E402
 from modules.core.networks import build_network  # noqa: E402
-from modules.core.objectives import Draws, build_objective  # noqa: E402
+from modules.core.networks.denoiser import NetworkInputs, Sizes, count_parameters  # noqa: E402
+from modules.core.objectives import build_objective  # noqa: E402
 from modules.run.optim import apply_update  # noqa: E402
-from modules.core.networks.unet import count_parameters  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NUM_CLASSES = 1000
+LATENT_CHANNELS = 4  # the latents of an f8 VAE (kl-f8)
 CONTEXT_TOKENS = 1   # what our class conditioning gives cross-attention; diffusers gets as many
 
 
@@ -95,10 +98,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     try:
-        args.cfg = load_config(UNetRunConfig, "unet", args.preset, [f"cond.type={args.cond}"]
-                               + ([f"cond.num_classes={NUM_CLASSES}"] if args.cond == "class" else []))
+        args.cfg = load_config(UNetRunConfig, "unet", args.preset, [f"cond.type={args.cond}"])
     except ConfigError as e:
         p.error(str(e))
+    # What the compared network is built for: 4 latent channels (an f8 VAE's), NUM_CLASSES labels, no
+    # step-size or guidance input (the objective's own inputs are added in objective_steps).
+    args.sizes = Sizes(latent_channels=LATENT_CHANNELS, latent_size=args.latent_size, image_downsample=8,
+                       num_classes=NUM_CLASSES if args.cond == "class" else 0, inputs=NetworkInputs())
     m = args.cfg.model
     factor, why = ((m.patch_size, "its patch size") if m.arch == "dit"
                    else (2 ** (len(m.channel_mult) - 1), f"{len(m.channel_mult)} levels"))
@@ -113,24 +119,25 @@ class Inputs:
     """Random latents, times and conditions of one batch size, and how each model is called."""
 
     def __init__(self, args: argparse.Namespace, batch: int, device: Optional[torch.device] = None):
-        m = args.cfg.model
+        m, s = args.cfg.model, args.sizes
         device = device or torch.device(args.device)
         g = torch.Generator(device="cpu").manual_seed(0)
-        shape = (batch, m.in_channels, args.latent_size, args.latent_size)
+        shape = (batch, s.latent_channels, args.latent_size, args.latent_size)
         self.x1 = torch.randn(shape, generator=g).to(device)
         self.x0 = torch.randn(shape, generator=g).to(device)
         self.t = torch.rand(batch, generator=g).to(device)
         if args.channels_last:
             self.x1, self.x0 = (v.to(memory_format=torch.channels_last) for v in (self.x1, self.x0))
         self.x_t = (1 - self.t)[:, None, None, None] * self.x0 + self.t[:, None, None, None] * self.x1
-        self.level = (torch.randint(0, m.num_step_levels, (batch,), generator=g).to(device)
-                      if m.num_step_levels else None)
+        self.level = (torch.randint(0, s.inputs.levels, (batch,), generator=g).to(device)
+                      if s.inputs.step == "level" else None)
         self.labels = self.drop = None
         if args.cfg.cond.type == "class":
             self.labels = torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(device)
             self.drop = (torch.rand(batch, generator=g) < 0.1).to(device)
-        self.context = torch.randn(batch, CONTEXT_TOKENS, m.context_dim, generator=g).to(device)
         self.dit = m.arch == "dit"
+        # diffusers' UNet's context tokens (its DiT reads none; our DiT config has no context width)
+        self.context = None if self.dit else torch.randn(batch, CONTEXT_TOKENS, m.context_dim, generator=g).to(device)
 
     def ours(self, model: torch.nn.Module) -> torch.Tensor:
         return model(self.x_t, self.t, level=self.level, cond=self.labels, drop=self.drop)
@@ -143,7 +150,7 @@ class Inputs:
 
 
 def call_diffusers(model: torch.nn.Module, x: torch.Tensor, timesteps: torch.Tensor, labels: Optional[torch.Tensor],
-                   context: torch.Tensor, dit: bool) -> torch.Tensor:
+                   context: Optional[torch.Tensor], dit: bool) -> torch.Tensor:
     """One forward of the diffusers model (timesteps in [0, 1000)); its DiT reads no context tokens."""
     if dit:
         return model(x, timesteps, class_labels=labels).sample
@@ -157,16 +164,16 @@ def build_diffusers(args: argparse.Namespace):
         from diffusers import DiTTransformer2DModel, UNet2DConditionModel
     except ImportError:
         return None
-    m = args.cfg.model
+    m, channels = args.cfg.model, args.sizes.latent_channels
     if m.arch == "dit":
         return DiTTransformer2DModel(
             num_attention_heads=m.num_heads, attention_head_dim=m.hidden_size // m.num_heads,
-            in_channels=m.in_channels, num_layers=m.depth, sample_size=args.latent_size, patch_size=m.patch_size,
+            in_channels=channels, num_layers=m.depth, sample_size=args.latent_size, patch_size=m.patch_size,
             num_embeds_ada_norm=NUM_CLASSES, norm_eps=1e-6)
     levels = range(len(m.channel_mult))
     widths = tuple(m.base_channels * mult for mult in m.channel_mult)
     return UNet2DConditionModel(
-        sample_size=args.latent_size, in_channels=m.in_channels, out_channels=m.in_channels,
+        sample_size=args.latent_size, in_channels=channels, out_channels=channels,
         down_block_types=tuple("CrossAttnDownBlock2D" if i in m.attention_levels else "DownBlock2D" for i in levels),
         up_block_types=tuple("CrossAttnUpBlock2D" if i in m.attention_levels else "UpBlock2D"
                              for i in reversed(levels)),
@@ -279,18 +286,21 @@ def objective_steps(args: argparse.Namespace, peak: float) -> list[dict]:
     for objective in ("flow", "shortcut"):
         cfg = copy.deepcopy(args.cfg)
         cfg.objective = objective
-        cfg.model.num_step_levels = cfg.num_step_levels
-        run_args = argparse.Namespace(**{**vars(args), "cfg": cfg})
+        sizes = dataclasses.replace(args.sizes, inputs=cfg.objective_class.network_inputs(cfg.objective_cfg))
+        run_args = argparse.Namespace(**{**vars(args), "cfg": cfg, "sizes": sizes})
+        cond_drop = cfg.cond.drop if cfg.cond.type != "none" else 0.0
         torch.manual_seed(0)
-        model = build_network(cfg.model, cfg.cond).to(device)
+        model = build_network(cfg.model, cfg.cond, sizes).to(device)
         if args.channels_last:
             model.to(memory_format=torch.channels_last)
         runner = torch.compile(model) if args.compile else model
         optimizer = adam(model.parameters(), cfg.train.lr, cfg.train, device, cfg.train.weight_decay)
         emas = [EMA(model, cfg.ema.decay, cfg.ema.warmup)]
-        if objective == "shortcut" and cfg.shortcut.teacher_ema_decay > 0:
-            emas.append(EMA(model, cfg.shortcut.teacher_ema_decay, warmup=False))
-        loss_fn = build_objective(cfg, teacher(runner, model, emas[1] if len(emas) > 1 else None))
+        teacher_decay = cfg.objective_class.teacher_decay(cfg.objective_cfg)
+        if teacher_decay > 0:
+            emas.append(EMA(model, teacher_decay, warmup=False))
+        loss_fn = build_objective(cfg.objective, cfg.objective_cfg, cond_drop,
+                                  teacher(runner, model, emas[1] if len(emas) > 1 else None))
         batch, index = Inputs(run_args, args.batch), itertools.count()
         generator = torch.Generator(device).manual_seed(0)
 
@@ -306,9 +316,10 @@ def objective_steps(args: argparse.Namespace, peak: float) -> list[dict]:
         model.train()
         seconds = statistics.median(timed(train_step, args.steps, args.warmup, device))
         with torch.device("meta"):
-            meta_model = build_network(cfg.model, cfg.cond)
+            meta_model = build_network(cfg.model, cfg.cond, sizes)
         meta_batch = Inputs(run_args, args.batch, torch.device("meta"))
-        meta_loss = build_objective(cfg)    # the online model teaches: the same FLOPs as the EMA teacher
+        # the online model teaches: the same FLOPs as the EMA teacher
+        meta_loss = build_objective(cfg.objective, cfg.objective_cfg, cond_drop)
         flops = counted_flops(lambda: meta_loss.loss(meta_model, meta_batch.x1, meta_batch.labels,
                                                      Draws(torch.Generator().manual_seed(0), 0))[0].backward())
         rows.append({"objective": objective, "ms": seconds * 1000, "img_s": args.batch / seconds,
@@ -362,7 +373,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     peak = gemm_peak_tflops(args)
-    builders = [("ours", lambda: build_network(args.cfg.model, args.cfg.cond), Inputs.ours)]
+    builders = [("ours", lambda: build_network(args.cfg.model, args.cfg.cond, args.sizes), Inputs.ours)]
     if not args.no_diffusers and importlib.util.find_spec("diffusers") is not None:
         builders.append(("diffusers", lambda: build_diffusers(args), Inputs.diffusers))
     results = []
@@ -379,7 +390,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     dtype = DTYPES[args.dtype]
     network = {"unet": "UNet", "dit": "DiT"}[args.cfg.model.arch]
     header = (f"{network} preset `{args.preset}`, cond {args.cfg.cond.type}, "
-              f"latents {args.latent_size}x{args.latent_size}x{args.cfg.model.in_channels}, batch {args.batch}, {args.steps} steps, {device.type} "
+              f"latents {args.latent_size}x{args.latent_size}x{args.sizes.latent_channels}, batch {args.batch}, {args.steps} steps, {device.type} "
               f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), {args.dtype}"
               f"{', compiled' if args.compile else ''}{', channels_last' if args.channels_last else ''}, "
               f"attention {attention_backend(device, dtype)}, "

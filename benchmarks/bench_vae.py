@@ -25,8 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from modules.config.schema import VAEModelConfig  # noqa: E402
-from modules.core.networks.vae import AutoencoderKL  # noqa: E402
+from modules.core.networks.vae import AutoencoderKL, VAEConfig  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KL_WEIGHT = 1e-6
@@ -87,7 +86,7 @@ class DiffusersAdapter(OursAdapter):
         return self.model.decode(z).sample
 
 
-def build_diffusers(cfg: VAEModelConfig):
+def build_diffusers(cfg: VAEConfig):
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
     levels = len(cfg.channel_mult)
     return DiffusersAutoencoderKL(
@@ -190,7 +189,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
-    cfg = VAEModelConfig(base_channels=args.channels, channel_mult=args.channel_mult)
+    cfg = VAEConfig(base_channels=args.channels, channel_mult=args.channel_mult)
     ours = AutoencoderKL(cfg)
     adapters = {"ours": OursAdapter(ours)}
     report: dict = {"args": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)

@@ -14,7 +14,7 @@ for a shortcut model, far worse for flow matching), run through the product's ow
 points: ``main(argv)`` of train_vae.py, train_unet.py and sample.py, in this process, with
 the same arguments as the printed command lines.
 
-1. data: synthetic shapes (modules/synthetic.py) with exact masks: a training set and a
+1. data: synthetic shapes (scripts/shapes.py) with exact masks: a training set and a
    held-out evaluation set drawn with another seed;
 2. stage 1: train_vae.py (no GAN, no LPIPS: L1 + KL is enough for flat-coloured shapes);
 3. stage 2: train_unet.py once per variant (``--variants``, default ``objective=shortcut`` and
@@ -38,10 +38,10 @@ real samples of this size, and the IoU of ``foreground_mask`` on clean images, 1
 reconstructions of the held-out images (the best a latent model can reach through this VAE).
 
 ``--cond text`` conditions every run on the captions instead ("a red square on a striped
-background", through a tiny random CLIP text encoder written by modules/tiny_clip.py: no
+background", through a tiny random CLIP text encoder written by scripts/tiny_clip.py: no
 download), samples one image per held-out caption (``sample.py --prompts``) and replaces the mask
 IoU by **prompt fidelity**: the fraction of images whose colour and shape, read back with
-``modules.synthetic.read_caption``, are the prompt's (and each word's match rate alone).
+``scripts.shapes.read_caption``, are the prompt's (and each word's match rate alone).
 
 Results: a markdown table on stdout, ``OUT/quality.md``, ``OUT/quality.json`` (numbers,
 commands, stage times, machine) and ``OUT/quality_grid.png`` (held-out images, their masks,
@@ -90,9 +90,9 @@ VARIANTS = {
     "shortcut": ("shortcut", ()),
     "flow": ("flow", ()),
     "shortcut+guidance": ("shortcut", ("shortcut.intrinsic_guidance=true",)),
-    "shortcut+wavelet": ("shortcut", ("loss.wavelet_levels=2",)),
+    "shortcut+wavelet": ("shortcut", ("shortcut.wavelet_levels=2",)),
     "shortcut+ot": ("shortcut", OT),
-    "shortcut+all": ("shortcut", ("shortcut.intrinsic_guidance=true", "loss.wavelet_levels=2") + OT),
+    "shortcut+all": ("shortcut", ("shortcut.intrinsic_guidance=true", "shortcut.wavelet_levels=2") + OT),
     "meanflow": ("meanflow", ()),
     "meanflow+guidance": ("meanflow", ("meanflow.omega=2.0",)),   # the paper's guidance, folded into training
 }

@@ -410,7 +410,7 @@ def test_c8_symlinked_class_folders_are_not_skipped(ctx, tmp_path):
         return
     succeeded(res)
     config = json.loads((out / "unet_ema" / "config.json").read_text())
-    assert config["cond"]["num_classes"] == 3, f"trained on {config['cond']['num_classes']} class(es), not 3"
+    assert config["sizes"]["num_classes"] == 3, f"trained on {config['sizes']['num_classes']} class(es), not 3"
 
 
 @quick("c9")

@@ -39,7 +39,7 @@ def test_bench_sample_times_ours_and_diffusers(capsys):
 
 def test_bench_unet_and_bench_vae_run_at_smoke_sizes():
     pytest.importorskip("diffusers")
-    from modules.core.objectives import num_bootstrap
+    from modules.core.objectives.shortcut import num_bootstrap
     batch = 4
     unet = bench_unet.main(["--preset", "tiny", "--batch", str(batch), "--steps", "1", "--warmup", "0",
                             "--latent-size", "8", "--device", "cpu", "--gemm-size", "256"])
@@ -84,6 +84,6 @@ def test_bench_objectives_times_every_quality_variant_with_its_switches():
     micro = bench_objectives.quality.PRESETS["micro"]
     all_switches = bench_objectives.Variant("shortcut+all", micro, "unet", torch.device("cpu"))
     assert all_switches.net.guidance_emb is not None and all_switches.pool is not None
-    assert all_switches.objective.wavelet_levels == 2
+    assert all_switches.objective.cfg.wavelet_levels == 2
     meanflow = bench_objectives.Variant("meanflow", micro, "unet", torch.device("cpu"))
-    assert meanflow.cfg.model.step_input == "interval" and meanflow.net.guidance_emb is None
+    assert meanflow.net.sizes.inputs.step == "interval" and meanflow.net.guidance_emb is None

@@ -1,12 +1,17 @@
 """Config presets, dotted overrides and their error messages."""
+import dataclasses
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modules.config.schema import ConfigError, UNetRunConfig, VAERunConfig
+from modules.config.schema import ConfigError, UNetRunConfig, VAERunConfig, network_sizes, sizes_problem
 from modules.config.io import diff_fields, from_dict, load_config, to_dict
+from modules.core.networks.denoiser import NetworkInputs
+from modules.core.networks.vae import VAEConfig
+from support import sizes_of
 
 
 def test_presets_load_and_round_trip():
@@ -139,23 +144,42 @@ def test_saved_configs_are_validated_like_command_line_ones():
      "'sample.cfg_scale': guidance scale 4.0: this model takes the scale as an input"),
     (["objective=flow", "cond.type=class", "shortcut.intrinsic_guidance=true"],
      "'shortcut.intrinsic_guidance': is a switch of objective=shortcut, got objective=flow"),
-    (["objective=meanflow", "loss.wavelet_levels=2"], "'loss.wavelet_levels': is a switch of objective=shortcut"),
+    (["objective=meanflow", "shortcut.wavelet_levels=2"], "'shortcut.wavelet_levels': is a switch of objective=shortcut"),
     (["train.ot_pairing=true", "train.ot_pool=64", "train.batch_size=64"],
      "'train.ot_pool': 64 micro-batches of train.batch_size=64 make 4096 rows; one exact assignment is limited "
      "to 2048"),
-    (["model.step_input=interval"], "'model.step_input': interval does not fit objective=shortcut"),
-    (["model.guidance_input=true"], "'model.guidance_input': a guidance-scale input needs objective=shortcut"),
 ])
 def test_meanflow_and_ism_bad_inputs(overrides, message):
     with pytest.raises(ConfigError, match="config key " + message):
         load_config(UNetRunConfig, "unet", "tiny", overrides)
 
 
+def network_inputs(cfg):
+    """What the network of ``cfg`` embeds besides x and t (was cfg.step_input, num_step_levels, guidance_input)."""
+    return cfg.objective_class.network_inputs(cfg.objective_cfg)
+
+
+def test_network_inputs_that_do_not_fit_the_objective_are_refused():
+    """Was: the overrides model.step_input=interval and model.guidance_input=true refused by the config. Those
+    derived fields are now the network's sizes (Sizes.inputs), no longer config keys; sizes_problem refuses
+    inputs that do not fit the objective (where a run derives them and where an export's are read back)."""
+    cfg = load_config(UNetRunConfig, "unet", "tiny")
+    sizes = sizes_of(cfg)
+    assert sizes_problem(cfg, sizes) is None
+    interval = dataclasses.replace(sizes, inputs=NetworkInputs(step="interval"))
+    assert re.search(r"inputs .*step='interval'.* do not fit objective=shortcut", sizes_problem(cfg, interval) or "")
+    guided = dataclasses.replace(sizes, inputs=dataclasses.replace(sizes.inputs, guidance=True))
+    assert re.search(r"inputs .*guidance=True.* do not fit objective=shortcut", sizes_problem(cfg, guided) or "")
+    for override in ("model.step_input=interval", "model.guidance_input=true"):
+        with pytest.raises(ConfigError, match="unknown config key"):
+            load_config(UNetRunConfig, "unet", "tiny", [override])
+
+
 def test_ism_and_meanflow_settings_that_fit_are_accepted():
     cfg = load_config(UNetRunConfig, "unet", "tiny", ["cond.type=class", "shortcut.intrinsic_guidance=true",
-                                                     "loss.wavelet_levels=2", "train.ot_pairing=true",
+                                                     "shortcut.wavelet_levels=2", "train.ot_pairing=true",
                                                      "train.ot_pool=4", "sample.cfg_scale=2"])
-    assert cfg.guidance_input and cfg.step_input == "level"
+    assert network_inputs(cfg).guidance and network_inputs(cfg).step == "level"
     dit = load_config(UNetRunConfig, "unet", "dit-tiny", ["objective=meanflow", "train.channels_last=true",
                                                          "cond.type=class", "meanflow.omega=2"])
     assert dit.train.channels_last and dit.meanflow.guided
@@ -169,8 +193,9 @@ def test_fid_during_training_needs_two_samples():
         load_config(UNetRunConfig, "unet", "tiny", [*fid, "eval.num_samples=1"])
     assert load_config(UNetRunConfig, "unet", "tiny", ["eval.num_samples=1"]).eval.num_samples == 1   # no FID
     cfg = load_config(UNetRunConfig, "unet", "tiny", ["objective=meanflow", "cond.type=mask", "meanflow.omega=2",
-                                                     "meanflow.kappa=0.5", "model.step_input=interval"])
-    assert cfg.step_input == "interval" and cfg.num_step_levels == 0 and not cfg.guidance_input
+                                                     "meanflow.kappa=0.5"])   # model.step_input: now derived
+    inputs = network_inputs(cfg)
+    assert inputs.step == "interval" and inputs.levels == 0 and not inputs.guidance
 
 
 def test_vae_refuses_ot_pairing():
@@ -179,9 +204,9 @@ def test_vae_refuses_ot_pairing():
 
 
 def test_wavelet_levels_must_fit_the_latents():
-    from modules.config.schema import check_trained
-    cfg = load_config(UNetRunConfig, "unet", "tiny", ["loss.wavelet_levels=3"])
-    cfg.cond.image_downsample = 8                          # 32 px / 8 = 4x4 latents: two halvings at most
-    cfg.model.num_step_levels = cfg.num_step_levels
-    with pytest.raises(ConfigError, match="'loss.wavelet_levels': 3 Haar levels .* size 4 is not divisible by 8"):
-        check_trained(cfg)
+    cfg = load_config(UNetRunConfig, "unet", "tiny", ["shortcut.wavelet_levels=3"])
+    message = "shortcut.wavelet_levels=3 Haar levels .* size 4 is not divisible by 8"
+    # a VAE with factor 8: 32 px / 8 = 4x4 latents: two halvings at most
+    assert re.search(message, sizes_problem(cfg, sizes_of(cfg, downsample=8)) or "")
+    with pytest.raises(ConfigError, match=message):
+        network_sizes(cfg, VAEConfig())

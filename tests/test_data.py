@@ -280,7 +280,7 @@ def test_class_labels_from_sorted_subfolders(tmp_path):
 
 
 def test_metadata_jsonl_gives_labels_and_masks(shapes_dir):
-    ds = build_dataset(cfg(shapes_dir, image_size=32, masks=True))
+    ds = build_dataset(cfg(shapes_dir, image_size=32), masks=True)
     assert len(ds) == 24 and ds.has_masks and ds.class_names == list(SHAPES)
     rows = [json.loads(line) for line in (shapes_dir / "metadata.jsonl").read_text().splitlines()]
     assert ds.labels.tolist() == [r["label"] for r in rows]
@@ -309,21 +309,21 @@ def test_metadata_mask_referring_to_missing_file(tmp_path):
     save(tmp_path / "x.png", solid((255, 0, 0)))
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "x.png", "mask_file_name": "m/x.png"}))
     with pytest.raises(DataError, match="m/x.png"):
-        build_dataset(cfg(tmp_path, masks=True))
+        build_dataset(cfg(tmp_path), masks=True)
 
 
 def test_masks_folder_matched_by_stem(tmp_path):
     root = make_shapes(tmp_path / "flat", 6, image_size=24, seed=3, layout="flat")
-    ds = build_dataset(cfg(root, image_size=24, masks=True))
+    ds = build_dataset(cfg(root, image_size=24), masks=True)
     assert ds.has_masks and ds.num_classes == 0 and len(ds) == 6   # masks/ is not a class
     images, masks, _ = render_shape_batch(6, 24, seed=3)
     for i in range(6):
         np.testing.assert_array_equal(ds[i]["mask"][0].numpy() > 0, masks[i])
     (root / "masks" / "00004.png").unlink()
     with pytest.raises(DataError, match="00004.png"):
-        build_dataset(cfg(root, image_size=24, masks=True))
-    with pytest.raises(DataError, match="data.masks is set"):
-        build_dataset(cfg(tmp_path / "flat" / "masks", masks=True))
+        build_dataset(cfg(root, image_size=24), masks=True)
+    with pytest.raises(DataError, match=r"masks are needed \(cond.type=mask\)"):
+        build_dataset(cfg(tmp_path / "flat" / "masks"), masks=True)
 
 
 def test_mask_of_another_size_stays_binary_and_aligned(tmp_path):
@@ -331,7 +331,7 @@ def test_mask_of_another_size_stays_binary_and_aligned(tmp_path):
     mask = np.zeros((40, 40), dtype=np.uint8)
     mask[:, :20] = 255                                        # left half
     save(tmp_path / "masks" / "img.png", Image.fromarray(mask))
-    out = build_dataset(cfg(tmp_path, masks=True))[0]["mask"][0]
+    out = build_dataset(cfg(tmp_path), masks=True)[0]["mask"][0]
     expected = torch.zeros(SIZE, SIZE)
     expected[:, : SIZE // 2] = 1
     torch.testing.assert_close(out, expected)
@@ -342,7 +342,7 @@ def test_non_binary_mask_is_thresholded_with_one_warning(tmp_path, caplog):
     mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
     mask[:, 4:8], mask[:, 8:12], mask[:, 12:] = 100, 127, 200
     save(tmp_path / "masks" / "img.png", Image.fromarray(mask))
-    ds = build_dataset(cfg(tmp_path, masks=True))
+    ds = build_dataset(cfg(tmp_path), masks=True)
     with caplog.at_level(logging.WARNING, logger="modules.data"):
         first, second = ds[0]["mask"][0], ds[0]["mask"][0]
     expected = torch.zeros(SIZE, SIZE)
@@ -358,7 +358,7 @@ def test_zero_one_masks_are_not_thresholded_away(tmp_path):
     mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
     mask[:8] = 1
     save(tmp_path / "masks" / "img.png", Image.fromarray(mask))
-    assert build_dataset(cfg(tmp_path, masks=True))[0]["mask"].sum().item() == 8 * SIZE
+    assert build_dataset(cfg(tmp_path), masks=True)[0]["mask"].sum().item() == 8 * SIZE
 
 
 def test_save_to_disk_source(tmp_path):
@@ -372,7 +372,7 @@ def test_save_to_disk_source(tmp_path):
                                     "label": datasets.ClassLabel(names=["cat", "dog"]),
                                     "mask": datasets.Image()}))
     datasets.DatasetDict({"train": table, "test": table.select([0])}).save_to_disk(str(tmp_path / "saved"))
-    ds = build_dataset(cfg(tmp_path / "saved", masks=True))
+    ds = build_dataset(cfg(tmp_path / "saved"), masks=True)
     assert len(ds) == 4 and ds.class_names == ["cat", "dog"] and ds.has_masks
     for i, colour in enumerate(colours):
         item = ds[i]
@@ -387,8 +387,8 @@ def test_save_to_disk_source(tmp_path):
 # ----------------------------------------------------------------------------- augmentation
 
 def test_augmentation_is_joint_and_deterministic(shapes_dir):
-    ds = build_dataset(cfg(shapes_dir, image_size=32, masks=True, hflip=True, vflip=True, rot90=True,
-                           random_crop_scale=0.5))
+    ds = build_dataset(cfg(shapes_dir, image_size=32, hflip=True, vflip=True, rot90=True,
+                           random_crop_scale=0.5), masks=True)
     plain = ds[5]
     distinct_masks = set()
     for seed in range(12):
@@ -417,7 +417,7 @@ def test_flip_and_rotation_follow_the_seed_exactly(tmp_path):
     mask[:4, :6] = 255
     save(tmp_path / "a.png", Image.fromarray(img))
     save(tmp_path / "masks" / "a.png", Image.fromarray(mask))
-    ds = build_dataset(cfg(tmp_path, masks=True, hflip=True, vflip=True, rot90=True))
+    ds = build_dataset(cfg(tmp_path, hflip=True, vflip=True, rot90=True), masks=True)
     plain = ds[0]
     seen = set()
     for seed in range(40):
@@ -489,7 +489,7 @@ def test_ranks_partition_each_global_batch():
 
 
 def test_loader_resumes_with_identical_batches_across_worker_counts(shapes_dir):
-    ds = build_dataset(cfg(shapes_dir, image_size=32, masks=True, hflip=True, random_crop_scale=0.6))
+    ds = build_dataset(cfg(shapes_dir, image_size=32, hflip=True, random_crop_scale=0.6), masks=True)
     reference = make_loader(ds, batch_size=4, seed=2, num_workers=0)
     batches = [b for _, b in zip(range(8), reference)]
     resumed = make_loader(ds, batch_size=4, seed=2, start_batch=5, num_workers=2)

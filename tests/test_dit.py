@@ -2,6 +2,9 @@
 DiT paper's sizes, its conditioning, switches and exports; the DiT configs' and init_from's refusals."""
 import dataclasses
 import json
+import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,28 +17,34 @@ import test_unet
 import train_unet
 from modules.run.checkpoint import RunIdentity
 from modules.config.cli import run_cli
-from modules.config.schema import CondConfig, ConfigError, UNetModelConfig, UNetRunConfig, check_trained
+from modules.config.schema import ConfigError, DataConfig, UNetRunConfig, network_sizes, sizes_problem
 from modules.config.io import load_config, to_dict
-from modules.core.networks.dit import DiT
+from modules.core.networks.conditioning import CondConfig
+from modules.core.networks.denoiser import NetworkInputs, count_parameters
+from modules.core.networks.dit import DiT, DiTConfig
+from modules.core.networks.vae import VAEConfig
 from modules.interop.dit import load_init_weights
 from modules.errors import CheckpointError, ModelFolderError
-from modules.run.export import load_unet, save_unet
+from modules.run.export import load_network, save_network
 from modules.data.image_io import to_uint8
 from modules.core.networks import build_network
 from modules.core.seeding import image_seed, initial_noise
-from modules.core.networks.unet import UNet, count_parameters
+from modules.core.networks.unet import UNet
 from modules.interop.vae import load_vae
+from support import network_of, sizes_of
 from test_train_unet import assert_same_weights, train
-from test_unet import DOWNSAMPLE, LATENT, inputs, masks, perturbed
+from test_unet import DOWNSAMPLE, LATENT, inputs, masks, perturbed, sizes
 
-TINY = UNetModelConfig(arch="dit", hidden_size=32, depth=2, num_heads=2, patch_size=2)
-CLASSES = CondConfig(type="class", num_classes=5)
-MASK = CondConfig(type="mask", mask_mode="concat", mask_channels=8, image_downsample=DOWNSAMPLE)
+TINY = DiTConfig(hidden_size=32, depth=2, num_heads=2, patch_size=2)
+CLASSES = CondConfig(type="class")
+NUM_CLASSES = 5      # CLASSES' class count (a size now, was cond.num_classes)
+MASK = CondConfig(type="mask", mask_mode="concat", mask_channels=8)   # images DOWNSAMPLE x the latents
+OLD_FIXTURE = Path(__file__).parent / "fixtures" / "f0126e0"   # written by the code before the restructuring
 
 
-def tiny(cond: CondConfig = CondConfig(), **model_changes) -> DiT:
+def tiny(cond: CondConfig = CondConfig(), num_classes: int = 0, num_step_levels: int = 0, **model_changes) -> DiT:
     torch.manual_seed(0)
-    return build_network(dataclasses.replace(TINY, **model_changes), cond)
+    return build_network(dataclasses.replace(TINY, **model_changes), cond, sizes(cond, num_classes, num_step_levels))
 
 
 # ----------------------------------------------------------------------------- against diffusers
@@ -59,14 +68,17 @@ def diffusers_dit(folder, classes=5, out_channels=None, heads=2, head_dim=16, la
     return theirs
 
 
-def converted(folder, cond: CondConfig = CLASSES, *overrides: str) -> DiT:
+def converted(folder, cond: CondConfig = CLASSES, *overrides: str, num_classes: int = NUM_CLASSES,
+              **other_sizes) -> DiT:
+    """A DiT of ``cond`` with ``folder``'s weights; objective=flow (no step input) unless ``overrides`` set
+    another; built for ``num_classes`` classes (class conditions) and the other sizes (support.sizes_of)."""
     cfg = load_config(UNetRunConfig, "unet", "dit-tiny",
-                      ["model.hidden_size=32", "model.num_heads=2", "model.time_freq_shift=1", f"init_from={folder}",
-                       f"cond.type={cond.type}", f"cond.num_classes={cond.num_classes}", f"cond.mask_mode=concat",
-                       f"cond.mask_channels={cond.mask_channels}", f"cond.image_downsample={cond.image_downsample}",
-                       *overrides])
-    model = build_network(cfg.model, cfg.cond)
-    load_init_weights(model, cfg)
+                      ["objective=flow", "model.hidden_size=32", "model.num_heads=2", "model.time_freq_shift=1",
+                       f"init_from={folder}", f"cond.type={cond.type}", f"cond.mask_mode=concat",
+                       f"cond.mask_channels={cond.mask_channels}", *overrides])
+    other_sizes.setdefault("downsample", DOWNSAMPLE if cond.type == "mask" else 8)   # MASK's images: DOWNSAMPLE x
+    model = network_of(cfg, num_classes=num_classes, **other_sizes)
+    load_init_weights(model, cfg, model.sizes)
     return model.eval()
 
 
@@ -81,8 +93,9 @@ def test_converted_diffusers_dit_computes_the_same_function(out_channels, tmp_pa
     with torch.no_grad():
         expected = theirs(x, t * 1000, class_labels=labels).sample[:, :4]
         # A shortcut model: its zero-initialised step-size embedding leaves the function unchanged.
-        ours = converted(tmp_path / "d", CLASSES, "model.num_step_levels=4")(x, t, level=torch.tensor([0, 2, 3]),
-                                                                             cond=labels)
+        # dit-tiny's shortcut.denoise_timesteps=8: a step-size table of 4 levels
+        ours = converted(tmp_path / "d", CLASSES, "objective=shortcut")(x, t, level=torch.tensor([0, 2, 3]),
+                                                                        cond=labels)
         other_spacing = converted(tmp_path / "d", CLASSES, "model.time_freq_shift=0")(x, t, cond=labels)
     scale = expected.abs().max()
     assert (ours - expected).abs().max() < 1e-6 * scale, (ours - expected).abs().max() / scale
@@ -100,11 +113,13 @@ def test_unconditional_mask_and_text_models_start_as_the_null_label_dit(cond, te
     pytest.importorskip("diffusers")
     theirs = diffusers_dit(tmp_path / "d")
     x, t = inputs(3)
-    text = [f"cond.text_mode={text_mode}", "cond.text_encoder=clip", "cond.text_tokens=5", "model.context_dim=8"]
+    text = [f"cond.text_mode={text_mode}", "cond.text_encoder=clip"]
+    text_sizes = dict(text_tokens=5, text_width=8)   # were cond.text_tokens=5, model.context_dim=8
     given = {"mask": masks(3, density=0.5), "text": torch.randn(3, 5, 8)}.get(cond.type)
     with torch.no_grad():
         expected = theirs(x, t * 1000, class_labels=torch.full((3,), 5)).sample
-        ours = converted(tmp_path / "d", cond, *(text if text_mode else []))(x, t, cond=given)
+        ours = converted(tmp_path / "d", cond, *(text if text_mode else []),
+                         **(text_sizes if text_mode else {}))(x, t, cond=given)
     assert (ours - expected).abs().max() < 1e-6 * expected.abs().max()
 
 
@@ -121,8 +136,8 @@ def test_blocks_with_differing_embedders_are_refused(tmp_path):
 PAPER = {"dit-s": (33e6, 6.06), "dit-b": (130e6, 23.01), "dit-l": (458e6, 80.71), "dit-xl": (675e6, 118.64)}
 
 
-def closed_form_parameters(m: UNetModelConfig, num_classes: int, out_channels: int) -> int:
-    d, p, c = m.hidden_size, m.patch_size, m.in_channels
+def closed_form_parameters(m: DiTConfig, num_classes: int, out_channels: int, in_channels: int = 4) -> int:
+    d, p, c = m.hidden_size, m.patch_size, in_channels
     mlp = int(d * m.mlp_ratio)
     block = (d * 3 * d + 3 * d) + (d * d + d) + (d * mlp + mlp) + (mlp * d + d) + (d * 6 * d + 6 * d)
     return ((c * p * p * d + d) + (256 * d + d) + (d * d + d) + (num_classes + 1) * d + m.depth * block
@@ -135,10 +150,12 @@ def test_sizes_match_the_dit_paper(preset):
     paper's "Gflops" are multiply-accumulates (fvcore's convention); FlopCounterMode counts 2 FLOPs per
     MAC. The paper's models predict a learned sigma too (8 output channels) and hold the fixed position
     codes as a (frozen) parameter; ours do neither, so both are added in closed form."""
-    cfg = load_config(UNetRunConfig, "unet", preset, ["cond.type=class", "cond.num_classes=1000"])
+    cfg = load_config(UNetRunConfig, "unet", preset, ["cond.type=class"])
     m = cfg.model
+    # 1000 classes, 4 latent channels and no step input (as the old flat config's defaults built it)
+    paper_sizes = dataclasses.replace(sizes_of(cfg, num_classes=1000), inputs=NetworkInputs())
     with torch.device("meta"):
-        model = build_network(m, cfg.cond)
+        model = build_network(m, cfg.cond, paper_sizes)
         x, t, labels = torch.zeros(1, 4, 32, 32), torch.zeros(1), torch.zeros(1, dtype=torch.long)
         with FlopCounterMode(display=False) as counter:
             model(x, t, cond=labels)
@@ -158,7 +175,7 @@ def test_sizes_match_the_dit_paper(preset):
 # ----------------------------------------------------------------------------- the network
 
 def test_zero_at_init_then_time_level_and_class_matter_and_drop_is_the_null_label():
-    model = tiny(CLASSES, num_step_levels=4).eval()
+    model = tiny(CLASSES, num_classes=NUM_CLASSES, num_step_levels=4).eval()
     x, t = inputs(3)
     level, labels = torch.tensor([0, 1, 3]), torch.tensor([0, 1, 2])
     with torch.no_grad():
@@ -180,7 +197,7 @@ def test_zero_at_init_then_time_level_and_class_matter_and_drop_is_the_null_labe
 def test_every_parameter_takes_part_in_a_training_step(cond):
     """DDP without find_unused_parameters needs this: the class conditioner makes no context tokens for a
     DiT (a UNet's to_context would get no gradient)."""
-    model = tiny(cond, num_step_levels=4).train()
+    model = tiny(cond, num_classes=NUM_CLASSES, num_step_levels=4).train()
     x, t = inputs(2)
     label = {"none": None, "class": torch.tensor([0, 2]), "mask": masks(2, density=0.5)}[cond.type]
     model(x, t, level=torch.tensor([1, 3]), cond=label).square().mean().backward()
@@ -198,11 +215,12 @@ def test_bad_inputs_are_refused_with_a_message():
 
 def test_save_load_round_trip_is_exact_and_other_latent_sizes_work(tmp_path):
     model = perturbed(tiny(MASK, num_step_levels=4))
-    run = UNetRunConfig(model=dataclasses.replace(TINY, num_step_levels=4), cond=MASK,
+    run = UNetRunConfig(model=TINY, cond=MASK, data=DataConfig(image_size=LATENT * DOWNSAMPLE),
                         shortcut=dataclasses.replace(UNetRunConfig().shortcut, denoise_timesteps=8),
                         sample=dataclasses.replace(UNetRunConfig().sample, steps=(1, 8)))
-    folder = save_unet(tmp_path / "unet", model.state_dict(), run, {"path": "runs/vae"}, weights="ema")
-    loaded = load_unet(folder)
+    folder = save_network(tmp_path / "unet", model.state_dict(), run, model.sizes, {"path": "runs/vae"},
+                          weights="ema")
+    loaded = load_network(folder)
     assert isinstance(loaded, DiT)
     x, t = inputs(2)
     args = dict(level=torch.tensor([1, 2]), cond=masks(2, density=0.5), drop=torch.tensor([False, True]))
@@ -246,20 +264,29 @@ def test_dit_cross_field_rules():
         load_config(UNetRunConfig, "unet", "dit-tiny", ["model.hidden_size=6", "model.num_heads=3"])
     with pytest.raises(ConfigError, match="config key 'init_from': .* needs model.arch=dit"):
         load_config(UNetRunConfig, "unet", "tiny", ["init_from=somewhere"])
-    # The UNet's own rules do not apply to a DiT, which does not read those fields.
-    load_config(UNetRunConfig, "unet", "dit-tiny", ["model.attention_levels=9"])
+    # The UNet's own rules do not apply to a DiT: model.arch=dit switches the section, which has no UNet field
+    # (before, it held them unread and unchecked).
+    assert not hasattr(load_config(UNetRunConfig, "unet", "dit-tiny").model, "attention_levels")
+    with pytest.raises(ConfigError, match="unknown config key 'model.attention_levels'"):
+        load_config(UNetRunConfig, "unet", "dit-tiny", ["model.attention_levels=9"])
     cfg = load_config(UNetRunConfig, "unet", "dit-tiny", ["model.patch_size=8", "objective=flow"])
-    cfg.cond.image_downsample = 2        # what train_unet derives from a f2 VAE: 32 px -> 16 latents
-    check_trained(cfg)
-    cfg.cond.image_downsample = 8        # 4 latents
-    with pytest.raises(ConfigError, match="config key 'model.patch_size': 8 does not divide the latent size 4"):
-        check_trained(cfg)
+    # what train_unet derives from a f2 VAE: 32 px -> 16 latents
+    assert sizes_problem(cfg, sizes_of(cfg, downsample=2)) is None
+    message = "model.patch_size=8 does not divide the latent size 4"   # a f8 VAE: 4 latents
+    assert re.search(message, sizes_problem(cfg, sizes_of(cfg, downsample=8)) or "")
+    with pytest.raises(ConfigError, match=message):
+        network_sizes(cfg, VAEConfig())
 
 
 def test_exports_and_checkpoints_written_before_model_arch_existed_still_load(tmp_path):
-    cfg = load_config(UNetRunConfig, "unet", "tiny", ["objective=flow"])
-    torch.manual_seed(0)
-    folder = save_unet(tmp_path / "unet", UNet(cfg.model, cfg.cond).state_dict(), cfg, {"path": "v"}, "ema")
+    # An export of the earlier (flat model section) layout, written by the code before the restructuring
+    # (tests/fixtures/f0126e0: a class-conditional tiny UNet, shortcut M=8, 16 px images, a f2 VAE, 3 classes);
+    # the fields that came with model.arch are removed from it below, as they were from a fresh export before.
+    folder = Path(shutil.copytree(OLD_FIXTURE / "unet_class" / "unet_ema", tmp_path / "unet"))
+    cfg = load_config(UNetRunConfig, "unet", "tiny", ["model.base_channels=8", "model.channel_mult=1,2",
+                                                      "model.head_dim=8", "model.context_dim=8", "model.norm_groups=4",
+                                                      "data.image_size=16", "cond.type=class"])
+    run_sizes = to_dict(sizes_of(cfg, downsample=2, num_classes=3))
     config = json.loads((folder / "config.json").read_text())
     new_fields = ("arch", "patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio", "time_freq_shift")
     for model in (config["model"], config["run_config"]["model"]):
@@ -267,11 +294,14 @@ def test_exports_and_checkpoints_written_before_model_arch_existed_still_load(tm
             del model[name]
     del config["run_config"]["init_from"]
     (folder / "config.json").write_text(json.dumps(config))
-    assert isinstance(load_unet(folder), UNet)
+    assert isinstance(load_network(folder), UNet)
     saved = {"script": "train_unet", "config": config["run_config"]}
-    RunIdentity("train_unet", to_dict(cfg), ("model",), defaults=to_dict(UNetRunConfig())).check(saved, folder)
-    with pytest.raises(CheckpointError, match="model.arch: None != 'unet'"):   # what defaults prevent
-        RunIdentity("train_unet", to_dict(cfg), ("model",)).check(saved, folder)
+    RunIdentity("train_unet", cfg, ("model",), sizes=run_sizes).check(saved, folder)
+    # The missing model.arch reads as its default 'unet' (not None: the identity check always fills in defaults
+    # now, there is no check without them), so it is still compared: a DiT run cannot continue it.
+    dit = load_config(UNetRunConfig, "unet", "dit-tiny", ["data.image_size=16", "cond.type=class"])
+    with pytest.raises(CheckpointError, match="model.arch: 'unet' != 'dit'"):
+        RunIdentity("train_unet", dit, ("model",), sizes=run_sizes).check(saved, folder)
 
 
 # ----------------------------------------------------------------------------- init_from refusals
@@ -286,21 +316,22 @@ def test_init_from_refuses_pickles_without_unpickling_them(tmp_path):
     torch.save({"model": Payload(marker)}, folder / "diffusion_pytorch_model.bin")
     for path in (tmp_path / "DiT-XL-2-256x256.pt", folder):
         cfg = load_config(UNetRunConfig, "unet", "dit-tiny", [f"init_from={path}"])
+        model = network_of(cfg)
         with pytest.raises(ModelFolderError, match="pickled checkpoints .* are not loaded.*safe_serialization=True"):
-            load_init_weights(build_network(cfg.model, cfg.cond), cfg)
+            load_init_weights(model, cfg, model.sizes)
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.hidden_size=64", "the checkpoint has model.hidden_size=32, this run model.hidden_size=64"),
-    ("model.depth=3", "the checkpoint has model.depth=2, this run model.depth=3"),
-    ("cond.num_classes=3", r"cond.num_classes=5, this run cond.num_classes=3 \(the data's classes\)"),
-])
-def test_init_from_that_does_not_fit_names_the_key(override, message, tmp_path):
+@pytest.mark.parametrize("overrides, classes, message", [
+    (["model.hidden_size=64"], NUM_CLASSES, "the checkpoint has model.hidden_size=32, this run model.hidden_size=64"),
+    (["model.depth=3"], NUM_CLASSES, "the checkpoint has model.depth=2, this run model.depth=3"),
+    ([], 3, r"the checkpoint has 5 classes, this run 3 \(the data's\)"),   # was cond.num_classes=3
+], ids=["hidden", "depth", "classes"])
+def test_init_from_that_does_not_fit_names_the_key(overrides, classes, message, tmp_path):
     pytest.importorskip("diffusers")
     diffusers_dit(tmp_path / "d")
     with pytest.raises(ModelFolderError, match=message):
-        converted(tmp_path / "d", CLASSES, override)
+        converted(tmp_path / "d", CLASSES, *overrides, num_classes=classes)
 
 
 # ----------------------------------------------------------------------------- through train_unet.py and sample.py
@@ -321,7 +352,7 @@ def dit_runs(shapes_dir, tiny_vae_run, tmp_path_factory):
 def test_resumed_dit_run_equals_the_straight_one(dit_runs):
     for folder in ("unet", "unet_ema"):
         assert_same_weights(dit_runs / "straight" / folder, dit_runs / "split" / folder)
-    assert isinstance(load_unet(dit_runs / "straight" / "unet_ema"), DiT)
+    assert isinstance(load_network(dit_runs / "straight" / "unet_ema"), DiT)
     assert list((dit_runs / "straight" / "images").glob("*.png"))
 
 
@@ -332,7 +363,7 @@ def test_sample_py_draws_a_trained_dit_as_the_shortcut_sampler_says(steps, dit_r
     out = tmp_path / f"s{steps}"
     sample.main(["--unet", str(dit_runs / "straight"), "--out", str(out), "--num-samples", "3", "--steps",
                  str(steps), "--seed", "7"])
-    model, vae = load_unet(dit_runs / "straight" / "unet_ema"), load_vae(dit_runs / "straight" / "frozen_vae")
+    model, vae = load_network(dit_runs / "straight" / "unet_ema"), load_vae(dit_runs / "straight" / "frozen_vae")
     x = initial_noise([image_seed(7, i) for i in range(3)], (4, 16, 16))
     labels = torch.arange(3) % 3                  # --class-label all: classes in turn
     level = torch.full((3,), steps.bit_length() - 1)
@@ -354,7 +385,7 @@ def test_a_converted_diffusers_dit_is_where_fine_tuning_starts(shapes_dir, tiny_
     train(shapes_dir, tiny_vae_run, tmp_path / "run", "--config", "dit-tiny", "--max-steps", "1", "cond.type=class",
           f"init_from={tmp_path / 'd'}", "model.time_freq_shift=1", "train.lr=1e-12", "train.checkpoint_every=1",
           "train.image_log_every=100", f"cache_dir={tmp_path / 'cache'}")
-    model = load_unet(tmp_path / "run" / "unet")
+    model = load_network(tmp_path / "run" / "unet")
     assert model.level_emb.weight.abs().max() < 1e-9
     x = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     t, labels = torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0, 1, 3])
@@ -373,7 +404,7 @@ def test_bad_dit_input_is_one_line_before_training(case, shapes_dir, tiny_vae_ru
         diffusers_dit(tmp_path / "d", classes=3)    # hidden 32; dit-tiny has 64
     extra, message = {
         "latent_not_divisible": (["model.patch_size=8", "data.image_size=24"],
-                                 "config key 'model.patch_size': 8 does not divide the latent size 12"),
+                                 "model.patch_size=8 does not divide the latent size 12"),
         "pickled_pt": ([f"init_from={pickled}"], "pickled checkpoints"),
         "shapes_do_not_fit": ([f"init_from={tmp_path / 'd'}"], "the checkpoint has model.hidden_size=32, this run "
                                                                "model.hidden_size=64"),

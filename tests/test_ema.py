@@ -116,17 +116,6 @@ def test_swapped_restores_bit_exact(dtype):
     assert torch.equal(model.lin.weight, original["lin.weight"])
 
 
-def test_copy_to():
-    model = Net()
-    ema = EMA(model, decay=0.5, warmup=False)
-    set_all(model, [torch.ones(2, 3), torch.ones(2)])
-    ema.update(model)
-    target = Net()
-    ema.copy_to(target)
-    assert torch.equal(target.lin.weight, ema.shadow["lin.weight"])
-    assert torch.equal(target.lin.bias, ema.shadow["lin.bias"])
-
-
 def test_state_dict_round_trip(tmp_path):
     torch.manual_seed(0)
     model = Net()

@@ -10,10 +10,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from modules.config.schema import VAELossConfig
-from modules.core.vae_loss import (LPIPS, NLayerDiscriminator, PerceptualWeightsError, VAELoss,
-                            adaptive_disc_weight, convert_lpips_checkpoint, expected_lpips_shapes,
-                            hinge_d_loss, main as losses_main)
+from modules.core.vae_loss import (NLayerDiscriminator, VAELoss, VAELossConfig, adaptive_disc_weight,
+                                   expected_lpips_shapes, hinge_d_loss)
+from modules.interop.lpips import (PerceptualWeightsError, convert_lpips_checkpoint, load_lpips,
+                                   main as losses_main, perceptual_network)
 
 CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 POOL_AFTER = (2, 7, 14, 21)          # conv indices followed by a 2x2 max-pool
@@ -73,7 +73,7 @@ def images(seed: int, n: int = 2, size: int = 32) -> torch.Tensor:
 
 def test_lpips_file_matches_a_functional_reference(lpips_file):
     path, state = lpips_file
-    lpips = LPIPS.from_file(path)
+    lpips = load_lpips(path)
     x, y = images(1), images(2)
     with torch.no_grad():
         same = lpips(x, x)
@@ -84,7 +84,7 @@ def test_lpips_file_matches_a_functional_reference(lpips_file):
 
 
 def test_lpips_is_frozen(lpips_file):
-    lpips = LPIPS.from_file(lpips_file[0])
+    lpips = load_lpips(lpips_file[0])
     assert not any(p.requires_grad for p in lpips.parameters())
     y = images(2).requires_grad_(True)
     lpips(images(1), y).sum().backward()
@@ -99,18 +99,18 @@ def test_lpips_missing_or_misshaped_keys_are_named(lpips_file, tmp_path):
     path = tmp_path / "broken.safetensors"
     save_file(broken, str(path))
     with pytest.raises(PerceptualWeightsError) as err:
-        LPIPS.from_file(path)
+        load_lpips(path)
     message = str(err.value)
     assert str(path) in message and "lin3.model.1.weight" in message and "features.5.weight" in message
 
 
 def test_lpips_missing_file_and_pickle_are_refused(tmp_path):
     with pytest.raises(PerceptualWeightsError, match="nope.safetensors"):
-        LPIPS.from_file(tmp_path / "nope.safetensors")
+        load_lpips(tmp_path / "nope.safetensors")
     pickle_file = tmp_path / "vgg.pth"
     torch.save({}, pickle_file)
     with pytest.raises(PerceptualWeightsError, match="only .safetensors"):
-        LPIPS.from_file(pickle_file)
+        load_lpips(pickle_file)
 
 
 def official_style_states(state):
@@ -146,7 +146,7 @@ def test_convert_cli_writes_a_loadable_file(lpips_file, tmp_path, capsys):
     reloaded = load_file(str(out))
     assert all(torch.equal(reloaded[k], state[k]) for k in state)
     x, y = images(3), images(4)
-    torch.testing.assert_close(LPIPS.from_file(out)(x, y), reference_lpips(state, x, y), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(load_lpips(out)(x, y), reference_lpips(state, x, y), rtol=1e-4, atol=1e-6)
 
     rc = losses_main(["convert", "--vgg", str(tmp_path / "missing.pth"), "--lpips", str(tmp_path / "vgg.pth"),
                       "--out", str(out)])
@@ -222,19 +222,19 @@ def make_loss(disc_start: int = 10, perceptual_weights=None, perceptual_weight: 
     torch.manual_seed(0)
     cfg = VAELossConfig(disc_start=disc_start, disc_channels=8, disc_layers=3, kl_weight=1e-2,
                         perceptual_weight=perceptual_weight, perceptual_weights=perceptual_weights)
-    return VAELoss(cfg)
+    return VAELoss(cfg, perceptual=perceptual_network(cfg))
 
 
 def test_without_weights_perceptual_is_off_with_one_warning(caplog):
     torch.manual_seed(0)
     ae = ToyAutoencoder()
     x = images(5)
-    with caplog.at_level(logging.WARNING, logger="modules.core.vae_loss"):
+    with caplog.at_level(logging.WARNING, logger="modules.interop.lpips"):
         loss_fn = make_loss()
         recon, post = ae(x)
         loss, logs = loss_fn.generator_loss(x, recon, post, ae.decoder.weight, step=0)
         loss_fn.generator_loss(x, recon, post, ae.decoder.weight, step=1)
-    warnings = [r for r in caplog.records if r.name == "modules.core.vae_loss" and r.levelno == logging.WARNING]
+    warnings = [r for r in caplog.records if r.name == "modules.interop.lpips" and r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "perceptual" in warnings[0].getMessage()
     assert logs["loss_perceptual"].item() == 0.0
     expected = (x - recon).abs().mean() + 1e-2 * post.kl().mean() / x[0].numel()

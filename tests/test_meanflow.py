@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from modules.core.attention import attention, forward_ad_attention
-from modules.config.schema import MeanFlowConfig, UNetRunConfig
+from modules.config.schema import UNetRunConfig
 from modules.config.io import load_config
 from modules.core.draws import Draws
-from modules.core.objectives.meanflow import MeanFlowObjective, average_velocity_jvp, num_equal
-from modules.core.networks import build_network
-from modules.core.samplers import sample_euler, sample_meanflow
+from modules.core.objectives.meanflow import (MeanFlow, MeanFlowConfig, average_velocity_jvp, num_equal,
+                                              sample_meanflow)
+from modules.core.samplers import sample_euler
+from support import network_of
 
 MU, SIGMA = 1.5, 0.5       # data x1 ~ N(MU, SIGMA^2) per element, noise x0 ~ N(0, 1)
 SHAPE = (3, 4, 4)
@@ -33,10 +34,10 @@ def true_velocity(z, t):
     return MU + (t * SIGMA ** 2 - (1 - t)) / spread(t) ** 2 * (z - t * MU)
 
 
-def true_average_velocity(z, t, level=None, cond=None, drop=None):
+def true_average_velocity(z, t, interval=None, cond=None, drop=None):
     """The exact u(z, t, s = t + h): the flow keeps z's standard score, z_tau = tau MU + spread(tau) xi, so
     u = (z_s - z_t) / (s - t) = MU + (spread(s) - spread(t)) / ((s - t) spread(t)) (z - t MU); at h = 0, v."""
-    h = view(level, z)
+    h = view(interval, z)
     tb = view(t, z)
     safe = torch.where(h > 0, h, torch.ones_like(h))
     slope = torch.where(h > 0, (spread(tb + safe) - spread(tb)) / (safe * spread(tb)),
@@ -70,10 +71,9 @@ def test_target_with_the_exact_average_velocity_is_exact():
 def test_jvp_through_the_network_equals_a_central_difference(preset):
     """du/dt along the flow through a real network (attention included), float64, against
     (u(z + e v, t + e, s) - u(z - e v, t - e, s)) / 2e."""
-    cfg = load_config(UNetRunConfig, "unet", preset, ["objective=meanflow", "cond.type=class", "cond.num_classes=3"])
-    cfg.cond.image_downsample, cfg.model.step_input = 2, "interval"
+    cfg = load_config(UNetRunConfig, "unet", preset, ["objective=meanflow", "cond.type=class"])
     torch.manual_seed(0)
-    net = build_network(cfg.model, cfg.cond).double()
+    net = network_of(cfg, num_classes=3, downsample=2).double()
     with torch.no_grad():
         for p in net.parameters():      # move the zero-initialised layers off zero, so every path counts
             p.add_(0.05 * torch.randn_like(p))
@@ -85,10 +85,10 @@ def test_jvp_through_the_network_equals_a_central_difference(preset):
     u, du_dt = average_velocity_jvp(net, z, t, s, v, cond, drop)
     eps = 1e-7
     with torch.no_grad():
-        ahead = net(z + eps * v, t + eps, level=s - t - eps, cond=cond, drop=drop)
-        behind = net(z - eps * v, t - eps, level=s - t + eps, cond=cond, drop=drop)
+        ahead = net(z + eps * v, t + eps, interval=s - t - eps, cond=cond, drop=drop)
+        behind = net(z - eps * v, t - eps, interval=s - t + eps, cond=cond, drop=drop)
     torch.testing.assert_close(du_dt, (ahead - behind) / (2 * eps), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(u, net(z, t, level=s - t, cond=cond, drop=drop), rtol=0, atol=1e-12)
+    torch.testing.assert_close(u, net(z, t, interval=s - t, cond=cond, drop=drop), rtol=0, atol=1e-12)
 
 
 def test_attention_takes_the_math_backend_inside_the_jvp():
@@ -134,14 +134,14 @@ def test_meanflow_sampler_with_the_exact_average_velocity_lands_on_the_data_dist
     out = sample_meanflow(true_average_velocity, noise, steps)
     torch.testing.assert_close(out, MU + SIGMA * noise, rtol=0, atol=2e-6)
     # One Euler step with the instantaneous velocity does not (that is what MeanFlow fixes).
-    euler = sample_euler(lambda x, t, level: true_velocity(x, t), noise, 1)
+    euler = sample_euler(lambda x, t: true_velocity(x, t), noise, 1)
     assert (euler - (MU + SIGMA * noise)).abs().max() > 0.5
 
 
 def test_time_draws_mirror_the_papers_logit_normal():
     """Non-equal rows: {logit t, logit s} are two N(0.4, 1) draws (the paper's N(-0.4, 1) over 1 - time);
     s >= t; the first round(0.75 B) rows have s = t."""
-    objective = MeanFlowObjective(MeanFlowConfig())
+    objective = MeanFlow(MeanFlowConfig())
     t, s = objective.sample_times(40000, gen(4), torch.device("cpu"))
     equal = num_equal(40000, 0.75)
     assert equal == 30000 and torch.equal(t[:equal], s[:equal]) and (s[equal:] > t[equal:]).all()
@@ -158,7 +158,7 @@ class Constant(torch.nn.Module):
         super().__init__()
         self.value = torch.nn.Parameter(value.clone())
 
-    def forward(self, x, t, level=None, cond=None, drop=None):
+    def forward(self, x, t, interval=None, cond=None, drop=None):
         return self.value.expand_as(x)
 
 
@@ -170,7 +170,7 @@ def test_adaptive_weight_loss_value_and_gradient(power):
     x1 = torch.randn(4, *SHAPE, generator=gen(5))
     model = Constant(torch.randn(*SHAPE, generator=gen(6)))
     noise = torch.randn(4, *SHAPE, generator=gen(7))
-    loss, logs = MeanFlowObjective(cfg).loss(model, x1, None, Draws(gen(8), noise=noise))
+    loss, logs = MeanFlow(cfg).loss(model, x1, None, Draws(gen(8), noise=noise))
     delta = model.value.detach() - (x1 - noise)
     sq = delta.pow(2).flatten(1).sum(1)
     torch.testing.assert_close(loss, (sq / (sq + 0.5) ** power).mean())
@@ -187,14 +187,14 @@ def test_guidance_is_folded_into_the_velocity_inside_its_interval():
     cfg = MeanFlowConfig(omega=2.0, kappa=0.25, guidance_interval=(0.3, 0.8))
     calls = []
 
-    def model(x, t, level=None, cond=None, drop=None):
-        calls.append(level)
+    def model(x, t, interval=None, cond=None, drop=None):
+        calls.append(interval)
         return torch.where(drop.view(-1, 1, 1, 1), -1.0, 3.0).expand_as(x)   # u_null = -1, u_cond = 3
 
     t = torch.tensor([0.1, 0.3, 0.5, 0.8, 0.9, 0.5])
     drop = torch.tensor([False, False, False, False, False, True])
     v = torch.randn(6, *SHAPE, generator=gen(9))
-    v_g = MeanFlowObjective(cfg).guided_velocity(model, torch.zeros_like(v), t, v, torch.arange(6), drop)
+    v_g = MeanFlow(cfg).guided_velocity(model, torch.zeros_like(v), t, v, torch.arange(6), drop)
     inside = torch.tensor([False, True, True, True, False, False])
     torch.testing.assert_close(v_g[inside], 2.0 * v[inside] + 0.25 * 3.0 + (1 - 2.0 - 0.25) * -1.0)
     torch.testing.assert_close(v_g[~inside], v[~inside])
@@ -207,14 +207,13 @@ def test_the_jvp_runs_under_bf16_autocast(preset):
     the UNet's float32 GroupNorm and the DiT, its loss is within bf16 rounding of the float32 loss, and
     the gradients are finite."""
     cfg = load_config(UNetRunConfig, "unet", preset, ["objective=meanflow", "meanflow.loss_power=0"])
-    cfg.cond.image_downsample, cfg.model.step_input = 2, "interval"
     torch.manual_seed(0)
-    net = build_network(cfg.model, cfg.cond)
+    net = network_of(cfg, downsample=2)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
     x1 = torch.randn(4, 4, 8, 8, generator=gen(10))
-    objective = MeanFlowObjective(cfg.meanflow)
+    objective = MeanFlow(cfg.meanflow)
     plain, _ = objective.loss(net, x1, None, Draws(gen(11)))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed, _ = objective.loss(net, x1, None, Draws(gen(11)))
@@ -238,11 +237,9 @@ def _jvp_engines_worker(rank, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        cfg = load_config(UNetRunConfig, "unet", "tiny", ["objective=meanflow", "cond.type=class",
-                                                          "cond.num_classes=3"])
-        cfg.model.step_input = "interval"
+        cfg = load_config(UNetRunConfig, "unet", "tiny", ["objective=meanflow", "cond.type=class"])
         torch.manual_seed(0)
-        reference = build_network(cfg.model, cfg.cond).double()
+        reference = network_of(cfg, num_classes=3).double()
         with torch.no_grad():
             for p in reference.parameters():
                 p.add_(0.05 * torch.randn_like(p))
@@ -260,7 +257,7 @@ def _jvp_engines_worker(rank, port):
         grads_ref = {n: p.grad for n, p in reference.named_parameters()}
 
         def fresh():
-            net = build_network(cfg.model, cfg.cond).double()
+            net = network_of(cfg, num_classes=3).double()
             net.load_state_dict(reference.state_dict())
             return net
 

@@ -8,6 +8,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -18,13 +19,47 @@ from PIL import Image
 
 import evaluate
 from modules.errors import MetricsError
-from modules.eval.features import (INCEPTION_URL, fid_folder_vs_stats, fid_from_folders, folder_features, list_images,
-                              load_image, load_inception, load_source_size, load_stats, save_stats)
+from modules.eval.features import (INCEPTION_URL, FeatureExtractor, extract, list_images, load_image, load_inception,
+                                   load_source_size, load_stats, save_stats)
 from modules.core.metrics import (feature_statistics, frechet_distance, inception_score, kernel_inception_distance,
-                             mask_iou, precision_recall, psnr)
+                                  mask_iou, precision_recall, psnr)
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 32   # images are resized to this instead of 299 to keep the stand-in fast
+
+
+# ----------------------------------------------------------------------------- folder FID (test helpers)
+# Folder-level FID, once in modules/eval/features.py: the tests' reference path through extract().
+
+def folder_features(folder: str | Path, extractor: FeatureExtractor, batch_size: int = 50,
+                    device: str | torch.device = "cpu", image_size: Optional[int] = 299,
+                    workers: int = 4) -> np.ndarray:
+    """Features [N, D] (float64) of every image of ``folder`` (:func:`list_images`), in its order."""
+    return extract(list_images(folder), extractor, batch_size, device, image_size, workers).features
+
+
+def _checked_distance(stats_a: tuple[np.ndarray, np.ndarray], stats_b: tuple[np.ndarray, np.ndarray],
+                      name_a: str, name_b: str) -> float:
+    if stats_a[0].shape != stats_b[0].shape:
+        raise MetricsError(f"{name_a} has {stats_a[0].shape[0]}-d features but {name_b} has "
+                           f"{stats_b[0].shape[0]}-d: they were computed with different extractors")
+    return frechet_distance(stats_a[0], stats_a[1], stats_b[0], stats_b[1])
+
+
+def fid_from_folders(folder_a: str | Path, folder_b: str | Path, extractor: FeatureExtractor,
+                     batch_size: int = 50, device: str | torch.device = "cpu",
+                     image_size: Optional[int] = 299, workers: int = 4) -> float:
+    stats_a = feature_statistics(folder_features(folder_a, extractor, batch_size, device, image_size, workers))
+    stats_b = feature_statistics(folder_features(folder_b, extractor, batch_size, device, image_size, workers))
+    return _checked_distance(stats_a, stats_b, str(folder_a), str(folder_b))
+
+
+def fid_folder_vs_stats(folder: str | Path, stats_path: str | Path, extractor: FeatureExtractor,
+                        batch_size: int = 50, device: str | torch.device = "cpu",
+                        image_size: Optional[int] = 299, workers: int = 4) -> float:
+    reference = load_stats(stats_path)
+    stats = feature_statistics(folder_features(folder, extractor, batch_size, device, image_size, workers))
+    return _checked_distance(stats, reference, str(folder), str(stats_path))
 
 
 def scipy_frechet(mu1, s1, mu2, s2) -> float:
@@ -136,8 +171,8 @@ def test_stats_round_trip_and_bad_files(tmp_path):
 def test_load_image_converts_and_resizes(tmp_path):
     Image.new("L", (40, 20), color=100).save(tmp_path / "gray.png")
     Image.new("RGBA", (10, 10), color=(10, 20, 30, 0)).save(tmp_path / "rgba.png")
-    gray = load_image(tmp_path / "gray.png", 16)
-    rgba = load_image(tmp_path / "rgba.png", 16)
+    gray = load_image(tmp_path / "gray.png", 16)[0]
+    rgba = load_image(tmp_path / "rgba.png", 16)[0]
     assert gray.shape == rgba.shape == (3, 16, 16)
     np.testing.assert_allclose(gray, 100, atol=1e-3)        # resizing keeps a flat image flat
     np.testing.assert_allclose(rgba[:, 5, 5], [10, 20, 30], atol=1e-3)
@@ -173,7 +208,7 @@ def test_folder_fid_with_itself_is_zero_and_differs_across_folders(folders, extr
     assert feats.shape == (96, 64) and feats.dtype == np.float64
     # Batching does not change features: compare against one image at a time, in sorted order.
     first = sorted(folders["a"].iterdir())[0]
-    single = extractor(torch.from_numpy(load_image(first, SIZE))[None], return_features=True)
+    single = extractor(torch.from_numpy(load_image(first, SIZE)[0])[None], return_features=True)
     np.testing.assert_allclose(feats[0], single[0].detach().double().numpy(), rtol=1e-5, atol=1e-6)
 
     assert abs(fid_from_folders(folders["a"], folders["a"], extractor, 32, image_size=SIZE)) < 1e-6
@@ -499,7 +534,7 @@ def test_fid_during_training_when_a_process_has_no_image_to_make(shapes_dir, tin
 
     from modules.config.schema import UNetRunConfig
     from modules.config.io import from_dict
-    from modules.run.export import load_unet
+    from modules.run.export import load_network, read_network_export
     from modules.core.generation import GenerationSpec
     from modules.data.latent_cache import LatentDataset
     from scripts.tiny_clip import write_tiny_clip
@@ -537,9 +572,10 @@ def test_fid_during_training_when_a_process_has_no_image_to_make(shapes_dir, tin
     cfg = from_dict(UNetRunConfig, json.loads((run / "config.json").read_text()))
     vae = load_vae(run / "frozen_vae").eval()
     latents = LatentDataset(next((tmp_path / "cache").glob("latents_*")), hflip=False)
-    evaluator = TrainingEvaluator(cfg, Accelerator(cpu=True), GenerationSpec.from_run_config(cfg), latents,
+    export = read_network_export(run / "unet_ema")
+    evaluator = TrainingEvaluator(cfg, Accelerator(cpu=True), GenerationSpec.of(cfg, export.sizes), latents,
                                   vae.config.scale_factor)
-    expected = evaluator.fid(load_unet(run / "unet_ema").eval(), vae)
+    expected = evaluator.fid(load_network(run / "unet_ema", export).eval(), vae)
     assert logged.keys() == expected.keys() == {"fid/steps_1"}
     for key, value in expected.items():
         assert float(logged[key]) == pytest.approx(value, rel=1e-3), key     # logged to 4 digits

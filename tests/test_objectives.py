@@ -9,10 +9,14 @@ from torch import nn
 
 from contextlib import nullcontext
 
-from modules.config.schema import DDPMConfig, FlowConfig, ShortcutConfig, UNetRunConfig
+from modules.config.schema import UNetRunConfig
 from modules.config.io import load_config
-from modules.core.objectives import (DDPMObjective, DDPMSchedule, Draws, FlowObjective, ShortcutObjective,
-                                bootstrap_levels, build_objective, num_bootstrap, shortcut_targets)
+from modules.core.draws import Draws
+from modules.core.objectives import build_objective
+from modules.core.objectives.ddpm import DDPM, DDPMConfig, DDPMSchedule
+from modules.core.objectives.flow import Flow, FlowConfig
+from modules.core.objectives.shortcut import (Shortcut, ShortcutConfig, bootstrap_levels, num_bootstrap,
+                                              shortcut_targets)
 
 SHAPE = (4, 4, 4)   # per-sample latent shape used by the closed-form tests
 
@@ -149,7 +153,7 @@ class Affine(nn.Module):
 
 def test_teacher_gets_no_gradient():
     model, teacher = Affine(seed=0), Affine(seed=1)
-    obj = ShortcutObjective(ShortcutConfig(denoise_timesteps=128), teacher=taught_by(teacher))
+    obj = Shortcut(ShortcutConfig(denoise_timesteps=128), teacher=taught_by(teacher))
     loss, logs = obj.loss(model, torch.randn(16, *SHAPE), None, draws(0))
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
@@ -158,7 +162,7 @@ def test_teacher_gets_no_gradient():
 
 
 def test_model_as_own_teacher_gets_gradient_only_from_the_student_forward():
-    obj = ShortcutObjective(ShortcutConfig(denoise_timesteps=128))
+    obj = Shortcut(ShortcutConfig(denoise_timesteps=128))
     x1 = torch.randn(16, *SHAPE)
     model = Affine()
     loss, _ = obj.loss(model, x1, None, draws(3))
@@ -177,7 +181,7 @@ def test_model_as_own_teacher_gets_gradient_only_from_the_student_forward():
 
 def test_teacher_argument_is_honoured():
     cfg = ShortcutConfig(denoise_timesteps=128, bootstrap_fraction=0.5)
-    obj = ShortcutObjective(cfg)
+    obj = Shortcut(cfg)
     x1 = torch.randn(16, *SHAPE)
     const = lambda v: (lambda x, t, level=None, cond=None, drop=None: torch.full_like(x, v))
     b1 = shortcut_targets(const(0.5), x1, None, cfg, generator=gen(0))
@@ -191,7 +195,7 @@ def test_teacher_argument_is_honoured():
     obj.loss(model, x1, None, draws(0))                         # teacher None: the model teaches
     assert len(model.calls) == 3
     teacher, model = Recorder(const(1.0)), Recorder(const(1.0))
-    ShortcutObjective(cfg, teacher=taught_by(teacher)).loss(model, x1, None, draws(0))
+    Shortcut(cfg, teacher=taught_by(teacher)).loss(model, x1, None, draws(0))
     assert len(model.calls) == 1 and len(teacher.calls) == 2
     # Teacher queries: bootstrap rows only, level k + 1, second query at t + d/2.
     k = b1.level[boot]
@@ -218,7 +222,7 @@ def test_exact_velocity_makes_bootstrap_target_equal_flow_target():
 # ----------------------------------------------------------------------------- conditions and CFG
 
 def test_condition_dropout_only_on_flow_rows():
-    obj = ShortcutObjective(ShortcutConfig(denoise_timesteps=128, bootstrap_fraction=0.25), cond_drop=0.3)
+    obj = Shortcut(ShortcutConfig(denoise_timesteps=128, bootstrap_fraction=0.25), cond_drop=0.3)
     x1 = torch.randn(64, *SHAPE)
     labels = torch.arange(64) % 10
     dropped, flow_rows = 0, 0
@@ -264,8 +268,8 @@ def test_bootstrap_cfg_guides_only_the_finest_level():
 
 def test_shortcut_loss_is_the_mse_of_one_forward():
     model, teacher = Affine(levels=6, seed=0), Affine(levels=6, seed=1)
-    obj = ShortcutObjective(ShortcutConfig(denoise_timesteps=32, bootstrap_fraction=0.25), cond_drop=0.2,
-                            teacher=taught_by(teacher))
+    obj = Shortcut(ShortcutConfig(denoise_timesteps=32, bootstrap_fraction=0.25), cond_drop=0.2,
+                   teacher=taught_by(teacher))
     x1, labels = torch.randn(12, *SHAPE), torch.arange(12)
     loss, logs = obj.loss(model, x1, labels, draws(5))
     b = shortcut_targets(teacher, x1, labels, obj.cfg, obj.cond_drop, generator=gen(5))
@@ -285,7 +289,7 @@ def test_shortcut_loss_is_the_mse_of_one_forward():
 
 
 def test_flow_loss_closed_form():
-    obj = FlowObjective(FlowConfig())
+    obj = Flow(FlowConfig())
     c = 0.7
     loss, logs = obj.loss(zero_model, torch.full((64, 4, 16, 16), c), None, draws(0))
     assert abs(loss.item() - (c * c + 1)) < 0.03   # E (c - x0)^2 = c^2 + 1; 65536 values
@@ -301,9 +305,9 @@ def test_flow_loss_closed_form():
 
 
 def test_flow_time_sampling():
-    uniform = FlowObjective(FlowConfig("uniform")).sample_t(20000, gen(0), torch.device("cpu"))
+    uniform = Flow(FlowConfig("uniform")).sample_t(20000, gen(0), torch.device("cpu"))
     assert abs(uniform.mean() - 0.5) < 0.01 and abs(uniform.var() - 1 / 12) < 0.003
-    logit = FlowObjective(FlowConfig("logit_normal")).sample_t(20000, gen(0), torch.device("cpu"))
+    logit = Flow(FlowConfig("logit_normal")).sample_t(20000, gen(0), torch.device("cpu"))
     z = np.linspace(-8, 8, 20001)
     pdf = np.exp(-z ** 2 / 2) / math.sqrt(2 * math.pi)
     ref_var = np.trapezoid(pdf * (1 / (1 + np.exp(-z)) - 0.5) ** 2, z)   # ~0.043
@@ -311,7 +315,7 @@ def test_flow_time_sampling():
 
 
 def test_flow_condition_dropout_rate():
-    obj = FlowObjective(FlowConfig(), cond_drop=0.25)
+    obj = Flow(FlowConfig(), cond_drop=0.25)
     rec = Recorder(zero_model)
     for seed in range(40):
         obj.loss(rec, torch.randn(100, *SHAPE), torch.arange(100), draws(seed))
@@ -330,7 +334,7 @@ def test_ddpm_schedule_matches_stable_diffusion():
 
 
 def test_ddpm_objective_noising():
-    obj = DDPMObjective(DDPMConfig())
+    obj = DDPM(DDPMConfig())
     abar = obj.schedule.alphas_cumprod
     x1 = torch.randn(256, *SHAPE)
     rec = Recorder(zero_model)
@@ -345,17 +349,27 @@ def test_ddpm_objective_noising():
     assert set(logs) == {"loss_ddpm"}
 
 
+def run_objective(cfg):
+    """The objective a run of ``cfg`` trains (train_unet.py builds it so: no condition dropout without a condition)."""
+    return build_objective(cfg.objective, cfg.objective_cfg, cfg.cond.drop if cfg.cond.type != "none" else 0.0)
+
+
+def num_step_levels(cfg):
+    """Entries of the step-size embedding the network of ``cfg`` gets."""
+    return cfg.objective_class.network_inputs(cfg.objective_cfg).levels
+
+
 def test_build_objective():
     cfg = UNetRunConfig()
     cfg.cond.drop = 0.3
-    obj = build_objective(cfg)
-    assert isinstance(obj, ShortcutObjective) and cfg.num_step_levels == 8 and obj.cond_drop == 0
+    obj = run_objective(cfg)
+    assert isinstance(obj, Shortcut) and num_step_levels(cfg) == 8 and obj.cond_drop == 0
     cfg.cond.type = "class"
-    assert build_objective(cfg).cond_drop == 0.3
+    assert run_objective(cfg).cond_drop == 0.3
     cfg.objective = "flow"
-    assert isinstance(build_objective(cfg), FlowObjective) and cfg.num_step_levels == 0
+    assert isinstance(run_objective(cfg), Flow) and num_step_levels(cfg) == 0
     cfg.objective = "ddpm"
-    assert isinstance(build_objective(cfg), DDPMObjective) and cfg.num_step_levels == 0
+    assert isinstance(run_objective(cfg), DDPM) and num_step_levels(cfg) == 0
 
 
 # ----------------------------------------------------------------------------- overfitting
@@ -399,9 +413,9 @@ def test_overfit_four_latents(name, one_thread):
     """
     torch.manual_seed(0)
     data = torch.randn(4, *SHAPE)
-    obj = {"flow": FlowObjective(FlowConfig()),
-           "shortcut": ShortcutObjective(ShortcutConfig(denoise_timesteps=8, bootstrap_fraction=0.25)),
-           "ddpm": DDPMObjective(DDPMConfig())}[name]
+    obj = {"flow": Flow(FlowConfig()),
+           "shortcut": Shortcut(ShortcutConfig(denoise_timesteps=8, bootstrap_fraction=0.25)),
+           "ddpm": DDPM(DDPMConfig())}[name]
     net = TinyNet(math.prod(SHAPE), {"shortcut": 4}.get(name, 0))   # levels 0 .. log2 8
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     g = gen(0)
@@ -456,5 +470,5 @@ def test_intrinsic_guidance_targets():
     # The student's forward gets the same w as its input.
     seen = []
     model = guidance_aware(-0.5, seen)
-    ShortcutObjective(cfg, cond_drop=0.25).loss(model, x1, labels, draws(0))
+    Shortcut(cfg, cond_drop=0.25).loss(model, x1, labels, draws(0))
     torch.testing.assert_close(seen[-1]["guidance"], w)

@@ -91,7 +91,7 @@ def test_refuses_a_non_empty_workdir(tmp_path):
 def test_arch_dit_makes_the_same_table_with_dits(micro_run, tmp_path):
     """--arch dit: the same runs and rows, with DiTs (the micro run's VAE reused, as --vae allows)."""
     from modules.core.networks.dit import DiT
-    from modules.run.export import load_unet
+    from modules.run.export import load_network
 
     work, unet_report = micro_run
     report = quality.main(["--preset", "micro", "--arch", "dit", "--workdir", str(tmp_path / "dit"), "--device", "cpu",
@@ -99,7 +99,7 @@ def test_arch_dit_makes_the_same_table_with_dits(micro_run, tmp_path):
     assert report["arch"] == "dit" and unet_report["arch"] == "unet"
     assert [(r["model"], r["steps"]) for r in report["rows"]] == [(r["model"], r["steps"]) for r in unet_report["rows"]]
     for objective in quality.DEFAULT_VARIANTS:
-        assert isinstance(load_unet(tmp_path / "dit" / f"unet_{objective}" / "unet_ema"), DiT)
+        assert isinstance(load_network(tmp_path / "dit" / f"unet_{objective}" / "unet_ema"), DiT)
     commands = [s["command"] for s in report["stages"] if s["name"].startswith("unet_")]
     assert len(commands) == 2 and all("model.arch=dit" in c for c in commands)
 
@@ -161,4 +161,4 @@ def test_variants_seeds_and_guidance_sweep(micro_run, tmp_path):
         assert {r["steps"] for r in rows if r["variant"] == variant and r["guidance"] == best} == {1, 2}
     assert set(report["seconds_per_step"]) == {"shortcut+all", "meanflow"}
     commands = " ".join(s["command"] for s in report["stages"])
-    assert "shortcut.intrinsic_guidance=true loss.wavelet_levels=2 train.ot_pairing=true" in commands
+    assert "shortcut.intrinsic_guidance=true shortcut.wavelet_levels=2 train.ot_pairing=true" in commands

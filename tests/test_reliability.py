@@ -34,12 +34,13 @@ import train_unet
 import train_vae
 from modules.run.checkpoint import MANIFEST, STATE_NAME, checkpoint_problem
 from modules.config.cli import run_cli
-from modules.config.schema import DataConfig, UNetRunConfig, VAERunConfig
+from modules.config.schema import DataConfig, UNetRunConfig, VAERunConfig, network_sizes
 from modules.config.io import from_dict
 from modules.data.dataset import build_dataset
 from modules.errors import ModelFolderError
-from modules.run.export import load_unet, read_weights
+from modules.run.export import load_network, read_weights
 from modules.data.latent_cache import file_hashes
+from modules.durable import sha256_file
 from modules.data.order import ResumableBatchSampler
 from modules.core.networks import build_network
 from modules.core.networks.vae import AutoencoderKL
@@ -286,7 +287,7 @@ def test_killed_after_the_last_checkpoint_resume_writes_the_exports(stage2, tmp_
     (out / "unet").rename(out / "unet.old")
     train_unet.main(unet_args(stage2, out, "--resume", "latest"))
     assert_matches_reference(stage2, out)
-    assert load_unet(out / "unet_ema") is not None
+    assert load_network(out / "unet_ema") is not None
     assert not (out / "unet.old").exists()
 
 
@@ -479,8 +480,9 @@ def test_consecutive_nan_steps_abort_with_the_last_good_weights_saved(stage2, tm
     saved = out / "checkpoints" / "step_5"
     assert checkpoint_problem(saved) is None
     cfg = from_dict(UNetRunConfig, json.loads((out / "config.json").read_text()))
+    sizes = network_sizes(cfg, load_vae(stage2.vae).config, 3)     # the shapes data set has 3 classes
     torch.manual_seed(cfg.train.seed)
-    initial = dict(build_network(cfg.model, cfg.cond).named_parameters())
+    initial = dict(build_network(cfg.model, cfg.cond, sizes).named_parameters())
     weights, emas = read_weights(saved / "model.safetensors"), read_weights(saved / "ema_rank0.safetensors")
     assert weights.keys() == initial.keys()
     for key, value in initial.items():
@@ -525,9 +527,10 @@ def test_disk_full_while_exporting_is_a_clear_error_and_keeps_the_previous_expor
     calls = []
 
     def save_until_full(folder, state_dict, config):
-        calls.append(folder)
-        if len(calls) == 5:                              # step 3's first export
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
+        if Path(folder).name in ("unet", "unet_ema"):    # not the run's frozen_vae copy (also a model folder)
+            calls.append(folder)
+            if len(calls) == 5:                          # step 3's first export
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
         return real_save(folder, state_dict, config)
 
     monkeypatch.setattr(export_module, "save_model_folder", save_until_full)
@@ -540,7 +543,7 @@ def test_disk_full_while_exporting_is_a_clear_error_and_keeps_the_previous_expor
     assert checkpoint_problem(checkpoints / "step_3") is None
     # The previous export (step 2) is intact and loads.
     assert_same_weights(out / "unet", checkpoints / "step_2" / "model.safetensors", atol=0)
-    assert load_unet(out / "unet_ema") is not None
+    assert load_network(out / "unet_ema") is not None
     monkeypatch.setattr(export_module, "save_model_folder", real_save)
     train_unet.main(unet_args(stage2, out, "--resume", "latest"))
     assert_matches_reference(stage2, out)
@@ -592,7 +595,7 @@ def test_two_process_run_ends_when_a_peer_dies_or_hangs_and_resumes(fault, stage
     caplog.set_level(logging.INFO)
     train_unet.main(unet_args(stage2, out, "--resume", "latest", "--max-steps", str(latest + 2)))
     assert f"resumed from {checkpoints / f'step_{latest}'}" in caplog.text
-    assert newest_valid(checkpoints) == latest + 2 and load_unet(out / "unet_ema") is not None
+    assert newest_valid(checkpoints) == latest + 2 and load_network(out / "unet_ema") is not None
 
 
 # ----------------------------------------------------------------------------- 7. multi-process equivalence
@@ -655,7 +658,7 @@ def test_pickle_weight_files_are_refused_without_being_unpickled(stage2, tmp_pat
     shutil.copy(stage2.reference / "unet_ema" / "config.json", unet / "config.json")
     torch.save(evil, unet / "model.safetensors")
     with pytest.raises(ModelFolderError, match="not a readable safetensors file"):
-        load_unet(unet)
+        load_network(unet)
     # A diffusers folder that only has the pickle weights.
     diffusers = tmp_path / "diffusers_vae"
     diffusers.mkdir()
@@ -678,7 +681,8 @@ def test_resume_never_runs_code_from_a_planted_checkpoint_file(planted, stage2, 
     torch.save({"step": Payload(marker)}, checkpoint / planted)
     # Whoever planted it also rewrote the manifest, so the size check passes.
     manifest = json.loads((checkpoint / MANIFEST).read_text())
-    manifest["files"][planted] = (checkpoint / planted).stat().st_size
+    manifest["files"][planted] = {"size": (checkpoint / planted).stat().st_size,
+                                  "sha256": sha256_file(checkpoint / planted)}
     (checkpoint / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(SystemExit) as exit_info:
         run_cli(train_unet.main, unet_args(stage2, out, "--resume", str(checkpoint), "--max-steps", "13"))

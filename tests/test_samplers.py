@@ -2,10 +2,12 @@
 import pytest
 import torch
 
-from modules.config.sampling import sampling_problem
-from modules.core.objectives import DDPMSchedule
-from modules.core.samplers import (ddim_timesteps, guided, sample, sample_ddim, sample_ddpm, sample_euler, sample_heun,
-                              sample_shortcut)
+from modules.core.objectives import OBJECTIVES, SAMPLERS
+from modules.core.objectives.ddpm import DDPMConfig, DDPMSchedule, ddim_timesteps, sample_ddim
+from modules.core.objectives.flow import FlowConfig
+from modules.core.objectives.meanflow import MeanFlowConfig
+from modules.core.objectives.shortcut import ShortcutConfig
+from modules.core.samplers import guided, sample_euler, sample_heun
 from modules.core.seeding import initial_noise, noise_generators
 
 N = 16384   # samples for mean/variance checks: standard errors ~ 0.012 (mean), 1.1% (variance)
@@ -39,6 +41,13 @@ def ddim_exact(noise):
     """DDIM's ODE keeps the standardised value of x: from timestep 999 to the data."""
     a = SCHEDULE.alphas_cumprod[999].float()
     return MU + STD * (noise - a.sqrt() * MU) / (a * STD ** 2 + 1 - a).sqrt()
+
+
+def sampling_problem(objective, sampler, steps, denoise_timesteps, num_timesteps):
+    """The objective's rule for a model trained with M = denoise_timesteps (shortcut) or T = num_timesteps (DDPM)."""
+    cfg = {"shortcut": ShortcutConfig(denoise_timesteps=denoise_timesteps),
+           "ddpm": DDPMConfig(num_timesteps=num_timesteps)}.get(objective) or OBJECTIVES[objective].Config()
+    return OBJECTIVES[objective].sampling_problem(cfg, sampler, steps)
 
 
 def rms(a, b):
@@ -90,7 +99,7 @@ def test_shortcut_sampler_is_exact_on_straight_paths():
     x0 = initial_noise(range(8), SHAPE)
     for steps in (1, 2, 4, 128):
         seen.clear()
-        out = sample_shortcut(point_velocity, x0, steps)
+        out = OBJECTIVES["shortcut"].sample(ShortcutConfig(), "shortcut", point_velocity, x0, steps)
         assert torch.allclose(out, c.expand_as(out), atol=1e-5)
         assert [round(t[0].item() * steps) for t, _ in seen] == list(range(steps))
         assert all((lvl == steps.bit_length() - 1).all() for _, lvl in seen)
@@ -141,7 +150,7 @@ def test_ddim_matches_diffusers(noise):
 
 def test_ddpm_ancestral_lands_on_the_gaussian(noise):
     torch.manual_seed(0)
-    out = sample_ddpm(gaussian_epsilon, noise[:4096], SCHEDULE)   # all 1000 steps
+    out = sample_ddim(gaussian_epsilon, noise[:4096], SCHEDULE.num_timesteps, SCHEDULE, eta=1.0)   # all 1000 steps
     assert (out.mean(0) - MU).abs().max() < 0.1               # measured 0.025-0.038 (seeds 0-2)
     assert ((out.var(0) / STD ** 2) - 1).abs().max() < 0.12    # measured 0.045-0.081
 
@@ -168,17 +177,17 @@ def test_cfg_scales():
     v_c = model(x, t, cond=labels, drop=torch.zeros(6, dtype=torch.bool))
     v_u = model(x, t, cond=labels, drop=torch.ones(6, dtype=torch.bool))
     calls.clear()
-    assert torch.equal(guided(model, labels, 1.0)(x, t, None), v_c) and len(calls) == 1
-    assert torch.equal(guided(model, labels, 0.0)(x, t, None), v_u) and len(calls) == 2
+    assert torch.equal(guided(model, labels, 1.0)(x, t), v_c) and len(calls) == 1
+    assert torch.equal(guided(model, labels, 0.0)(x, t), v_u) and len(calls) == 2
     calls.clear()
-    out = guided(model, labels, 4.0)(x, t, None)
+    out = guided(model, labels, 4.0)(x, t)
     assert torch.allclose(out, v_u + 4.0 * (v_c - v_u))
     (call,) = calls                                     # one doubled forward
     assert torch.equal(call["x"][:6], call["x"][6:])    # both branches see the same noise
     assert call["drop"].tolist() == [False] * 6 + [True] * 6
     assert torch.equal(call["cond"], labels.repeat(2))
     calls.clear()
-    assert torch.equal(guided(model, None, 4.0)(x, t, None), model(x, t)) and calls[0]["cond"] is None
+    assert torch.equal(guided(model, None, 4.0)(x, t), model(x, t)) and calls[0]["cond"] is None
 
 
 def test_cfg_passes_levels_and_checks_condition_rows():
@@ -189,7 +198,7 @@ def test_cfg_passes_levels_and_checks_condition_rows():
         return x
 
     level = torch.full((3,), 2)
-    guided(model, torch.arange(3), 2.0)(torch.zeros(3, *SHAPE), torch.zeros(3), level)
+    guided(model, torch.arange(3), 2.0)(torch.zeros(3, *SHAPE), torch.zeros(3), level=level)
     assert seen[0].tolist() == [2] * 6
 
 
@@ -204,12 +213,12 @@ def test_same_seeds_same_samples_for_any_batch_split():
     assert torch.equal(initial_noise([5], SHAPE)[0], torch.randn(SHAPE, generator=torch.Generator().manual_seed(5)))
 
     def run(batch):
-        return sample_ddpm(gaussian_epsilon, initial_noise(batch, SHAPE), SCHEDULE, steps=10,
+        return sample_ddim(gaussian_epsilon, initial_noise(batch, SHAPE), 10, SCHEDULE, eta=1.0,
                            generators=noise_generators(batch))
 
     split = torch.cat([run(seeds[:3]), run(seeds[3:])])
     assert torch.equal(run(seeds), split)
-    assert not torch.equal(run(seeds), sample_ddpm(gaussian_epsilon, whole, SCHEDULE, steps=10,
+    assert not torch.equal(run(seeds), sample_ddim(gaussian_epsilon, whole, 10, SCHEDULE, eta=1.0,
                                                    generators=noise_generators([s + 1 for s in seeds])))
     euler = sample_euler(gaussian_velocity, whole, 4)
     assert torch.equal(torch.cat([sample_euler(gaussian_velocity, whole[:3], 4),
@@ -217,19 +226,27 @@ def test_same_seeds_same_samples_for_any_batch_split():
 
 
 def test_dispatcher(noise):
+    """Each objective dispatches its samplers (the old name-only dispatcher is gone)."""
     x = noise[:16]
-    assert torch.equal(sample("euler", gaussian_velocity, x, 4), sample_euler(gaussian_velocity, x, 4))
-    assert torch.equal(sample("heun", gaussian_velocity, x, 4), sample_heun(gaussian_velocity, x, 4))
-    assert torch.equal(sample("ddim", gaussian_epsilon, x, 4, schedule=SCHEDULE),
+    flow, ddpm, shortcut_model = OBJECTIVES["flow"], OBJECTIVES["ddpm"], OBJECTIVES["shortcut"]
+    assert torch.equal(flow.sample(FlowConfig(), "euler", gaussian_velocity, x, 4),
+                       sample_euler(gaussian_velocity, x, 4))
+    assert torch.equal(flow.sample(FlowConfig(), "heun", gaussian_velocity, x, 4),
+                       sample_heun(gaussian_velocity, x, 4))
+    assert torch.equal(ddpm.sample(DDPMConfig(), "ddim", gaussian_epsilon, x, 4),
                        sample_ddim(gaussian_epsilon, x, 4, SCHEDULE))
     shortcut = lambda x, t, level: gaussian_velocity(x, t)
-    assert torch.equal(sample("shortcut", shortcut, x, 4), sample_euler(gaussian_velocity, x, 4))
+    assert torch.equal(shortcut_model.sample(ShortcutConfig(), "shortcut", shortcut, x, 4),
+                       sample_euler(gaussian_velocity, x, 4))
     generators = noise_generators(range(16))
-    strided = sample("ddpm", gaussian_epsilon, x, 50, schedule=SCHEDULE, generators=generators)
+    strided = ddpm.sample(DDPMConfig(), "ddpm", gaussian_epsilon, x, 50, generators=generators)
     assert torch.equal(strided, sample_ddim(gaussian_epsilon, x, 50, SCHEDULE, eta=1.0,
                                             generators=noise_generators(range(16))))
-    with pytest.raises(ValueError, match="sampler .dpm. is not one of shortcut, meanflow, euler, heun, ddim, ddpm"):
-        sample("dpm", gaussian_velocity, x, 4)
+    # An unknown sampler name: refused by every objective's rule, which is asked before sampling.
+    assert set(SAMPLERS) == {"shortcut", "meanflow", "euler", "heun", "ddim", "ddpm"}
+    for name, objective in OBJECTIVES.items():
+        assert f"sampler dpm does not fit a {name} model (use one of {', '.join(objective.samplers)})" in \
+            objective.sampling_problem(objective.Config(), "dpm", 4)
 
 
 def test_intrinsic_guidance_is_one_forward_with_the_scale_as_input():
@@ -240,7 +257,7 @@ def test_intrinsic_guidance_is_one_forward_with_the_scale_as_input():
         return x + guidance.view(-1, 1, 1, 1)
 
     x = torch.zeros(3, *SHAPE)
-    out = guided(model, torch.arange(3), 2.5, intrinsic=True)(x, torch.zeros(3), None)
+    out = guided(model, torch.arange(3), 2.5, intrinsic=True)(x, torch.zeros(3))
     assert torch.equal(out, torch.full_like(x, 2.5))
     (call,) = seen
     assert call["rows"] == 3 and call["drop"] is None and call["guidance"].tolist() == [2.5] * 3
@@ -249,10 +266,10 @@ def test_intrinsic_guidance_is_one_forward_with_the_scale_as_input():
 def test_meanflow_sampler_steps_on_the_grid_with_the_interval_length():
     calls = []
 
-    def fn(x, t, level):
-        calls.append((t[0].item(), level[0].item()))
+    def fn(x, t, interval):
+        calls.append((t[0].item(), interval[0].item()))
         return torch.ones_like(x)
 
-    out = sample("meanflow", fn, torch.zeros(2, *SHAPE), 4)
+    out = OBJECTIVES["meanflow"].sample(MeanFlowConfig(), "meanflow", fn, torch.zeros(2, *SHAPE), 4)
     assert calls == [(0.0, 0.25), (0.25, 0.25), (0.5, 0.25), (0.75, 0.25)]
     assert torch.allclose(out, torch.ones_like(out))     # four steps of length 1/4 at velocity 1

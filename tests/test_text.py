@@ -1,6 +1,6 @@
 """Text prompts (cond.type=text): captions, the frozen CLIP text encoder, embeddings in the latent cache,
 text-conditioned UNet and DiT, sample.py --prompt, and the bad inputs. The encoder is a tiny random
-CLIPTextModel with a BPE vocabulary written here (modules/tiny_clip.py); nothing is downloaded."""
+CLIPTextModel with a BPE vocabulary written here (scripts/tiny_clip.py); nothing is downloaded."""
 import hashlib
 import json
 import logging
@@ -18,20 +18,20 @@ from PIL import Image
 import sample
 import train_unet
 from modules.config.cli import run_cli
-from modules.config.schema import DataConfig, ShortcutConfig, UNetRunConfig
+from modules.config.schema import DataConfig, UNetRunConfig
 from modules.config.io import load_config
 from modules.data.dataset import build_dataset
-from modules.run.export import load_unet, read_unet_export
+from modules.run.export import load_network, read_network_export
 from modules.core.generation import decode_latents
 from modules.data.image_io import to_uint8
 from modules.data.latent_cache import LatentDataset
-from modules.core.networks import build_network
-from modules.core.objectives import shortcut_targets
+from modules.core.objectives.shortcut import ShortcutConfig, shortcut_targets
 from modules.core.seeding import image_seed, initial_noise
 from scripts.shapes import SHAPES, read_caption, render_shape_batch, shape_captions
 from modules.interop.clip import TextEncoder
 from scripts.tiny_clip import write_tiny_clip
 from modules.interop.vae import load_vae
+from support import network_of
 
 transformers = pytest.importorskip("transformers")
 
@@ -166,9 +166,9 @@ def test_embeddings_are_cached_once_and_reused(shapes_dir, tiny_vae_run, clip_di
     torch.testing.assert_close(cached, expected.half().float())     # stored as float16
     torch.testing.assert_close(cache.null_text, reference_embeddings(clip_dir, [""])[0].half().float())
     # The export keeps the empty prompt's embedding as the null condition, and records the encoder.
-    unet = load_unet(tmp_path / "b" / "unet_ema")
+    unet = load_network(tmp_path / "b" / "unet_ema")
     torch.testing.assert_close(unet.conditioner.null_text, cache.null_text)
-    record = read_unet_export(tmp_path / "b" / "unet_ema").text_encoder
+    record = read_network_export(tmp_path / "b" / "unet_ema").text_encoder
     assert record["identity"] == TextEncoder(str(clip_dir)).identity and record["tokens"] == 16
 
 
@@ -196,11 +196,10 @@ def test_a_changed_caption_or_encoder_gets_fresh_embeddings(shapes_dir, tiny_vae
 
 def text_network(arch: str = "unet", mode: str = "crossattn", seed: int = 0):
     extra = ["model.arch=dit", "model.hidden_size=32", "model.depth=2", "model.num_heads=2"] if arch == "dit" else []
-    cfg = load_config(UNetRunConfig, "unet", "tiny", ["cond.type=text", "cond.text_encoder=x", "cond.text_tokens=16",
-                                                      "model.context_dim=32", f"cond.text_mode={mode}", *extra])
-    cfg.model.num_step_levels = cfg.num_step_levels
+    cfg = load_config(UNetRunConfig, "unet", "tiny", ["cond.type=text", "cond.text_encoder=x",
+                                                      f"cond.text_mode={mode}", *extra])
     torch.manual_seed(seed)
-    net = build_network(cfg.model, cfg.cond).eval()
+    net = network_of(cfg, text_tokens=16, text_width=32).eval()
     with torch.no_grad():           # away from the zero-initialised start, so every input matters
         for p in net.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -216,11 +215,11 @@ def test_dropout_gives_the_empty_prompt_embedding(arch, mode):
     tokens = torch.randn(3, 16, 32)
     null = net.conditioner.null_text.expand(3, -1, -1)
     with torch.no_grad():
-        dropped = net(x, t, level, tokens, torch.tensor([True, False, True]))
-        assert torch.equal(dropped[[0, 2]], net(x, t, level, null)[[0, 2]])
-        assert torch.equal(dropped[1], net(x, t, level, tokens)[1])
-        assert torch.equal(net(x, t, level, None), net(x, t, level, null))
-        assert not torch.allclose(net(x, t, level, tokens), net(x, t, level, null))
+        dropped = net(x, t, level, cond=tokens, drop=torch.tensor([True, False, True]))
+        assert torch.equal(dropped[[0, 2]], net(x, t, level, cond=null)[[0, 2]])
+        assert torch.equal(dropped[1], net(x, t, level, cond=tokens)[1])
+        assert torch.equal(net(x, t, level, cond=None), net(x, t, level, cond=null))
+        assert not torch.allclose(net(x, t, level, cond=tokens), net(x, t, level, cond=null))
 
 
 def test_bootstrap_cfg_teacher_guides_against_the_empty_prompt():
@@ -234,8 +233,8 @@ def test_bootstrap_cfg_teacher_guides_against_the_empty_prompt():
         guided = (b.level[rows] == cfg.num_levels - 1).view(-1, 1, 1, 1)
 
         def v(x, at):
-            cond = net(x, at, level, tokens[rows])
-            return torch.where(guided, net(x, at, level, None) + w * (cond - net(x, at, level, None)), cond)
+            cond = net(x, at, level, cond=tokens[rows])
+            return torch.where(guided, net(x, at, level, cond=None) + w * (cond - net(x, at, level, cond=None)), cond)
         half = (2.0 ** -b.level[rows].float() / 2).view(-1, 1, 1, 1)
         v1 = v(b.x_t[rows], t)
         v2 = v(torch.clamp(b.x_t[rows] + half * v1, -4, 4), t + half.flatten())
@@ -249,7 +248,7 @@ def test_bootstrap_cfg_teacher_guides_against_the_empty_prompt():
 def test_sample_prompts_equal_a_hand_written_guided_loop(text_run, clip_dir, tiny_vae_run, tmp_path):
     prompts = ["a red circle on a plain background", "a blue triangle on a striped background"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
-    unet = load_unet(text_run / "unet_ema")
+    unet = load_network(text_run / "unet_ema")
     vae = load_vae(tiny_vae_run / "vae").eval()
     embeddings = reference_embeddings(clip_dir, prompts).repeat_interleave(2, dim=0)
     for scale in (1.0, 2.0):
@@ -264,9 +263,9 @@ def test_sample_prompts_equal_a_hand_written_guided_loop(text_run, clip_dir, tin
         with torch.no_grad():
             for i in range(2):
                 t = torch.full((4,), i / 2)
-                v = unet(x, t, level, embeddings)         # scale 1: the conditional model alone
+                v = unet(x, t, level, cond=embeddings)    # scale 1: the conditional model alone
                 if scale != 1.0:
-                    v_null = unet(x, t, level, None)
+                    v_null = unet(x, t, level, cond=None)
                     v = v_null + scale * (v - v_null)
                 x = x + v / 2
         expected = to_uint8(decode_latents(vae, x, vae.config.scale_factor, 4))
@@ -291,8 +290,8 @@ def test_text_model_separates_two_captions(tmp_path, tiny_vae_run, clip_dir):
     train(tmp_path / "data", tiny_vae_run, out, clip_dir, "--max-steps", "150", "ema.decay=0.9",
           "train.checkpoint_every=1000", "train.image_log_every=1000", "train.log_every=50",
           f"cache_dir={tmp_path / 'cache'}")
-    unet = load_unet(out / "unet_ema")
-    scale = read_unet_export(out / "unet_ema").vae["model"]["scale_factor"]
+    unet = load_network(out / "unet_ema")
+    scale = read_network_export(out / "unet_ema").vae["model"]["scale_factor"]
     cached = LatentDataset(next((tmp_path / "cache").glob("latents_*")), hflip=False)
     is_red = torch.tensor(["red" in cached.caption(i) for i in range(len(cached))])
     means = torch.stack([cached[i]["mean"] for i in range(len(cached))]) * scale
@@ -304,7 +303,7 @@ def test_text_model_separates_two_captions(tmp_path, tiny_vae_run, clip_dir):
     x = initial_noise(range(2 * n), (4, 16, 16))
     with torch.no_grad():
         for i in range(8):
-            x = x + unet(x, torch.full((2 * n,), i / 8), torch.full((2 * n,), 3), tokens) / 8
+            x = x + unet(x, torch.full((2 * n,), i / 8), torch.full((2 * n,), 3), cond=tokens) / 8
     distance = ((x[:, None] - caption_means[None]) ** 2).flatten(2).mean(-1)
     accuracy = (distance.argmin(1) == target).float().mean().item()
     assert accuracy >= 0.9, accuracy
@@ -315,14 +314,15 @@ def test_dit_trains_with_text_and_reloads(mode, shapes_dir, tiny_vae_run, clip_d
     out = tmp_path / "dit"
     train(shapes_dir, tiny_vae_run, out, clip_dir, "--max-steps", "3", "train.checkpoint_every=3",
           "train.image_log_every=3", f"cond.text_mode={mode}", f"cache_dir={tmp_path / 'cache'}", config="dit-tiny")
-    dit = load_unet(out / "unet")
+    dit = load_network(out / "unet")
     assert type(dit).__name__ == "DiT" and dit.conditioner.provides_context == (mode == "crossattn")
     tokens = reference_embeddings(clip_dir, ["a red circle on a plain background", "a blue square on a plain "
                                              "background"])
     x, t, level = torch.randn(2, 4, 16, 16), torch.tensor([0.3, 0.6]), torch.tensor([3, 1])
     with torch.no_grad():   # three steps moved the zero-initialised text paths: the prompt now matters
-        assert not torch.allclose(dit(x, t, level, tokens), dit(x, t, level, None))
-        assert torch.equal(dit(x, t, level, tokens, torch.tensor([True, True])), dit(x, t, level, None))
+        assert not torch.allclose(dit(x, t, level, cond=tokens), dit(x, t, level, cond=None))
+        assert torch.equal(dit(x, t, level, cond=tokens, drop=torch.tensor([True, True])),
+                           dit(x, t, level, cond=None))
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 
 import train_unet
+from modules.run import harness
 from modules.run.export import read_weights
 from modules.core.generation import GenerationSpec, generate_latents
 from modules.data.latent_cache import LatentDataset
-from modules.run.export import load_unet, read_unet_export
+from modules.run.export import load_network, read_network_export
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,7 +56,7 @@ def test_export_records_vae_and_config(tiny_unet_run, tiny_vae_run):
     assert config["kind"] == "unet" and config["objective"] == "shortcut"
     assert Path(config["vae"]["path"]) == (tiny_vae_run / "vae").resolve()
     assert config["vae"]["model"]["latent_channels"] == 4 and config["vae"]["model"]["scale_factor"] != 1.0
-    assert config["cond"]["num_classes"] == 3 and config["model"]["num_step_levels"] == 4  # log2(8) + 1
+    assert config["sizes"]["num_classes"] == 3 and config["sizes"]["inputs"]["levels"] == 4  # log2(8) + 1
     assert config["run_config"] == json.loads((tiny_unet_run / "config.json").read_text())
 
 
@@ -124,15 +125,15 @@ def test_baseline_objectives_train_and_export(objective, shapes_dir, tiny_vae_ru
     train(shapes_dir, tiny_vae_run, tmp_path / objective, "--max-steps", "3", f"objective={objective}",
           "train.checkpoint_every=3", "train.image_log_every=3")
     config = json.loads((tmp_path / objective / "unet_ema" / "config.json").read_text())
-    assert config["objective"] == objective and config["model"]["num_step_levels"] == 0
+    assert config["objective"] == objective and config["sizes"]["inputs"]["levels"] == 0
     assert list((tmp_path / objective / "images").glob("*.png"))
 
 
 def test_mask_conditioning_trains(shapes_dir, tiny_vae_run, tmp_path):
     train(shapes_dir, tiny_vae_run, tmp_path / "mask", "--max-steps", "2", "cond.type=mask", "cond.mask_mode=both",
           "train.checkpoint_every=2", "train.image_log_every=2")
-    assert load_unet(tmp_path / "mask" / "unet_ema") is not None
-    assert read_unet_export(tmp_path / "mask" / "unet_ema").config.cond.type == "mask"
+    assert load_network(tmp_path / "mask" / "unet_ema") is not None
+    assert read_network_export(tmp_path / "mask" / "unet_ema").config.cond.type == "mask"
 
 
 def test_class_conditional_model_separates_two_classes(tmp_path, tiny_vae_run):
@@ -148,9 +149,10 @@ def test_class_conditional_model_separates_two_classes(tmp_path, tiny_vae_run):
     train(tmp_path / "data", tiny_vae_run, out, "--max-steps", "150", "cond.type=class", "ema.decay=0.9",
           "train.checkpoint_every=1000", "train.image_log_every=1000", "train.log_every=50",
           f"cache_dir={tmp_path / 'cache'}")
-    unet = load_unet(out / "unet_ema")
+    unet = load_network(out / "unet_ema")
     config = json.loads((out / "unet_ema" / "config.json").read_text())
-    spec = GenerationSpec.from_run_config(read_unet_export(out / "unet_ema").config)
+    export = read_network_export(out / "unet_ema")
+    spec = GenerationSpec.of(export.config, export.sizes)
     scale = config["vae"]["model"]["scale_factor"]
     cached = LatentDataset(next((tmp_path / "cache").glob("latents_*")), hflip=False)
     labels = torch.stack([cached[i]["label"] for i in range(len(cached))])
@@ -261,7 +263,7 @@ def host_reads_by_step(monkeypatch, run) -> dict[int, list[str]]:
     and are left out."""
     states, reads = [], {}
 
-    class RecordedState(train_unet.TrainingState):
+    class RecordedState(harness.TrainingState):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             states.append(self)
@@ -274,7 +276,7 @@ def host_reads_by_step(monkeypatch, run) -> dict[int, list[str]]:
         def read(self, *args, **kwargs):
             if states and getattr(states[0], "in_loop", False):
                 frames = traceback.extract_stack()[:-1]
-                if not any("/torch/utils/data/" in f.filename or f.filename.endswith("modules/order.py")
+                if not any("/torch/utils/data/" in f.filename or f.filename.endswith("modules/data/order.py")
                            for f in frames):
                     ours = [f for f in frames if str(ROOT) in f.filename and "/tests/" not in f.filename]
                     where = f"{Path(ours[-1].filename).name}:{ours[-1].lineno}" if ours else "?"
@@ -282,7 +284,7 @@ def host_reads_by_step(monkeypatch, run) -> dict[int, list[str]]:
             return original(self, *args, **kwargs)
         return read
 
-    monkeypatch.setattr(train_unet, "TrainingState", RecordedState)
+    monkeypatch.setattr(harness, "TrainingState", RecordedState)
     monkeypatch.setattr(train_unet, "set_lr", set_lr)
     with monkeypatch.context() as patched:
         for name in HOST_READS:
@@ -324,9 +326,9 @@ def test_meanflow_trains_resumes_exports_and_samples(preset, shapes_dir, tiny_va
     run(tmp_path / "split", "--max-steps", "4", "--resume", "latest")
     for folder in ("unet", "unet_ema"):
         assert_same_weights(tmp_path / "straight" / folder, tmp_path / "split" / folder)
-    export = read_unet_export(tmp_path / "straight" / "unet_ema")
-    assert export.config.objective == "meanflow" and export.config.model.step_input == "interval"
-    assert export.config.model.num_step_levels == 0
+    export = read_network_export(tmp_path / "straight" / "unet_ema")
+    assert export.config.objective == "meanflow" and export.sizes.inputs.step == "interval"
+    assert export.sizes.inputs.levels == 0
 
     images = {}
     for steps in (1, 2):
@@ -335,13 +337,13 @@ def test_meanflow_trains_resumes_exports_and_samples(preset, shapes_dir, tiny_va
         images[steps] = np.stack([np.asarray(Image.open(tmp_path / f"s{steps}" / f"{i:06d}.png")) for i in range(3)])
         manifest = [json.loads(line) for line in (tmp_path / f"s{steps}" / "manifest.jsonl").read_text().splitlines()]
         assert [m["sampler"] for m in manifest] == ["meanflow"] * 3
-    unet = load_unet(tmp_path / "straight" / "unet_ema").eval()
+    unet = load_network(tmp_path / "straight" / "unet_ema").eval()
     vae = load_vae(tmp_path / "straight" / "frozen_vae").eval()
     noise, labels = initial_noise([image_seed(0, i) for i in range(3)], (4, 16, 16)), torch.arange(3)
     with torch.no_grad():
-        one = noise + unet(noise, torch.zeros(3), level=torch.ones(3), cond=labels)
-        half = noise + 0.5 * unet(noise, torch.zeros(3), level=torch.full((3,), 0.5), cond=labels)
-        two = half + 0.5 * unet(half, torch.full((3,), 0.5), level=torch.full((3,), 0.5), cond=labels)
+        one = noise + unet(noise, torch.zeros(3), interval=torch.ones(3), cond=labels)
+        half = noise + 0.5 * unet(noise, torch.zeros(3), interval=torch.full((3,), 0.5), cond=labels)
+        two = half + 0.5 * unet(half, torch.full((3,), 0.5), interval=torch.full((3,), 0.5), cond=labels)
         for steps, z in ((1, one), (2, two)):
             expected = to_uint8(vae.decode(z / vae.config.scale_factor).clamp(-1, 1))
             assert np.abs(images[steps].astype(int) - expected.astype(int)).max() <= 1, steps
@@ -357,11 +359,11 @@ def test_intrinsic_guidance_model_takes_the_cfg_scale_as_an_input(shapes_dir, ti
     from modules.interop.vae import load_vae
 
     train(shapes_dir, tiny_vae_run, tmp_path / "run", "--max-steps", "3", "cond.type=class",
-          "shortcut.intrinsic_guidance=true", "loss.wavelet_levels=2", "train.checkpoint_every=3",
+          "shortcut.intrinsic_guidance=true", "shortcut.wavelet_levels=2", "train.checkpoint_every=3",
           "train.image_log_every=100", f"cache_dir={tmp_path / 'cache'}")
     sample.main(["--unet", str(tmp_path / "run"), "--out", str(tmp_path / "s"), "--num-samples", "2", "--steps", "1",
                  "--cfg-scale", "2.5", "--device", "cpu"])
-    unet = load_unet(tmp_path / "run" / "unet_ema").eval()
+    unet = load_network(tmp_path / "run" / "unet_ema").eval()
     vae = load_vae(tmp_path / "run" / "frozen_vae").eval()
     noise = initial_noise([image_seed(0, i) for i in range(2)], (4, 16, 16))
     with torch.no_grad():

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from modules.run.checkpoint import TrainingState, count_step
+from modules.run.checkpoint import TrainingState
+from modules.run.harness import abort_on_bad_steps, count_step
 from modules.config.schema import TrainConfig
 from modules.errors import TrainingAborted
 from modules.run.optim import lr_factor
@@ -51,13 +52,21 @@ class FakeCheckpointer:
         self.saved.append(step)
 
 
+def count_or_abort(state, finite, cfg, checkpointer):
+    """The old single call: count the step, then save and abort on a breach of train.max_bad_steps
+    (the harness's count_step + abort_on_bad_steps)."""
+    breach = count_step(state, finite, cfg)
+    if breach is not None:
+        abort_on_bad_steps(state, breach, checkpointer)
+
+
 def test_bad_steps_are_counted_and_abort_after_the_limit():
     state, ckpt, cfg = TrainingState(), FakeCheckpointer(), TrainConfig(max_bad_steps=3, log_every=1)
     for finite in (True, False, True, False, False):
-        count_step(state, torch.tensor(finite), cfg, ckpt)
+        count_or_abort(state, torch.tensor(finite), cfg, ckpt)
     assert (state.step, state.bad_steps, state.consecutive_bad_steps) == (5, 3, 2)
     with pytest.raises(TrainingAborted, match="3 consecutive non-finite steps at step 6"):
-        count_step(state, torch.tensor(False), cfg, ckpt)
+        count_or_abort(state, torch.tensor(False), cfg, ckpt)
     assert ckpt.saved == [6]
     restored = TrainingState()
     restored.load_state_dict(state.state_dict())
@@ -70,17 +79,17 @@ def test_bad_steps_are_read_at_logging_and_checkpoint_steps_only():
     state, ckpt = TrainingState(), FakeCheckpointer()
     cfg = TrainConfig(max_bad_steps=3, log_every=5, checkpoint_every=7, max_steps=100)
     for finite in (False, True, False, False):
-        count_step(state, torch.tensor(finite), cfg, ckpt)
+        count_or_abort(state, torch.tensor(finite), cfg, ckpt)
     assert (state.step, state.bad_steps, len(state.unread)) == (4, 0, 4)        # nothing read yet
-    count_step(state, torch.tensor(True), cfg, ckpt)                             # step 5: a logging step
+    count_or_abort(state, torch.tensor(True), cfg, ckpt)                         # step 5: a logging step
     assert (state.bad_steps, state.consecutive_bad_steps, state.unread) == (3, 0, [])
-    count_step(state, torch.tensor(False), cfg, ckpt)
+    count_or_abort(state, torch.tensor(False), cfg, ckpt)
     assert state.state_dict()["bad_steps"] == 4 and state.consecutive_bad_steps == 1   # a checkpoint counts
     for finite in (False, False, True):                                          # steps 7 (checkpoint), 8, 9
-        count_step(state, torch.tensor(finite), cfg, ckpt)
+        count_or_abort(state, torch.tensor(finite), cfg, ckpt)
     assert (state.bad_steps, state.consecutive_bad_steps, ckpt.saved) == (5, 2, [])
     with pytest.raises(TrainingAborted, match=r"3 consecutive non-finite steps at step 8; .* \(step_10: "):
-        count_step(state, torch.tensor(True), cfg, ckpt)                         # step 10 reads step 8
+        count_or_abort(state, torch.tensor(True), cfg, ckpt)                     # step 10 reads step 8
     assert ckpt.saved == [10] and state.bad_steps == 6
 
 

@@ -2,27 +2,40 @@
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 import torch
 
 from modules.core.attention import reset_attention_backends
-from modules.config.schema import ConfigError, CondConfig, UNetModelConfig, UNetRunConfig, check_trained
+from modules.config.schema import ConfigError, DataConfig, UNetRunConfig, network_sizes, sizes_problem
 from modules.config.io import load_config, validate
-from modules.core.networks.denoiser import timestep_embedding
+from modules.core.networks.conditioning import CondConfig
+from modules.core.networks.denoiser import NetworkInputs, Sizes, count_parameters, timestep_embedding
+from modules.core.networks.vae import VAEConfig
 from modules.errors import ModelFolderError
-from modules.run.export import load_unet, save_unet
-from modules.core.networks.unet import UNet, count_parameters
+from modules.run.export import load_network, save_network
+from modules.core.networks.unet import UNet, UNetConfig
+from support import sizes_of
 
-TINY = UNetModelConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
-                       head_dim=16, context_dim=32, norm_groups=8)
+TINY = UNetConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                  head_dim=16, context_dim=32, norm_groups=8)
 LATENT = 8           # latent side used in these tests
 DOWNSAMPLE = 2       # image px per latent px for mask conditioning in these tests
 
 
-def tiny(cond: CondConfig = CondConfig(), **model_changes) -> UNet:
+def sizes(cond: CondConfig = CondConfig(), num_classes: int = 0, num_step_levels: int = 0) -> Sizes:
+    """What these tests build networks for: 4 x LATENT x LATENT latents of DOWNSAMPLE-times larger images,
+    ``num_classes`` classes (class conditions only) and a step-level table of ``num_step_levels`` entries
+    (0: no step input)."""
+    inputs = NetworkInputs(step="level", levels=num_step_levels) if num_step_levels else NetworkInputs()
+    return Sizes(latent_channels=4, latent_size=LATENT, image_downsample=DOWNSAMPLE,
+                 num_classes=num_classes if cond.type == "class" else 0, inputs=inputs)
+
+
+def tiny(cond: CondConfig = CondConfig(), num_classes: int = 0, num_step_levels: int = 0, **model_changes) -> UNet:
     torch.manual_seed(0)
-    return UNet(dataclasses.replace(TINY, **model_changes), cond)
+    return UNet(dataclasses.replace(TINY, **model_changes), cond, sizes(cond, num_classes, num_step_levels))
 
 
 def perturbed(model: UNet, seed: int = 1) -> UNet:
@@ -54,7 +67,7 @@ def half_masks(batch: int, side_index: int) -> torch.Tensor:
 
 
 def mask_cond(mode: str) -> CondConfig:
-    return CondConfig(type="mask", mask_mode=mode, mask_channels=16, image_downsample=DOWNSAMPLE)
+    return CondConfig(type="mask", mask_mode=mode, mask_channels=16)
 
 
 def test_output_shape_zero_at_init_then_nonzero():
@@ -94,8 +107,8 @@ def test_model_time_embedding_is_mlp_of_scaled_sinusoid():
 
 
 def test_class_drop_equals_null_label_whatever_the_label():
-    cond = CondConfig(type="class", num_classes=5)
-    model = perturbed(tiny(cond))
+    cond = CondConfig(type="class")
+    model = perturbed(tiny(cond, num_classes=5))
     x, t = inputs(3)
     everything_dropped = torch.ones(3, dtype=torch.bool)
     with torch.no_grad():
@@ -111,7 +124,7 @@ def test_class_drop_equals_null_label_whatever_the_label():
 
 
 def test_dropped_class_label_gets_no_gradient():
-    model = perturbed(tiny(CondConfig(type="class", num_classes=5))).train()
+    model = perturbed(tiny(CondConfig(type="class"), num_classes=5)).train()
     x, t = inputs(2)
     model(x, t, cond=torch.tensor([1, 3]), drop=torch.tensor([True, False])).square().sum().backward()
     grad = model.conditioner.label_emb.weight.grad
@@ -124,7 +137,7 @@ def test_cross_attention_exists_only_with_context():
 
     assert cross_layers(tiny()) == []
     assert cross_layers(tiny(mask_cond("concat"))) == []
-    assert len(cross_layers(tiny(CondConfig(type="class", num_classes=3)))) == 4  # level-1 down, mid, 2x up
+    assert len(cross_layers(tiny(CondConfig(type="class"), num_classes=3))) == 4  # level-1 down, mid, 2x up
     assert len(cross_layers(tiny(mask_cond("both")))) == 4
 
 
@@ -158,11 +171,11 @@ def test_dropped_mask_is_never_read():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("cond", [CondConfig(), CondConfig(type="class", num_classes=3), mask_cond("crossattn"),
+@pytest.mark.parametrize("cond", [CondConfig(), CondConfig(type="class"), mask_cond("crossattn"),
                                   mask_cond("concat"), mask_cond("both")], ids=lambda c: f"{c.type}-{c.mask_mode}")
 def test_every_parameter_takes_part_in_a_training_step(cond):
     """DDP without find_unused_parameters needs this, also when the caller passes no drop mask."""
-    model = tiny(cond, num_step_levels=4).train()
+    model = tiny(cond, num_classes=3, num_step_levels=4).train()   # 3 classes for the class condition
     x, t = inputs(2)
     label = {"none": None, "class": torch.tensor([0, 2]), "mask": masks(2, density=0.5)}[cond.type]
     model(x, t, level=torch.tensor([1, 3]), cond=label).square().mean().backward()
@@ -173,7 +186,7 @@ def test_every_parameter_takes_part_in_a_training_step(cond):
 def test_mask_of_wrong_resolution_is_refused():
     model = tiny(mask_cond("both"))
     x, t = inputs(2)
-    with pytest.raises(ValueError, match="image_downsample"):
+    with pytest.raises(ValueError, match="latent size x 2, the VAE's factor"):
         model(x, t, cond=torch.zeros(2, 1, LATENT, LATENT))
 
 
@@ -184,9 +197,9 @@ def test_level_embedding_changes_output_and_is_required():
         a = model(x, t, level=torch.tensor([0, 3]))
         b = model(x, t, level=torch.tensor([3, 3]))
     assert (a[0] - b[0]).abs().max() > 1e-3 and torch.allclose(a[1], b[1], atol=1e-6)
-    with pytest.raises(ValueError, match="num_step_levels"):
+    with pytest.raises(ValueError, match=r"embeds the step size \(4 levels\)"):
         model(x, t)
-    with pytest.raises(ValueError, match="num_step_levels=0"):
+    with pytest.raises(ValueError, match="level given, but this network embeds no step input"):
         tiny()(x, t, level=torch.tensor([0, 0]))
 
 
@@ -202,27 +215,33 @@ def test_bad_inputs_are_refused_with_a_message():
     with pytest.raises(ValueError, match="unconditional"):
         model(x, t, cond=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="class condition"):
-        tiny(CondConfig(type="class", num_classes=3))(x, t, cond=torch.tensor([0.5, 1.0]))
+        tiny(CondConfig(type="class"), num_classes=3)(x, t, cond=torch.tensor([0.5, 1.0]))
 
 
 def test_configs_the_network_cannot_be_built_from_are_refused_where_they_are_built():
     with pytest.raises(ConfigError, match="attention_levels"):
         validate(UNetRunConfig(model=dataclasses.replace(TINY, attention_levels=(2,))))
-    with pytest.raises(ConfigError, match="num_classes"):
-        check_trained(UNetRunConfig(model=TINY, cond=CondConfig(type="class", num_classes=0), objective="flow"))
+    # The class count is no longer a config field (cond.num_classes): it is a size derived from the data,
+    # refused when the network's sizes are derived and when recorded sizes are checked.
+    cfg = UNetRunConfig(model=TINY, cond=CondConfig(type="class"), objective="flow")
+    assert re.search("a class-conditional model needs at least one class, got 0",
+                     sizes_problem(cfg, sizes_of(cfg, num_classes=0)) or "")
+    with pytest.raises(ConfigError, match="cond.type=class needs class sub-folders"):
+        network_sizes(cfg, VAEConfig(), num_classes=0)
 
 
 def test_save_load_round_trip_is_exact(tmp_path):
-    cond = CondConfig(type="mask", mask_mode="both", mask_channels=16, image_downsample=DOWNSAMPLE)
+    cond = CondConfig(type="mask", mask_mode="both", mask_channels=16)
     model = perturbed(tiny(cond, num_step_levels=4))
-    run = UNetRunConfig(model=dataclasses.replace(TINY, num_step_levels=4), cond=cond,
+    run = UNetRunConfig(model=TINY, cond=cond, data=DataConfig(image_size=LATENT * DOWNSAMPLE),
                         shortcut=dataclasses.replace(UNetRunConfig().shortcut, denoise_timesteps=8),
                         sample=dataclasses.replace(UNetRunConfig().sample, steps=(1, 8)))
-    folder = save_unet(tmp_path / "unet", model.state_dict(), run, {"path": "runs/vae"}, weights="ema")
+    folder = save_network(tmp_path / "unet", model.state_dict(), run, model.sizes, {"path": "runs/vae"}, weights="ema")
     config = json.loads((folder / "config.json").read_text())
     assert config["kind"] == "unet" and config["objective"] == "shortcut"
-    assert config["model"]["num_step_levels"] == 4 and config["cond"]["mask_mode"] == "both"
-    loaded = load_unet(folder)
+    # The step-level count is a derived size now (was model.num_step_levels): recorded under "sizes".
+    assert config["sizes"]["inputs"]["levels"] == 4 and config["cond"]["mask_mode"] == "both"
+    loaded = load_network(folder)
     x, t = inputs(2)
     args = dict(level=torch.tensor([1, 2]), cond=masks(2, 0.5), drop=torch.tensor([False, True]))
     with torch.no_grad():
@@ -230,11 +249,11 @@ def test_save_load_round_trip_is_exact(tmp_path):
     config["model"]["base_channels"] = 64
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelFolderError, match="do not match"):
-        load_unet(folder)
+        load_network(folder)
 
 
 def test_gradient_checkpointing_and_channels_last_give_the_same_result():
-    model = perturbed(tiny(CondConfig(type="class", num_classes=3))).train()
+    model = perturbed(tiny(CondConfig(type="class"), num_classes=3)).train()
     x, t = inputs(2)
     label = torch.tensor([0, 2])
 
@@ -277,8 +296,9 @@ def test_wavelet_resampling_variant_runs():
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
-def expected_parameter_count(m: UNetModelConfig) -> int:
-    """Closed-form count of the unconditional, conv-resampling UNet (no level embedding)."""
+def expected_parameter_count(m: UNetConfig, in_channels: int = 4) -> int:
+    """Closed-form count of the unconditional, conv-resampling UNet (no level embedding) for
+    ``in_channels`` latent channels."""
     def conv(i, o, k):
         return i * o * k * k + o
 
@@ -295,7 +315,7 @@ def expected_parameter_count(m: UNetModelConfig) -> int:
         return 2 * c + 2 * linear(c, c) + m.transformer_depth * block
 
     base = m.base_channels
-    total = linear(base, temb) + linear(temb, temb) + conv(m.in_channels, base, 3)
+    total = linear(base, temb) + linear(temb, temb) + conv(in_channels, base, 3)
     ch, skips = base, [base]
     for level, mult in enumerate(m.channel_mult):
         for _ in range(m.num_res_blocks):
@@ -312,13 +332,15 @@ def expected_parameter_count(m: UNetModelConfig) -> int:
             total += transformer(base * mult) if level in m.attention_levels else 0
             total += conv(base * mult, base * mult, 3) if level and i == m.num_res_blocks else 0
             ch = base * mult
-    return total + 2 * ch + conv(ch, m.in_channels, 3)
+    return total + 2 * ch + conv(ch, in_channels, 3)
 
 
 def test_seed_preset_parameter_count():
     cfg = load_config(UNetRunConfig, "unet", "seed")
+    # 4 latent channels and no step input, as the old flat config's defaults built it (no level embedding).
+    seed_sizes = dataclasses.replace(sizes_of(cfg), inputs=NetworkInputs())
     with torch.device("meta"):
-        model = UNet(cfg.model, cfg.cond)
+        model = UNet(cfg.model, cfg.cond, seed_sizes)
     n = count_parameters(model)
     print(f"seed preset UNet (cond none, conv resampling): {n:,} parameters")
     assert n == expected_parameter_count(cfg.model)
@@ -333,18 +355,18 @@ def test_compiled_training_step_matches_eager_and_compiles_once():
     measured once: gradients within 1.6e-7 of eager)."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    from modules.config.schema import ShortcutConfig
-    from modules.core.objectives import Draws, ShortcutObjective
+    from modules.core.draws import Draws
+    from modules.core.objectives.shortcut import Shortcut, ShortcutConfig
 
     def step(model, seed):
-        objective = ShortcutObjective(ShortcutConfig(denoise_timesteps=8), cond_drop=0.2)
+        objective = Shortcut(ShortcutConfig(denoise_timesteps=8), cond_drop=0.2)
         x1 = torch.randn(8, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(seed))
         loss, _ = objective.loss(model, x1, torch.arange(8) % 3, Draws(torch.Generator().manual_seed(seed), seed))
         loss.backward()
         return loss.detach()
 
-    eager = perturbed(tiny(CondConfig(type="class", num_classes=3), num_step_levels=4)).train()
-    compiled_net = perturbed(tiny(CondConfig(type="class", num_classes=3), num_step_levels=4)).train()
+    eager = perturbed(tiny(CondConfig(type="class"), num_classes=3, num_step_levels=4)).train()
+    compiled_net = perturbed(tiny(CondConfig(type="class"), num_classes=3, num_step_levels=4)).train()
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(compiled_net, backend=counter)
     assert torch.allclose(step(eager, 0), step(compiled, 0), atol=1e-6)

@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from modules.config.schema import VAEModelConfig
 from modules.errors import ModelFolderError
-from modules.core.networks.vae import AutoencoderKL, DiagonalGaussian, Upsample
-from modules.interop.vae import convert_diffusers_state_dict, load_vae, save_vae
+from modules.core.networks.vae import AutoencoderKL, DiagonalGaussian, Upsample, VAEConfig
+from modules.interop.vae import convert_diffusers_state_dict, load_vae
+from modules.run.export import save_vae
 
-TINY = VAEModelConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
+TINY = VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
 ATOL = 1e-5
 
 
@@ -200,8 +200,8 @@ def test_bf16_autocast_keeps_activations_low_precision_and_close():
 
 def test_wavelet_variant_shapes_and_downsampling_factor():
     torch.manual_seed(0)
-    cfg = VAEModelConfig(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8,
-                         resample="wavelet")
+    cfg = VAEConfig(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8,
+                    resample="wavelet")
     model = AutoencoderKL(cfg)
     assert any(k.startswith("encoder.down_blocks.0.downsamplers.0.gate.") for k in model.state_dict())
     x = _image(size=32)

@@ -23,7 +23,7 @@ DERIVED_COND = ("num_classes", "image_downsample", "text_tokens")
 def is_legacy(values: Any) -> bool:
     """Whether a saved stage-2 config dict has the earlier layout (its model section holds derived sizes)."""
     model = values.get("model") if isinstance(values, dict) else None
-    return isinstance(model, dict) and any(key in model for key in DERIVED_MODEL)
+    return isinstance(model, dict) and any(key in model for key in ("num_step_levels", "step_input"))
 
 
 def upgrade(values: Any) -> Any:

@@ -112,6 +112,15 @@ def _nearest_other_cache(folder: Path, key: dict) -> str:
     return f"no cache for these settings yet (the nearest, {name}, differs in: {', '.join(changed)})"
 
 
+def _main_process_verdict(accelerator, check):
+    """``check()`` run by the main process, its answer given to every process."""
+    from accelerate.utils import broadcast_object_list
+    box = [check() if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
 @contextlib.contextmanager
 def _build_lock(folder: Path, accelerator) -> Iterator[None]:
     """The main process holds ``.<folder>.lock`` (waiting for another run's build to finish)."""
@@ -206,14 +215,18 @@ def build_or_load(accelerator, vae, vae_identity: str, dataset, data_cfg: DataCo
     key = cache_key(vae_identity, dataset.fingerprint(), data_cfg, bool(getattr(dataset, "has_masks", False)),
                     text_encoder)
     folder = cache_folder(cache_root, key)
+    # A valid cache is used without its lock (a lock is for writers: a read-only cache works too);
+    # the build, and the check that decides it, run under the lock.
+    problem = _main_process_verdict(accelerator, lambda: cache_problem(folder, key, len(dataset)))
     try:
-        with _build_lock(folder, accelerator):
-            problem = cache_problem(folder, key, len(dataset))
-            if problem is not None:
-                logger.info("building latent cache %s (%s)", folder, problem)
-                _build(accelerator, vae, dataset, data_cfg, folder, key, batch_size, text_encoder)
-            else:
-                logger.info("using latent cache %s", folder)
+        if problem is not None:
+            with _build_lock(folder, accelerator):
+                problem = _main_process_verdict(accelerator, lambda: cache_problem(folder, key, len(dataset)))
+                if problem is not None:
+                    logger.info("building latent cache %s (%s)", folder, problem)
+                    _build(accelerator, vae, dataset, data_cfg, folder, key, batch_size, text_encoder)
+        if problem is None:
+            logger.info("using latent cache %s", folder)
     except durable.WRITE_ERRORS as e:
         if accelerator.is_main_process:
             for part in (".shards", ".tmp"):

@@ -71,7 +71,7 @@ class RunIdentity:
         if changed:
             raise CheckpointError(f"cannot resume from {path}: its checkpoints were made with another model "
                                   f"config ({'; '.join(changed)})")
-        sizes = saved.get("sizes") or legacy_sizes(saved_config)
+        sizes = saved.get("sizes") or legacy_sizes(saved_config) if self.sizes is not None else None
         if sizes != self.sizes:
             raise CheckpointError(f"cannot resume from {path}: its network was built for other sizes ({sizes}; this "
                                   f"run's are {self.sizes}): another VAE, data with other classes or another encoder")
