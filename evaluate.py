@@ -31,15 +31,15 @@ import numpy as np
 import torch
 from accelerate import PartialState
 
-from modules.run.accelerator import finish, from_main_process
 from modules import durable
-from modules.errors import MetricsError, UserError
-from modules.run.export import find_model_folder, read_network_export
-from modules.eval.features import (INCEPTION_URL, extract, list_images, load_features, load_inception, load_source_size,
-                              load_stats, reference_sources, save_stats, size_text)
 from modules.core.metrics import (feature_statistics, frechet_distance, inception_score, kernel_inception_distance,
-                             precision_recall)
+                                  precision_recall)
+from modules.errors import MetricsError, UserError
+from modules.eval.features import (INCEPTION_URL, extract, list_images, load_features, load_inception, load_source_size,
+                                   load_stats, reference_sources, save_stats, size_text)
 from modules.eval.plots import line_plot
+from modules.run.accelerator import finish, from_main_process
+from modules.run.export import find_model_folder, read_network_export
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:

@@ -28,17 +28,17 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from modules.run.accelerator import finish, from_main_process
-from modules.durable import WRITE_ERRORS, write_failure
 from modules.config.cli import run_cli
 from modules.config.io import diff_fields
 from modules.core.generation import GenerationSpec, compiled_for_sampling, decode_latents, generate_latents
 from modules.core.objectives import SAMPLERS
 from modules.core.seeding import image_seed, mix_seed
 from modules.data.image_io import UnreadableImage, find_images, image_tensor, mask_tensor, save_png, tile, to_uint8
+from modules.durable import WRITE_ERRORS, write_failure
 from modules.errors import CheckpointError, ConfigError, ModelFolderError
 from modules.interop.clip import TextEncoder, warn_truncated
 from modules.interop.vae import load_vae
+from modules.run.accelerator import finish, from_main_process
 from modules.run.export import find_model_folder, load_network, read_config, read_network_export, vae_identity
 from modules.run.sample_folder import MANIFEST, SampleFolder, batches, pending
 

@@ -21,11 +21,10 @@ from accelerate.utils import DistributedType
 from modules.config.cli import build_parser, resolve_run_config, run_cli
 from modules.config.io import to_dict
 from modules.config.schema import UNetRunConfig, network_sizes
-from modules.core.draws import Draws, randn_like
 from modules.core.ema import EMA, teacher
 from modules.core.generation import GenerationSpec, batch_condition, conditions, decode_latents, generate_latents
 from modules.core.networks import build_network
-from modules.core.objectives import build_objective
+from modules.core.objectives.base import Draws, randn_like
 from modules.core.ot_pairing import PairedPool
 from modules.core.seeding import SHARED_STREAM, paired_noise_generator, process_share_randn, step_generator
 from modules.data.dataset import build_dataset
@@ -41,8 +40,7 @@ from modules.interop.vae import load_vae
 from modules.run.accelerator import adam
 from modules.run.checkpoint import RunIdentity
 from modules.run.export import find_model_folder, save_network, save_vae, vae_identity
-from modules.run.harness import Run
-from modules.run.optim import lr_factor, set_lr
+from modules.run.harness import Run, lr_factor, set_lr
 from modules.run.tracking import check_tracker, to_scalars
 
 logger = logging.getLogger("train_unet")
@@ -109,7 +107,7 @@ def train(cfg: UNetRunConfig, run: Run) -> None:
         net.conditioner.null_text.copy_(latents.null_text)
     train_latents, val_latents = latents.split(cfg.eval.val_images) if cfg.eval.val_images else (latents, None)
     spec = GenerationSpec.of(cfg, sizes)
-    evaluator = TrainingEvaluator(cfg, run.accelerator, spec, latents, scale, val_latents)   # a bad reference stops here
+    evaluator = TrainingEvaluator(cfg, run.accelerator, spec, latents, scale, val_latents)  # a bad reference stops here
 
     # ---- optimizer, the two EMAs (slow: sampling/export; fast: the objective's teacher, when it has one)
     optimizer = adam(net.parameters(), tcfg.lr, tcfg, device, tcfg.weight_decay)
@@ -119,8 +117,7 @@ def train(cfg: UNetRunConfig, run: Run) -> None:
     teacher_decay = cfg.objective_class.teacher_decay(cfg.objective_cfg)
     if teacher_decay > 0:
         emas["teacher"] = EMA(owner, teacher_decay, warmup=False, root=net)
-    cond_drop = cfg.cond.drop if cfg.cond.type != "none" else 0.0
-    objective = build_objective(cfg.objective, cfg.objective_cfg, cond_drop, teacher(net, owner, emas.get("teacher")))
+    objective = cfg.build_objective(teacher(net, owner, emas.get("teacher")))
 
     # ---- resume: checkpoints carry both EMAs (per process under FSDP, so shards stay with their owner)
     identity = RunIdentity("train_unet", cfg, MODEL_SECTIONS, vae=vae_id, data=dataset.fingerprint(),

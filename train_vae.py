@@ -30,8 +30,7 @@ from modules.interop.lpips import perceptual_network
 from modules.run.accelerator import adam
 from modules.run.checkpoint import RunIdentity
 from modules.run.export import save_vae
-from modules.run.harness import Run
-from modules.run.optim import lr_factor, set_lr
+from modules.run.harness import Run, lr_factor, set_lr
 from modules.run.tracking import check_tracker, to_scalars
 
 logger = logging.getLogger("train_vae")

@@ -28,13 +28,13 @@ sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
 
 import quality  # noqa: E402
-from modules.config.schema import UNetRunConfig  # noqa: E402
+
 from modules.config.io import load_config  # noqa: E402
-from modules.core.draws import Draws  # noqa: E402
+from modules.config.schema import UNetRunConfig  # noqa: E402
 from modules.core.ema import EMA, teacher  # noqa: E402
 from modules.core.networks import build_network  # noqa: E402
 from modules.core.networks.denoiser import Sizes  # noqa: E402
-from modules.core.objectives import build_objective  # noqa: E402
+from modules.core.objectives.base import Draws  # noqa: E402
 from modules.core.ot_pairing import PairedPool  # noqa: E402
 
 LATENT_CHANNELS, VAE_FACTOR = 4, 4      # the quality presets' VAE: f4, 4 latent channels
@@ -58,9 +58,8 @@ class Variant:
         self.emas = [EMA(self.net, cfg.ema.decay)]
         if objective == "shortcut":
             self.emas.append(EMA(self.net, cfg.shortcut.teacher_ema_decay, warmup=False))
-        cond_drop = cfg.cond.drop if cfg.cond.type != "none" else 0.0
-        self.objective = build_objective(cfg.objective, cfg.objective_cfg, cond_drop,
-                                         teacher(self.net, self.net, self.emas[-1] if objective == "shortcut" else None))
+        self.objective = cfg.build_objective(teacher(self.net, self.net,
+                                                     self.emas[-1] if objective == "shortcut" else None))
         self.generator = torch.Generator().manual_seed(1)
         self.pool = (PairedPool(cfg.train.ot_pool, self.batch, lambda m, x1: torch.randn_like(x1))
                      if cfg.train.ot_pairing else None)

@@ -31,10 +31,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_unet  # noqa: E402
 import bench_vae  # noqa: E402
-from modules.config.schema import ConfigError, UNetRunConfig, VAERunConfig, sizes_problem  # noqa: E402
+
 from modules.config.io import load_config  # noqa: E402
-from modules.core.generation import (GenerationSpec, compile_options, compiled_for_sampling, decode_latents,  # noqa: E402
-                                generate_latents)
+from modules.config.schema import ConfigError, UNetRunConfig, VAERunConfig, sizes_problem  # noqa: E402
+from modules.core.generation import (  # noqa: E402
+    GenerationSpec,
+    compile_options,
+    compiled_for_sampling,
+    decode_latents,
+    generate_latents,
+)
 from modules.core.networks import build_network  # noqa: E402
 from modules.core.networks.denoiser import Sizes  # noqa: E402
 from modules.core.networks.vae import AutoencoderKL  # noqa: E402

@@ -21,7 +21,7 @@ FLOPs of one step (forward and backward: convolutions, matmuls, attention) are c
 ``torch.utils.flop_counter`` on the meta device, and the peak is the best of ten
 ``--gemm-size``-cubed matmuls in --dtype (TF32 for fp32 on CUDA). A second table times our
 training loop's own step with the flow and with the shortcut objective (``modules.core.objectives``
-with its EMA teacher, ``modules.run.optim.apply_update``, the EMA updates: what train_unet.py runs)
+with its EMA teacher, ``modules.run.harness.apply_update``, the EMA updates: what train_unet.py runs)
 and gives their ratio. Prints markdown tables with ours/diffusers ratios; ``--json OUT`` also
 writes the numbers.
 """
@@ -48,16 +48,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from modules.run.accelerator import adam  # noqa: E402
-from modules.core.attention import attention_backend  # noqa: E402
-from modules.config.schema import ConfigError, UNetRunConfig  # noqa: E402
 from modules.config.io import load_config  # noqa: E402
+from modules.config.schema import ConfigError, UNetRunConfig  # noqa: E402
+from modules.core.attention import attention_backend  # noqa: E402
 from modules.core.ema import EMA, teacher  # noqa: E402
-from modules.core.draws import Draws  # noqa: E402
 from modules.core.networks import build_network  # noqa: E402
 from modules.core.networks.denoiser import NetworkInputs, Sizes, count_parameters  # noqa: E402
-from modules.core.objectives import build_objective  # noqa: E402
-from modules.run.optim import apply_update  # noqa: E402
+from modules.core.objectives.base import Draws  # noqa: E402
+from modules.run.accelerator import adam  # noqa: E402
+from modules.run.harness import apply_update  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NUM_CLASSES = 1000
@@ -288,7 +287,6 @@ def objective_steps(args: argparse.Namespace, peak: float) -> list[dict]:
         cfg.objective = objective
         sizes = dataclasses.replace(args.sizes, inputs=cfg.objective_class.network_inputs(cfg.objective_cfg))
         run_args = argparse.Namespace(**{**vars(args), "cfg": cfg, "sizes": sizes})
-        cond_drop = cfg.cond.drop if cfg.cond.type != "none" else 0.0
         torch.manual_seed(0)
         model = build_network(cfg.model, cfg.cond, sizes).to(device)
         if args.channels_last:
@@ -299,8 +297,7 @@ def objective_steps(args: argparse.Namespace, peak: float) -> list[dict]:
         teacher_decay = cfg.objective_class.teacher_decay(cfg.objective_cfg)
         if teacher_decay > 0:
             emas.append(EMA(model, teacher_decay, warmup=False))
-        loss_fn = build_objective(cfg.objective, cfg.objective_cfg, cond_drop,
-                                  teacher(runner, model, emas[1] if len(emas) > 1 else None))
+        loss_fn = cfg.build_objective(teacher(runner, model, emas[1] if len(emas) > 1 else None))
         batch, index = Inputs(run_args, args.batch), itertools.count()
         generator = torch.Generator(device).manual_seed(0)
 
@@ -319,7 +316,7 @@ def objective_steps(args: argparse.Namespace, peak: float) -> list[dict]:
             meta_model = build_network(cfg.model, cfg.cond, sizes)
         meta_batch = Inputs(run_args, args.batch, torch.device("meta"))
         # the online model teaches: the same FLOPs as the EMA teacher
-        meta_loss = build_objective(cfg.objective, cfg.objective_cfg, cond_drop)
+        meta_loss = cfg.build_objective()
         flops = counted_flops(lambda: meta_loss.loss(meta_model, meta_batch.x1, meta_batch.labels,
                                                      Draws(torch.Generator().manual_seed(0), 0))[0].backward())
         rows.append({"objective": objective, "ms": seconds * 1000, "img_s": args.batch / seconds,

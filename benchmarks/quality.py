@@ -74,12 +74,11 @@ sys.path.insert(0, str(ROOT))
 import sample  # noqa: E402
 import train_unet  # noqa: E402
 import train_vae  # noqa: E402
-from modules.run.export import find_model_folder  # noqa: E402
 from modules.core.metrics import feature_statistics, frechet_distance, mask_iou  # noqa: E402
-from scripts.shapes import caption_words, foreground_mask, make_shapes, read_caption  # noqa: E402
-from scripts.shapes import render_shape_batch, shape_captions  # noqa: E402
-from scripts.tiny_clip import write_tiny_clip  # noqa: E402
 from modules.interop.vae import load_vae  # noqa: E402
+from modules.run.export import find_model_folder  # noqa: E402
+from scripts.shapes import caption_words, foreground_mask, make_shapes, read_caption, render_shape_batch, shape_captions  # noqa: E402  # noqa: E402
+from scripts.tiny_clip import write_tiny_clip  # noqa: E402
 
 # Rows of the comparison: objective and extra train_unet.py overrides. The iSM switches (README
 # "Improved shortcut training"): 2 wavelet levels take the 8x8 latents of the cpu preset down to 2x2;

@@ -44,7 +44,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-
 ROOT = Path(__file__).resolve().parent.parent
 
 

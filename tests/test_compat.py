@@ -54,7 +54,8 @@ def test_a_checkpoint_of_the_earlier_layout_resumes_to_the_same_weights(old_inpu
     shutil.copytree(FIXTURE / "unet_class", out)
     train_unet.main(["--data", str(old_inputs / "shapes"), "--vae", str(FIXTURE / "vae"), "--output-dir", str(out),
                      "--report-to", "none", "--max-steps", "3", "--resume", "latest"])
-    ours, theirs = load_file(out / "unet_ema" / "model.safetensors"), load_file(FIXTURE / "unet_class_step3_ema.safetensors")
+    ours = load_file(out / "unet_ema" / "model.safetensors")
+    theirs = load_file(FIXTURE / "unet_class_step3_ema.safetensors")
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     saved = json.loads((out / "config.json").read_text())

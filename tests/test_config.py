@@ -6,12 +6,12 @@ import re
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import sizes_of
 
-from modules.config.schema import ConfigError, UNetRunConfig, VAERunConfig, network_sizes, sizes_problem
 from modules.config.io import diff_fields, from_dict, load_config, to_dict
+from modules.config.schema import ConfigError, UNetRunConfig, VAERunConfig, network_sizes, sizes_problem
 from modules.core.networks.denoiser import NetworkInputs
 from modules.core.networks.vae import VAEConfig
-from support import sizes_of
 
 
 def test_presets_load_and_round_trip():

@@ -18,12 +18,12 @@ from hypothesis import strategies as st
 from PIL import Image
 from scipy import ndimage
 
-from modules.data import image_io
 from modules.config.schema import DataConfig
-from modules.data.dataset import build_dataset, split_validation
-from modules.errors import DataError
 from modules.core.metrics import mask_iou as batch_mask_iou
+from modules.data import image_io
+from modules.data.dataset import build_dataset, split_validation
 from modules.data.order import ResumableBatchSampler, make_loader
+from modules.errors import DataError
 from scripts.shapes import PLAIN_GREY, SHAPES, foreground_mask, make_shapes, render_shape_batch
 
 

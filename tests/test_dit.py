@@ -8,32 +8,31 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_unet
 import torch
 from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode
-
-import sample
-import test_unet
-import train_unet
-from modules.run.checkpoint import RunIdentity
-from modules.config.cli import run_cli
-from modules.config.schema import ConfigError, DataConfig, UNetRunConfig, network_sizes, sizes_problem
-from modules.config.io import load_config, to_dict
-from modules.core.networks.conditioning import CondConfig
-from modules.core.networks.denoiser import NetworkInputs, count_parameters
-from modules.core.networks.dit import DiT, DiTConfig
-from modules.core.networks.vae import VAEConfig
-from modules.interop.dit import load_init_weights
-from modules.errors import CheckpointError, ModelFolderError
-from modules.run.export import load_network, save_network
-from modules.data.image_io import to_uint8
-from modules.core.networks import build_network
-from modules.core.seeding import image_seed, initial_noise
-from modules.core.networks.unet import UNet
-from modules.interop.vae import load_vae
 from support import network_of, sizes_of
 from test_train_unet import assert_same_weights, train
 from test_unet import DOWNSAMPLE, LATENT, inputs, masks, perturbed, sizes
+from torch.utils.flop_counter import FlopCounterMode
+
+import sample
+import train_unet
+from modules.config.cli import run_cli
+from modules.config.io import load_config, to_dict
+from modules.config.schema import ConfigError, DataConfig, UNetRunConfig, network_sizes, sizes_problem
+from modules.core.networks import build_network
+from modules.core.networks.denoiser import CondConfig, NetworkInputs, count_parameters
+from modules.core.networks.dit import DiT, DiTConfig
+from modules.core.networks.unet import UNet
+from modules.core.networks.vae import VAEConfig
+from modules.core.seeding import image_seed, initial_noise
+from modules.data.image_io import to_uint8
+from modules.errors import CheckpointError, ModelFolderError
+from modules.interop.dit import load_init_weights
+from modules.interop.vae import load_vae
+from modules.run.checkpoint import RunIdentity
+from modules.run.export import load_network, save_network
 
 TINY = DiTConfig(hidden_size=32, depth=2, num_heads=2, patch_size=2)
 CLASSES = CondConfig(type="class")

@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from modules.core.vae_loss import (NLayerDiscriminator, VAELoss, VAELossConfig, adaptive_disc_weight,
                                    expected_lpips_shapes, hinge_d_loss)
-from modules.interop.lpips import (PerceptualWeightsError, convert_lpips_checkpoint, load_lpips,
-                                   main as losses_main, perceptual_network)
+from modules.interop.lpips import PerceptualWeightsError, convert_lpips_checkpoint, load_lpips, perceptual_network
+from modules.interop.lpips import main as losses_main
 
 CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 POOL_AFTER = (2, 7, 14, 21)          # conv indices followed by a 2x2 max-pool

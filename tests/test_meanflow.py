@@ -5,15 +5,14 @@ import math
 
 import pytest
 import torch
-
-from modules.core.attention import attention, forward_ad_attention
-from modules.config.schema import UNetRunConfig
-from modules.config.io import load_config
-from modules.core.draws import Draws
-from modules.core.objectives.meanflow import (MeanFlow, MeanFlowConfig, average_velocity_jvp, num_equal,
-                                              sample_meanflow)
-from modules.core.samplers import sample_euler
 from support import network_of
+
+from modules.config.io import load_config
+from modules.config.schema import UNetRunConfig
+from modules.core.attention import attention, forward_ad_attention
+from modules.core.objectives.base import Draws
+from modules.core.objectives.meanflow import MeanFlow, MeanFlowConfig, average_velocity_jvp, num_equal, sample_meanflow
+from modules.core.samplers import sample_euler
 
 MU, SIGMA = 1.5, 0.5       # data x1 ~ N(MU, SIGMA^2) per element, noise x0 ~ N(0, 1)
 SHAPE = (3, 4, 4)

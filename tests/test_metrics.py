@@ -18,11 +18,11 @@ import torch.nn as nn
 from PIL import Image
 
 import evaluate
+from modules.core.metrics import (feature_statistics, frechet_distance, inception_score, kernel_inception_distance,
+                                  mask_iou, precision_recall, psnr)
 from modules.errors import MetricsError
 from modules.eval.features import (INCEPTION_URL, FeatureExtractor, extract, list_images, load_image, load_inception,
                                    load_source_size, load_stats, save_stats)
-from modules.core.metrics import (feature_statistics, frechet_distance, inception_score, kernel_inception_distance,
-                                  mask_iou, precision_recall, psnr)
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 32   # images are resized to this instead of 299 to keep the stand-in fast
@@ -319,8 +319,8 @@ def test_cli_success_matches_the_library(folders, tmp_path, extractor_file, pin,
 def test_every_reader_accepts_the_same_image_files(tmp_path):
     """One definition of "an image file" (modules/image_io.py): FID folders take .webp and .gif
     like the training data does; before, FID silently ignored them."""
-    from modules.data.dataset import build_dataset
     from modules.config.schema import DataConfig
+    from modules.data.dataset import build_dataset
     folder = tmp_path / "mixed"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -488,9 +488,9 @@ def test_fid_and_validation_loss_during_training(shapes_dir, tiny_vae_run, extra
                                                  monkeypatch):
     """eval.every: FID of the sampling EMA at 1, 4 and 8 steps and the held-out loss per level are
     logged; the FID equals evaluate.py's on the same images made by sample.py (the same seeds)."""
-    import train_unet
     from accelerate import Accelerator
 
+    import train_unet
     from modules.eval.training import EVAL_SEED
     reference = tmp_path / "shapes.npz"
     assert evaluate.main(["stats", "--inception", str(extractor_file), *pin, "--image-size", str(SIZE),
@@ -532,14 +532,14 @@ def test_fid_during_training_when_a_process_has_no_image_to_make(shapes_dir, tin
 
     from accelerate import Accelerator
 
-    from modules.config.schema import UNetRunConfig
     from modules.config.io import from_dict
-    from modules.run.export import load_network, read_network_export
+    from modules.config.schema import UNetRunConfig
     from modules.core.generation import GenerationSpec
     from modules.data.latent_cache import LatentDataset
-    from scripts.tiny_clip import write_tiny_clip
     from modules.eval.training import TrainingEvaluator
     from modules.interop.vae import load_vae
+    from modules.run.export import load_network, read_network_export
+    from scripts.tiny_clip import write_tiny_clip
     clip = write_tiny_clip(tmp_path / "clip" / "sd")
     reference = tmp_path / "shapes.npz"
     assert evaluate.main(["stats", "--inception", str(extractor_file), *pin, "--image-size", str(SIZE),
@@ -582,8 +582,8 @@ def test_fid_during_training_when_a_process_has_no_image_to_make(shapes_dir, tin
 
 
 def test_fid_during_training_needs_a_vouched_inception():
-    from modules.config.schema import ConfigError, UNetRunConfig
     from modules.config.io import load_config
+    from modules.config.schema import ConfigError, UNetRunConfig
     with pytest.raises(ConfigError, match="eval.inception_sha256"):
         load_config(UNetRunConfig, "unet", "tiny", ["eval.every=10", "eval.reference=ref.npz", "eval.inception=x.pt"])
 
@@ -638,8 +638,8 @@ def test_training_fid_against_a_reference_of_another_resolution_warns(tmp_path, 
     import logging
     from types import SimpleNamespace
 
-    from modules.config.schema import UNetRunConfig
     from modules.config.io import load_config
+    from modules.config.schema import UNetRunConfig
     from modules.eval.training import TrainingEvaluator
     stats = save_stats(tmp_path / "ref24.npz", np.zeros(64), np.eye(64), source_size=(24, 24))
     cfg = load_config(UNetRunConfig, "unet", "tiny", ["eval.every=10", f"eval.reference={stats}", "data.image_size=32",

@@ -1,5 +1,6 @@
 """Objectives: shortcut target construction (SPEC section 5), flow and DDPM losses, overfitting."""
 import math
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -7,16 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from contextlib import nullcontext
-
-from modules.config.schema import UNetRunConfig
 from modules.config.io import load_config
-from modules.core.draws import Draws
-from modules.core.objectives import build_objective
+from modules.config.schema import UNetRunConfig
+from modules.core.objectives.base import Draws
 from modules.core.objectives.ddpm import DDPM, DDPMConfig, DDPMSchedule
 from modules.core.objectives.flow import Flow, FlowConfig
-from modules.core.objectives.shortcut import (Shortcut, ShortcutConfig, bootstrap_levels, num_bootstrap,
-                                              shortcut_targets)
+from modules.core.objectives.shortcut import Shortcut, ShortcutConfig, bootstrap_levels, num_bootstrap, shortcut_targets
 
 SHAPE = (4, 4, 4)   # per-sample latent shape used by the closed-form tests
 
@@ -349,11 +346,6 @@ def test_ddpm_objective_noising():
     assert set(logs) == {"loss_ddpm"}
 
 
-def run_objective(cfg):
-    """The objective a run of ``cfg`` trains (train_unet.py builds it so: no condition dropout without a condition)."""
-    return build_objective(cfg.objective, cfg.objective_cfg, cfg.cond.drop if cfg.cond.type != "none" else 0.0)
-
-
 def num_step_levels(cfg):
     """Entries of the step-size embedding the network of ``cfg`` gets."""
     return cfg.objective_class.network_inputs(cfg.objective_cfg).levels
@@ -362,14 +354,14 @@ def num_step_levels(cfg):
 def test_build_objective():
     cfg = UNetRunConfig()
     cfg.cond.drop = 0.3
-    obj = run_objective(cfg)
+    obj = cfg.build_objective()
     assert isinstance(obj, Shortcut) and num_step_levels(cfg) == 8 and obj.cond_drop == 0
     cfg.cond.type = "class"
-    assert run_objective(cfg).cond_drop == 0.3
+    assert cfg.build_objective().cond_drop == 0.3
     cfg.objective = "flow"
-    assert isinstance(run_objective(cfg), Flow) and num_step_levels(cfg) == 0
+    assert isinstance(cfg.build_objective(), Flow) and num_step_levels(cfg) == 0
     cfg.objective = "ddpm"
-    assert isinstance(run_objective(cfg), DDPM) and num_step_levels(cfg) == 0
+    assert isinstance(cfg.build_objective(), DDPM) and num_step_levels(cfg) == 0
 
 
 # ----------------------------------------------------------------------------- overfitting

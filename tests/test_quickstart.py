@@ -8,9 +8,8 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-from PIL import Image
-
 from conftest import ROOT
+from PIL import Image
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import quickstart  # noqa: E402

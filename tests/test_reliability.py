@@ -32,19 +32,19 @@ from PIL import Image
 import modules.run.export as export_module
 import train_unet
 import train_vae
-from modules.run.checkpoint import MANIFEST, STATE_NAME, checkpoint_problem
 from modules.config.cli import run_cli
-from modules.config.schema import DataConfig, UNetRunConfig, VAERunConfig, network_sizes
 from modules.config.io import from_dict
-from modules.data.dataset import build_dataset
-from modules.errors import ModelFolderError
-from modules.run.export import load_network, read_weights
-from modules.data.latent_cache import file_hashes
-from modules.durable import sha256_file
-from modules.data.order import ResumableBatchSampler
+from modules.config.schema import DataConfig, UNetRunConfig, VAERunConfig, network_sizes
 from modules.core.networks import build_network
 from modules.core.networks.vae import AutoencoderKL
+from modules.data.dataset import build_dataset
+from modules.data.latent_cache import file_hashes
+from modules.data.order import ResumableBatchSampler
+from modules.durable import sha256_file
+from modules.errors import ModelFolderError
 from modules.interop.vae import load_vae
+from modules.run.checkpoint import MANIFEST, STATE_NAME, checkpoint_problem
+from modules.run.export import load_network, read_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}

@@ -14,24 +14,24 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import network_of
 
 import sample
 import train_unet
 from modules.config.cli import run_cli
-from modules.config.schema import DataConfig, UNetRunConfig
 from modules.config.io import load_config
-from modules.data.dataset import build_dataset
-from modules.run.export import load_network, read_network_export
+from modules.config.schema import DataConfig, UNetRunConfig
 from modules.core.generation import decode_latents
-from modules.data.image_io import to_uint8
-from modules.data.latent_cache import LatentDataset
 from modules.core.objectives.shortcut import ShortcutConfig, shortcut_targets
 from modules.core.seeding import image_seed, initial_noise
-from scripts.shapes import SHAPES, read_caption, render_shape_batch, shape_captions
+from modules.data.dataset import build_dataset
+from modules.data.image_io import to_uint8
+from modules.data.latent_cache import LatentDataset
 from modules.interop.clip import TextEncoder
-from scripts.tiny_clip import write_tiny_clip
 from modules.interop.vae import load_vae
-from support import network_of
+from modules.run.export import load_network, read_network_export
+from scripts.shapes import SHAPES, read_caption, render_shape_batch, shape_captions
+from scripts.tiny_clip import write_tiny_clip
 
 transformers = pytest.importorskip("transformers")
 

@@ -13,11 +13,10 @@ import torch
 from PIL import Image
 
 import train_unet
-from modules.run import harness
-from modules.run.export import read_weights
 from modules.core.generation import GenerationSpec, generate_latents
 from modules.data.latent_cache import LatentDataset
-from modules.run.export import load_network, read_network_export
+from modules.run import harness
+from modules.run.export import load_network, read_network_export, read_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -312,8 +311,8 @@ def test_meanflow_trains_resumes_exports_and_samples(preset, shapes_dir, tiny_va
     equals a straight one; the export records the interval input; sample.py's images at 1 and 2 steps
     are those of the exported model's steps written out: x0 + u(x0, 0, h = 1), and two half steps."""
     import sample
-    from modules.data.image_io import to_uint8
     from modules.core.seeding import image_seed, initial_noise
+    from modules.data.image_io import to_uint8
     from modules.interop.vae import load_vae
 
     def run(out, *extra):
@@ -353,9 +352,9 @@ def test_intrinsic_guidance_model_takes_the_cfg_scale_as_an_input(shapes_dir, ti
     """shortcut.intrinsic_guidance (with the wavelet loss): sample.py --cfg-scale W is one forward with w = W
     (the images of x0 + f(x0, 0, level 0, w = W)); a scale outside the trained range is refused."""
     import sample
-    from modules.errors import ConfigError
-    from modules.data.image_io import to_uint8
     from modules.core.seeding import image_seed, initial_noise
+    from modules.data.image_io import to_uint8
+    from modules.errors import ConfigError
     from modules.interop.vae import load_vae
 
     train(shapes_dir, tiny_vae_run, tmp_path / "run", "--max-steps", "3", "cond.type=class",

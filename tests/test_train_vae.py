@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import train_vae
-from modules.run.export import read_weights
-from scripts.shapes import make_shapes
 from modules.config.cli import run_cli
 from modules.interop.vae import load_vae
+from modules.run.export import read_weights
+from scripts.shapes import make_shapes
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["train.max_steps=20", "train.checkpoint_every=10", "train.val_every=10", "train.image_log_every=10",
@@ -70,8 +70,8 @@ def test_overfits_eight_images(tmp_path):
           "data.num_val_images=1", "train.checkpoint_every=1000", "train.val_every=1000",
           "train.image_log_every=1000", "data.hflip=false")
     torch.manual_seed(0)
-    from modules.config.schema import VAERunConfig
     from modules.config.io import load_config
+    from modules.config.schema import VAERunConfig
     from modules.core.networks.vae import AutoencoderKL
     initial = AutoencoderKL(load_config(VAERunConfig, "vae", "tiny").model).eval()
     before, after = l1(initial), l1(load_vae(tmp_path / "run"))

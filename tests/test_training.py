@@ -4,12 +4,11 @@ import math
 import pytest
 import torch
 
-from modules.run.checkpoint import TrainingState
-from modules.run.harness import abort_on_bad_steps, count_step
 from modules.config.schema import TrainConfig
-from modules.errors import TrainingAborted
-from modules.run.optim import lr_factor
 from modules.core.seeding import SHARED_STREAM, process_share_randn, step_generator
+from modules.errors import TrainingAborted
+from modules.run.checkpoint import TrainingState
+from modules.run.harness import abort_on_bad_steps, count_step, lr_factor
 
 
 def test_lr_schedule_is_a_function_of_the_step():

@@ -1,4 +1,4 @@
-"""modules/unet.py and modules/conditioning.py: shapes, embeddings, conditioning with null condition, export."""
+"""The UNet (modules/core/networks/unet.py) and the condition encoders (modules/core/networks/denoiser.py): shapes, embeddings, conditioning with null condition, export."""
 import dataclasses
 import json
 import math
@@ -6,17 +6,16 @@ import re
 
 import pytest
 import torch
+from support import sizes_of
 
-from modules.core.attention import reset_attention_backends
-from modules.config.schema import ConfigError, DataConfig, UNetRunConfig, network_sizes, sizes_problem
 from modules.config.io import load_config, validate
-from modules.core.networks.conditioning import CondConfig
-from modules.core.networks.denoiser import NetworkInputs, Sizes, count_parameters, timestep_embedding
+from modules.config.schema import ConfigError, DataConfig, UNetRunConfig, network_sizes, sizes_problem
+from modules.core.attention import reset_attention_backends
+from modules.core.networks.denoiser import CondConfig, NetworkInputs, Sizes, count_parameters, timestep_embedding
+from modules.core.networks.unet import UNet, UNetConfig
 from modules.core.networks.vae import VAEConfig
 from modules.errors import ModelFolderError
 from modules.run.export import load_network, save_network
-from modules.core.networks.unet import UNet, UNetConfig
-from support import sizes_of
 
 TINY = UNetConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
                   head_dim=16, context_dim=32, norm_groups=8)
@@ -355,7 +354,7 @@ def test_compiled_training_step_matches_eager_and_compiles_once():
     measured once: gradients within 1.6e-7 of eager)."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    from modules.core.draws import Draws
+    from modules.core.objectives.base import Draws
     from modules.core.objectives.shortcut import Shortcut, ShortcutConfig
 
     def step(model, seed):

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from modules.errors import ModelFolderError
 from modules.core.networks.vae import AutoencoderKL, DiagonalGaussian, Upsample, VAEConfig
+from modules.errors import ModelFolderError
 from modules.interop.vae import convert_diffusers_state_dict, load_vae
 from modules.run.export import save_vae
 

@@ -11,13 +11,15 @@ the new layout passes unchanged), :func:`legacy_sizes` reads the sizes out of an
 from __future__ import annotations
 
 import copy
-import dataclasses
 from typing import Any, Optional
 
-from modules.core.networks import ARCHITECTURES
-
-DERIVED_MODEL = ("in_channels", "num_step_levels", "step_input", "guidance_input")
 DERIVED_COND = ("num_classes", "image_downsample", "text_tokens")
+# The fields each network read in that layout (the others were carried along unread).
+NETWORK_FIELDS = {
+    "unet": ("base_channels", "channel_mult", "num_res_blocks", "attention_levels", "head_dim", "transformer_depth",
+             "context_dim", "norm_groups", "dropout", "resample"),
+    "dit": ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio", "time_freq_shift"),
+}
 
 
 def is_legacy(values: Any) -> bool:
@@ -33,8 +35,7 @@ def upgrade(values: Any) -> Any:
     values = copy.deepcopy(values)
     if is_legacy(values):
         model = values["model"]
-        arch = model.get("arch", "unet")
-        fields = {f.name for f in dataclasses.fields(ARCHITECTURES[arch].Config)} if arch in ARCHITECTURES else set()
+        fields = NETWORK_FIELDS.get(model.get("arch", "unet"), ())
         values["model"] = {key: value for key, value in model.items() if key in fields or key == "arch"}
         if isinstance(values.get("cond"), dict):
             for key in DERIVED_COND:

@@ -22,12 +22,11 @@ from typing import Any, Optional
 
 from modules.config import legacy
 from modules.core.networks import ARCHITECTURES
-from modules.core.networks.conditioning import CondConfig
-from modules.core.networks.denoiser import Sizes
+from modules.core.networks.denoiser import CondConfig, Sizes
 from modules.core.networks.unet import UNetConfig
 from modules.core.networks.vae import VAEConfig
-from modules.core.objectives import OBJECTIVES, objective_class
-from modules.core.objectives.base import Objective
+from modules.core.objectives import OBJECTIVES, build_objective, objective_class
+from modules.core.objectives.base import Objective, Teacher
 from modules.core.settings import at_most, each, fail, fraction, non_empty, non_negative, one_of, positive, setting
 from modules.core.vae_loss import VAELossConfig
 from modules.errors import ConfigError
@@ -105,7 +104,7 @@ class VAERunConfig:
     def check(self, prefix: str) -> None:
         for switch in ("gradient_checkpointing", "ot_pairing"):
             if getattr(self.train, switch):
-                raise fail(f"{prefix}train.{switch}", "is a stage-2 (UNet) switch; the VAE has none")
+                raise fail(f"{prefix}train.{switch}", "is a stage-2 (train_unet.py) switch; the VAE has none")
         f = self.model.downsample_factor
         if self.data.image_size % f:
             raise fail(f"{prefix}data.image_size", f"{self.data.image_size} is not divisible by the VAE's "
@@ -174,6 +173,12 @@ class UNetRun:
     def objective_cfg(self):
         """The objective's own section (``shortcut``, ``flow``, ...)."""
         return getattr(self, self.objective)
+
+    def build_objective(self, teacher: Optional[Teacher] = None) -> Objective:
+        """The objective this run trains; ``teacher`` runs its teacher (None: the online network teaches, for
+        an objective that has one). Condition dropout applies to conditional models only."""
+        cond_drop = self.cond.drop if self.cond.type != "none" else 0.0
+        return build_objective(self.objective, self.objective_cfg, cond_drop, teacher)
 
     @property
     def eval_steps(self) -> tuple[int, ...]:
@@ -271,7 +276,8 @@ def network_sizes(cfg: UNetRun, vae: VAEConfig, num_classes: int = 0, text_token
 def sizes_problem(cfg: UNetRun, sizes: Sizes) -> Optional[str]:
     """Why a network of ``cfg`` cannot be built for ``sizes`` (as derived by :func:`network_sizes`, or as an
     export recorded them), or None."""
-    if cfg.data.image_size % sizes.image_downsample or cfg.data.image_size // sizes.image_downsample != sizes.latent_size:
+    size, factor = cfg.data.image_size, sizes.image_downsample
+    if size % factor or size // factor != sizes.latent_size:
         return (f"data.image_size={cfg.data.image_size} does not give {sizes.latent_size}x{sizes.latent_size} latents "
                 f"with the VAE's downsampling factor {sizes.image_downsample}")
     problem = cfg.model.size_problem(sizes) or cfg.objective_class.sizes_problem(cfg.objective_cfg, sizes)
@@ -283,5 +289,6 @@ def sizes_problem(cfg: UNetRun, sizes: Sizes) -> Optional[str]:
     if cfg.cond.type == "class" and sizes.num_classes < 1:
         return "a class-conditional model needs at least one class, got 0"
     if cfg.cond.type == "text" and (sizes.text_tokens < 1 or sizes.text_width < 1):
-        return f"a text-conditioned model needs the encoder's tokens and width, got {sizes.text_tokens} x {sizes.text_width}"
+        return (f"a text-conditioned model needs the encoder's tokens and width, got "
+                f"{sizes.text_tokens} x {sizes.text_width}")
     return None

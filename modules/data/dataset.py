@@ -24,12 +24,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from modules.data.captions import read_captions
 from modules.config.schema import DataConfig
-from modules.errors import DataError
+from modules.data.captions import read_captions
 from modules.data.image_io import UnreadableImage, crop_box, load_mask, load_rgb, to_tensor
 from modules.data.order import held_out
 from modules.data.sources import Source, open_source
+from modules.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from modules.errors import DataError
 from modules.core.seeding import mix_seed
+from modules.errors import DataError
 
 
 class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):

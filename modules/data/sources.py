@@ -21,11 +21,11 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from modules.data.captions import with_captions
 from modules.config.schema import DataConfig
-from modules.errors import DataError
+from modules.data.captions import with_captions
 from modules.data.image_io import IMAGE_EXTENSIONS, UnreadableImage, find_images, probe_image
 from modules.data.metadata import labels_from_values, path_inside, read_metadata
+from modules.errors import DataError
 
 logger = logging.getLogger(__name__)
 

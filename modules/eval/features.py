@@ -33,8 +33,8 @@ import torch
 from PIL import Image
 
 from modules import durable
-from modules.errors import MetricsError
 from modules.data.image_io import find_images, open_image
+from modules.errors import MetricsError
 
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
                  "inception-2015-12-05.pt")

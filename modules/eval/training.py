@@ -19,12 +19,12 @@ import math
 import torch
 
 from modules.config.schema import UNetRunConfig
-from modules.eval.features import extract_local, gather, load_inception, load_source_size, load_stats, size_text
 from modules.core.generation import GenerationSpec, batch_condition, conditions, decode_latents, generate_latents
-from modules.data.image_io import to_uint8
 from modules.core.metrics import feature_statistics, frechet_distance
-from modules.core.draws import Draws
+from modules.core.objectives.base import Draws
 from modules.core.seeding import image_seed, mix_seed
+from modules.data.image_io import to_uint8
+from modules.eval.features import extract_local, gather, load_inception, load_source_size, load_stats, size_text
 
 logger = logging.getLogger(__name__)
 EVAL_SEED = 0x5EED   # the evaluation images' own seeds, apart from the run's training seed

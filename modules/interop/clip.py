@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from modules.errors import ModelFolderError
 from modules import durable
+from modules.errors import ModelFolderError
 
 logger = logging.getLogger(__name__)
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",

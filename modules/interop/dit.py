@@ -36,8 +36,7 @@ from modules.config.io import read_json
 from modules.config.schema import UNetRunConfig
 from modules.core.networks.denoiser import Sizes
 from modules.errors import ModelFolderError
-from modules.interop.vae import DIFFUSERS_WEIGHTS_NAME
-from modules.run.export import CONFIG_NAME, load_state_strict, read_weights
+from modules.run.export import CONFIG_NAME, DIFFUSERS_WEIGHTS_NAME, load_state_strict, read_weights
 
 logger = logging.getLogger(__name__)
 

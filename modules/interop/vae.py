@@ -17,10 +17,10 @@ import torch
 from modules.config.io import read_json
 from modules.core.networks.vae import AutoencoderKL, VAEConfig
 from modules.errors import ModelFolderError
-from modules.run.export import CONFIG_NAME, describe_kind, load_our_vae, load_state_strict, read_weights, vae_config
+from modules.run.export import (CONFIG_NAME, DIFFUSERS_WEIGHTS_NAME, describe_kind, load_our_vae, load_state_strict,
+                                read_weights, vae_config)
 
 SD_SCALE_FACTOR = 0.18215
-DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 VAE_CONFIG = "the VAE config"
 
 

@@ -11,13 +11,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list
 
-from modules.config.schema import TrainConfig
 
 logger = logging.getLogger(__name__)
 FUSED_ADAM_DEVICES = ("cuda", "cpu")   # devices with torch's fused Adam/AdamW kernel that runs use
 
 
-def make_accelerator(cfg: TrainConfig, output_dir: Path, report_to: str) -> Accelerator:
+def make_accelerator(cfg, output_dir: Path, report_to: str) -> Accelerator:
     """The run's Accelerator; also sets TF32 for CUDA matmuls and convolutions (``train.tf32``)."""
     mixed_precision = None if cfg.mixed_precision == "auto" else cfg.mixed_precision
     # Several processes on a machine without GPUs: accelerate only wires them up (gloo) when
@@ -46,17 +45,17 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path, report_to: str) -> Acce
     return accelerator
 
 
-def adam(params, lr: float, cfg: TrainConfig, device: torch.device, weight_decay: float,
+def adam(params, lr: float, cfg, device: torch.device, weight_decay: float,
          decoupled_weight_decay: bool = True) -> torch.optim.Optimizer:
     """AdamW (or, ``decoupled_weight_decay=False``, Adam with L2 weight decay) with ``train.adam_beta*``;
     the fused kernel on CUDA and CPU (``train.fused_optimizer``): one launch per step, and a bad step
-    skipped on the device (``modules.run.optim.step_unless_bad``)."""
+    skipped on the device (``modules.run.harness.step_unless_bad``)."""
     cls = torch.optim.AdamW if decoupled_weight_decay else torch.optim.Adam
     fused = {"fused": True} if cfg.fused_optimizer and device.type in FUSED_ADAM_DEVICES else {}
     return cls(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=weight_decay, **fused)
 
 
-def prepare_network(accelerator: Accelerator, cfg: TrainConfig, network: torch.nn.Module, *others):
+def prepare_network(accelerator: Accelerator, cfg, network: torch.nn.Module, *others):
     """``accelerator.prepare(network, *others)`` with the network's memory and speed switches:
     channels_last and gradient checkpointing before wrapping, torch.compile after it."""
     if cfg.gradient_checkpointing:

@@ -34,6 +34,7 @@ from modules.errors import ConfigError, ModelFolderError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"   # what diffusers' save_pretrained writes
 
 
 def save_model_folder(folder: str | Path, state_dict: dict[str, torch.Tensor], config: dict) -> Path:
@@ -181,7 +182,8 @@ class NetworkExport:
     text_encoder: Optional[dict] = None   # cond.type=text: modules.interop.clip.TextEncoder.record()
 
 
-def export_config(cfg: UNetRunConfig, sizes: Sizes, vae: dict, weights: str, text_encoder: Optional[dict] = None) -> dict:
+def export_config(cfg: UNetRunConfig, sizes: Sizes, vae: dict, weights: str,
+                  text_encoder: Optional[dict] = None) -> dict:
     """``config.json`` of a stage-2 export: the run config and sizes, and a summary of them for a reader's eye."""
     summary = {"model": to_dict(cfg.model), "cond": to_dict(cfg.cond), "objective": cfg.objective,
                cfg.objective: to_dict(cfg.objective_cfg), "latent_size": sizes.latent_size}

@@ -17,7 +17,8 @@
 What it guarantees, whatever the script: the folder belongs to one run at a time; checkpoints
 are atomic and carry the run's identity, checked before a resume; a resumed run repeats exactly
 the steps an uninterrupted one would; SIGTERM, SIGINT and SIGHUP save a checkpoint and exit 0
-at the end of the step; a non-finite loss or gradient skips the step on the device, and
+at the end of the step; a non-finite loss or gradient skips the step on the device (the optimizer
+step and its learning-rate schedule are here too), and
 ``train.max_bad_steps`` of them in a row save the last good state and exit 3; data that fails
 mid-run saves the last step first; a failed write is one line that says what was kept.
 No callbacks, no hooks: the script calls it, top to bottom.
@@ -26,10 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from modules import durable
@@ -37,12 +42,115 @@ from modules.core.ema import EMA
 from modules.errors import DataError, TrainingAborted
 from modules.run.accelerator import make_accelerator, prepare_network
 from modules.run.checkpoint import Checkpointer, RunIdentity, StopRequest, TrainingState
-from modules.run.optim import Update, apply_update
 from modules.run.output_dir import claim_output_dir, save_run_config
 from modules.run.tracking import Throughput, init_trackers, log_image, memory_stats
 
 logger = logging.getLogger(__name__)
 
+
+# ----------------------------------------------------------------------------- the optimizer step
+#
+# apply_update is called once per optimizer step, after the micro-batches' backward passes. It clips
+# each parameter group's gradients, then applies the update only when every loss and gradient norm is
+# finite. Where it can, the decision stays on the device: torch's fused Adam/AdamW takes a found_inf
+# flag and skips the update in its kernel (step counter included), so the loop never waits for the
+# device. Elsewhere the flag is read on the host: the non-fused optimizers, DeepSpeed (whose engine has
+# already stepped inside backward) and fp16, whose GradScaler reads it itself and must see every step
+# to adjust its scale. A skipped step leaves the weights as they were; the EMAs skip it with the same
+# flag, and count_step counts it.
+
+def lr_factor(step: int, cfg) -> float:
+    """Multiplier of the base LR at optimizer step ``step``: linear warmup, then the schedule.
+
+    Computed from the global step rather than a stepped scheduler object, so it is the same
+    for any number of processes and after a resume.
+    """
+    if cfg.lr_warmup_steps and step < cfg.lr_warmup_steps:
+        return (step + 1) / cfg.lr_warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    span = max(1, cfg.max_steps - cfg.lr_warmup_steps)
+    progress = min(1.0, (step - cfg.lr_warmup_steps) / span)
+    if cfg.lr_schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - progress
+
+
+def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: float) -> float:
+    lr = base_lr * factor
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def clipped_grad_norm(accelerator: Accelerator, parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip gradients to ``max_norm`` (0: no clipping) and return their global norm as a tensor.
+
+    DeepSpeed clips inside its engine (``gradient_clipping`` in its config) and reports no
+    norm here; the returned 0 then means "unknown", and only the loss is checked for NaN.
+    """
+    norm = accelerator.clip_grad_norm_(parameters, max_norm or float("inf"))
+    return torch.zeros((), device=accelerator.device) if norm is None else torch.as_tensor(norm)
+
+
+@dataclass
+class Update:
+    finite: torch.Tensor                 # 0-d bool on the device; False: non-finite loss or gradient, step skipped
+    grad_norms: dict[str, torch.Tensor]  # per parameter group, before clipping
+
+
+def skips_on_device(accelerator: Accelerator, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` can skip a bad step without a host read: torch's fused Adam/AdamW
+    (``_step_supports_amp_scaling``: it reads ``found_inf`` in its kernel), outside DeepSpeed."""
+    inner = getattr(optimizer, "optimizer", optimizer)   # inside accelerate's AcceleratedOptimizer
+    return (accelerator.distributed_type != DistributedType.DEEPSPEED and bool(inner.defaults.get("fused"))
+            and getattr(inner, "_step_supports_amp_scaling", False))
+
+
+def step_unless_bad(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """One step of a fused Adam/AdamW that its kernel skips, step counter included, when ``finite`` is
+    False; the flag is passed the way torch.amp.GradScaler passes it."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    inner.found_inf = (~finite).float()
+    try:
+        optimizer.step()
+    finally:
+        del inner.found_inf
+
+
+def apply_update(accelerator: Accelerator, groups: dict[str, tuple[torch.optim.Optimizer, Iterable[torch.Tensor]]],
+                 losses: Sequence[torch.Tensor], max_norm: float) -> Update:
+    """Clip, step and zero every ``name: (optimizer, parameters)`` group, unless the step is bad.
+
+    ``losses`` are the step's (detached) losses, all micro-batches' included, so a NaN in any
+    of them skips the step even where no gradient norm is reported.
+    """
+    if not accelerator.sync_gradients:
+        raise RuntimeError("apply_update: call it after the last micro-batch of an optimizer step")
+    norms = {name: clipped_grad_norm(accelerator, params, max_norm) for name, (_, params) in groups.items()}
+    optimizers = [optimizer for optimizer, _ in groups.values()]
+    if accelerator.scaler is not None:
+        # fp16: the GradScaler skips non-finite steps itself (a host read) and must see every step.
+        for optimizer in optimizers:
+            optimizer.step()
+        finite = torch.tensor(not any(optimizer.step_was_skipped for optimizer in optimizers),
+                              device=accelerator.device)
+    else:
+        checked = torch.stack([torch.as_tensor(x, dtype=torch.float32).reshape(()).to(accelerator.device)
+                               for x in [*losses, *norms.values()]])
+        finite = torch.isfinite(checked).all()
+        if all(skips_on_device(accelerator, optimizer) for optimizer in optimizers):
+            for optimizer in optimizers:
+                step_unless_bad(optimizer, finite)
+        elif bool(finite):   # a host read: these optimizers cannot skip on the device
+            for optimizer in optimizers:
+                optimizer.step()
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    return Update(finite, norms)
+
+
+# ----------------------------------------------------------------------------- counting bad steps
 
 def count_step(state: TrainingState, finite: torch.Tensor, cfg) -> Optional[tuple[int, int]]:
     """Advance the step counter and note whether the step was ``finite`` (a 0-d bool tensor, left on

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from modules.durable import WRITE_ERRORS, write_failure
 from modules.config.io import to_dict
-from modules.errors import ConfigError
 from modules.data.image_io import save_png, to_uint8
+from modules.durable import WRITE_ERRORS, write_failure
+from modules.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

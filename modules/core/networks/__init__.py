@@ -5,8 +5,7 @@
 """
 from __future__ import annotations
 
-from modules.core.networks.conditioning import CondConfig
-from modules.core.networks.denoiser import Denoiser, Sizes
+from modules.core.networks.denoiser import CondConfig, Denoiser, Sizes
 from modules.core.networks.dit import DiT
 from modules.core.networks.unet import UNet
 

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from modules.core.networks.conditioning import WIDTH_LIMIT, CondConfig, Conditioner, sincos_position_embedding
-from modules.core.networks.denoiser import (CrossAttention, Denoiser, SelfAttention, Sizes, guidance_embedding,
-                                            output_layer, step_embedding, zero_init)
+from modules.core.networks.denoiser import (WIDTH_LIMIT, CondConfig, Conditioner, CrossAttention, Denoiser,
+                                            SelfAttention, Sizes, guidance_embedding, output_layer,
+                                            sincos_position_embedding, step_embedding, zero_init)
 from modules.core.settings import at_most, fail, one_of, positive, setting
 
 FREQUENCY_CHANNELS = 256     # width of the time sinusoid fed to the time MLP (the DiT code's)

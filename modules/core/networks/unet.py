@@ -23,9 +23,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from modules.core.networks.conditioning import WIDTH_LIMIT, CondConfig, Conditioner
-from modules.core.networks.denoiser import (CrossAttention, Denoiser, SelfAttention, Sizes, guidance_embedding,
-                                            step_embedding, zero_init)
+from modules.core.networks.denoiser import (WIDTH_LIMIT, CondConfig, Conditioner, CrossAttention, Denoiser,
+                                            SelfAttention, Sizes, guidance_embedding, step_embedding, zero_init)
 from modules.core.settings import (at_most, check_widths, each, fail, fraction, non_empty, non_negative, one_of,
                                    positive, setting)
 from modules.core.wavelet import WaveletDownsample, WaveletUpsample

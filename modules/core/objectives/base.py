@@ -11,17 +11,17 @@ Every network is called as ``net(x, t, level=None, interval=None, cond=None, dro
 a float in [0, 1] (flow convention: 0 noise, 1 data; DDPM passes timestep / num_timesteps), plus
 ``guidance=w`` for a network with a guidance-scale input only (so any other model function keeps
 the shorter call). ``cond`` is only ever passed through or indexed by batch row. Every random
-choice comes from :class:`modules.core.draws.Draws`. Configs are validated where they are built;
-objectives trust them.
+choice comes from :class:`Draws`, so a micro-batch's training is a pure function of its seed and
+place in the run. Configs are validated where they are built; objectives trust them.
 """
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Callable, ClassVar, Optional, Sequence
 
 import torch
 
-from modules.core.draws import Draws
 from modules.core.networks.denoiser import NetworkInputs, Sizes
 
 ModelCall = Callable[..., torch.Tensor]
@@ -30,6 +30,60 @@ Logs = dict[str, torch.Tensor]
 # EMA teacher: the training network with the EMA weights swapped in).
 Teacher = Callable[[], AbstractContextManager]
 
+
+# ----------------------------------------------------------------------------- the randomness of a micro-batch
+
+@dataclass
+class Draws:
+    """The randomness of one micro-batch.
+
+    ``generator`` makes every random draw (noise, times, dropout, levels); ``index`` is the
+    micro-batch's place in the run (over steps, micro-steps and processes), for choices that
+    rotate deterministically rather than being drawn. ``index`` None draws them too. ``noise``,
+    when given, is the x0 of every row, paired with the data before the objective sees it.
+    """
+    generator: Optional[torch.Generator] = None
+    index: Optional[int] = None
+    noise: Optional[torch.Tensor] = None   # x0 paired with the data beforehand (train.ot_pairing); None: drawn
+
+
+def noise_for(x1: torch.Tensor, draws: Draws) -> torch.Tensor:
+    """The micro-batch's noise x0: the paired noise when given, else drawn like ``x1``."""
+    return draws.noise if draws.noise is not None else randn_like(x1, draws.generator)
+
+
+def draw_device(generator: Optional[torch.Generator], device: torch.device) -> torch.device:
+    # A generator only draws on its own device; results are moved to the data's device.
+    return generator.device if generator is not None else device
+
+
+def rand(n: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+    return torch.rand(n, generator=generator, device=draw_device(generator, device)).to(device)
+
+
+def randint(high: int, n: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+    return torch.randint(0, high, (n,), generator=generator, device=draw_device(generator, device)).to(device)
+
+
+def randn_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    noise = torch.randn(x.shape, generator=generator, device=draw_device(generator, x.device))
+    return noise.to(device=x.device, dtype=x.dtype)
+
+
+def per_row(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t`` ([B], one value per row of ``x``) shaped to multiply ``x``: [B, 1, ..., 1] in ``x``'s dtype."""
+    return t.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+
+def condition_dropout(n: int, cond: Optional[torch.Tensor], cond_drop: float,
+                      generator: Optional[torch.Generator], device: torch.device) -> Optional[torch.Tensor]:
+    """Whole-sample dropout mask (True = null condition); None for unconditional models."""
+    if cond is None:
+        return None
+    return rand(n, generator, device) < cond_drop
+
+
+# ----------------------------------------------------------------------------- what objectives share
 
 def mse_per_sample(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).pow(2).flatten(1).mean(1)

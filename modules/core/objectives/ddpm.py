@@ -11,8 +11,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from modules.core.draws import Draws, condition_dropout, noise_for, per_row, randint
-from modules.core.objectives.base import Logs, ModelCall, Objective, mse_per_sample
+from modules.core.objectives.base import (Draws, Logs, ModelCall, Objective, condition_dropout, mse_per_sample,
+                                          noise_for, per_row, randint)
 from modules.core.samplers import SampleFn, times
 from modules.core.settings import at_most, fail, fraction, positive, setting
 
@@ -84,8 +84,8 @@ class DDPM(Objective):
     def sample(cfg: DDPMConfig, sampler: str, fn: ModelCall, noise: torch.Tensor, steps: int,
                generators: Optional[Sequence[torch.Generator]] = None, eta: float = 0.0) -> torch.Tensor:
         """``ddim`` with ``eta``, or ``ddpm``: DDIM with eta 1, the DDPM posterior."""
-        return sample_ddim(fn, noise, steps, DDPMSchedule.from_config(cfg), eta if sampler == "ddim" else 1.0,
-                           generators)
+        eta = {"ddim": eta, "ddpm": 1.0}[sampler]
+        return sample_ddim(fn, noise, steps, DDPMSchedule.from_config(cfg), eta, generators)
 
 
 def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:

@@ -9,8 +9,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from modules.core.draws import Draws, condition_dropout, draw_device, noise_for, per_row, rand
-from modules.core.objectives.base import Logs, ModelCall, Objective, mse_per_sample
+from modules.core.objectives.base import (Draws, Logs, ModelCall, Objective, condition_dropout, draw_device,
+                                          mse_per_sample, noise_for, per_row, rand)
 from modules.core.samplers import sample_ode
 from modules.core.settings import one_of, setting
 

@@ -44,9 +44,9 @@ import torch.autograd.forward_ad as fwad
 from torch.func import jvp
 
 from modules.core.attention import forward_ad_attention
-from modules.core.draws import Draws, condition_dropout, draw_device, noise_for, per_row
 from modules.core.networks.denoiser import NetworkInputs
-from modules.core.objectives.base import Logs, ModelCall, Objective
+from modules.core.objectives.base import (Draws, Logs, ModelCall, Objective, condition_dropout, draw_device, noise_for,
+                                          per_row)
 from modules.core.samplers import SampleFn, sample_ode, times
 from modules.core.settings import at_least, at_most, fail, fraction, non_negative, positive, setting, time_interval
 
@@ -149,8 +149,9 @@ class MeanFlow(Objective):
                         cond=cond[doubled.to(cond.device)], drop=null).float()
             u_cond, u_null = out[:n], out[n:]
         else:
+            null = torch.ones(n, dtype=torch.bool, device=x_t.device)
             u_null = model(x_t[rows], t[rows], interval=torch.zeros(n, device=x_t.device),
-                           cond=cond[rows.to(cond.device)], drop=torch.ones(n, dtype=torch.bool, device=x_t.device)).float()
+                           cond=cond[rows.to(cond.device)], drop=null).float()
             u_cond = torch.zeros_like(u_null)
         v_g = v.clone()
         v_g[rows] = (cfg.omega * v[rows] + cfg.kappa * u_cond + (1 - cfg.omega - cfg.kappa) * u_null).to(v.dtype)

@@ -25,9 +25,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from modules.core.draws import Draws, noise_for, per_row, rand, randint
 from modules.core.networks.denoiser import NetworkInputs, Sizes
-from modules.core.objectives.base import Logs, ModelCall, Objective, guidance_kw, mse_per_sample
+from modules.core.objectives.base import (Draws, Logs, ModelCall, Objective, guidance_kw, mse_per_sample, noise_for,
+                                          per_row, rand, randint)
 from modules.core.samplers import sample_euler, sample_ode
 from modules.core.settings import (at_most, fail, fraction, is_power_of_two, non_negative, power_of_two, scale_range,
                                    setting, time_interval)
