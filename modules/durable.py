@@ -15,6 +15,11 @@ inherits the same guarantees:
   dies, so a killed run never leaves a stale lock.
 * **One line on failure**: :func:`write_or_fail` turns a failed write (a full disk, a read-only
   folder) into a :class:`modules.errors.CheckpointError` that says what failed and what was kept.
+* **Folders keep their roles**: :func:`claim_output` takes an output folder for one kind of output
+  (a training run, a sample folder, a sweep, a latent cache) under a lock and marks it
+  (:data:`OUTPUT_MARKER`); a folder claimed for another kind, a model folder, or a folder holding
+  files of its own is refused, and data scans skip marked folders (:func:`is_output_folder`), so
+  an output written inside a data folder never becomes training data.
 
 Imports only the standard library and safetensors' error type; usable from every layer.
 """
@@ -236,7 +241,7 @@ def read_json(path: Path) -> Any:
         raise ValueError(f"cannot be read ({e.strerror or e})") from None
 
 
-# ----------------------------------------------------------------------------- locks
+# ----------------------------------------------------------------------------- locks and output folders
 
 class Lock:
     """An exclusive OS lock on the file ``path``, held from :meth:`acquire` until :meth:`release` or the
@@ -285,3 +290,67 @@ class Lock:
             yield
         finally:
             self.release()
+
+
+OUTPUT_MARKER = ".ldm-output.json"     # {"kind": ...}: the folder holds this toolkit's output of that kind
+OUTPUT_KINDS = ("run", "samples", "sweep", "latent_cache")
+
+
+def output_kind(folder: Union[str, Path]) -> Optional[str]:
+    """The kind of output a folder was claimed for, or None (not an output folder, or an unreadable marker)."""
+    try:
+        record = read_json(Path(folder) / OUTPUT_MARKER)
+    except ValueError:
+        return None
+    kind = record.get("kind") if isinstance(record, dict) else None
+    return kind if kind in OUTPUT_KINDS else None
+
+
+def is_output_folder(folder: Union[str, Path]) -> bool:
+    """Whether ``folder`` holds this toolkit's output (a data scan skips it)."""
+    return (Path(folder) / OUTPUT_MARKER).is_file()
+
+
+def model_folder_kind(folder: Path) -> Optional[str]:
+    """What model a folder holds (our export's kind, a diffusers class), or None."""
+    try:
+        record = read_json(folder / "config.json")
+    except ValueError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    kind = record.get("kind") or record.get("_class_name")
+    return str(kind) if kind else None
+
+
+def claim_output(folder: Union[str, Path], kind: str, lock_name: str = ".lock") -> Lock:
+    """Take ``folder`` for output of ``kind`` (one of :data:`OUTPUT_KINDS`): create it, refuse a model folder
+    or a folder claimed for another kind, take its lock (refused while another process holds it) and
+    mark it. Returns the held lock; the caller releases it when done. Problems are one-line
+    :class:`CheckpointError`\ s naming the folder."""
+    folder = Path(folder)
+    if folder.is_symlink() or folder.is_file():
+        raise CheckpointError(f"output folder {folder} is a {'link' if folder.is_symlink() else 'file'}")
+    model = model_folder_kind(folder) if folder.is_dir() else None
+    if model:
+        raise CheckpointError(f"{folder} is a model folder (config.json of a {model!r}); outputs go elsewhere, and "
+                              "the next export would replace it")
+    claimed = output_kind(folder) if folder.is_dir() else None
+    if claimed and claimed != kind:
+        raise CheckpointError(f"{folder} holds a {claimed} output; choose another folder for the {kind} output")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create output folder {folder} ({e.strerror or e})") from None
+    lock = Lock(folder / lock_name)
+    problem = lock.acquire(wait=False)
+    if problem:
+        raise CheckpointError(f"output folder {folder}: {problem}" + ("; wait for it to end or choose another folder"
+                                                                      if problem.startswith("in use") else ""))
+    try:
+        if claimed is None:
+            write_json(folder / OUTPUT_MARKER, {"kind": kind})
+    except WRITE_ERRORS as e:
+        lock.release()
+        raise CheckpointError(f"cannot write to output folder {folder} ({write_failure(e)})") from None
+    return lock

@@ -51,7 +51,9 @@ def is_image_file(path: Path) -> bool:
 
 
 def find_images(folder: Path, recursive: bool = True) -> list[Path]:
-    """Image files under ``folder``, sorted; hidden files and folders are left out.
+    """Image files under ``folder``, sorted; hidden files and folders are left out, and so are the
+    folders this toolkit writes its outputs into (runs, samples, sweeps: ``modules.durable.OUTPUT_MARKER``),
+    so an output folder inside a data folder never becomes training data.
 
     Folder links are followed (a class folder may be a link to elsewhere), each real folder
     once, so a link loop ends; links to nothing are left out.
@@ -65,6 +67,10 @@ def find_images(folder: Path, recursive: bool = True) -> list[Path]:
             dirnames[:] = []
             continue
         seen.add(real)
+        if dirpath != str(folder) and durable.is_output_folder(dirpath):
+            logger.info("skipping %s: it holds this toolkit's output, not data", dirpath)
+            dirnames[:] = []
+            continue
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         files.extend(p for p in (Path(dirpath) / f for f in sorted(filenames)) if is_image_file(p) and p.is_file())
     return files

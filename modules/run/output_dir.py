@@ -1,9 +1,10 @@
 """The training output folder: one run at a time, never mixed with another run's work.
 
-:func:`claim_output_dir` runs first, before any data or model is touched: it creates the
-folder, proves it writable, and takes an OS lock (``flock`` on ``.lock``) that the run holds
-until it ends, so a second run on the same folder is refused while the first lives, and a lock
-left by a killed run never blocks (the kernel drops it with the process). A folder holding
+:func:`claim_output_dir` runs first, before any data or model is touched: it claims the folder for
+a run (``modules.durable.claim_output``: created, proven writable, marked as output so no data scan
+reads it, and locked with an OS lock on ``.lock`` that the run holds until it ends), so a second
+run on the same folder is refused while the first lives, and a lock left by a killed run never
+blocks (the kernel drops it with the process). A folder holding
 checkpoints or finished exports belongs to its run: only ``--resume`` may continue it. An export
 that a kill interrupted is put right before the run goes on.
 """
@@ -26,19 +27,11 @@ EXPORT_FOLDERS = ("vae", "unet", "unet_ema")
 
 
 def _take_lock(output_dir: Path) -> tuple[Optional[durable.Lock], Optional[str]]:
-    """(the lock, None) when taken, or (None, why not)."""
+    """(the lock, None) when the folder is claimed for this run, or (None, why not)."""
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        return None, f"cannot write to output dir {output_dir} ({e.strerror or e})"
-    lock = durable.Lock(output_dir / LOCK_NAME)
-    problem = lock.acquire(wait=False)
-    if problem is None:
-        return lock, None
-    if problem.startswith("in use by"):
-        return None, (f"output dir {output_dir} is {problem} (another run); wait for it to end "
-                      "or choose another --output-dir")
-    return None, f"cannot lock output dir {output_dir}: {problem}"
+        return durable.claim_output(output_dir, "run", LOCK_NAME), None
+    except CheckpointError as e:
+        return None, str(e)
 
 
 @contextlib.contextmanager
