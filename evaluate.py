@@ -8,21 +8,31 @@
 
 A reference is an image folder, a ``datasets`` save_to_disk folder, an ADM reference ``.npz``
 (images ``arr_0``) or a statistics ``.npz`` written by ``stats`` (mu, sigma and the features,
-so KID and precision/recall work against it). Images: the files of a sample.py manifest or an
-imagefolder metadata file, else every image file under the folder; read and resized as
-clean-fid does (modules/features.py). Samples are not scored against a reference made from
-images of another resolution (the statistics file records it) unless ``--allow-other-resolution``:
-that is a different measurement (clean-fid keeps statistics per resolution for the same reason). Under ``accelerate launch`` every process extracts (and,
-in a sweep, generates) its share. The Inception file runs code when loaded: vouch for it with
-``--inception-sha256`` (or ``--trust-inception-code``).
+so KID and precision/recall work against it), read lazily: each array once, only when needed,
+its header checked against the file before anything is allocated (``NpzReference``). Images:
+the files of a sample.py manifest or an imagefolder metadata file (paths inside the folder only),
+else every image file under the folder but ``masks/``; read and resized as clean-fid does
+(modules/eval/features.py). Samples are not scored against a reference made from images of
+another resolution (the statistics file records it) unless ``--allow-other-resolution``: that is
+a different measurement (clean-fid keeps statistics per resolution for the same reason).
+Under ``accelerate launch`` every process extracts (and, in a sweep, generates) its share.
+
+A sweep claims its ``--out`` (``durable.claim_output``) and keys each cell's row of ``sweep.json``
+by everything it was computed from (the reference, the extractor, the samples' request): a row of
+another key, or one without a score now asked for, is scored again from the kept samples. Every
+number on the command line is bounded (``number_rules``), and a reference's feature width is
+checked against the extractor's before anything is extracted or sampled. The Inception file runs
+code when loaded: vouch for it with ``--inception-sha256`` (or ``--trust-inception-code``).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -34,9 +44,10 @@ from accelerate import PartialState
 from modules import durable
 from modules.core.metrics import (feature_statistics, frechet_distance, inception_score, kernel_inception_distance,
                                   precision_recall)
+from modules.core.settings import at_most, non_negative, positive
 from modules.errors import MetricsError, UserError
-from modules.eval.features import (INCEPTION_URL, extract, list_images, load_features, load_inception, load_source_size,
-                                   load_stats, reference_sources, save_stats, size_text)
+from modules.eval.features import (INCEPTION_URL, Features, NpzReference, check_feature_width, extract, feature_width,
+                                   list_images, load_inception, reference_sources, save_stats, size_text)
 from modules.eval.plots import line_plot
 from modules.run.accelerator import finish, from_main_process
 from modules.run.export import find_model_folder, read_network_export
@@ -113,22 +124,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 @dataclass
 class Reference:
-    """What samples are scored against."""
+    """What samples are scored against: a statistics file, read lazily and once (``file``), or the features
+    extracted from images (``extracted``)."""
     name: str
-    stats: tuple[np.ndarray, np.ndarray]              # mu, sigma
-    features: Optional[np.ndarray]                    # for KID and precision/recall, when known
-    source_size: Optional[tuple[int, int]]            # (height, width) of its images, when one size
+    file: Optional[NpzReference] = None
+    extracted: Optional[Features] = None
+
+    @property
+    def stats(self) -> tuple[np.ndarray, np.ndarray]:       # mu, sigma
+        if self.file is not None:
+            return self.file.stats()
+        if not hasattr(self, "_stats"):
+            self._stats = feature_statistics(self.extracted.features)
+        return self._stats
+
+    @property
+    def features(self) -> Optional[np.ndarray]:              # for KID and precision/recall, when known
+        return self.file.features() if self.file is not None else self.extracted.features
+
+    @property
+    def has_features(self) -> bool:
+        return self.file is None or self.file.has_features()
+
+    @property
+    def source_size(self) -> Optional[tuple[int, int]]:      # (height, width) of its images, when one size
+        return self.file.source_size() if self.file is not None else self.extracted.source_size
+
+    def identity(self) -> dict:
+        """What the reference is, for the key of a score against it: the file's SHA-256, or its features'."""
+        if self.file is not None:
+            return {"statistics_sha256": self.file.sha256()}
+        features = np.ascontiguousarray(self.extracted.features)
+        return {"features_sha256": hashlib.sha256(features.tobytes()).hexdigest(), "shape": list(features.shape),
+                "source_size": self.source_size}
 
 
 class Evaluator:
     """The extractor and the settings every command shares, on this process's device."""
 
     def __init__(self, args: argparse.Namespace, state: PartialState):
-        if args.image_size < 1 or args.batch_size < 1:
-            raise MetricsError("--image-size and --batch-size must be >= 1")
         self.args, self.state = args, state
         self.device = self._device(args.device)
         self.extractor = load_inception(args.inception, self.device, args.inception_sha256, args.trust_inception_code)
+        self.width = feature_width(self.extractor, args.image_size, self.device,
+                                   probabilities=getattr(args, "inception_score", False))
+        self._identity: Optional[dict] = None
 
     def _device(self, name: Optional[str]) -> torch.device:
         if name == "cuda" and not torch.cuda.is_available():
@@ -137,47 +177,62 @@ class Evaluator:
             return self.state.device
         return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
+    def identity(self) -> dict:
+        """What the extractor is (its file's SHA-256) and what it sees (the image size), for the keys of scores."""
+        if self._identity is None:
+            self._identity = {"inception_sha256": durable.sha256_file(self.args.inception),
+                              "image_size": self.args.image_size}
+        return self._identity
+
+    def check_width(self, reference: Optional[NpzReference], name: str) -> None:
+        """At start-up, before anything is extracted or sampled: a statistics file of another network is
+        refused, and so is a sweep of fewer samples per cell than the features have dimensions."""
+        if reference is not None and reference.holds_statistics:
+            check_feature_width(self.width, reference.feature_width(), name, self.args.inception)
+        a = self.args
+        if a.command == "sweep" and a.masks is None and a.prompts is None and a.num_samples < self.width:
+            raise MetricsError(f"--num-samples {a.num_samples}: fewer samples per cell than the extractor's "
+                               f"{self.width}-d features make their covariance singular and the FID meaningless; use "
+                               f"at least {self.width} (the papers use 50 000)")
+
     def features(self, sources, probabilities: bool = False):
         a = self.args
         return extract(sources, self.extractor, a.batch_size, self.device, a.image_size, a.workers, probabilities,
                        self.state if self.state.num_processes > 1 else None)
 
-    def reference(self, reference: str) -> Optional[Reference]:
+    def reference(self, reference: str, opened: Optional[NpzReference]) -> Optional[Reference]:
         """A reference, its features extracted when it is made of images (None on the other processes:
-        the main one has the result)."""
-        sources = reference_sources(reference)
+        the main one has the result). ``opened``: the reference file preflight opened (read once)."""
+        sources = reference_sources(reference, opened)
         if sources is None:
-            return Reference(reference, load_stats(reference), load_features(reference), load_source_size(reference))
+            return Reference(reference, file=opened)
         found = self.features(sources)
         if found is None:
             return None
-        return Reference(reference, feature_statistics(found.features), found.features, found.source_size)
+        return Reference(reference, extracted=found)
 
     def check_resolution(self, sample_size: Optional[tuple[int, int]], reference: Reference) -> None:
         """Refuse samples of another resolution than the reference's images, unless allowed."""
-        if sample_size is None or reference.source_size is None or sample_size == reference.source_size:
-            return
-        if not getattr(self.args, "allow_other_resolution", False):
-            raise MetricsError(f"the samples are {size_text(sample_size)} but the reference {reference.name} was "
-                               f"made from {size_text(reference.source_size)}: a score across resolutions is a "
-                               "different measurement; make the reference at the samples' resolution, or pass "
-                               "--allow-other-resolution to compare them anyway")
+        problem = resolution_problem(sample_size, reference.source_size, reference.name,
+                                     getattr(self.args, "allow_other_resolution", False))
+        if problem:
+            raise MetricsError(problem)
 
     def scores(self, sample_features, reference: Reference, want_kid: bool, want_pr: bool, want_is: bool) -> dict:
         """Main process: FID and the chosen metrics of extracted samples against a reference."""
         self.check_resolution(sample_features.source_size, reference)
-        (mu, sigma), ref_features = reference.stats, reference.features
+        mu, sigma = reference.stats
         feats = sample_features.features
         if feats.shape[1] != mu.shape[0]:
             raise MetricsError(f"the reference has {mu.shape[0]}-d features but the extractor gives "
                                f"{feats.shape[1]}-d: statistics from a different network")
         if feats.shape[0] < feats.shape[1]:
             raise MetricsError(f"{feats.shape[0]} samples for {feats.shape[1]}-d features: their covariance is "
-                               f"singular and the FID meaningless; use at least {feats.shape[1]} (the papers use 50 000)")
+                               f"singular and the FID meaningless; use at least {feats.shape[1]} (the papers use "
+                               "50 000)")
         result = {"num_samples": int(feats.shape[0]), "fid": frechet_distance(*feature_statistics(feats), mu, sigma)}
-        if (want_kid or want_pr) and ref_features is None:
-            raise MetricsError("KID and precision/recall need the reference's features: make it with "
-                               "`evaluate.py stats` (or pass the image folder)")
+        check_features_for(reference.name, reference.has_features, want_kid, want_pr)
+        ref_features = reference.features if want_kid or want_pr else None
         if want_kid:
             result["kid"], result["kid_std_error"] = kernel_inception_distance(feats, ref_features)
         if want_pr:
@@ -189,58 +244,114 @@ class Evaluator:
 
 
 def writable(out: Path) -> None:
-    """Refuse a statistics file that could not be written, before the (slow) feature extraction."""
+    """Refuse a statistics file that could not be written, before the (slow) feature extraction. The probe is
+    created exclusively under a random name (a link planted in the folder is never written through)."""
     if out.suffix != ".npz":
         raise MetricsError(f"statistics file {out}: must end in .npz")
-    probe = out.with_name(f".{out.name}.{os.getpid()}.probe")     # every process probes, each its own file
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         raise MetricsError(f"statistics file {out}: cannot be written ({e.strerror or e})") from None
 
 
+def check_features_for(name: str, has_features: bool, want_kid: bool, want_pr: bool) -> None:
+    if (want_kid or want_pr) and not has_features:
+        raise MetricsError(f"KID and precision/recall need the reference's features, and {name} holds only mu and "
+                           "sigma: make it with `evaluate.py stats` (or pass the image folder)")
+
+
 # ----------------------------------------------------------------------------- commands
 
-def preflight(args) -> None:
-    """Every input and output checked before the Inception network is loaded or anything extracted."""
+def number_rules(command: str) -> dict[str, tuple]:
+    """The bounds of every number a user types (issue 21, rule 5): far above any real use, below a typo's
+    extra zeros. The sweep's sampling numbers take sample.py's own bounds, since it passes them on."""
+    rules = {"batch_size": (positive, at_most(4096)),         # images through the extractor at once
+             "image_size": (positive, at_most(1024)),         # what the extractor sees (as eval.image_size)
+             "workers": (positive, at_most(256))}             # image-decoding threads
+    if command == "sweep":
+        import sample
+        rules.update(num_samples=(positive, at_most(sample.MAX_SAMPLES)),
+                     sample_batch_size=(positive, at_most(sample.MAX_BATCH)),
+                     seed=(non_negative, at_most(2 ** sample.SEED_BITS - 1)))
+    return rules
+
+
+def check_numbers(args) -> None:
+    """Every number on the command line within its bounds, before anything is read or loaded."""
+    for name, rules in number_rules(args.command).items():
+        value = getattr(args, name, None)
+        for rule in rules if value is not None else ():
+            problem = rule(value)
+            if problem:
+                text = str(value) if len(str(value)) <= 40 else f"{str(value)[:20]}... ({len(str(value))} digits)"
+                raise MetricsError(f"--{name.replace('_', '-')} {text}: {problem.replace(str(value), text)}")
+
+
+def resolution_problem(sample_size: Optional[tuple[int, int]], reference_size: Optional[tuple[int, int]],
+                       reference: str, allowed: bool) -> Optional[str]:
+    """Why samples of ``sample_size`` are not scored against a reference made from ``reference_size``, or None."""
+    if sample_size is None or reference_size is None or sample_size == reference_size or allowed:
+        return None
+    return (f"the samples are {size_text(sample_size)} but the reference {reference} was made from "
+            f"{size_text(reference_size)}: a score across resolutions is a different measurement; make the reference "
+            "at the samples' resolution, or pass --allow-other-resolution to compare them anyway")
+
+
+def preflight(args) -> Optional[NpzReference]:
+    """Every input and output checked before the Inception network is loaded or anything extracted. Returns the
+    reference file, opened (its arrays are read once, when first needed), or None (images)."""
+    check_numbers(args)
     reference = args.folder if args.command == "stats" else args.ref if args.command == "sweep" else args.reference
     if not Path(reference).exists():
         raise MetricsError(f"reference {reference} not found")
+    model_size = None
     if args.command == "sweep":             # the condition flags fit the model: nothing fails after Inception
         import sample
         folder = find_model_folder(args.unet, "unet_ema")
         export = read_network_export(folder)
         cfg = export.config
+        model_size = (cfg.data.image_size, cfg.data.image_size)
         args.class_label = sample.parse_class_label(args.class_label)
         problem = sample.condition_flags_problem(args, cfg.cond.type, export.sizes.num_classes, folder)
         for n in sweep_list(args.steps, int, "--steps"):
+            if not 1 <= n <= sample.MAX_STEPS:
+                problem = problem or f"--steps {args.steps}: each must be at least 1 and at most {sample.MAX_STEPS}"
             problem = problem or cfg.sampling_problem(None, n)
         for w in sweep_list(args.cfg_scales, float, "--cfg-scales"):
             problem = problem or cfg.guidance_problem(w) or cfg.unconditional_problem(w)
         if problem:
             raise MetricsError(problem)
-    if reference_sources(reference) is None:
-        load_stats(reference)               # a statistics file: validated now
-        load_source_size(reference)
+    opened = NpzReference(reference) if Path(reference).suffix == ".npz" else None
+    if opened is not None and opened.holds_statistics:     # a statistics file: validated now, each array read once
+        opened.stats()
+        check_features_for(reference, opened.has_features(), getattr(args, "kid", False), getattr(args, "pr", False))
+        problem = resolution_problem(model_size, opened.source_size(), reference,
+                                     getattr(args, "allow_other_resolution", False))
+        if problem:
+            raise MetricsError(problem)
+    elif opened is not None:
+        opened.images()                     # an ADM batch: its header checked now, its images read when extracted
     if args.command in ("fid", "metrics"):
         list_images(args.folder_a)          # exists, holds images, and a sampling run there finished
     for out in (getattr(args, "out", None) if args.command == "stats" else None, getattr(args, "save_stats", None)):
         if out:
             writable(Path(out))
+    return opened
 
 
-def run_stats(ev: Evaluator, args) -> None:
-    reference = ev.reference(args.folder)
+def run_stats(ev: Evaluator, args, opened: Optional[NpzReference]) -> None:
+    reference = ev.reference(args.folder, opened)
     if ev.state.is_main_process:
         print(f"wrote {save_stats(args.out, *reference.stats, reference.features, reference.source_size)}")
 
 
-def run_scores(ev: Evaluator, args) -> None:
+def run_scores(ev: Evaluator, args, opened: Optional[NpzReference]) -> None:
     want = (getattr(args, "kid", False), getattr(args, "pr", False), getattr(args, "inception_score", False))
     samples = ev.features(list_images(args.folder_a), probabilities=want[2])
-    reference = ev.reference(args.reference)
+    reference = ev.reference(args.reference, opened)
     if not ev.state.is_main_process:
         return
     if getattr(args, "save_stats", None):
@@ -254,61 +365,122 @@ def sweep_list(text: str, kind, flag: str) -> list:
     try:
         values = [kind(v) for v in text.split(",")]
     except ValueError:
-        raise MetricsError(f"{flag} {text}: expected comma-separated numbers") from None
+        raise MetricsError(f"{flag} {text[:40]}: expected comma-separated numbers") from None
     if not all(math.isfinite(v) for v in values):
-        raise MetricsError(f"{flag} {text}: expected finite numbers")
+        raise MetricsError(f"{flag} {text[:40]}: expected finite numbers")
     return values
 
 
-def run_sweep(ev: Evaluator, args) -> None:
+# The scores each metric flag adds to a sweep's rows; a row is reused only when it holds every one asked for.
+METRIC_COLUMNS = {"kid": ("kid", "kid_std_error"), "pr": ("precision", "recall"),
+                  "inception_score": ("inception_score", "inception_score_std")}
+SAMPLING_FLAGS = ("class_label", "masks", "prompt", "prompts", "text_encoder")
+MAX_TABLE_BYTES = 1 << 26       # a sweep.json of thousands of cells is a few MB
+
+
+def wanted_scores(args) -> list[str]:
+    return ["fid", *(c for flag, columns in METRIC_COLUMNS.items() if getattr(args, flag) for c in columns)]
+
+
+def cell_key(ev: Evaluator, reference: Reference, folder: Path, args, steps: int, scale: float, count: int) -> str:
+    """The identity of a cell's scores (issue 21, rule 1): the reference, the extractor and the samples (the
+    request sample.py recorded in the folder: the model's SHA-256, sampler, steps, guidance, seed, count and
+    conditions, and the sweep's own sampling flags)."""
+    try:
+        request = durable.read_json(folder / "request.json")
+    except (ValueError, RecursionError):
+        request = None
+    sampling = {"unet": args.unet, "steps": steps, "cfg_scale": scale, "seed": args.seed,
+                "num_samples": args.num_samples, "count": count,
+                **{flag: getattr(args, flag) for flag in SAMPLING_FLAGS}}
+    return durable.fingerprint({"reference": reference.identity(), "extractor": ev.identity(),
+                                "request": request, "sampling": sampling})
+
+
+def reusable(row, key: str, wanted: list[str], count: int) -> Optional[dict]:
+    """An earlier row of a cell, when it scored the same inputs (``key``) and holds every score ``wanted``."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if (isinstance(row, dict) and row.get("key") == key and row.get("num_samples") == count
+            and number(row.get("steps")) and number(row.get("cfg_scale")) and all(number(row.get(c)) for c in wanted)
+            and math.isfinite(row["fid"])):
+        return row
+    return None
+
+
+def run_sweep(ev: Evaluator, args, opened: Optional[NpzReference]) -> None:
     import sample
     steps = sweep_list(args.steps, int, "--steps")
     scales = sweep_list(args.cfg_scales, float, "--cfg-scales")
+    wanted = wanted_scores(args)
     out = Path(args.out)
-    reference = ev.reference(args.ref)
+    reference = ev.reference(args.ref, opened)
     table_path = out / "sweep.json"
-    done = {}
-    if ev.state.is_main_process:
-        size = read_network_export(find_model_folder(args.unet, "unet_ema")).config.data.image_size
-        ev.check_resolution((size, size), reference)       # before anything is sampled
-        done = read_table(table_path)
-    rows = []
-    for scale in scales:
-        for n in steps:
-            key = f"steps_{n}_cfg_{scale:g}"
-            folder = out / "samples" / key
-            sample.main(["--unet", args.unet, "--out", str(folder), "--num-samples", str(args.num_samples),
-                         "--steps", str(n), "--cfg-scale", str(scale), "--seed", str(args.seed),
-                         "--batch-size", str(args.sample_batch_size),
-                         *(f for flag in ("class_label", "masks", "prompt", "prompts", "text_encoder")
-                           if getattr(args, flag) is not None
-                           for f in (f"--{flag.replace('_', '-')}", str(getattr(args, flag))))])
-            images = list_images(folder)    # --num-samples, one per mask, or --num-samples per prompt
-            scored = from_main_process(key in done and done[key]["num_samples"] == len(images), ev.state)
-            if scored:                      # by an earlier, interrupted sweep
-                rows.append(done.get(key))
-                continue
-            samples = ev.features(images, probabilities=args.inception_score)
-            if ev.state.is_main_process:
-                row = {"steps": n, "cfg_scale": scale, "source_size": samples.source_size,
-                       **ev.scores(samples, reference, args.kid, args.pr, args.inception_score)}
-                rows.append(row)
-                done[key] = row
-                write_text(table_path, json.dumps(done, indent=1) + "\n",
-                           f"the samples in {folder} are complete: the same command again scores them")
-            ev.state.wait_for_everyone()
-    if ev.state.is_main_process:
-        write_sweep_report(out, rows, args, reference)
+    done, lock, problem = {}, None, None
+    if ev.state.is_main_process:            # before anything is sampled: the resolution, then the folder
+        try:
+            size = read_network_export(find_model_folder(args.unet, "unet_ema")).config.data.image_size
+            problem = resolution_problem((size, size), reference.source_size, args.ref, args.allow_other_resolution)
+            if problem is None:
+                lock = durable.claim_output(out, "sweep")
+                done = read_table(table_path)
+        except UserError as e:
+            problem = str(e)
+    problem = from_main_process(problem, ev.state)      # every process gets the verdict, so none waits alone
+    if problem:
+        if lock is not None:
+            lock.release()
+        raise MetricsError(problem)
+    try:
+        rows = []
+        for scale in scales:
+            for n in steps:
+                name = f"steps_{n}_cfg_{scale:g}"
+                folder = out / "samples" / name
+                sample.main(["--unet", args.unet, "--out", str(folder), "--num-samples", str(args.num_samples),
+                             "--steps", str(n), "--cfg-scale", str(scale), "--seed", str(args.seed),
+                             "--batch-size", str(args.sample_batch_size),
+                             *(f for flag in SAMPLING_FLAGS if getattr(args, flag) is not None
+                               for f in (f"--{flag.replace('_', '-')}", str(getattr(args, flag))))])
+                ev.state.wait_for_everyone()    # the main process writes the manifest after the others are done
+                images = list_images(folder)    # --num-samples, one per mask, or --num-samples per prompt
+                key, row = None, None
+                if ev.state.is_main_process:
+                    key = cell_key(ev, reference, folder, args, n, scale, len(images))
+                    row = reusable(done.get(name), key, wanted, len(images))
+                if from_main_process(row is not None, ev.state):     # scored by an earlier sweep, the same inputs
+                    rows.append(row)
+                    continue
+                samples = ev.features(images, probabilities=args.inception_score)
+                if ev.state.is_main_process:
+                    row = {"key": key, "steps": n, "cfg_scale": scale, "reference": args.ref,
+                           "source_size": samples.source_size,
+                           **ev.scores(samples, reference, args.kid, args.pr, args.inception_score)}
+                    rows.append(row)
+                    done[name] = row
+                    write_text(table_path, json.dumps(done, indent=1) + "\n",
+                               f"the samples in {folder} are complete: the same command again scores them")
+                ev.state.wait_for_everyone()
+        if ev.state.is_main_process:
+            write_sweep_report(out, rows, args, reference, wanted)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def read_table(path: Path) -> dict:
-    """The scores an earlier, interrupted sweep saved in ``sweep.json`` (empty when there is none)."""
+    """The scores earlier sweeps saved in ``sweep.json`` (empty when there is none)."""
     if not path.is_file():
         return {}
+    if path.stat().st_size > MAX_TABLE_BYTES:
+        raise MetricsError(f"{path}: {path.stat().st_size} bytes, not a sweep table (at most {MAX_TABLE_BYTES}); "
+                           "remove it to score every cell again")
     try:
-        table = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise MetricsError(f"{path}: not a readable sweep table ({e}); remove it to score every cell again") from None
+        table = durable.read_json(path)
+    except (ValueError, RecursionError) as e:
+        reason = e if isinstance(e, ValueError) else "nested too deeply"
+        raise MetricsError(f"{path}: not a readable sweep table ({reason}); remove it to score every cell again") \
+            from None
     if not isinstance(table, dict) or not all(isinstance(r, dict) and "num_samples" in r for r in table.values()):
         raise MetricsError(f"{path}: not a sweep table; remove it to score every cell again")
     return table
@@ -319,9 +491,9 @@ def write_text(path: Path, text: str, kept: str) -> None:
     durable.write_or_fail(lambda: durable.write_file(path, text), str(path), kept)
 
 
-def write_sweep_report(out: Path, rows: list[dict], args, reference: Reference) -> None:
+def write_sweep_report(out: Path, rows: list[dict], args, reference: Reference, wanted: list[str]) -> None:
     columns = ["steps", "cfg_scale", "fid"] + [c for c in ("kid", "precision", "recall", "inception_score")
-                                                if c in rows[0]]
+                                                if c in wanted]
     count = rows[0]["num_samples"]
     lines = [f"Sweep of {args.unet}: {count} samples per cell against {args.ref} "
              f"({size_text(reference.source_size) if reference.source_size else 'resolution not recorded'})", "",
@@ -345,9 +517,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     state = PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
     try:
-        preflight(args)
+        opened = preflight(args)
         ev = Evaluator(args, state)
-        {"stats": run_stats, "fid": run_scores, "metrics": run_scores, "sweep": run_sweep}[args.command](ev, args)
+        ev.check_width(opened, args.folder if args.command == "stats" else
+                       args.ref if args.command == "sweep" else args.reference)
+        {"stats": run_stats, "fid": run_scores, "metrics": run_scores, "sweep": run_sweep}[args.command](ev, args,
+                                                                                                          opened)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

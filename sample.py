@@ -10,17 +10,25 @@
 
 Writes one PNG per image and ``manifest.jsonl`` (one JSON line per image: index, file, seed,
 steps, sampler, guidance, condition; see modules/run/sample_folder.py). Image i depends only on
-(--seed, i) and its condition, so neither the batch size nor the number of processes changes
-the result; under ``accelerate launch`` each process makes its share. Killed and run again with
-the same command, it keeps the finished images and makes only the rest.
+(--seed, i), its condition and the batch's size: every batch has exactly --batch-size rows (a
+short last batch is padded) and each prompt is encoded alone, so neither the number of processes
+nor an interruption changes a byte of the result; another --batch-size gives the same images
+within rounding (a grey level). Under ``accelerate launch`` each process makes its share. Killed
+and run again with the same command, it keeps the finished images and makes only the rest.
+
+--out is claimed for the whole run (``modules.durable.claim_output``: one sample.py at a time, never
+a model folder, a training run's export or a data folder); the request it records is keyed by the
+content of its conditions (the masks' pixels as read, the prompts' text).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -34,17 +42,26 @@ from modules.core.generation import GenerationSpec, compiled_for_sampling, decod
 from modules.core.objectives import SAMPLERS
 from modules.core.seeding import image_seed, mix_seed
 from modules.data.image_io import UnreadableImage, find_images, image_tensor, mask_tensor, save_png, tile, to_uint8
+from modules import durable
 from modules.durable import WRITE_ERRORS, write_failure
 from modules.errors import CheckpointError, ConfigError, ModelFolderError
 from modules.interop.clip import TextEncoder, warn_truncated
 from modules.interop.vae import load_vae
 from modules.run.accelerator import finish, from_main_process
-from modules.run.export import find_model_folder, load_network, read_config, read_network_export, vae_identity
-from modules.run.sample_folder import MANIFEST, SampleFolder, batches, pending
+from modules.run.export import (find_model_folder, load_network, read_config, read_network_export, training_vae,
+                                vae_identity)
+from modules.run.sample_folder import MANIFEST, SampleFolder, batches, out_problem, pending
 
 logger = logging.getLogger("sample")
 GRID_MAX = 256
 MAX_SAMPLES = 10 ** 7  # a sanity bound: a typo's extra zeros should not start a week-long run
+# Bounds of the other numbers a user types (issue 21, rule 5), far above any real use: network evaluations
+# per image (as modules.config.schema bounds sample.steps), rows of one batch, and the seed (every bit of
+# it counts: modules.core.seeding.image_seed mixes them all).
+MAX_STEPS = 100_000
+MAX_BATCH = 1 << 16
+SEED_BITS = 128
+MAX_PROMPT_CHARS = 100_000   # one line of --prompts (the text encoder reads its first 77 tokens or so)
 LABEL_STREAM = 2        # --class-label random: the labels' own random stream
 
 
@@ -87,13 +104,55 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_masks(folder: Path, image_size: int) -> tuple[list[str], torch.Tensor]:
-    """Masks read exactly as training reads them (modules/data/dataset.py), one sample per file, named by stem."""
+class Masks:
+    """The mask files of --masks, read exactly as training reads them (``mask_tensor``), decoded when a batch
+    needs them (issue 21, rule 5: memory does not grow with their number). ``masks[i]`` is mask i
+    ``[1, S, S]``; ``sha256`` is the identity of their names and pixels as read, taken at start-up, where
+    every file is decoded once (an unreadable one is refused before any image is made) and dropped."""
+
+    def __init__(self, files: list[Path], size: int):
+        self.files, self.size = files, size
+        h = hashlib.sha256()
+        self._digests = bytearray()     # 8 bytes of each mask's own: a file changed while sampling is refused
+        for f in files:
+            one = self._digest(self._decode(f))
+            h.update(f.stem.encode("utf-8", "surrogateescape") + b"\0" + one)
+            self._digests += one[:8]
+        self.sha256 = h.hexdigest()
+
+    @staticmethod
+    def _digest(mask: torch.Tensor) -> bytes:
+        return hashlib.sha256(mask.numpy().tobytes()).digest()
+
+    def _decode(self, f: Path) -> torch.Tensor:
+        try:
+            return mask_tensor(f, self.size)
+        except UnreadableImage as e:
+            raise ConfigError(f"--masks: cannot read {f} ({e})") from None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.files), 1, self.size, self.size)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        mask = self._decode(self.files[i])
+        if self._digest(mask)[:8] != self._digests[8 * i: 8 * i + 8]:
+            raise ConfigError(f"--masks: {self.files[i]} changed while sampling; run the command again")
+        return mask
+
+
+def load_masks(folder: Path, image_size: int) -> tuple[list[str], Masks]:
+    """The masks of --masks (see :class:`Masks`), one sample per file, named by stem."""
     if not folder.is_dir():
         raise ConfigError(f"--masks {folder}: not a folder")
     files = find_images(folder, recursive=False)
     if not files:
         raise ConfigError(f"--masks {folder}: no mask images found")
+    if len(files) > MAX_SAMPLES:
+        raise ConfigError(f"--masks {folder}: {len(files)} masks, at most {MAX_SAMPLES} (one image each) in one folder")
     by_name: dict[str, list[str]] = {}
     for f in files:
         by_name.setdefault(f.stem.lower(), []).append(f.name)
@@ -101,13 +160,17 @@ def load_masks(folder: Path, image_size: int) -> tuple[list[str], torch.Tensor]:
     if clashes:
         raise ConfigError(f"--masks {folder}: {', '.join(clashes[0])} would write the same output file "
                           f"({len(clashes)} such clash(es)); rename them")
-    masks = []
-    for f in files:
-        try:
-            masks.append(mask_tensor(f, image_size))
-        except UnreadableImage as e:
-            raise ConfigError(f"--masks: cannot read {f} ({e})") from None
-    return [f.stem for f in files], torch.stack(masks)
+    return [f.stem for f in files], Masks(files, image_size)
+
+
+def conditions_identity(masks: Optional[Masks], prompts: Optional[list[str]]) -> Optional[str]:
+    """The identity of the request's conditions' content (issue 21, rule 1): the masks' names and pixels as
+    read, or every prompt's text; None for classes (their labels are in the request itself)."""
+    if masks is not None:
+        return masks.sha256
+    if prompts is not None:
+        return durable.fingerprint(prompts)
+    return None
 
 
 def parse_device(name: str) -> torch.device:
@@ -124,13 +187,10 @@ def load_models(args, device):
     net_folder = find_model_folder(args.unet, "unet_ema")
     export = read_network_export(net_folder)
     recorded = export.vae
-    # The training run's own copy first: the VAE it came from may have trained on since.
-    kept = recorded.get("copy")
-    vae_path = args.vae or (kept if kept and Path(kept, "config.json").is_file() else recorded.get("path"))
-    if not vae_path:
-        raise ModelFolderError(f"{net_folder}: records no VAE; pass --vae")
+    # The training run's own copy first (the VAE it came from may have trained on since), also when the run moved.
+    vae_path = args.vae or training_vae(net_folder, recorded)
     if not Path(vae_path).exists():
-        raise ModelFolderError(f"VAE {vae_path} (recorded by {net_folder}) does not exist; pass --vae")
+        raise ModelFolderError(f"VAE {vae_path} does not exist; pass --vae")
     vae_folder = find_model_folder(vae_path, "vae")
     vae = load_vae(vae_folder)
     vae_model = dataclasses.asdict(vae.config)
@@ -170,16 +230,30 @@ def condition_flags_problem(args, cond_type: str, num_classes: int, net_folder) 
 
 
 def read_prompts(args) -> Optional[list[str]]:
-    """The prompts of --prompt or --prompts FILE (one per line, blank lines skipped), or None."""
+    """The prompts of --prompt or --prompts FILE, or None. One line of the file is one prompt: lines end at
+    '\\n' only (not at U+2028, U+0085 or a form feed, where str.splitlines() would split), a '\\r' before it
+    is dropped, blank lines are skipped. Read a line at a time, and at most as many prompts as
+    --num-samples each may make within MAX_SAMPLES images, each of at most MAX_PROMPT_CHARS characters."""
     if args.prompt is not None:
         return [args.prompt]
     if args.prompts is None:
         return None
+    limit = MAX_SAMPLES // max(1, args.num_samples)
+    prompts = []
     try:
-        lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
+        with open(args.prompts, encoding="utf-8", newline="\n") as f:
+            for number, line in enumerate(iter(lambda: f.readline(MAX_PROMPT_CHARS + 1), ""), 1):
+                if len(line) > MAX_PROMPT_CHARS and not line.endswith("\n"):
+                    raise ConfigError(f"--prompts {args.prompts}: line {number} is longer than {MAX_PROMPT_CHARS} "
+                                      "characters (one prompt per line)")
+                prompt = line.rstrip("\n").rstrip("\r").strip()
+                if prompt:
+                    if len(prompts) == limit:
+                        raise ConfigError(f"--prompts {args.prompts}: more than {limit} prompts; at most "
+                                          f"{MAX_SAMPLES} images ({args.num_samples} per prompt) in one folder")
+                    prompts.append(prompt)
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"--prompts {args.prompts}: cannot be read as UTF-8 text ({e})") from None
-    prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise ConfigError(f"--prompts {args.prompts}: no prompt in the file (one prompt per line)")
     return prompts
@@ -199,26 +273,69 @@ def load_text_encoder(args, export, net_folder: Path, device):
 
 
 def parse_class_label(value: Optional[str]) -> Optional[str]:
-    if value in (None, "all", "random") or (value.lstrip("-").isdigit()):
+    """--class-label as given, when it is 'all', 'random' or a class number (ASCII digits: str.isdigit()
+    takes '²' and '١', which int() does not), else a one-line ConfigError."""
+    if value in (None, "all", "random") or re.fullmatch(r"-?[0-9]{1,18}", value, flags=re.ASCII):
         return value
-    raise ConfigError(f"--class-label {value}: expected a class number, 'all' (classes in turn) or 'random' "
-                      "(drawn by seed)")
+    raise ConfigError(f"--class-label {_shown(value)}: expected a class number (0, 1, ...), 'all' (classes in turn) "
+                      "or 'random' (drawn by seed)")
+
+
+def _shown(value) -> str:
+    text = str(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
+
+
+def check_numbers(args) -> None:
+    """Every number on the command line within its bounds (issue 21, rule 5), before anything is loaded."""
+    for flag, value, low, high in (("--num-samples", args.num_samples, 1, MAX_SAMPLES),
+                                   ("--batch-size", args.batch_size, 1, MAX_BATCH),
+                                   ("--steps", args.steps, 1, MAX_STEPS),
+                                   ("--seed", args.seed, 0, 2 ** SEED_BITS - 1)):
+        if not low <= value <= high:
+            bound = f"2^{SEED_BITS} - 1" if flag == "--seed" else str(high)
+            extra = (" (split larger sets over several --out folders with different --seed)"
+                     if flag == "--num-samples" and value > high else "")
+            raise ConfigError(f"{flag} {_shown(value)}: must be at least {low} and at most {bound}{extra}")
+    if not 0 <= args.eta <= 1:
+        raise ConfigError(f"--eta {args.eta}: must be in [0, 1]")
+    if not math.isfinite(args.cfg_scale):
+        raise ConfigError(f"--cfg-scale {args.cfg_scale}: must be a finite number")
+
+
+def encode_prompts(encoder: TextEncoder, prompts: list[str]) -> torch.Tensor:
+    """The embeddings of a batch's prompts, each distinct prompt encoded alone: an image's condition does not
+    depend on which other prompts share its batch (nor does a batch encode a prompt twice)."""
+    alone = {p: encoder.encode([p])[0] for p in dict.fromkeys(prompts)}
+    return torch.stack([alone[p] for p in prompts])
+
+
+def claim_out(out: Path, folder: SampleFolder, overwrite: bool, file_of):
+    """Main process: (the lock of --out, its finished images) or (None, why it cannot be used). The lock
+    (``durable.claim_output``) is held until the run ends: a second sample.py on the folder is refused."""
+    try:
+        problem = out_problem(out) or folder.foreign()
+    except OSError as e:        # a name too long, a folder that cannot be listed ...
+        problem = f"--out {out}: cannot use it ({write_failure(e)})"
+    if problem:
+        return None, problem
+    try:
+        lock = durable.claim_output(out, "samples")
+    except CheckpointError as e:
+        return None, str(e)
+    try:
+        return lock, folder.open(overwrite, file_of)
+    except ConfigError as e:
+        lock.release()
+        return None, str(e)
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     args.class_label = parse_class_label(args.class_label)
+    check_numbers(args)
     state = PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
     device = state.device if state.num_processes > 1 else parse_device(args.device)
-    if args.num_samples < 1 or args.batch_size < 1:
-        raise ConfigError("--num-samples and --batch-size must be >= 1")
-    if args.num_samples > MAX_SAMPLES:
-        raise ConfigError(f"--num-samples {args.num_samples}: at most {MAX_SAMPLES} in one folder (split larger "
-                          "sets over several --out folders with different --seed)")
-    if not 0 <= args.eta <= 1:
-        raise ConfigError(f"--eta {args.eta}: must be in [0, 1]")
-    if not math.isfinite(args.cfg_scale):
-        raise ConfigError(f"--cfg-scale {args.cfg_scale}: must be a finite number")
     net, vae, export, net_folder = load_models(args, device)
     dtype = torch.bfloat16 if args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda") \
         else torch.float32
@@ -253,44 +370,62 @@ def main(argv=None) -> None:
         raise ConfigError(f"{count} images requested (one per mask, or --num-samples per prompt): at most "
                           f"{MAX_SAMPLES} in one folder")
 
-    def condition(i: int):
-        """Image i's condition: its mask, its class (one, all in turn, or drawn by seed), its prompt (here the
-        text itself: the batch encodes its prompts together), or none."""
+    def label(i: int):
+        """Image i's condition as the manifest records it: its mask's name, its prompt, its class (one, all in
+        turn, or drawn by seed), or None."""
         if masks is not None:
-            return masks[i], f"mask:{names[i]}"
+            return f"mask:{names[i]}"
         if prompts is not None:
-            return prompts[i // args.num_samples], prompts[i // args.num_samples]
+            return prompts[i // args.num_samples]
         if spec.cond_type == "class":
             if args.class_label == "random":
-                label = mix_seed(args.seed, i, LABEL_STREAM) % spec.num_classes
-            elif args.class_label in (None, "all"):
-                label = i % spec.num_classes
-            else:
-                label = int(args.class_label)
-            return torch.tensor(label), label
-        return None, None
+                return mix_seed(args.seed, i, LABEL_STREAM) % spec.num_classes
+            if args.class_label in (None, "all"):
+                return i % spec.num_classes
+            return int(args.class_label)
+        return None
+
+    def condition(i: int):
+        """Image i's condition for the network: its mask (decoded now), its prompt's text (the batch encodes
+        it), its class as a tensor, or None."""
+        if masks is not None:
+            return masks[i]
+        value = label(i)
+        return torch.tensor(value) if spec.cond_type == "class" else value
 
     def file_of(i: int) -> str:
         return f"{names[i]}.png" if names is not None else f"{i:06d}.png"
 
     def record_of(i: int) -> dict:
         return {"index": i, "file": file_of(i), "seed": image_seed(args.seed, i), "steps": args.steps,
-                "sampler": sampler, "guidance": args.cfg_scale, "condition": condition(i)[1]}
+                "sampler": sampler, "guidance": args.cfg_scale, "condition": label(i)}
 
     request = {"unet": str(net_folder.resolve()), "unet_sha256": read_config(net_folder).get("sha256"),
                "vae": vae_identity(vae), "sampler": sampler, "steps": args.steps, "cfg_scale": args.cfg_scale,
                "eta": args.eta, "seed": args.seed, "count": count, "dtype": str(dtype),
-               "conditions": names or prompts or args.class_label or spec.cond_type}
+               "conditions": ({"masks": len(names)} if names is not None else {"prompts": len(prompts)}
+                              if prompts is not None else args.class_label or spec.cond_type),
+               "conditions_sha256": conditions_identity(masks, prompts)}
     folder = SampleFolder(Path(args.out), request, state.process_index)
-    done = None
-    if state.is_main_process:
-        try:
-            done = folder.open(args.overwrite)
-        except ConfigError as e:
-            done = str(e)
+    lock, done = claim_out(Path(args.out), folder, args.overwrite, file_of) if state.is_main_process else (None, None)
     done = from_main_process(done, state)      # every process gets the verdict, so none waits alone
-    if isinstance(done, str):
-        raise ConfigError(done)
+    try:
+        if isinstance(done, str):
+            raise ConfigError(done)
+        sample_into(folder, done, args, state, net, vae, spec, sampler, device, dtype, count, condition, encoder,
+                    file_of, record_of)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def sample_into(folder: SampleFolder, done, args, state, net, vae, spec, sampler, device, dtype, count, condition,
+                encoder, file_of, record_of) -> None:
+    """Make the images of ``folder`` not in ``done``: this process's share, in batches of exactly --batch-size
+    rows (a short last batch is padded with copies of its last image, whose results are dropped), so an
+    image's pixels never depend on which images share its batch; then (main process) the manifest, the
+    grid and the .npz. Every process returns once the folder is complete, or raises the main process's
+    error."""
     if len(done) and state.is_main_process:
         logger.info("%s: %d of %d images already made; making the other %d", args.out, len(done), count,
                     count - len(done))
@@ -300,33 +435,47 @@ def main(argv=None) -> None:
     try:
         with tqdm(total=share, desc="sampling", disable=not state.is_main_process) as progress:
             for idx in batches(pending(count, done, state.process_index, state.num_processes), args.batch_size):
-                conds = [condition(i)[0] for i in idx]
+                rows = idx + [idx[-1]] * (args.batch_size - len(idx))
+                made = [condition(i) for i in idx]
+                conds = made + [made[-1]] * (len(rows) - len(idx))
                 if encoder is not None:
-                    batch_cond = encoder.encode_unique(conds)
+                    batch_cond = encode_prompts(encoder, conds)
                 else:
                     batch_cond = None if conds[0] is None else torch.stack(conds).to(device)
+                del made, conds
                 with autocast:
-                    z = generate_latents(network, spec, batch_cond, [image_seed(args.seed, i) for i in idx], args.steps,
-                                         sampler, args.cfg_scale, args.eta, device)
+                    z = generate_latents(network, spec, batch_cond, [image_seed(args.seed, i) for i in rows],
+                                         args.steps, sampler, args.cfg_scale, args.eta, device)
                     images = decode_latents(vae, z.float(), vae.config.scale_factor, args.batch_size)
-                for i, array in zip(idx, to_uint8(images)):
+                for i, array in zip(idx, to_uint8(images[:len(idx)])):
                     save_png(array, folder.out / file_of(i))
                     folder.record(record_of(i))
                 progress.update(len(idx))
         folder.close()
         state.wait_for_everyone()
-        if state.is_main_process:
+    except WRITE_ERRORS as e:
+        folder.close()
+        raise CheckpointError(f"could not write to --out {args.out} ({write_failure(e)}); "
+                              f"{finished_so_far(folder, record_of, state)}: the same command again makes the "
+                              "rest") from None
+    failure = None
+    if state.is_main_process:
+        try:
             folder.merge(record_of)
             if args.grid:
                 grid = tile(torch.stack([image_tensor(folder.out / file_of(i)) for i in range(min(count, GRID_MAX))]))
                 save_png(to_uint8(grid), folder.out / "grid.png")
             if args.npz:
                 logger.info("wrote %s", folder.write_npz(file_of))
-    except WRITE_ERRORS as e:
-        folder.close()
-        raise CheckpointError(f"could not write to --out {args.out} ({write_failure(e)}); "
-                              f"{finished_so_far(folder, record_of, state)}: the same command again makes the "
-                              "rest") from None
+        except ConfigError as e:
+            failure = ("config", str(e))
+        except WRITE_ERRORS as e:
+            failure = ("write", f"could not write to --out {args.out} ({write_failure(e)}); "
+                                f"{finished_so_far(folder, record_of, state)}: the same command again makes the rest")
+    # Every process returns when the manifest is written (a caller such as evaluate.py sweep reads it next).
+    failure = from_main_process(failure, state)
+    if failure:
+        raise (ConfigError if failure[0] == "config" else CheckpointError)(failure[1])
     if state.is_main_process:
         logger.info("wrote %d images (%d by this run) and %s to %s", count, count - len(done), MANIFEST, args.out)
 

@@ -39,7 +39,7 @@ from modules.interop.dit import load_init_weights
 from modules.interop.vae import load_vae
 from modules.run.accelerator import adam
 from modules.run.checkpoint import RunIdentity
-from modules.run.export import find_model_folder, save_network, save_vae, vae_identity
+from modules.run.export import FROZEN_VAE, find_model_folder, save_network, save_vae, vae_identity, vae_to_resume_with
 from modules.run.harness import Run, lr_factor, set_lr
 from modules.run.tracking import check_tracker, to_scalars
 
@@ -49,11 +49,10 @@ MODEL_SECTIONS = ("model", "cond", "objective", "shortcut.denoise_timesteps")   
 
 def export_networks(run: Run, net, ema: EMA, cfg: UNetRunConfig, sizes, vae_record: dict, text_record=None) -> None:
     """Write ``unet/`` (online weights) and ``unet_ema/`` (the sampling EMA) model folders, whatever the network."""
-    accelerator = run.accelerator
-    online = accelerator.get_state_dict(net)
-    with ema.swapped(accelerator.unwrap_model(net)):
+    online = run.state_dict(net)     # the network's own names, compiled or not
+    with ema.swapped(run.network(net)):
         # get_state_dict may return views of the live parameters: copy before they are swapped back.
-        averaged = {k: v.clone() for k, v in accelerator.get_state_dict(net).items()}
+        averaged = {k: v.clone() for k, v in run.state_dict(net).items()}
     if run.is_main:
         for folder, weights, state_dict in (("unet", "online", online), ("unet_ema", "ema", averaged)):
             save_network(run.output_dir / folder, state_dict, cfg, sizes, vae_record, weights, text_record)
@@ -77,10 +76,10 @@ def train(cfg: UNetRunConfig, run: Run) -> None:
     tcfg, device = cfg.train, run.device
 
     # ---- the frozen VAE and text encoder, the data, and the sizes they give the network
-    vae_folder = find_model_folder(cfg.vae, "vae")
+    vae_folder = find_model_folder(vae_to_resume_with(cfg.vae, run.output_dir, run.args.resume), "vae")
     vae = load_vae(vae_folder).to(device).eval().requires_grad_(False)
     vae_id = vae_identity(vae)
-    frozen_vae = run.output_dir / "frozen_vae"     # this run's copy: its exports stay usable if the VAE trains on
+    frozen_vae = run.output_dir / FROZEN_VAE     # this run's copy: its exports stay usable if the VAE trains on
     vae_record = {"path": str(vae_folder.resolve()), "copy": str(frozen_vae.resolve()), "identity": vae_id,
                   "model": to_dict(vae.config)}
     scale = vae.config.scale_factor
@@ -112,7 +111,7 @@ def train(cfg: UNetRunConfig, run: Run) -> None:
     # ---- optimizer, the two EMAs (slow: sampling/export; fast: the objective's teacher, when it has one)
     optimizer = adam(net.parameters(), tcfg.lr, tcfg, device, tcfg.weight_decay)
     net, optimizer = run.prepare(net, optimizer)
-    owner = run.accelerator.unwrap_model(net)  # holds the (possibly sharded) parameters the EMAs mirror
+    owner = run.network(net)  # holds the (possibly sharded) parameters the EMAs mirror, under their own names
     emas = {"sample": EMA(owner, cfg.ema.decay, cfg.ema.warmup, root=net)}
     teacher_decay = cfg.objective_class.teacher_decay(cfg.objective_cfg)
     if teacher_decay > 0:

@@ -57,7 +57,7 @@ def latent_shape(images: torch.Tensor, cfg: VAERunConfig) -> tuple[int, ...]:
 def export_vae(run: Run, vae, cfg: VAERunConfig, train_set) -> None:
     """Write ``OUTPUT_DIR/vae`` (config + safetensors) with the measured latent scale factor."""
     accelerator = run.accelerator
-    state_dict = accelerator.get_state_dict(vae)  # collective: full weights on the main process
+    state_dict = run.state_dict(vae)  # collective: full weights on the main process, under their own names
     if not run.is_main:
         return
     export_model = AutoencoderKL(copy.deepcopy(cfg.model)).to(accelerator.device).eval()
@@ -111,8 +111,11 @@ def train(cfg: VAERunConfig, run: Run) -> None:
     run.start(RunIdentity("train_vae", cfg, ("model",), data=dataset.fingerprint()))
     batches = iter(make_loader(train_set, tcfg.batch_size, tcfg.seed, run.rank, run.world,
                                run.state.step * tcfg.grad_accum, cfg.data.num_workers))
-    val_images = torch.stack([val_set[i]["image"] for i in range(len(val_set))]).to(device)
-    last_layer = run.accelerator.unwrap_model(vae).last_layer_weight
+    # data.num_val_images=0: no hold-out, so no validation PSNR or reconstruction grids
+    val_images = torch.stack([val_set[i]["image"] for i in range(len(val_set))]).to(device) if len(val_set) else None
+    if val_images is None and run.is_main:
+        logger.info("data.num_val_images=0: no validation PSNR or reconstruction grids; every image trains")
+    last_layer = run.network(vae).last_layer_weight
 
     if run.finished:    # resumed with no step left: killed after its last checkpoint, perhaps before the export
         with run.exporting():
@@ -151,7 +154,7 @@ def train(cfg: VAERunConfig, run: Run) -> None:
                      "disc_grad_norm": float(update.grad_norms["discriminator"]),
                      "substituted_images": run.state.substituted_images, "skipped_images": dataset.skipped_at_scan},
                     shown="loss_l1")
-        if run.every(tcfg.val_every):
+        if val_images is not None and run.every(tcfg.val_every):
             vae.eval()
             with torch.no_grad(), run.accelerator.autocast():
                 recon_val, _ = vae(val_images, sample_posterior=False)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plain script
 
+from modules import durable  # noqa: E402
 from scripts.shapes import BACKGROUNDS, LAYOUTS, make_shapes  # noqa: E402
 
 
@@ -27,10 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--background", choices=BACKGROUNDS, default="textured",
                         help="textured: noise or stripes; plain: one light grey (the quickstart's easier set)")
     args = parser.parse_args(argv)
-    try:
-        out = make_shapes(args.out, args.num_images, args.size, args.seed, args.layout, args.background)
-    except (ValueError, FileExistsError) as e:
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        parser.error(f"{out} is not an empty folder; choose a new folder")
+    try:   # built in OUT.tmp and renamed when complete: an interrupted run never leaves part of a data set
+        durable.write_folder(out, lambda tmp: make_shapes(tmp, args.num_images, args.size, args.seed, args.layout,
+                                                          args.background))
+    except ValueError as e:
         parser.error(str(e))
+    except durable.WRITE_ERRORS as e:
+        parser.error(f"could not write {out} ({durable.write_failure(e)})")
     print(f"wrote {args.num_images} images of {args.size}x{args.size} px to {out}")
     return 0
 

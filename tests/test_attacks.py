@@ -628,7 +628,9 @@ def test_m8_disk_full_mid_run_leaves_a_manifest_of_exactly_the_complete_pngs(ctx
     assert str(out) in refused(res, "file too large")
     listed = [json.loads(line)["file"] for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert listed == [f"{i:06d}.png" for i in range(failing)], (listed, failing)
-    assert sorted(p.name for p in out.iterdir() if p.is_file()) == sorted(listed + ["manifest.jsonl", "request.json"])
+    claim = [".ldm-output.json", ".lock"]     # the folder's claim (modules/durable.py claim_output)
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == sorted(listed + ["manifest.jsonl", "request.json"]
+                                                                            + claim)
     for name in listed:
         assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
     # evaluate.py refuses the incomplete folder; the same command again completes it.

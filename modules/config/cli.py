@@ -27,7 +27,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None, help="preset name in configs/<stage>/ or a JSON file")
     parser.add_argument("--data", default=None, help="image folder, save_to_disk folder or hub dataset name")
     parser.add_argument("--output-dir", required=True, help="run folder: config, checkpoints, exports, logs")
-    parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides train.max_steps)")
+    parser.add_argument("--max-steps", default=None,
+                        help="optimizer steps (overrides train.max_steps, and is bounded like it)")
     parser.add_argument("--resume", default=None,
                         help="'latest' (newest valid checkpoint in the output dir, if any) or a checkpoint folder")
     parser.add_argument("--report-to", default="wandb", choices=TRACKERS, help="experiment tracker")
@@ -37,6 +38,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
 def resolve_run_config(args: argparse.Namespace, cls, stage: str):
     """Preset + overrides + command-line flags; when resuming, the saved config is the base."""
+    if not args.output_dir.strip():
+        raise ConfigError(f"--output-dir {args.output_dir!r}: empty (an empty path would be the current directory); "
+                          "name the run's folder")
     overrides = list(args.overrides)
     if args.data is not None:
         overrides.append(f"data.path={args.data}")
@@ -52,7 +56,7 @@ def resolve_run_config(args: argparse.Namespace, cls, stage: str):
         if not saved.is_file():
             raise ConfigError(f"--resume {args.resume}: {args.output_dir} has no config.json to continue from; "
                               "pass --config (the preset the run was started with)")
-        return load_config(cls, stage, str(saved), overrides)
+        return load_config(cls, stage, str(saved), overrides, run_folder=Path(args.output_dir))
     return load_config(cls, stage, args.config, overrides)
 
 

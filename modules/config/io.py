@@ -10,11 +10,19 @@ config is built from outside input, and both validate.
 A section declared with ``variant`` (the stage-2 ``model``) changes class with its ``arch`` key,
 which is applied before the section's other keys wherever it stands. A config class with an
 ``upgrade`` function reads saved dicts of an earlier layout through it.
+
+Paths (fields that name a file or a folder: :func:`path_keys`) resolve against where they were
+given: a relative path on the command line or in a preset against the current directory, one in a
+run's saved ``config.json`` against that run's folder (older runs saved them as typed; today's save
+them absolute, so a resume from another directory reads the run's own data, VAE and cache). An empty
+path is unset, never the current directory; a path of only spaces is refused.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -26,6 +34,10 @@ from modules.errors import ConfigError
 
 VARIANT_KEY = "arch"
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+SAVED_CONFIG_NAME = "config.json"     # a run's resolved config, in its output folder
+# Field metadata of a path field: "local" (a file or folder) or "hub" (a folder, or a hub data set's name).
+PATH_METADATA = "path"
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -114,6 +126,79 @@ def _variants(cfg: Any, dotted: str) -> Optional[tuple[Any, str, dict]]:
     return (node, parts[-2], choices) if choices else None
 
 
+# ----------------------------------------------------------------------------- paths
+
+def path_keys(cfg: Any) -> dict[str, str]:
+    """Every dotted key of the config ``cfg`` that names a file or folder, with its kind ("local" or "hub"):
+    fields declared with ``metadata={"path": kind}`` (``modules.config.schema.path_setting``), and the keys a
+    config class lists in ``other_paths`` (fields of sections declared in core/, which knows no files)."""
+    keys: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            elif f.metadata.get(PATH_METADATA):
+                keys[f"{prefix}{f.name}"] = f.metadata[PATH_METADATA]
+    walk(cfg, "")
+    keys.update({key: "local" for key in getattr(type(cfg), "other_paths", ())})
+    return keys
+
+
+def looks_like_path(text: str) -> bool:
+    """Whether ``text`` can only be a path, not a hub data set's name."""
+    return os.path.isabs(text) or text.startswith((".", "~")) or text.endswith(("/", os.sep))
+
+
+def resolve_path(key: str, value: Any, base: Path, kind: str = "local", saved: bool = False) -> Any:
+    """``value`` of the path field ``key`` made absolute against ``base``. Unset (None or "") stays unset: an
+    empty path is not the current directory; only spaces are refused. A "hub" field's value that is no
+    folder under ``base`` and cannot only be a path is a hub data set's name, kept as it is; ``saved``
+    (``base`` is a run folder, the value was read from its config.json): such a name that is a folder
+    of the current directory is refused rather than read from there."""
+    if value is None or value == "":
+        return value
+    if not isinstance(value, str) or not value.strip():
+        raise fail(key, f"{value!r} is not a path (an empty path is unset: give \"\" or a file or folder)")
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return os.path.normpath(path)
+    resolved = os.path.normpath(Path(base).absolute() / path)
+    if kind == "hub" and not os.path.exists(resolved) and not looks_like_path(value):
+        if saved and os.path.exists(value):
+            raise fail(key, f"{value!r} in {Path(base) / SAVED_CONFIG_NAME} is relative: it is read against the "
+                       f"run's folder {base}, where it does not exist, and never against the current directory "
+                       f"(which holds a {value!r}); pass the data again (--data)")
+        return value
+    return resolved
+
+
+def _resolve_paths(cfg: Any, keys: list[str], base: Optional[Path], saved: bool = False) -> list[str]:
+    """Resolve the path fields among ``keys`` against ``base`` (None: leave them as read); returns
+    ``key=value`` of the relative ones resolved."""
+    if base is None:
+        return []
+    paths = path_keys(cfg)
+    resolved = []
+    for key in keys:
+        if key not in paths:
+            continue
+        *parents, name = key.split(".")
+        node = cfg
+        for part in parents:
+            node = getattr(node, part)
+        value = getattr(node, name)
+        new = resolve_path(key, value, base, paths[key], saved)
+        if new != value:
+            if isinstance(value, str) and not Path(value).expanduser().is_absolute():
+                resolved.append(f"{key}={value} -> {new}")
+            setattr(node, name, new)
+    return resolved
+
+
+# ----------------------------------------------------------------------------- applying
+
 def _apply(cfg: Any, items: list[tuple[str, Any]]) -> None:
     """Set dotted keys in order, after the ``arch`` keys of variant sections (they choose the section's class)."""
     rest = []
@@ -143,17 +228,26 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def apply_dict(cfg: Any, values: dict, source: str = "config") -> Any:
-    """Merge a nested dict (a preset or a saved config) into ``cfg``; unknown keys are errors."""
+def apply_dict(cfg: Any, values: dict, source: str = "config", base: Optional[Path] = None,
+               saved: bool = False) -> Any:
+    """Merge a nested dict (a preset or a saved config) into ``cfg``; unknown keys are errors. ``base``: the
+    folder its relative paths resolve against (None: paths stay as read); ``saved``: it is a run's saved
+    config, ``base`` its run folder (relative paths there are logged: runs before 2027 saved them so)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: expected a JSON object of config sections, got {type(values).__name__}")
     upgrade = getattr(type(cfg), "upgrade", None)
-    _apply(cfg, list(_flatten(upgrade(values) if upgrade else values).items()))
+    items = list(_flatten(upgrade(values) if upgrade else values).items())
+    _apply(cfg, items)
+    resolved = _resolve_paths(cfg, [key for key, _ in items], base, saved)
+    if resolved and saved:
+        logger.warning("%s holds relative paths (saved by an older version); they are read against the run's folder "
+                       "%s, not the current directory: %s", source, base, "; ".join(resolved))
     return cfg
 
 
-def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
-    """Apply command-line words ``a.b=value`` in order."""
+def apply_overrides(cfg: Any, overrides: list[str], base: Optional[Path] = None) -> Any:
+    """Apply command-line words ``a.b=value`` in order; relative paths resolve against ``base`` (None: they
+    stay as typed; :func:`load_config` passes the current directory)."""
     items = []
     for word in overrides:
         if "=" not in word:
@@ -161,6 +255,7 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
         key, value = word.split("=", 1)
         items.append((key.strip(), value.strip()))
     _apply(cfg, items)
+    _resolve_paths(cfg, [key for key, _ in items], base)
     return cfg
 
 
@@ -205,13 +300,27 @@ def resolve_preset(stage: str, name_or_path: str) -> Path:
                       f"(presets: {', '.join(known)})")
 
 
-def load_config(cls, stage: str, name_or_path: Optional[str], overrides: list[str] = ()):
-    """Defaults of ``cls``, then the preset or file, then the overrides; validated."""
+def saved_run_folder(path: Path) -> Optional[Path]:
+    """The run folder whose saved config ``path`` is (a ``config.json`` in a training output folder), or None."""
+    folder = Path(path).absolute().parent
+    if Path(path).name == SAVED_CONFIG_NAME and durable.output_kind(folder) == "run":
+        return folder
+    return None
+
+
+def load_config(cls, stage: str, name_or_path: Optional[str], overrides: list[str] = (),
+                run_folder: Optional[Path] = None):
+    """Defaults of ``cls``, then the preset or file, then the overrides; validated. Relative paths are made
+    absolute: a file's against the current directory, or, for a run's saved config (``run_folder``, or a
+    ``config.json`` in a training output folder), against its run folder; the overrides' against the
+    current directory."""
     cfg = cls()
+    cwd = Path.cwd()
     if name_or_path:
         path = resolve_preset(stage, name_or_path)
-        apply_dict(cfg, read_json(path), str(path))
-    apply_overrides(cfg, list(overrides))
+        run = Path(run_folder).absolute() if run_folder is not None else saved_run_folder(path)
+        apply_dict(cfg, read_json(path), str(path), base=run or cwd, saved=run is not None)
+    apply_overrides(cfg, list(overrides), base=cwd)
     return validate(cfg)
 
 

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from modules.config import legacy
+from modules.config.io import PATH_METADATA
 from modules.core.networks import ARCHITECTURES
 from modules.core.networks.denoiser import CondConfig, Sizes
 from modules.core.networks.unet import UNetConfig
@@ -33,42 +34,59 @@ from modules.errors import ConfigError
 
 SIZE_LIMIT = 16384          # pixels per side
 OT_POOL_LIMIT = 2048        # rows of one train.ot_pairing assignment (O(n^3): about 17 s on a CPU core)
+# Sanity bounds on counts a user types (rule 5: bounded where parsed), far above any real run and far below
+# what overflows: a step count or a period in optimizer steps (10^9 steps at 10 steps/s is three years);
+# micro-batches per step and images in one batch or hold-out; seconds a collective may wait (30 days; a
+# timedelta overflows at about 10^14 s); sampling steps per image; the seed (torch generators take 64 bits).
+STEP_LIMIT = 10 ** 9
+COUNT_LIMIT = 1 << 16
+TIMEOUT_LIMIT_S = 30 * 24 * 3600
+SAMPLE_STEPS_LIMIT = 100_000
+SEED_LIMIT = 2 ** 64 - 1
+
+
+def path_setting(kind: str = "local") -> Any:
+    """A field naming a file or a folder (``kind`` "hub": or a hub data set's name), unset when empty. Its
+    relative values resolve against where they were given (modules/config/io.py: the current directory, or
+    a saved config's run folder), and runs save it absolute."""
+    return field(default="", metadata={PATH_METADATA: kind})
 
 
 @dataclass
 class DataConfig:
-    path: str = ""                      # image folder, save_to_disk folder or hub name
+    path: str = path_setting("hub")     # image folder, save_to_disk folder or hub name
     split: str = "train"
     image_size: int = setting(256, positive, at_most(SIZE_LIMIT))
     random_crop_scale: float = setting(1.0, fraction(low_open=True))   # < 1: random resized crop, min area
     hflip: bool = True
     vflip: bool = False
     rot90: bool = False
-    num_val_images: int = setting(8, non_negative)   # held out for validation PSNR / sample grids
+    num_val_images: int = setting(8, non_negative, at_most(COUNT_LIMIT))   # stage 1's validation PSNR, grids; 0: none
     num_workers: int = setting(2, non_negative, at_most(256))
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = setting(8, positive, at_most(1 << 16))   # per process, per micro-step
-    grad_accum: int = setting(1, positive)
-    max_steps: int = setting(100_000, positive)              # optimizer steps
+    batch_size: int = setting(8, positive, at_most(COUNT_LIMIT))   # per process, per micro-step
+    grad_accum: int = setting(1, positive, at_most(COUNT_LIMIT))
+    max_steps: int = setting(100_000, positive, at_most(STEP_LIMIT))   # optimizer steps
     lr: float = setting(1e-4, positive)
-    lr_warmup_steps: int = setting(0, non_negative)
+    lr_warmup_steps: int = setting(0, non_negative, at_most(STEP_LIMIT))
     lr_schedule: str = setting("constant", one_of("constant", "cosine", "linear"))
     weight_decay: float = setting(0.0, non_negative)
     adam_beta1: float = setting(0.9, fraction(high_open=True))
     adam_beta2: float = setting(0.999, fraction(high_open=True))
     grad_clip: float = setting(1.0, non_negative)            # 0 disables
     mixed_precision: str = setting("auto", one_of("auto", "no", "fp16", "bf16"))   # auto: the accelerate config's
-    seed: int = setting(0, non_negative)
-    checkpoint_every: int = setting(1000, positive)
-    keep_checkpoints: int = setting(3, positive)
-    log_every: int = setting(10, positive)
-    image_log_every: int = setting(1000, positive)
-    val_every: int = setting(1000, positive)
-    max_bad_steps: int = setting(20, positive)               # consecutive non-finite steps before aborting
-    process_timeout_s: int = setting(1800, positive)         # collective-op timeout: a dead peer ends the run
+    seed: int = setting(0, non_negative, at_most(SEED_LIMIT))
+    checkpoint_every: int = setting(1000, positive, at_most(STEP_LIMIT))
+    keep_checkpoints: int = setting(3, positive, at_most(COUNT_LIMIT))
+    log_every: int = setting(10, positive, at_most(STEP_LIMIT))
+    image_log_every: int = setting(1000, positive, at_most(STEP_LIMIT))
+    val_every: int = setting(1000, positive, at_most(STEP_LIMIT))
+    max_bad_steps: int = setting(20, positive, at_most(STEP_LIMIT))   # consecutive non-finite steps before aborting
+    # collective-op timeout: a dead peer ends the run
+    process_timeout_s: int = setting(1800, positive, at_most(TIMEOUT_LIMIT_S))
     # Speed and memory (README "Fast on GPUs"): compile the network's training forward and backward,
     # recompute block activations in the backward pass (stage 2), channels_last tensors, TF32
     # matmuls and convolutions on CUDA, the fused AdamW kernel (CUDA and CPU; it skips bad steps on the device).
@@ -99,7 +117,8 @@ class VAERunConfig:
     loss: VAELossConfig = field(default_factory=VAELossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=4.5e-6, adam_beta1=0.5, adam_beta2=0.9))
-    scale_samples: int = setting(256, positive)        # images used to measure the latent scale factor
+    scale_samples: int = setting(256, positive, at_most(COUNT_LIMIT))   # images used to measure the latent scale factor
+    other_paths: ClassVar[tuple[str, ...]] = ("loss.perceptual_weights",)   # path fields of sections declared in core/
 
     def check(self, prefix: str) -> None:
         for switch in ("gradient_checkpointing", "ot_pairing"):
@@ -109,6 +128,14 @@ class VAERunConfig:
         if self.data.image_size % f:
             raise fail(f"{prefix}data.image_size", f"{self.data.image_size} is not divisible by the VAE's "
                        f"downsampling factor {f} (len(model.channel_mult) - 1 halvings)")
+        # The PatchGAN (NLayerDiscriminator.min_input_size): loss.disc_layers 4x4 stride-2 convolutions halve the
+        # images, then two 4x4 stride-1 ones remove a pixel each, and one logit must be left.
+        layers = self.loss.disc_layers
+        smallest = 3 * 2 ** layers
+        if self.data.image_size < smallest:
+            raise fail(f"{prefix}loss.disc_layers", f"{layers} discriminator layers halve the images {layers} times "
+                       f"and need images of at least {smallest}x{smallest} px; data.image_size={self.data.image_size} (set "
+                       f"loss.disc_layers={max(1, (self.data.image_size // 3).bit_length() - 1)} or larger images)")
 
 
 # ----------------------------------------------------------------------------- stage 2
@@ -122,7 +149,7 @@ class EMAConfig:
 
 @dataclass
 class SampleLogConfig:
-    steps: tuple[int, ...] = setting((1, 4, 128), non_empty, each(positive))
+    steps: tuple[int, ...] = setting((1, 4, 128), non_empty, each(positive, at_most(SAMPLE_STEPS_LIMIT)))
     num_images: int = setting(16, positive, at_most(1024))
     cfg_scale: float = setting(1.0, non_negative)
 
@@ -130,15 +157,16 @@ class SampleLogConfig:
 @dataclass
 class EvalConfig:
     """Scores during training (README "Evaluation during training")."""
-    every: int = setting(5000, non_negative)       # steps between evaluations; 0: never
-    reference: str = ""                            # statistics .npz of the real images (evaluate.py stats); "": no FID
-    inception: str = ""                            # local inception-2015-12-05.pt
+    every: int = setting(5000, non_negative, at_most(STEP_LIMIT))   # steps between evaluations; 0: never
+    reference: str = path_setting()                # statistics .npz of the real images (evaluate.py stats); "": no FID
+    inception: str = path_setting()                # local inception-2015-12-05.pt
     inception_sha256: str = ""                     # its SHA-256 (a TorchScript file runs code when loaded)
     num_samples: int = setting(2000, positive, at_most(1_000_000))    # generated per step count, over all processes
-    steps: tuple[int, ...] = setting((), each(positive))              # (): 1, 4 and the finest the model has
-    batch_size: int = setting(64, positive)
+    steps: tuple[int, ...] = setting((), each(positive, at_most(SAMPLE_STEPS_LIMIT)))   # (): 1, 4 and the finest
+    batch_size: int = setting(64, positive, at_most(COUNT_LIMIT))
     image_size: int = setting(299, positive, at_most(1024))          # what the extractor sees
-    val_images: int = setting(0, non_negative)     # latents held out of training for the validation loss; 0: none
+    # latents held out of training for the validation loss; 0: none
+    val_images: int = setting(0, non_negative, at_most(COUNT_LIMIT))
 
     def check(self, prefix: str) -> None:
         if self.reference and not (self.inception and self.inception_sha256):
@@ -152,7 +180,7 @@ class EvalConfig:
 class UNetRun:
     """The sections of every stage-2 run; :data:`UNetRunConfig` adds one section per registered objective."""
     objective: str = setting("shortcut", one_of(*OBJECTIVES))
-    vae: str = ""                       # exported VAE folder or train_vae output dir
+    vae: str = path_setting()           # exported VAE folder or train_vae output dir
     model: UNetConfig = variant(NETWORK_CONFIGS, "unet")      # model.arch: unet or dit
     cond: CondConfig = field(default_factory=CondConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
@@ -160,10 +188,11 @@ class UNetRun:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, weight_decay=0.1))
     sample: SampleLogConfig = field(default_factory=SampleLogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    cache_dir: str = ""                 # latent cache; default: <output-dir>/../latent_cache
-    init_from: str = ""                 # model.arch=dit: start from a diffusers DiTTransformer2DModel (safetensors)
+    cache_dir: str = path_setting()     # latent cache; default: <output-dir>/../latent_cache
+    init_from: str = path_setting()     # model.arch=dit: start from a diffusers DiTTransformer2DModel (safetensors)
 
     upgrade = staticmethod(legacy.upgrade)     # saved configs of the earlier layout read as today's
+    other_paths: ClassVar[tuple[str, ...]] = ("cond.text_encoder",)   # path fields of sections declared in core/
 
     @property
     def objective_class(self) -> type[Objective]:

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from modules.config.schema import DataConfig
 from modules.data.captions import read_captions
-from modules.data.image_io import UnreadableImage, crop_box, load_mask, load_rgb, to_tensor
+from modules.data.image_io import UnreadableImage, crop_box, load_mask, load_rgb, square_pixels, to_tensor
 from modules.data.order import held_out
 from modules.data.sources import Source, open_source
 from modules.errors import DataError
@@ -66,6 +66,10 @@ class ImageDataset(Dataset):
     def fingerprint(self) -> str:
         """Identity of the data set's files (see ``Source.fingerprint``)."""
         return self._source.fingerprint()
+
+    def key(self, position: int) -> str:
+        """The source's name of item ``position`` (a file path, or ``data set[row]``): what a latent store records."""
+        return self._source.records.name(int(self._rows[position]))
 
     @property
     def labels(self) -> np.ndarray:
@@ -132,7 +136,7 @@ class ImageDataset(Dataset):
         image = load_rgb(records.image(row), min_short_side=min_short)
         width, height = image.size
         box = crop_box(width, height, rng if crop_random else None, self.random_crop_scale)
-        pixels = to_tensor(image.resize((size, size), Image.Resampling.BICUBIC, box=box))
+        pixels = square_pixels(image, box, size)      # as image_io.square_image when not augmented
         mask = None
         if self.has_masks:
             mask_img = load_mask(records.mask(row), records.mask_name(row))

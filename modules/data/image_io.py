@@ -34,6 +34,7 @@ IMAGE_EXTENSIONS = frozenset({
     ".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".gif", ".tif", ".tiff",
     ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".jp2", ".j2k", ".avif", ".qoi",
 })
+MASKS_FOLDER = "masks"      # the masks of an image folder (paired by path or stem); never scanned as images
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
 PathLike = Union[str, os.PathLike]
@@ -53,7 +54,8 @@ def is_image_file(path: Path) -> bool:
 def find_images(folder: Path, recursive: bool = True) -> list[Path]:
     """Image files under ``folder``, sorted; hidden files and folders are left out, and so are the
     folders this toolkit writes its outputs into (runs, samples, sweeps: ``modules.durable.OUTPUT_MARKER``),
-    so an output folder inside a data folder never becomes training data.
+    so an output folder inside a data folder never becomes training data, and folders named
+    :data:`MASKS_FOLDER` below ``folder`` (at any depth): they hold masks, never images. Both are logged.
 
     Folder links are followed (a class folder may be a link to elsewhere), each real folder
     once, so a link loop ends; links to nothing are left out.
@@ -71,7 +73,11 @@ def find_images(folder: Path, recursive: bool = True) -> list[Path]:
             logger.info("skipping %s: it holds this toolkit's output, not data", dirpath)
             dirnames[:] = []
             continue
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in dirnames:
+            if name == MASKS_FOLDER:
+                logger.info("skipping %s: a %s/ folder holds masks, not images", os.path.join(dirpath, name),
+                            MASKS_FOLDER)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != MASKS_FOLDER)
         files.extend(p for p in (Path(dirpath) / f for f in sorted(filenames)) if is_image_file(p) and p.is_file())
     return files
 
@@ -208,6 +214,18 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def square_pixels(image: Image.Image, box: tuple[float, float, float, float], size: int) -> torch.Tensor:
+    """The square ``box`` of a decoded image resized to ``size`` (bicubic): uint8 ``[3, size, size]``."""
+    return to_tensor(image.resize((size, size), Image.Resampling.BICUBIC, box=box))
+
+
+def square_image(source: Source, size: int) -> torch.Tensor:
+    """An image as the image data set gives it without augmentation: the centred maximal square, resized to
+    ``size``; float32 ``[3, size, size]`` in [-1, 1]. Raises :class:`UnreadableImage`."""
+    image = load_rgb(source, min_short_side=size)
+    return square_pixels(image, crop_box(image.width, image.height, None, 1.0), size).float() / 127.5 - 1.0
 
 
 def image_tensor(source: Source) -> torch.Tensor:

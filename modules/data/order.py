@@ -76,11 +76,17 @@ def _ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def _as_read(batch):
+    """The collate step of a data set that reads whole batches itself: nothing to do."""
+    return batch
+
+
 def make_loader(dataset: Dataset, batch_size: int, seed: int, rank: int = 0,
                 world_size: int = 1, start_batch: int = 0, num_workers: int = 0,
                 pin_memory: Optional[bool] = None) -> DataLoader:
     """An endless DataLoader over ``dataset`` (items keyed by ``(index, aug_seed)``) in
-    :class:`ResumableBatchSampler` order.
+    :class:`ResumableBatchSampler` order. A data set that reads whole batches (``__getitems__``
+    returning one dict of stacked tensors, as the latent store does) is given its batches as they are.
 
     Do not pass it through ``accelerator.prepare``: it is already sharded by rank.
     """
@@ -88,6 +94,7 @@ def make_loader(dataset: Dataset, batch_size: int, seed: int, rank: int = 0,
     return DataLoader(
         dataset,
         batch_sampler=sampler,
+        collate_fn=_as_read if hasattr(dataset, "__getitems__") else None,
         num_workers=num_workers,
         worker_init_fn=_ignore_stop_signals if num_workers > 0 else None,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,

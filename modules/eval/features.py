@@ -16,13 +16,18 @@ A reference (``.npz``) holds ``mu`` and ``sigma`` (float64, the pytorch-fid / cl
 names) and, when made here, the ``features`` themselves (for KID and precision / recall) and
 ``source_size``, the [height, width] of the images before the resize (absent when they had
 several sizes), so that samples are not scored against references of another resolution. An
-ADM reference batch (``arr_0``: uint8 NHWC images) is read as images. Under ``accelerate
-launch`` every process extracts its share of the files, and the result is the same.
+ADM reference batch (``arr_0``: uint8 NHWC images) is read as images. A reference file is read
+through :class:`NpzReference`: every array's header is checked (numbers only, a bounded shape that
+the file can hold) before anything is allocated, and each array is read once, when first needed
+(mapped from the file when stored uncompressed). Under ``accelerate launch`` every process
+extracts its share of the files, and the result is the same.
 """
 from __future__ import annotations
 
-import csv
+import itertools
 import json
+import math
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +39,8 @@ from PIL import Image
 
 from modules import durable
 from modules.data.image_io import find_images, open_image
-from modules.errors import MetricsError
+from modules.data.metadata import MAX_METADATA_LINE, listed_images, path_inside
+from modules.errors import DataError, MetricsError
 
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
                  "inception-2015-12-05.pt")
@@ -68,60 +74,244 @@ def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, features: Op
     return path
 
 
-def load_source_size(path: str | Path) -> Optional[tuple[int, int]]:
-    """The [height, width] of the images a reference file was made from, or None (not recorded,
-    or images of several sizes)."""
-    size = _read_npz(Path(path)).get("source_size")
-    if size is None:
-        return None
-    if size.shape != (2,) or size.dtype.kind not in "iu" or (size < 1).any():
-        raise MetricsError(f"statistics file {path}: source_size must be [height, width], got {size!r}")
-    return int(size[0]), int(size[1])
-
-
 def size_text(size: Optional[tuple[int, int]]) -> str:
     return "images of several sizes" if size is None else f"{size[1]}x{size[0]} px images"
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        raise MetricsError(f"statistics file {path} not found")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as e:
-        raise MetricsError(f"statistics file {path}: not a readable .npz of arrays ({e})") from None
+# Bounds on what a reference file may hold, checked against each array's header before anything is read.
+MAX_FEATURE_WIDTH = 16384               # mu's length: Inception's is 2048
+MAX_REFERENCE_ROWS = 10 ** 7            # feature vectors or images in one reference (sample.py's MAX_SAMPLES)
+MAX_REFERENCE_IMAGE_SIDE = 4096         # an ADM reference's images
+MAX_ARRAY_BYTES = 1 << 36               # 64 GiB: no array of a reference is read beyond this
+DEFLATE_MAX_RATIO = 1032                # deflate cannot expand a byte into more than 1032
+
+
+@dataclass(frozen=True)
+class _Header:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran: bool
+    data_start: Optional[int]           # where the values start in the file (a stored member), else None
+
+
+class NpzReference:
+    """A reference ``.npz`` read lazily, each array once: its members' headers are checked (type, shape, size
+    against the file) before anything is allocated, an array is read only when first asked for and then kept,
+    and an uncompressed member (``np.savez``) is mapped from the file rather than copied. Every problem is a
+    one-line :class:`MetricsError` naming the file and the array."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise MetricsError(f"statistics file {self.path} not found")
+        self.file_size = self.path.stat().st_size
+        with self._zip() as zf:
+            self.members = {info.filename[:-4]: info for info in zf.infolist() if info.filename.endswith(".npy")}
+        self._headers: dict[str, _Header] = {}
+        self._arrays: dict[str, np.ndarray] = {}
+        self._checked: dict[str, object] = {}
+        self._sha256: Optional[str] = None
+
+    def _fail(self, problem: str) -> MetricsError:
+        return MetricsError(f"statistics file {self.path}: {problem}")
+
+    def _zip(self) -> zipfile.ZipFile:
+        try:
+            return zipfile.ZipFile(self.path)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+            raise self._fail(f"not a readable .npz of arrays ({e})") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.members
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.members)
+
+    def sha256(self) -> str:
+        """The file's SHA-256 (its identity), computed once."""
+        if self._sha256 is None:
+            self._sha256 = durable.sha256_file(self.path)
+        return self._sha256
+
+    # ------------------------------------------------------------------ headers and arrays
+
+    def header(self, name: str) -> _Header:
+        """Array ``name``'s shape and type from its header, checked against the member's size and the bounds."""
+        if name in self._headers:
+            return self._headers[name]
+        info = self.members.get(name)
+        if info is None:
+            raise self._fail(f"no array {name!r} (has {', '.join(self.names) or 'none'})")
+        what = f"array {name!r}"
+        if info.flag_bits & 0x1:
+            raise self._fail(f"{what} is encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise self._fail(f"{what} is compressed with zip method {info.compress_type}; expected none or deflate "
+                             "(np.savez or np.savez_compressed)")
+        try:
+            with self._zip() as zf, zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise ValueError(f".npy format version {version[0]}.{version[1]} is not read here")
+                offset = f.tell()
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, SyntaxError, TypeError) as e:
+            raise self._fail(f"{what}: not an .npy array ({e})") from None
+        if dtype.hasobject or dtype.kind not in "biuf" or dtype.subdtype is not None:
+            raise self._fail(f"{what} holds {dtype} values; only numbers are read (a pickle is never loaded)")
+        if not all(isinstance(n, int) and n >= 0 for n in shape):
+            raise self._fail(f"{what}: its header's shape {shape} is not a shape")
+        values = math.prod(shape)
+        nbytes = values * dtype.itemsize
+        if nbytes > MAX_ARRAY_BYTES:
+            raise self._fail(f"{what}: its header claims {values} values of {dtype} ({nbytes} bytes), more than "
+                             f"the {MAX_ARRAY_BYTES} bytes a reference array may hold")
+        ratio = 1 if info.compress_type == zipfile.ZIP_STORED else DEFLATE_MAX_RATIO
+        if offset + nbytes != info.file_size or nbytes > ratio * info.compress_size + 64:
+            raise self._fail(f"{what}: its header claims {values} values of {dtype} ({nbytes} bytes) but the file "
+                             f"holds {info.compress_size} bytes of it (damaged or crafted)")
+        data_start = None
+        if info.compress_type == zipfile.ZIP_STORED and values:
+            with open(self.path, "rb") as raw:
+                raw.seek(info.header_offset)
+                local = raw.read(30)
+            if len(local) == 30 and local[:4] == b"PK\x03\x04":
+                start = (info.header_offset + 30 + int.from_bytes(local[26:28], "little")
+                         + int.from_bytes(local[28:30], "little") + offset)
+                if start + nbytes <= self.file_size:
+                    data_start = start
+        header = _Header(tuple(shape), dtype, bool(fortran), data_start)
+        self._headers[name] = header
+        return header
+
+    def array(self, name: str) -> np.ndarray:
+        """Array ``name`` (read-only), read once: mapped from the file when stored, else decompressed."""
+        if name in self._arrays:
+            return self._arrays[name]
+        header = self.header(name)
+        if header.data_start is not None:
+            array = np.memmap(self.path, dtype=header.dtype, mode="r", offset=header.data_start, shape=header.shape,
+                              order="F" if header.fortran else "C")
+        else:
+            try:
+                with self._zip() as zf, zf.open(self.members[name]) as f:
+                    array = np.lib.format.read_array(f, allow_pickle=False)
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+                raise self._fail(f"array {name!r} cannot be read ({e})") from None
+            if array.shape != header.shape or array.dtype != header.dtype:
+                raise self._fail(f"array {name!r} changed while it was read")
+            array.flags.writeable = False
+        self._arrays[name] = array
+        return array
+
+    # ------------------------------------------------------------------ what a reference holds
+
+    @property
+    def holds_statistics(self) -> bool:
+        """mu and sigma (a statistics file), rather than images (an ADM reference batch, ``arr_0``)."""
+        if "arr_0" in self:
+            return False
+        if "mu" in self and "sigma" in self:
+            return True
+        raise MetricsError(f"reference {self.path}: neither statistics (mu, sigma) nor images (arr_0)")
+
+    def feature_width(self) -> int:
+        """The length of mu, from its header (nothing is read)."""
+        return self._checked_headers()[0]
+
+    def _checked_headers(self) -> tuple[int, Optional[int]]:
+        """(D, N): the feature width and the number of feature vectors (None without them), from the headers."""
+        if "headers" in self._checked:
+            return self._checked["headers"]
+        missing = [k for k in ("mu", "sigma") if k not in self]
+        if missing:
+            raise self._fail(f"missing array(s) {', '.join(missing)} (has {', '.join(self.names) or 'none'})")
+        mu, sigma = self.header("mu"), self.header("sigma")
+        if len(mu.shape) != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+            raise self._fail(f"mu {mu.shape} and sigma {sigma.shape} are not a mean vector and its square "
+                             "covariance")
+        width = mu.shape[0]
+        if width > MAX_FEATURE_WIDTH:
+            raise self._fail(f"mu has {width} values; features are at most {MAX_FEATURE_WIDTH}-d")
+        rows = None
+        if "features" in self:
+            features = self.header("features")
+            if len(features.shape) != 2 or features.shape[1] != width or features.shape[0] > MAX_REFERENCE_ROWS:
+                raise self._fail(f"features must be [N, {width}] with N <= {MAX_REFERENCE_ROWS}, got "
+                                 f"{list(features.shape)}")
+            rows = features.shape[0]
+        self._checked["headers"] = (width, rows)
+        return width, rows
+
+    def stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """mu and sigma as float64, checked (finite, sigma a covariance), once."""
+        if "stats" in self._checked:
+            return self._checked["stats"]
+        self._checked_headers()
+        mu, sigma = self.array("mu").astype(np.float64), self.array("sigma").astype(np.float64)
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise self._fail("mu or sigma holds NaN or infinite values")
+        lowest = np.linalg.eigvalsh((sigma + sigma.T) / 2).min() if len(mu) else 0.0
+        if not np.allclose(sigma, sigma.T, rtol=1e-6, atol=1e-9) or lowest < -1e-6 * max(1.0, np.abs(sigma).max()):
+            raise self._fail(f"sigma is not a covariance (symmetric, no negative eigenvalue; its lowest is "
+                             f"{lowest:.3g})")
+        self._checked["stats"] = (mu, sigma)
+        return mu, sigma
+
+    def has_features(self) -> bool:
+        return self._checked_headers()[1] is not None
+
+    def features(self) -> Optional[np.ndarray]:
+        """The feature vectors (float64 [N, D]), or None (a file of mu and sigma only), read once."""
+        if "features" in self._checked:
+            return self._checked["features"]
+        if not self.has_features():
+            return None
+        features = self.array("features").astype(np.float64)
+        if not np.isfinite(features).all():
+            raise self._fail("features hold NaN or infinite values")
+        self._checked["features"] = features
+        return features
+
+    def source_size(self) -> Optional[tuple[int, int]]:
+        """The [height, width] of the images the reference was made from, or None (not recorded, or several)."""
+        if "source_size" not in self:
+            return None
+        header = self.header("source_size")
+        size = self.array("source_size") if header.shape == (2,) else None
+        if size is None or size.dtype.kind not in "iu" or (size < 1).any():
+            raise self._fail(f"source_size must be [height, width], got {header.shape} {header.dtype}")
+        return int(size[0]), int(size[1])
+
+    def images(self) -> Sequence[np.ndarray]:
+        """An ADM reference batch's images (uint8 [H, W, 3] each), read lazily when the file stores them."""
+        header = self.header("arr_0")
+        shape = header.shape
+        if (len(shape) != 4 or shape[-1] != 3 or header.dtype != np.uint8 or shape[0] > MAX_REFERENCE_ROWS
+                or max(shape[1:3], default=0) > MAX_REFERENCE_IMAGE_SIDE):
+            raise MetricsError(f"reference {self.path}: arr_0 must be uint8 images [N, H, W, 3] (N <= "
+                               f"{MAX_REFERENCE_ROWS}, sides <= {MAX_REFERENCE_IMAGE_SIDE}), got {header.dtype} "
+                               f"{list(shape)}")
+        return self.array("arr_0")
+
+
+def load_source_size(path: str | Path) -> Optional[tuple[int, int]]:
+    """The [height, width] of the images a reference file was made from, or None (not recorded,
+    or images of several sizes)."""
+    return NpzReference(path).source_size()
 
 
 def load_features(path: str | Path) -> Optional[np.ndarray]:
     """The features a reference file holds (float64 [N, D]), or None (a file of mu and sigma only)."""
-    arrays = _read_npz(Path(path))
-    if "features" not in arrays:
-        return None
-    features = arrays["features"].astype(np.float64)
-    if features.ndim != 2 or not np.isfinite(features).all():
-        raise MetricsError(f"statistics file {path}: features must be finite [N, D], got {features.shape}")
-    return features
+    return NpzReference(path).features()
 
 
 def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    path = Path(path)
-    arrays = _read_npz(path)
-    missing = [k for k in ("mu", "sigma") if k not in arrays]
-    if missing:
-        raise MetricsError(f"statistics file {path}: missing array(s) {', '.join(missing)} "
-                           f"(has {', '.join(arrays) or 'none'})")
-    mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise MetricsError(f"statistics file {path}: mu {mu.shape} and sigma {sigma.shape} are not a "
-                           "mean vector and its square covariance")
-    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise MetricsError(f"statistics file {path}: mu or sigma holds NaN or infinite values")
-    lowest = np.linalg.eigvalsh((sigma + sigma.T) / 2).min() if len(mu) else 0.0
-    if not np.allclose(sigma, sigma.T, rtol=1e-6, atol=1e-9) or lowest < -1e-6 * max(1.0, np.abs(sigma).max()):
-        raise MetricsError(f"statistics file {path}: sigma is not a covariance (symmetric, no negative "
-                           f"eigenvalue; its lowest is {lowest:.3g})")
-    return mu, sigma
+    return NpzReference(path).stats()
 
 
 # ----------------------------------------------------------------------------- Inception and folders
@@ -157,9 +347,14 @@ def list_images(folder: str | Path) -> list[Path]:
 
     * a ``sample.py`` output (``manifest.jsonl``): the files it lists, so ``grid.png`` is left out;
     * an imagefolder data set with ``metadata.jsonl`` / ``metadata.csv``: its ``file_name``
-      column, so paired masks (``mask_file_name``) are left out;
-    * otherwise every image file under ``folder`` (``modules.image_io.find_images``: the same
-      files training reads), recursively (class sub-folders), sorted by path.
+      column, read and checked as training reads it (``modules.data.metadata.listed_images``), so
+      paired masks (``mask_file_name``) are left out;
+    * otherwise every image file under ``folder`` (``modules.data.image_io.find_images``: the same
+      files training reads), recursively (class sub-folders), sorted by path; ``masks/`` folders
+      (``MASKS_FOLDER``) and this toolkit's output folders are left out, as in training.
+
+    Every path a manifest or metadata file lists must stay inside ``folder``
+    (``modules.data.metadata.path_inside``); one that does not is a one-line error naming it.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -167,13 +362,12 @@ def list_images(folder: str | Path) -> list[Path]:
     if (folder / "request.json").is_file() and not (folder / "manifest.jsonl").is_file():
         raise MetricsError(f"image folder {folder}: its sampling run did not finish (no manifest.jsonl); "
                            "run the same sample.py command again to complete it")
-    listed = _listed_files(folder)
+    files = _listed_files(folder)
     requested = _requested_count(folder)
-    if listed is not None and requested is not None and len(listed) < requested:
-        raise MetricsError(f"image folder {folder}: its sampling run made {len(listed)} of the {requested} images "
+    if files is not None and requested is not None and len(files) < requested:
+        raise MetricsError(f"image folder {folder}: its sampling run made {len(files)} of the {requested} images "
                            "requested; run the same sample.py command again to complete it")
-    if listed is not None:
-        files = [folder / name for name in listed]
+    if files is not None:
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise MetricsError(f"image folder {folder}: {len(missing)} listed file(s) missing, e.g. {missing[0]}")
@@ -187,32 +381,68 @@ def list_images(folder: str | Path) -> list[Path]:
 def _requested_count(folder: Path) -> Optional[int]:
     """How many images a sample.py folder's request.json asked for, or None (not a sample folder)."""
     try:
-        count = json.loads((folder / "request.json").read_text()).get("count")
-    except (OSError, ValueError, AttributeError):
+        request = durable.read_json(folder / "request.json")
+    except (ValueError, RecursionError):
         return None
-    return count if isinstance(count, int) else None
+    count = request.get("count") if isinstance(request, dict) else None
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
-def _listed_files(folder: Path) -> Optional[list[str]]:
-    """File names from a sample manifest or imagefolder metadata, or None when there is neither."""
-    for name, column in (("manifest.jsonl", "file"), ("metadata.jsonl", "file_name")):
-        path = folder / name
-        if path.is_file():
+def _inside(folder: Path, name: object, where: str) -> Path:
+    """``folder / name`` for a relative path inside ``folder``; anything else is a one-line error naming it."""
+    if not isinstance(name, str) or not name:
+        raise MetricsError(f"{where}: expected a file name, got {name!r}")
+    try:
+        return path_inside(folder, name, where)
+    except DataError as e:
+        raise MetricsError(str(e)) from None
+
+
+def _manifest_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    """``(where, record)`` of each line of a sample manifest, read a line at a time (each at most
+    ``MAX_METADATA_LINE`` bytes, UTF-8); a problem is one line naming the file and the line."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise MetricsError(f"{path}: cannot be read ({e.strerror or e})") from None
+    with f:
+        for number in itertools.count(1):
+            where = f"{path}, line {number}"
             try:
-                rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            except json.JSONDecodeError as e:
-                raise MetricsError(f"{path}: invalid JSON line ({e})") from None
-            if not all(isinstance(r, dict) and column in r for r in rows):
-                raise MetricsError(f"{path}: every line needs a '{column}' field")
-            return [str(r[column]) for r in rows]
-    path = folder / "metadata.csv"
+                raw = f.readline(MAX_METADATA_LINE + 2)
+            except OSError as e:
+                raise MetricsError(f"{where}: cannot be read ({e.strerror or e})") from None
+            if not raw:
+                return
+            if len(raw) - raw.endswith(b"\n") > MAX_METADATA_LINE:
+                raise MetricsError(f"{where}: longer than {MAX_METADATA_LINE} bytes; a manifest line describes one "
+                                   "image")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise MetricsError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except RecursionError:
+                raise MetricsError(f"{where}: JSON nested too deeply") from None
+            except ValueError as e:
+                raise MetricsError(f"{where}: invalid JSON line ({e})") from None
+            if not isinstance(row, dict) or "file" not in row:
+                raise MetricsError(f"{where}: every line needs a 'file' field")
+            yield where, row
+
+
+def _listed_files(folder: Path) -> Optional[list[Path]]:
+    """The files a sample manifest or an imagefolder metadata file lists, or None when there is neither."""
+    path = folder / "manifest.jsonl"
     if path.is_file():
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            if "file_name" not in (reader.fieldnames or []):
-                raise MetricsError(f"{path}: no 'file_name' column")
-            return [row["file_name"] for row in reader]
-    return None
+        return [_inside(folder, row["file"], where) for where, row in _manifest_rows(path)]
+    try:
+        return listed_images(folder)        # the metadata table, read and checked as training reads it
+    except DataError as e:
+        raise MetricsError(str(e)) from None
 
 
 def _read_rgb(path: Path) -> np.ndarray:
@@ -313,27 +543,47 @@ def extract(sources: Sequence, extractor: FeatureExtractor, batch_size: int = 50
     return gather(local, mine, state)
 
 
-def reference_sources(reference: str | Path) -> Optional[Sequence]:
+def reference_sources(reference: str | Path, opened: Optional[NpzReference] = None) -> Optional[Sequence]:
     """What a reference's features are extracted from: an image folder's files, a saved
-    ``datasets`` folder's images, an ADM ``.npz``'s ``arr_0`` rows; None for a statistics file."""
+    ``datasets`` folder's images, an ADM ``.npz``'s ``arr_0`` rows; None for a statistics file.
+    ``opened``: the reference's :class:`NpzReference`, when the caller has it (so it is read once)."""
     path = Path(reference)
     if path.suffix == ".npz":
-        arrays = _read_npz(path)
-        if "mu" in arrays and "sigma" in arrays and "arr_0" not in arrays:
-            return None
-        if "arr_0" not in arrays:
-            raise MetricsError(f"reference {path}: neither statistics (mu, sigma) nor images (arr_0)")
-        images = arrays["arr_0"]
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise MetricsError(f"reference {path}: arr_0 must be uint8 images [N, H, W, 3], got {images.dtype} "
-                               f"{images.shape}")
-        return list(images)
+        npz = opened or NpzReference(path)
+        return None if npz.holds_statistics else npz.images()
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         from modules.config.schema import DataConfig
         from modules.data.sources import open_source
         source = open_source(DataConfig(path=str(path)))
         return [_arrow_image(source.records.image(int(row))) for row in source.rows]
     return list_images(path)
+
+
+@torch.no_grad()
+def feature_width(extractor: FeatureExtractor, image_size: int, device: str | torch.device = "cpu",
+                  probabilities: bool = False) -> int:
+    """The length of the extractor's feature vectors, from one forward of a blank image (a start-up check
+    against a reference's, before anything is generated or extracted); ``probabilities``: its class
+    probabilities (the Inception Score's) are tried too."""
+    blank = torch.zeros(1, 3, image_size, image_size, device=device)
+    try:
+        features = extractor(blank, return_features=True)
+        if probabilities:
+            extractor(blank, no_output_bias=True)
+    except Exception as e:  # a TorchScript extractor raises many types on inputs it cannot take
+        what = "class probabilities" if probabilities else "features"
+        raise MetricsError(f"the feature extractor fails on a {image_size} px image ({type(e).__name__}: "
+                           f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); it must give {what} as "
+                           "NVIDIA's Inception does") from None
+    return int(features.reshape(features.shape[0], -1).shape[1])
+
+
+def check_feature_width(width: int, reference_width: int, reference: str | Path, extractor: str | Path) -> None:
+    """One line when a reference's features are not the extractor's."""
+    if width != reference_width:
+        raise MetricsError(f"reference {reference} has {reference_width}-d features but the extractor {extractor} "
+                           f"gives {width}-d: statistics from a different network; make the reference with "
+                           "`evaluate.py stats` and the same extractor")
 
 
 def _arrow_image(source) -> np.ndarray:

@@ -8,14 +8,18 @@
   losses with fixed draws (so successive values compare), per step-size level for shortcut
   models (``val/loss_by_level_K``); a level whose loss stalls or climbs shows up here.
 
-The Inception file and the reference are loaded when the run starts, so a bad one stops the run
-before any training.
+The Inception file and the reference are loaded when the run starts (:func:`prepare_fid`), and the
+reference's feature width is compared with the extractor's (one forward of a blank image), so a bad
+one stops the run before any training, not at its first evaluation.
 """
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
+from typing import Optional
 
+import numpy as np
 import torch
 
 from modules.config.schema import UNetRunConfig
@@ -24,28 +28,51 @@ from modules.core.metrics import feature_statistics, frechet_distance
 from modules.core.objectives.base import Draws
 from modules.core.seeding import image_seed, mix_seed
 from modules.data.image_io import to_uint8
-from modules.eval.features import extract_local, gather, load_inception, load_source_size, load_stats, size_text
+from modules.eval.features import (NpzReference, check_feature_width, extract_local, feature_width, gather,
+                                   load_inception, size_text)
 
 logger = logging.getLogger(__name__)
 EVAL_SEED = 0x5EED   # the evaluation images' own seeds, apart from the run's training seed
 
 
+@dataclass
+class FidSetup:
+    """What FID during training is measured with: the extractor and the reference's mu and sigma."""
+    extractor: torch.nn.Module
+    reference: tuple[np.ndarray, np.ndarray]
+
+
+def prepare_fid(cfg: UNetRunConfig, accelerator) -> Optional[FidSetup]:
+    """The extractor and the reference of FID during training (None when it is off), every check made that
+    can be made before training (issue 21, rule 6): the reference read (each array once, headers first),
+    the Inception file vouched for and loaded, and the reference's feature width compared with the
+    extractor's (one forward of a blank image), so a reference of another network stops the run at start-up
+    instead of at its first evaluation. Call it before the latent cache is built; TrainingEvaluator calls it
+    when it is not given one."""
+    e = cfg.eval
+    if not (e.every and e.reference):
+        return None
+    reference = NpzReference(e.reference)
+    stats = reference.stats()
+    made_from, size = reference.source_size(), cfg.data.image_size
+    if made_from not in (None, (size, size)) and accelerator.is_main_process:
+        logger.warning("eval.reference %s was made from %s but this run makes %dx%d px images: its FID "
+                       "is a different measurement than one against a reference at %d px",
+                       e.reference, size_text(made_from), size, size, size)
+    extractor = load_inception(e.inception, accelerator.device, e.inception_sha256)
+    check_feature_width(feature_width(extractor, e.image_size, accelerator.device), reference.feature_width(),
+                        f"eval.reference={e.reference}", f"eval.inception={e.inception}")
+    return FidSetup(extractor, stats)
+
+
 class TrainingEvaluator:
     def __init__(self, cfg: UNetRunConfig, accelerator, spec: GenerationSpec, latent_set, latent_scale: float,
-                 val_set=None):
+                 val_set=None, fid: Optional[FidSetup] = None):
         self.cfg, self.accelerator, self.spec, self.latent_set = cfg, accelerator, spec, latent_set
         self.latent_scale, self.val_set = latent_scale, val_set
-        e = cfg.eval
-        self.extractor = self.reference = None
         self.warned = False
-        if e.every and e.reference:
-            self.reference = load_stats(e.reference)
-            made_from, size = load_source_size(e.reference), cfg.data.image_size
-            if made_from not in (None, (size, size)) and accelerator.is_main_process:
-                logger.warning("eval.reference %s was made from %s but this run makes %dx%d px images: its FID "
-                               "is a different measurement than one against a reference at %d px",
-                               e.reference, size_text(made_from), size, size, size)
-            self.extractor = load_inception(e.inception, accelerator.device, e.inception_sha256)
+        fid = fid or prepare_fid(cfg, accelerator)
+        self.extractor, self.reference = (fid.extractor, fid.reference) if fid else (None, None)
 
     @property
     def active(self) -> bool:

@@ -6,7 +6,9 @@ is ever downloaded (``local_files_only``), weights are read from safetensors onl
 ``transformers`` is imported only here, when a text-conditioned run needs it.
 
 Prompts are tokenized as Stable Diffusion does: start and end tokens, padded to the encoder's
-context (77 tokens for SD's CLIP), longer prompts truncated; every token's embedding is kept.
+context (77 tokens for SD's CLIP), longer prompts truncated; every token's embedding is kept. An
+encoder whose ``config.json`` sets ``use_attention_mask: true`` gets the tokenizer's attention mask,
+as diffusers gives it (SD's CLIP has no such entry and attends to the padding).
 ``cond.text_layer``: ``last`` (the final hidden state, SD 1) or ``penultimate`` (the hidden
 state before the last layer, with the final layer norm applied, as diffusers' ``clip_skip=1``;
 diffusers' SD 2 folders already hold that cut encoder, 23 of OpenCLIP's 24 layers, so use
@@ -101,6 +103,10 @@ class TextEncoder:
             raise ModelFolderError(f"cond.text_layer=penultimate: the text model in {self.encoder_dir} has only "
                                    f"{self.config.num_hidden_layers} layer")
         self.tokens = int(min(self.tokenizer.model_max_length, self.config.max_position_embeddings))
+        self.uses_attention_mask = getattr(self.config, "use_attention_mask", False)
+        if not isinstance(self.uses_attention_mask, bool):
+            raise ModelFolderError(f"cond.text_encoder={path}: {self.encoder_dir / 'config.json'}'s use_attention_mask "
+                                   f"is {self.uses_attention_mask!r}, not true or false")
         self.width = int(self.config.hidden_size)
         self.identity = identity(self.encoder_dir, self.tokenizer_dir)
         self._model = None
@@ -135,11 +141,15 @@ class TextEncoder:
         """Token embeddings ``[len(prompts), tokens, width]`` (float32, on ``device``)."""
         if self._model is None:
             self._model = self._load()
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokens, truncation=True,
-                             return_tensors="pt")["input_ids"].to(self.device)
+        tokens = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokens, truncation=True,
+                                return_tensors="pt")
+        ids = tokens["input_ids"].to(self.device)
+        # An encoder whose config sets use_attention_mask (as diffusers' pipelines read it) is called with the
+        # tokenizer's mask, so padding is not attended to; SD's CLIP (no such entry) sees the padding.
+        mask = tokens["attention_mask"].to(self.device) if self.uses_attention_mask else None
         if self.layer == "last":
-            return self._model(ids).last_hidden_state.float()
-        hidden = self._model(ids, output_hidden_states=True).hidden_states[-2]
+            return self._model(ids, attention_mask=mask).last_hidden_state.float()
+        hidden = self._model(ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
         # transformers 5 holds the final layer norm on the model itself, earlier versions on its text_model
         return getattr(self._model, "text_model", self._model).final_layer_norm(hidden).float()
 

@@ -83,39 +83,85 @@ def read_diffusers_dit(path: str | Path) -> tuple[dict, dict[str, torch.Tensor],
         name = config.get("_class_name") if isinstance(config, dict) else None
         raise ModelFolderError(f"init_from {folder / CONFIG_NAME}: describes {name or 'an unknown model'}, not a "
                                "diffusers DiT (DiTTransformer2DModel, norm_type ada_norm_zero)")
-    return config, read_weights(weights), weights
+    return typed_config(config, folder / CONFIG_NAME), read_weights(weights), weights
+
+
+# The diffusers DiT config fields read here: (type, diffusers' default, what else it must be). Every one is
+# checked before it is used (a file's field types are never trusted: rule 5); sizes are bounded far above
+# any DiT (DiT-XL: 28 layers of 16 heads x 72, 1000 classes).
+_SIZE = 1 << 20
+DIFFUSERS_FIELDS: dict[str, tuple[type, object, tuple]] = {
+    "patch_size": (int, None, (1, 256)),
+    "in_channels": (int, 4, (1, 4096)),
+    "out_channels": (int, None, (1, 8192)),                 # None: in_channels
+    "num_attention_heads": (int, 16, (1, 4096)),
+    "attention_head_dim": (int, 72, (1, _SIZE)),
+    "num_layers": (int, 28, (1, 4096)),
+    "num_embeds_ada_norm": (int, 1000, (1, _SIZE)),
+    "sample_size": (int, None, (1, _SIZE)),
+    "norm_eps": (float, 1e-5, (1e-5, 1e-6)),               # the two values supported
+    "activation_fn": (str, "gelu-approximate", ("gelu-approximate",)),
+    "attention_bias": (bool, True, (True,)),
+    "norm_elementwise_affine": (bool, False, (False,)),
+}
+_OPTIONAL = ("out_channels", "sample_size")
+
+
+def typed_config(config: dict, path: Path) -> dict:
+    """The fields of a diffusers DiT ``config`` this module reads (:data:`DIFFUSERS_FIELDS`), checked: type,
+    range or supported value; absent ones at diffusers' defaults. A field that fails is one line naming it."""
+    out = dict(config)
+    for field, (kind, default, allowed) in DIFFUSERS_FIELDS.items():
+        value = config.get(field, default)
+
+        def refuse(why: str):
+            raise ModelFolderError(f"init_from {path}: diffusers config field '{field}' = {value!r}: {why}")
+
+        if value is None and field in _OPTIONAL:
+            out[field] = None
+            continue
+        if kind is int:
+            if not isinstance(value, int) or isinstance(value, bool):
+                refuse("must be an integer")
+            low, high = allowed
+            if not low <= value <= high:
+                refuse(f"must be between {low} and {high}")
+        elif kind is float:
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                refuse("must be a number")
+            if value not in allowed:
+                refuse("only 1e-5 (diffusers' default) or 1e-6 (the DiT code's) is supported")
+        elif type(value) is not kind or value not in allowed:
+            refuse(f"only {allowed[0]!r} is supported")
+        out[field] = value
+    in_channels = out["in_channels"]
+    if out["out_channels"] not in (None, in_channels, 2 * in_channels):
+        value = out["out_channels"]
+        raise ModelFolderError(f"init_from {path}: diffusers config field 'out_channels' = {value!r}: must be "
+                               f"in_channels ({in_channels}) or twice that (learned sigma)")
+    return out
 
 
 def dit_fields(config: dict, weights: dict[str, torch.Tensor], where: Path) -> dict[str, object]:
-    """The config fields of ours that a diffusers DiT fixes, keyed by their dotted names."""
-    def refuse(field: str, why: str):
-        raise ModelFolderError(f"init_from {where}: diffusers config field '{field}' = {config.get(field)!r}: {why}")
-
-    for field, wanted in (("activation_fn", "gelu-approximate"), ("attention_bias", True),
-                          ("norm_elementwise_affine", False)):
-        if config.get(field, wanted) != wanted:
-            refuse(field, f"only {wanted!r} is supported")
-    if config.get("norm_eps", 1e-5) not in (1e-5, 1e-6):
-        refuse("norm_eps", "only 1e-5 (diffusers' default) or 1e-6 (the DiT code's) is supported")
-    in_channels = config.get("in_channels", 4)
-    if config.get("out_channels") not in (None, in_channels, 2 * in_channels):
-        refuse("out_channels", f"must be in_channels ({in_channels}) or twice that (learned sigma)")
-    hidden = config.get("num_attention_heads", 16) * config.get("attention_head_dim", 72)
-    try:
-        mlp_hidden = weights["transformer_blocks.0.ff.net.0.proj.weight"].shape[0]
-    except KeyError:
-        raise ModelFolderError(f"init_from {where}: no 'transformer_blocks.0.ff.net.0.proj.weight': "
-                               "not a diffusers DiT's weights") from None
+    """The config fields of ours that a diffusers DiT (its config checked by :func:`typed_config`) fixes, keyed
+    by their dotted names."""
+    in_channels = config["in_channels"]
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    fc1 = weights.get("transformer_blocks.0.ff.net.0.proj.weight")
+    if fc1 is None or fc1.ndim != 2:
+        raise ModelFolderError(f"init_from {where}: no 2-D 'transformer_blocks.0.ff.net.0.proj.weight': "
+                               "not a diffusers DiT's weights")
+    mlp_hidden = fc1.shape[0]
     return {"latent channels": in_channels, "model.hidden_size": hidden,
-            "model.depth": config.get("num_layers", 28), "model.num_heads": config.get("num_attention_heads", 16),
-            "model.patch_size": config.get("patch_size"), "model.mlp_ratio": mlp_hidden / hidden,
-            "classes": config.get("num_embeds_ada_norm")}
+            "model.depth": config["num_layers"], "model.num_heads": config["num_attention_heads"],
+            "model.patch_size": config["patch_size"], "model.mlp_ratio": mlp_hidden / hidden,
+            "classes": config["num_embeds_ada_norm"]}
 
 
 def convert_diffusers_dit(weights: dict[str, torch.Tensor], config: dict, where: Path) -> dict[str, torch.Tensor]:
     """A diffusers DiT state dict in our key layout (the module docstring has the map)."""
     sd = dict(weights)
-    depth = config.get("num_layers", 28)
+    depth = config["num_layers"]
     shared = {k.removeprefix(EMBEDDER.format(0)): v for k, v in sd.items() if k.startswith(EMBEDDER.format(0))}
     for i in range(depth):
         prefix = EMBEDDER.format(i)
@@ -143,7 +189,7 @@ def convert_diffusers_dit(weights: dict[str, torch.Tensor], config: dict, where:
     for key, value in sd.items():
         prefix = next((p for p in renames if key.startswith(p)), None)
         out[renames[prefix] + key.removeprefix(prefix) if prefix else key] = value
-    channels, p = config.get("in_channels", 4), config.get("patch_size")
+    channels, p = config["in_channels"], config["patch_size"]
     if config.get("out_channels") == 2 * channels:
         # Output features are (patch row, patch column, channel), channel fastest: keep the mean channels.
         for kind in ("weight", "bias"):

@@ -1,5 +1,11 @@
 """The Accelerator of a training run (processes, devices, mixed precision, collective timeouts),
-and the network and optimizer set up on it with the speed and memory switches."""
+and the network and optimizer set up on it with the speed and memory switches.
+
+A network set up here may be wrapped twice: by Accelerate (DDP, FSDP) and by ``torch.compile``
+(``train.compile``), whose wrapper prefixes every parameter name with ``_orig_mod.``. Whatever
+reads a network's parameters by name (the EMAs, exports, checkpoints) goes through
+:func:`network_of` and :func:`network_state_dict`, which give the network's own names, so a
+compiled run's files load anywhere, uncompiled runs and sample.py included."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +16,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list
+
+from modules.core.generation import COMPILE_BACKEND_ENV
 
 
 logger = logging.getLogger(__name__)
@@ -64,8 +72,34 @@ def prepare_network(accelerator: Accelerator, cfg, network: torch.nn.Module, *ot
         network.to(memory_format=torch.channels_last)
     network, *others = accelerator.prepare(network, *others)
     if cfg.compile:
-        network = torch.compile(network)
+        backend = os.environ.get(COMPILE_BACKEND_ENV)    # e.g. aot_eager: tests on machines without a compiler
+        network = torch.compile(network, **({"backend": backend} if backend else {}))
     return (network, *others)
+
+
+COMPILED_PREFIX = "_orig_mod."     # what torch.compile's wrapper puts before every name
+
+
+def uncompiled(network: torch.nn.Module) -> torch.nn.Module:
+    """``network`` without torch.compile's wrapper (what :func:`prepare_network` returned, less the compile)."""
+    return getattr(network, "_orig_mod", network)
+
+
+def network_of(accelerator: Accelerator, network: torch.nn.Module) -> torch.nn.Module:
+    """The network itself inside what :func:`prepare_network` returned (no DDP, FSDP or compile wrapper):
+    the module the EMAs mirror, whose parameter names are the network's own."""
+    return accelerator.unwrap_model(network, keep_torch_compile=False)
+
+
+def network_state_dict(accelerator: Accelerator, network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``accelerator.get_state_dict`` (full weights on the main process; a collective under FSDP) under the
+    network's own parameter names, compiled or not."""
+    return accelerator.get_state_dict(uncompiled(network))
+
+
+def without_compiled_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Names as the network has them: files written by compiled runs before 2027 hold ``_orig_mod.`` names."""
+    return {key.replace(COMPILED_PREFIX, ""): value for key, value in tensors.items()}
 
 
 def from_main_process(value, state):

@@ -23,10 +23,12 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from modules import durable
-from modules.config.io import apply_dict, changes_in, to_dict
+from modules.config.io import apply_dict, changes_in, from_dict, path_keys, to_dict
 from modules.config.legacy import legacy_sizes
 from modules.core.ema import EMA
+from modules.core.networks.denoiser import Sizes
 from modules.errors import CheckpointError, ConfigError
+from modules.run.accelerator import without_compiled_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +69,16 @@ class RunIdentity:
             then = to_dict(apply_dict(type(self.config)(), saved_config, str(path / IDENTITY_NAME)))
         except ConfigError as e:
             raise CheckpointError(f"cannot resume from {path}: its config does not read ({e})") from None
-        changed = changes_in(then, to_dict(self.config), self.model_sections)
+        # Paths are not the network: where a file was (relative then, absolute now) may change; what it held
+        # is checked by identity (the VAE's and the text encoder's) below.
+        paths = path_keys(self.config)
+        changed = [line for line in changes_in(then, to_dict(self.config), self.model_sections)
+                   if line.split(":", 1)[0] not in paths]
         if changed:
             raise CheckpointError(f"cannot resume from {path}: its checkpoints were made with another model "
                                   f"config ({'; '.join(changed)})")
         sizes = saved.get("sizes") or legacy_sizes(saved_config) if self.sizes is not None else None
+        sizes = sizes_as_today(sizes)
         if sizes != self.sizes:
             raise CheckpointError(f"cannot resume from {path}: its network was built for other sizes ({sizes}; this "
                                   f"run's are {self.sizes}): another VAE, data with other classes or another encoder")
@@ -88,6 +95,18 @@ class RunIdentity:
         if saved.get("data") != self.data:
             logger.warning("the training data changed since %s was saved (files added, removed or replaced); "
                            "training continues on the data as it is now", path)
+
+
+def sizes_as_today(sizes: Any) -> Any:
+    """Recorded sizes (a ``Sizes`` dict) as they read today: inputs added since at their defaults, which
+    reproduce what the network did before they existed. Unreadable ones are returned as they are (and
+    then differ)."""
+    if not isinstance(sizes, dict):
+        return sizes
+    try:
+        return to_dict(from_dict(Sizes, sizes))
+    except ConfigError:
+        return sizes
 
 
 @dataclass
@@ -208,7 +227,8 @@ class Checkpointer:
         rank = self.accelerator.process_index if self.sharded_emas else 0
         # read on the CPU, then moved: safetensors refuses indexed CPU names such as "cpu:0", which a
         # multi-process CPU run's accelerator.device is
-        tensors = {k: v.to(self.accelerator.device) for k, v in load_file(ema_file(folder, rank)).items()}
+        tensors = {k: v.to(self.accelerator.device)
+                   for k, v in without_compiled_prefix(load_file(ema_file(folder, rank))).items()}
         for name, ema in self.emas.items():
             ema.load_state_dict({k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")})
 
@@ -296,6 +316,23 @@ def checkpoint_problem(path: Path, deep: bool = False) -> Optional[str]:
     if not isinstance(record, dict) or "files" not in record:
         return f"unreadable {MANIFEST} (no file list)"
     return durable.manifest_problem(path, record["files"], deep=deep)
+
+
+def unfinished(output_dir: Path) -> Optional[str]:
+    """Why the training run in ``output_dir`` has not reached its ``train.max_steps`` (a stop signal ends a
+    run with exit 0 after a checkpoint), or None: its newest complete checkpoint is of its last step. For
+    whatever runs a stage after another (scripts/quickstart.py)."""
+    output_dir = Path(output_dir)
+    try:
+        saved = durable.read_json(output_dir / "config.json")
+        max_steps = saved["train"]["max_steps"]
+    except (ValueError, TypeError, KeyError):
+        return f"{output_dir} holds no readable config.json"
+    done = max((int(match.group(1)) for path in (output_dir / "checkpoints").glob("step_*")
+                if (match := _STEP_FOLDER.fullmatch(path.name)) and checkpoint_problem(path) is None), default=0)
+    if done != max_steps:
+        return f"the run in {output_dir} stopped at step {done} of {max_steps}"
+    return None
 
 
 def ema_file(checkpoint: Path, rank: int) -> Path:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -24,23 +25,27 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modules import durable
-from modules.config.io import diff_fields, from_dict, read_json, to_dict
+from modules.config.io import diff_fields, from_dict, read_json, to_dict, with_defaults
 from modules.config.legacy import legacy_sizes
 from modules.config.schema import UNetRunConfig, sizes_problem
 from modules.core.networks import build_network
 from modules.core.networks.denoiser import Denoiser, Sizes
 from modules.core.networks.vae import AutoencoderKL, VAEConfig
 from modules.errors import ConfigError, ModelFolderError
+from modules.run.accelerator import without_compiled_prefix
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"   # what diffusers' save_pretrained writes
+FROZEN_VAE = "frozen_vae"     # a stage-2 run's own copy of its VAE, in its output folder beside the exports
+logger = logging.getLogger(__name__)
 
 
 def save_model_folder(folder: str | Path, state_dict: dict[str, torch.Tensor], config: dict) -> Path:
     """Write ``folder`` (config.json, with the SHA-256 of the weights, and model.safetensors) atomically."""
     def write(tmp: Path) -> None:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+        # the network's own names: never torch.compile's wrapper's (nothing could load them)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in without_compiled_prefix(state_dict).items()}
         save_file(tensors, tmp / WEIGHTS_NAME)
         record = {**config, "sha256": {WEIGHTS_NAME: durable.sha256_file(tmp / WEIGHTS_NAME)}}
         (tmp / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
@@ -169,6 +174,41 @@ def load_our_vae(folder: Path, config: dict) -> AutoencoderKL:
     return load_state_strict(AutoencoderKL(cfg), read_folder_weights(folder, config), folder, "the VAE config").eval()
 
 
+def training_vae(net_folder: str | Path, recorded: dict) -> Path:
+    """The VAE the stage-2 export ``net_folder`` was trained with (``recorded``: its config.json's ``vae``
+    record): the run's own copy where the record says it is, the copy beside the export when the run was
+    moved (``<export>/../frozen_vae``), else the VAE it came from. None there: a one-line error naming the
+    places tried. (Its identity is checked by the caller.)"""
+    net_folder = Path(net_folder)
+    copy, origin = recorded.get("copy"), recorded.get("path")
+    beside = net_folder.absolute().parent / FROZEN_VAE
+    candidates = [(copy, "the run's copy"), (beside, "the run's copy beside the export"), (origin, "the VAE")]
+    tried = []
+    for path, what in candidates:
+        if not path or not isinstance(path, (str, Path)):
+            continue
+        path = Path(path)
+        if (path / CONFIG_NAME).is_file() or (path / "vae" / CONFIG_NAME).is_file():
+            if what != candidates[0][1] and copy:
+                logger.info("%s is not at %s (was the run moved?); using %s %s", candidates[0][1], copy, what, path)
+            return path
+        tried.append(str(path))
+    if not tried:
+        raise ModelFolderError(f"{net_folder}: records no VAE; pass --vae")
+    places = ", ".join(dict.fromkeys(tried))
+    raise ModelFolderError(f"{net_folder}: the VAE it was trained with is at none of {places}; pass --vae")
+
+
+def vae_to_resume_with(given: str, output_dir: Path, resume: Optional[str]) -> str:
+    """The VAE a stage-2 run uses: ``given`` (``vae``), or, when a resumed run's VAE is gone (the run was
+    moved, or its VAE deleted), the run's own copy (``OUTPUT_DIR/frozen_vae``), saying so."""
+    own = Path(output_dir) / FROZEN_VAE
+    if resume and given and not Path(given).exists() and (own / CONFIG_NAME).is_file():
+        logger.warning("the VAE %s is gone; resuming with the run's own copy %s", given, own)
+        return str(own)
+    return given
+
+
 # ----------------------------------------------------------------------------- the stage-2 network
 
 @dataclass
@@ -231,7 +271,9 @@ def read_network_export(folder: str | Path) -> NetworkExport:
                                f"trained with (path and identity), got {text_encoder!r}")
     if "sizes" in raw:   # the summary of an earlier export has other entries; its run_config is what is read
         expected = export_config(cfg, sizes, vae, weights, text_encoder if cfg.cond.type == "text" else None)
-        edited = diff_fields({k: raw.get(k) for k in expected}, expected)
+        summary = {k: v for k, v in expected.items() if k not in ("run_config", "sizes")}   # what is read: above
+        # fields added since the export was written read as their defaults, as from_dict reads run_config
+        edited = diff_fields(with_defaults({k: raw.get(k) for k in summary}, summary), summary)
         if edited:
             raise ModelFolderError(f"{path}: its entries do not match its run_config ({'; '.join(edited[:3])}); "
                                    "was it edited? Change run_config instead")
@@ -243,7 +285,8 @@ def load_network(folder: str | Path, export: Optional[NetworkExport] = None) -> 
     (config.json + model.safetensors), in eval mode."""
     export = export or read_network_export(folder)
     model = build_network(export.config.model, export.config.cond, export.sizes)
-    weights = read_folder_weights(Path(folder), read_config(folder))
+    # exports of compiled runs before 2027 hold torch.compile's wrapper's names
+    weights = without_compiled_prefix(read_folder_weights(Path(folder), read_config(folder)))
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as e:  # shape mismatches

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from modules import durable
 from modules.core.ema import EMA
 from modules.errors import DataError, TrainingAborted
-from modules.run.accelerator import make_accelerator, prepare_network
+from modules.run.accelerator import make_accelerator, network_of, network_state_dict, prepare_network
 from modules.run.checkpoint import Checkpointer, RunIdentity, StopRequest, TrainingState
 from modules.run.output_dir import claim_output_dir, save_run_config
 from modules.run.tracking import Throughput, init_trackers, log_image, memory_stats
@@ -234,6 +234,15 @@ class Run:
     def prepare(self, network: torch.nn.Module, *others):
         """``accelerator.prepare`` with the network's speed and memory switches (modules/run/accelerator.py)."""
         return prepare_network(self.accelerator, self.cfg.train, network, *others)
+
+    def network(self, prepared: torch.nn.Module) -> torch.nn.Module:
+        """The network inside what :meth:`prepare` returned (no DDP, FSDP or compile wrapper): what EMAs
+        mirror, under the network's own parameter names."""
+        return network_of(self.accelerator, prepared)
+
+    def state_dict(self, prepared: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The full weights of a prepared network under its own names, compiled or not (a collective)."""
+        return network_state_dict(self.accelerator, prepared)
 
     # ---- resume, and the loop
 

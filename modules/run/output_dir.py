@@ -20,10 +20,12 @@ from modules import durable
 from modules.config.io import save_json
 from modules.errors import CheckpointError
 from modules.run.accelerator import from_main_process
+from modules.run.export import FROZEN_VAE
 
 CONFIG_NAME = "config.json"
 LOCK_NAME = ".lock"
 EXPORT_FOLDERS = ("vae", "unet", "unet_ema")
+SWAPPED_FOLDERS = (*EXPORT_FOLDERS, FROZEN_VAE)     # written by durable.write_folder: recovered at start
 
 
 def _take_lock(output_dir: Path) -> tuple[Optional[durable.Lock], Optional[str]]:
@@ -44,7 +46,7 @@ def claim_output_dir(accelerator: Accelerator, output_dir: Path, resume: Optiona
     if accelerator.is_main_process:
         lock, problem = _take_lock(output_dir)
         if problem is None:
-            for name in EXPORT_FOLDERS:
+            for name in SWAPPED_FOLDERS:
                 durable.recover_folder(output_dir / name)
             if not resume:
                 problem = _owned_by_another_run(output_dir)

@@ -8,9 +8,20 @@
 Image i depends only on the request and i, so a rerun of the same request keeps every image
 that is listed and decodes, generates only the rest, and ends with the same folder as an
 uninterrupted run, whatever the number of processes. A different request in the same folder
-is refused unless ``--overwrite``, which first removes the old manifest, so the manifest never
-describes images of another request. A run stopped by a failed write (a full disk) leaves a
-manifest of the images finished so far, which ``evaluate.py`` refuses as incomplete.
+is refused unless ``--overwrite``, which first removes the old manifest (so the manifest never
+describes images of another request), then the old images and grid; a damaged ``request.json`` is
+another request. A run stopped by a failed
+write (a full disk) leaves a manifest of the images finished so far, which ``evaluate.py`` refuses
+as incomplete.
+
+The folder keeps its role (issue 21, rule 3): :func:`out_problem` refuses a model folder, a folder
+inside one, and a training run's export or checkpoint folder (the next export would delete the
+samples), and :meth:`SampleFolder.foreign` a folder holding images that sample.py did not write (a
+data set: the next training run would train on the samples), with or without ``--overwrite``. In a
+folder sample.py made (it holds ``request.json``) every PNG at the top is its own.
+Every file is written through :mod:`modules.durable` (atomic, never through a planted link); the
+parts are appended to through a descriptor opened without following links (:func:`open_part`), and
+every name read from a manifest is a plain file name in the folder (rule 4).
 
 Memory does not grow with the request's size: the work list is an iterator, records are
 streamed to and from the files, and only the indices of finished images are held (8 bytes each).
@@ -18,35 +29,109 @@ streamed to and from the files, and only the indices of finished images are held
 from __future__ import annotations
 
 import array
+import errno
 import itertools
 import json
-import shutil
+import os
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 from PIL import Image
 
 from modules import durable
 from modules.config.io import diff_fields
+from modules.data.image_io import find_images, is_image_file
 from modules.errors import ConfigError
+from modules.run.output_dir import EXPORT_FOLDERS
 
 MANIFEST = "manifest.jsonl"
 REQUEST = "request.json"
 PARTS = ".parts"
+# What a training run (re)writes inside its output dir: an --out there is deleted by the next export or
+# checkpoint rotation.
+RUN_OWNED = (*EXPORT_FOLDERS, "checkpoints", "frozen_vae")
+
+
+def _plain_name(name) -> bool:
+    """A file name directly in the folder: no separator, not '.', '..' or hidden."""
+    return isinstance(name, str) and bool(name) and not name.startswith(".") and "/" not in name \
+        and "\\" not in name and "\0" not in name
 
 
 def _read_lines(path: Path) -> Iterator[dict]:
-    """The records of ``path``, one line at a time; a torn last line (a kill mid-write) is dropped."""
+    """The records of ``path``, one line at a time; a torn last line (a kill mid-write) is dropped, and so is
+    a record whose file is not a plain name in the folder (``../x``, ``/etc/x``: rule 4)."""
     with open(path, errors="replace") as f:
         for line in f:
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 continue
-            if isinstance(record, dict) and isinstance(record.get("index"), int) and isinstance(record.get("file"), str):
+            if isinstance(record, dict) and type(record.get("index")) is int and _plain_name(record.get("file")):
                 yield record
+
+
+def out_problem(out: Path) -> Optional[str]:
+    """Why ``out`` may not hold samples, or None: it is (or is inside) a model folder, or it is (or is
+    inside) a folder a training run rewrites (its exports, checkpoints, its copy of the VAE), made yet
+    or not. Read-only: asked before the folder is created."""
+    out = Path(os.path.abspath(out))
+    kind = durable.output_kind(out) if out.is_dir() else None
+    if kind not in (None, "samples"):
+        return f"--out {out} holds a {kind} output; choose another folder for the samples"
+    for folder in (out, *out.parents):
+        if folder.is_dir():
+            kind = durable.model_folder_kind(folder)
+            if kind:
+                where = "is" if folder == out else f"is inside {folder}, which is"
+                return (f"--out {out} {where} a model folder (config.json of a {kind!r}); samples go elsewhere, and "
+                        "the next export would delete them")
+        if folder.name in RUN_OWNED and durable.output_kind(folder.parent) == "run":
+            return (f"--out {out} is inside {folder}, which the training run in {folder.parent} rewrites (its "
+                    f"{folder.name}/); choose a folder of its own, e.g. {folder.parent / 'samples'}")
+    return None
+
+
+def foreign_image(out: Path, is_own: Callable[[Path], bool]) -> Optional[Path]:
+    """The first (by name) image file under ``out``, as a data scan sees them (hidden files and output
+    folders left out), that ``is_own`` does not accept, or None. The folder is read an entry at a time."""
+    first = None
+    with os.scandir(out) as entries:
+        for entry in entries:
+            if entry.name.startswith(".") or (first is not None and entry.name >= first.name):
+                continue
+            path = Path(entry.path)
+            if entry.is_dir():
+                if not durable.is_output_folder(path):
+                    images = find_images(path)
+                    first = images[0] if images else first
+            elif is_image_file(path) and entry.is_file() and not is_own(path):
+                first = path
+    return first
+
+
+def open_part(path: Path):
+    """``path`` opened for appending, created if missing, never through a link: a link planted under its
+    name (or its folder's) is refused by the kernel (O_NOFOLLOW) and replaced by a file of our own."""
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+        try:
+            fd = os.open(path.name, flags, 0o644, dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            os.unlink(path.name, dir_fd=dir_fd)
+            fd = os.open(path.name, flags | os.O_EXCL, 0o644, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+    return os.fdopen(fd, "a")
+
+
+def _short(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def pending(count: int, finished: np.ndarray, rank: int = 0, world: int = 1) -> Iterator[int]:
@@ -85,33 +170,91 @@ class SampleFolder:
         self.rank = rank
         self._part = None
 
-    def open(self, overwrite: bool) -> np.ndarray:
-        """Claim the folder (main process) and return the indices of the finished images, sorted:
-        listed, and their PNG decodes."""
+    def open(self, overwrite: bool, file_of: Optional[Callable[[int], str]] = None) -> np.ndarray:
+        """Take the folder (main process, under the lock of ``durable.claim_output``) and return the indices
+        of the finished images, sorted: listed (under the name ``file_of`` gives them, when given), and
+        their PNG decodes."""
         try:
             self.out.mkdir(parents=True, exist_ok=True)
+            for name in (PARTS,):
+                if (self.out / name).is_symlink() or (self.out / name).is_file():
+                    durable.clear(self.out / name)      # a planted link or file: never written through
             saved_path = self.out / REQUEST
-            saved = json.loads(saved_path.read_text()) if saved_path.is_file() else None
-            others = saved is None and any(p.suffix == ".png" or p.name == MANIFEST for p in self.out.iterdir())
-            if (saved is not None and saved != self.request) or others:
-                if not overwrite:
-                    what = (f"images of another request ({'; '.join(diff_fields(saved, self.request)[:3])})"
-                            if saved is not None else "images that are not from sample.py's current format")
-                    raise ConfigError(f"--out {self.out} already holds {what}; pass --overwrite or choose another "
-                                      "folder (the same command again continues an interrupted run)")
-                overwrite_done = True
-            else:
-                overwrite_done = overwrite
-            if overwrite_done:
-                for name in (MANIFEST, REQUEST, "grid.png", "samples.npz"):
-                    (self.out / name).unlink(missing_ok=True)
-                shutil.rmtree(self.out / PARTS, ignore_errors=True)
+            ours = saved_path.is_file() or saved_path.is_symlink()
+            foreign = self.foreign()
+            if foreign:
+                raise ConfigError(foreign)
+            problem = self._other_request(saved_path) if ours else (
+                "images that are not from sample.py's current format"
+                if (self.out / MANIFEST).is_file() else None)
+            if problem and not overwrite:
+                raise ConfigError(f"--out {self.out} already holds {problem}; pass --overwrite or choose another "
+                                  "folder (the same command again continues an interrupted run)")
+            if overwrite:
+                own = self._is_own(ours)
+                # The manifest goes first: a kill from here on never leaves it listing images of another request.
+                for name in (MANIFEST, "samples.npz"):
+                    if (self.out / name).is_symlink() or (self.out / name).is_file():
+                        (self.out / name).unlink()
+                durable.clear(self.out / PARTS)
+                with os.scandir(self.out) as entries:      # the old request's images and grid
+                    for entry in entries:
+                        path = Path(entry.path)
+                        if is_image_file(path) and (entry.is_symlink() or entry.is_file()) and own(path):
+                            path.unlink()
             (self.out / PARTS).mkdir(exist_ok=True)
             durable.write_json(self.out / REQUEST, self.request)
-        except (OSError, json.JSONDecodeError) as e:
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            raise ConfigError(f"--out {self.out}: cannot use it ({reason})") from None
-        return self._indices(lambda r: _decodes(self.out / r["file"]))
+        except OSError as e:
+            raise ConfigError(f"--out {self.out}: cannot use it ({durable.write_failure(e)})") from None
+        return self._indices(lambda r: (file_of is None or r["file"] == file_of(r["index"]))
+                             and _decodes(self.out / r["file"]))
+
+    def foreign(self) -> Optional[str]:
+        """Why the folder is not sample.py's to write: it holds images sample.py did not write there (a data
+        folder: the next training run would train on the samples), or None. Asked before the folder is
+        claimed (nothing is written into a data folder, not even the claim's marker) and again under
+        the claim."""
+        if not self.out.is_dir():
+            return None
+        saved_path = self.out / REQUEST
+        foreign = foreign_image(self.out, self._is_own(saved_path.is_file() or saved_path.is_symlink()))
+        if foreign is None:
+            return None
+        return (f"--out {self.out} holds images that sample.py did not write there (e.g. "
+                f"{foreign.relative_to(self.out)}): a data folder? Choose an empty or new folder (--overwrite "
+                "replaces only sample.py's own files)")
+
+    def _is_own(self, sample_folder: bool) -> Callable[[Path], bool]:
+        """Which image files in the folder sample.py wrote: in a folder it made (its request.json), every PNG
+        at the top (images, a grid; an image whose line a kill cut off included); elsewhere, the PNGs a
+        manifest of an earlier format lists."""
+        if sample_folder:
+            return lambda path: path.parent == self.out and path.suffix == ".png"
+        listed = set()
+        for path in [self.out / MANIFEST, *sorted((self.out / PARTS).glob("rank_*.jsonl"))]:
+            if path.is_file() and not path.is_symlink():
+                listed.update(r["file"] for r in _read_lines(path) if r["file"].endswith(".png"))
+        return lambda path: path.parent == self.out and path.name in listed
+
+    def _other_request(self, saved_path: Path) -> Optional[str]:
+        """What the folder's request.json says that this request does not, or None (the same request). A
+        damaged one (unreadable, not UTF-8, invalid or too deeply nested JSON, not an object) is another
+        request."""
+        try:
+            saved = durable.read_json(saved_path)
+        except RecursionError:
+            return f"a damaged {REQUEST} (nested too deeply)"
+        except ValueError as e:
+            return f"a damaged {REQUEST} ({_short(str(e))})"
+        if not isinstance(saved, dict):
+            return f"a damaged {REQUEST} (a JSON {type(saved).__name__}, not an object)"
+        if saved == self.request:
+            return None
+        try:
+            changes = diff_fields(saved, self.request)[:3]
+        except RecursionError:
+            changes = ["nested too deeply"]
+        return f"images of another request ({REQUEST}: {_short('; '.join(changes) or 'another format', 300)})"
 
     def listed(self) -> np.ndarray:
         """The sorted indices of the images the manifest and the running parts list."""
@@ -120,14 +263,14 @@ class SampleFolder:
     def _indices(self, keep: Callable[[dict], bool]) -> np.ndarray:
         count, found = self.request["count"], array.array("q")
         for path in [self.out / MANIFEST, *sorted((self.out / PARTS).glob("rank_*.jsonl"))]:
-            if path.is_file():
+            if path.is_file() and not path.is_symlink():
                 found.extend(r["index"] for r in _read_lines(path) if 0 <= r["index"] < count and keep(r))
         return np.unique(np.frombuffer(found, dtype=np.int64))
 
     def record(self, record: dict) -> None:
         """Append a finished image (its PNG is complete) to this process's part of the manifest."""
         if self._part is None:
-            self._part = open(self.out / PARTS / f"rank_{self.rank}.jsonl", "a")
+            self._part = open_part(self.out / PARTS / f"rank_{self.rank}.jsonl")
         self._part.write(json.dumps(record) + "\n")
         self._part.flush()
 
@@ -151,7 +294,7 @@ class SampleFolder:
             raise ConfigError(f"--out {self.out}: {count - len(finished)} image(s) missing after sampling (e.g. index "
                               f"{next(pending(count, finished))}); run the same command again to make them")
         self.write_manifest(range(count), make_record)
-        shutil.rmtree(self.out / PARTS, ignore_errors=True)
+        durable.clear(self.out / PARTS)
 
     def write_npz(self, file_of: Callable[[int], str]) -> Path:
         """Every image (``file_of(i)`` for i below the request's count) as one uint8 NHWC array

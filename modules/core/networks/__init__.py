@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from modules.core.networks.denoiser import CondConfig, Denoiser, Sizes
 from modules.core.networks.dit import DiT
+from modules.core.networks.icdit import ICDiT
 from modules.core.networks.unet import UNet
 
-ARCHITECTURES: dict[str, type[Denoiser]] = {"unet": UNet, "dit": DiT}
+ARCHITECTURES: dict[str, type[Denoiser]] = {"unet": UNet, "dit": DiT, "icdit": ICDiT}
 
 
 def build_network(cfg, cond_cfg: CondConfig, sizes: Sizes) -> Denoiser:

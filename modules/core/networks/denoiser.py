@@ -31,12 +31,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from modules.core.attention import attention
-from modules.core.settings import at_most, fraction, non_empty, non_negative, one_of, positive, power_of_two, setting
+from modules.core.settings import (at_most, fail, fraction, non_empty, non_negative, one_of, positive, power_of_two,
+                                   setting)
 
 WIDTH_LIMIT = 8192          # channels
 Encoded = tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]
 TIME_SCALE = 1000.0   # t in [0, 1] is embedded as t * 1000: raw [0, 1] would collapse the sinusoid
 STEP_INPUTS = ("none", "level", "interval")
+EXTRA_INPUTS = ("interval_only", "guidance_interval", "velocity_head")   # NetworkInputs a network must declare
 
 
 @dataclass
@@ -46,10 +48,25 @@ class NetworkInputs:
     ``step``: ``"level"``, a shortcut model's integer step-size level through a table of ``levels``
     entries (the call's ``level``); ``"interval"``, MeanFlow's interval length h in [0, 1], embedded
     like t (the call's ``interval``); ``"none"``. ``guidance``: iSM's guidance scale w as an input.
+
+    Added for improved MeanFlow (all False by default, so sizes recorded before they existed read the
+    same): ``interval_only``, the network embeds the interval h and not t (t is still passed, and
+    checked, but not read); ``guidance_interval``, the guidance interval [low, high] in this project's
+    time as an input (the call's ``guidance_interval``, ``[B, 2]``); ``velocity_head``, an auxiliary
+    head that also gives the instantaneous velocity (the call's ``head="v"`` or ``"uv"``). Only a
+    network that declares them (:attr:`Denoiser.extra_inputs`) can be built with them.
     """
     step: str = setting("none", one_of(*STEP_INPUTS))
     levels: int = setting(0, non_negative, at_most(1 << 16))
     guidance: bool = False
+    interval_only: bool = False
+    guidance_interval: bool = False
+    velocity_head: bool = False
+
+    def check(self, prefix: str) -> None:
+        if self.interval_only and self.step != "interval":
+            raise fail(f"{prefix}interval_only", f"needs step=interval (the interval is what is embedded instead of "
+                       f"t), got step={self.step}")
 
 
 @dataclass
@@ -349,6 +366,9 @@ class Denoiser(nn.Module):
     size_factor: int
     size_rule: str
     time_freq_shift = 0
+    # The optional inputs of NetworkInputs (EXTRA_INPUTS) this network can embed; a network is refused
+    # sizes asking for another, so an input is never silently ignored.
+    extra_inputs: tuple[str, ...] = ()
 
     def __init__(self, cfg, cond_cfg: CondConfig, sizes: Sizes):
         super().__init__()
@@ -356,10 +376,15 @@ class Denoiser(nn.Module):
         self.cond_cfg = copy.deepcopy(cond_cfg)
         self.sizes = sizes
         self.gradient_checkpointing = False
+        missing = [name for name in EXTRA_INPUTS if getattr(sizes.inputs, name) and name not in self.extra_inputs]
+        if missing:
+            raise ValueError(f"{type(self).__name__} cannot embed the inputs {', '.join(missing)} that the objective "
+                             f"asks for (sizes.inputs: {sizes.inputs})")
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, level: Optional[torch.Tensor],
                       interval: Optional[torch.Tensor], cond: Optional[torch.Tensor], drop: Optional[torch.Tensor],
-                      guidance: Optional[torch.Tensor]) -> torch.Tensor:
+                      guidance: Optional[torch.Tensor],
+                      guidance_interval: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The network's one input check (shapes and dtypes only: no device sync), because a wrong
         shape would otherwise fail deep inside torch or, worse, broadcast silently."""
         s, c = self.sizes, self.cond_cfg
@@ -395,6 +420,11 @@ class Denoiser(nn.Module):
             problems.append(f"guidance must be a float tensor of shape [{b}] for a network with a guidance input "
                             f"(a shortcut model trained with intrinsic guidance) and None otherwise, got "
                             f"{described(guidance)}")
+        if s.inputs.guidance_interval != (guidance_interval is not None) or (
+                guidance_interval is not None and (not guidance_interval.is_floating_point()
+                                                   or tuple(guidance_interval.shape) != (b, 2))):
+            problems.append(f"guidance_interval must be a float tensor of shape [{b}, 2] (low, high) for a network "
+                            f"with a guidance-interval input and None otherwise, got {described(guidance_interval)}")
         if c.type == "none" and cond is not None:
             problems.append("this network is unconditional (cond.type=none) but a condition was given")
         if c.type == "class" and cond is not None and (cond.dtype not in (torch.int64, torch.int32)

@@ -12,10 +12,11 @@ from typing import Optional
 from modules.core.objectives.base import Objective, Teacher
 from modules.core.objectives.ddpm import DDPM
 from modules.core.objectives.flow import Flow
+from modules.core.objectives.imf import Imf
 from modules.core.objectives.meanflow import MeanFlow
 from modules.core.objectives.shortcut import Shortcut
 
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (Shortcut, Flow, MeanFlow, DDPM)}
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (Shortcut, Flow, MeanFlow, DDPM, Imf)}
 SAMPLERS = tuple(sorted({sampler for cls in OBJECTIVES.values() for sampler in cls.samplers}))
 
 

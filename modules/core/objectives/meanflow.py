@@ -89,22 +89,27 @@ def _runs_forward_ad(model: ModelCall) -> Optional[torch.nn.Module]:
 
 
 def average_velocity_jvp(model: ModelCall, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
-                         cond: Optional[torch.Tensor] = None,
-                         drop: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         cond: Optional[torch.Tensor] = None, drop: Optional[torch.Tensor] = None,
+                         has_aux: bool = False, **inputs) -> tuple[torch.Tensor, ...]:
     """``(u, du/dt)``: the network's average velocity u(x_t, t, h = s - t), with gradient, and its total
     derivative along the flow, one JVP of (z, t, s) -> u along the tangent (v, 1, 0), attention on the
-    math backend (module docstring)."""
+    math backend (module docstring). ``inputs``: the model's further keyword inputs, held fixed (no
+    tangent). ``has_aux``: the model returns ``(u, aux)``, and the result is ``(u, du/dt, aux)``, aux with
+    its gradient and without a tangent (improved MeanFlow's v-head output, modules/core/objectives/imf.py)."""
     dtype = x_t.dtype
     t, s, v = t.to(dtype), s.to(dtype), v.to(dtype)
     wrapped = _runs_forward_ad(model)
     with forward_ad_attention():
         if wrapped is None:
-            return jvp(lambda z, t_, s_: model(z, t_, interval=s_ - t_, cond=cond, drop=drop), (x_t, t, s),
-                       (v, torch.ones_like(t), torch.zeros_like(s)))
+            return jvp(lambda z, t_, s_: model(z, t_, interval=s_ - t_, cond=cond, drop=drop, **inputs), (x_t, t, s),
+                       (v, torch.ones_like(t), torch.zeros_like(s)), has_aux=has_aux)
         with fwad.dual_level():
             t_dual = fwad.make_dual(t, torch.ones_like(t))
-            return fwad.unpack_dual(wrapped(fwad.make_dual(x_t, v), t_dual, interval=s - t_dual, cond=cond,
-                                            drop=drop))
+            out = wrapped(fwad.make_dual(x_t, v), t_dual, interval=s - t_dual, cond=cond, drop=drop, **inputs)
+            if not has_aux:
+                return fwad.unpack_dual(out)
+            u, aux = out
+            return (*fwad.unpack_dual(u), fwad.unpack_dual(aux).primal)
 
 
 def num_equal(batch_size: int, fraction: float) -> int:
