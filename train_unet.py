@@ -29,11 +29,11 @@ from modules.core.ot_pairing import PairedPool
 from modules.core.seeding import SHARED_STREAM, paired_noise_generator, process_share_randn, step_generator
 from modules.data.dataset import build_dataset
 from modules.data.image_io import make_grid
-from modules.data.latent_cache import build_or_load
+from modules.data import latent_store
 from modules.data.order import make_loader
 from modules.durable import write_or_fail
 from modules.errors import ConfigError
-from modules.eval.training import TrainingEvaluator
+from modules.eval.training import TrainingEvaluator, prepare_fid
 from modules.interop.clip import TextEncoder
 from modules.interop.dit import load_init_weights
 from modules.interop.vae import load_vae
@@ -85,28 +85,46 @@ def train(cfg: UNetRunConfig, run: Run) -> None:
     scale = vae.config.scale_factor
     # Text: the encoder's files are hashed and its tokenizer read now; its weights only if captions need encoding.
     text_encoder = TextEncoder(cfg.cond.text_encoder, cfg.cond.text_layer, device) if cfg.cond.type == "text" else None
-    captions = (cfg.cond.caption_column, cfg.cond.allow_empty_caption) if text_encoder is not None else ()
-    dataset = build_dataset(cfg.data, *captions, masks=cfg.cond.type == "mask")
+    # The data: a latent store given as --data (encode.py), or the images, whose own store is encoded once below.
+    wanted = latent_store.StoreSpec(vae=vae_id, source="", image_size=cfg.data.image_size, hflip=cfg.data.hflip,
+                                    masks=cfg.cond.type == "mask", num_rows=0,
+                                    text=f"{text_encoder.identity}:{text_encoder.layer}" if text_encoder else None)
+    dataset = None
+    if latent_store.is_store(cfg.data.path):
+        latents = latent_store.open_store(Path(cfg.data.path), wanted)
+        num_classes = latents.num_classes
+    else:
+        captions = (cfg.cond.caption_column, cfg.cond.allow_empty_caption) if text_encoder is not None else ()
+        dataset = build_dataset(cfg.data, *captions, masks=cfg.cond.type == "mask")
+        num_classes = dataset.num_classes
     if cfg.data.vflip or cfg.data.rot90 or cfg.data.random_crop_scale < 1:
-        logger.warning("stage 2 trains on cached latents of centre crops and their horizontal flips: "
+        logger.warning("stage 2 trains on the latents of centre crops and their horizontal flips: "
                        "data.vflip, data.rot90 and data.random_crop_scale are ignored")
     text_sizes = (text_encoder.tokens, text_encoder.width) if text_encoder is not None else ()
-    sizes = network_sizes(cfg, vae.config, dataset.num_classes, *text_sizes)
+    sizes = network_sizes(cfg, vae.config, num_classes, *text_sizes)
 
-    # ---- the network, before the latent cache: pretrained weights that do not fit stop the run at once
+    # ---- the network and the FID reference, before the latents: what does not fit stops the run at once
     torch.manual_seed(tcfg.seed)
     net = build_network(cfg.model, cfg.cond, sizes)
     if cfg.init_from:   # a resumed run's checkpoint then replaces these weights
         load_init_weights(net, cfg, sizes)
+    fid = prepare_fid(cfg, run.accelerator)
 
-    # ---- latent cache, evaluation
-    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else run.output_dir.parent / "latent_cache"
-    latents = build_or_load(run.accelerator, vae, vae_id, dataset, cfg.data, cache_root, tcfg.batch_size, text_encoder)
+    # ---- the latents (the images' store: encoded by every process the first time, then opened), evaluation
+    if dataset is not None:
+        cache_root = Path(cfg.cache_dir) if cfg.cache_dir else run.output_dir.parent / "latent_cache"
+        spec = latent_store.spec_of(dataset, vae_id, cfg.data.image_size, cfg.data.hflip, wanted.masks, text_encoder)
+        latents = latent_store.open_or_encode(vae, dataset, spec, cache_root, tcfg.batch_size, device, run.rank,
+                                              run.world, text_encoder, cfg.data.num_workers)
     if text_encoder is not None:    # the null condition: the empty prompt's embedding, kept with the weights
         net.conditioner.null_text.copy_(latents.null_text)
+        truncated = latents.truncated_captions()
+        if truncated and run.is_main:
+            logger.warning("%d caption(s) of the data are longer than the text encoder's %d tokens: truncated (as "
+                           "Stable Diffusion does)", truncated, text_encoder.tokens)
     train_latents, val_latents = latents.split(cfg.eval.val_images) if cfg.eval.val_images else (latents, None)
     spec = GenerationSpec.of(cfg, sizes)
-    evaluator = TrainingEvaluator(cfg, run.accelerator, spec, latents, scale, val_latents)  # a bad reference stops here
+    evaluator = TrainingEvaluator(cfg, run.accelerator, spec, latents, scale, val_latents, fid)
 
     # ---- optimizer, the two EMAs (slow: sampling/export; fast: the objective's teacher, when it has one)
     optimizer = adam(net.parameters(), tcfg.lr, tcfg, device, tcfg.weight_decay)
@@ -119,9 +137,9 @@ def train(cfg: UNetRunConfig, run: Run) -> None:
     objective = cfg.build_objective(teacher(net, owner, emas.get("teacher")))
 
     # ---- resume: checkpoints carry both EMAs (per process under FSDP, so shards stay with their owner)
-    identity = RunIdentity("train_unet", cfg, MODEL_SECTIONS, vae=vae_id, data=dataset.fingerprint(),
+    identity = RunIdentity("train_unet", cfg, MODEL_SECTIONS, vae=vae_id, data=latents.fingerprint(),
                            text_encoder=text_encoder.identity if text_encoder is not None else None,
-                           sizes=to_dict(sizes))
+                           sizes=to_dict(sizes), store=str(latents.folder))
     run.start(identity, emas, sharded_emas=run.accelerator.distributed_type == DistributedType.FSDP)
     if run.is_main and (not run.args.resume or not (frozen_vae / "config.json").is_file()):
         write_or_fail(lambda: save_vae(vae, frozen_vae), f"the copy of the VAE in {frozen_vae}",

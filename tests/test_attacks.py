@@ -433,20 +433,19 @@ def test_c9_metadata_paths_outside_the_data_folder_are_refused(background):
 
 # ============================================================================= major
 
-def _arrow(cache: Path) -> Path:
-    return next(cache.glob("latents_*/*.arrow"))
+def _array(cache: Path) -> Path:
+    return next(cache.glob("store_*/shard_00000/mean.npy"))
 
 
-M1_DAMAGE = {   # what is done to a copy of the shared cache, and what the rebuild must say
-    "arrow_overwritten_with_0xff": (lambda c: _arrow(c).write_bytes(b"\xff" * _arrow(c).stat().st_size),
-                                    "changed since it was built: data-00000-of-00001.arrow"),
-    "arrow_truncated": (lambda c: os.truncate(_arrow(c), _arrow(c).stat().st_size // 2),
-                        "changed since it was built: data-00000-of-00001.arrow"),
-    "arrow_deleted": (lambda c: _arrow(c).unlink(), "missing: data-00000-of-00001.arrow"),
-    "cache_info_truncated": (lambda c: os.truncate(next(c.glob("latents_*/cache_info.json")), 40),
-                             "unreadable cache_info.json"),
-    "state_json_junk": (lambda c: next(c.glob("latents_*/state.json")).write_text("junk{"),
-                        "changed since it was built: state.json"),
+M1_DAMAGE = {   # what is done to a copy of the shared store, and what the rebuild must say
+    "array_overwritten_with_0xff": (lambda c: _array(c).write_bytes(b"\xff" * _array(c).stat().st_size),
+                                    "shard shard_00000: mean.npy is not a readable array"),
+    "array_truncated": (lambda c: os.truncate(_array(c), _array(c).stat().st_size // 2),
+                        "shard shard_00000: file mean.npy has"),
+    "array_deleted": (lambda c: _array(c).unlink(), "shard shard_00000: missing file mean.npy"),
+    "index_truncated": (lambda c: os.truncate(next(c.glob("store_*/index.json")), 40), "unreadable index.json"),
+    "rows_junk": (lambda c: next(c.glob("store_*/shard_00000/rows.json")).write_text("junk{"),
+                  "shard shard_00000: file rows.json has"),
 }
 
 
@@ -463,16 +462,16 @@ def _m1(ctx, folder):
 
 
 @pytest.mark.parametrize("kind", sorted(M1_DAMAGE))
-def test_m1_a_damaged_latent_cache_is_rebuilt(ctx, background, kind):
+def test_m1_a_damaged_latent_store_is_rebuilt(ctx, background, kind):
     folder, res = background("m1")
     succeeded(res[kind])
     why = M1_DAMAGE[kind][1]
-    assert re.search(rf"building latent cache \S+ \(damaged cache \({re.escape(why)}", res[kind].stderr), \
-        f"no log line saying the cache is rebuilt because of '{why}':\n{res[kind].stderr[-2000:]}"
-    # Rebuilt to exactly the latents of the undamaged cache (no NaN, nothing stale).
-    original = json.loads(next(ctx.cache.glob("latents_*/cache_info.json")).read_text())
-    rebuilt = json.loads(next((folder / f"cache_{kind}").glob("latents_*/cache_info.json")).read_text())
-    assert rebuilt["files"] == original["files"] and rebuilt["key"] == original["key"]
+    assert re.search(rf"encoding latent store \S+ \(.*{re.escape(why)}", res[kind].stderr), \
+        f"no log line saying the store is encoded again because of '{why}':\n{res[kind].stderr[-2000:]}"
+    # Rebuilt to exactly the latents of the undamaged store (no NaN, nothing stale).
+    original = json.loads(next(ctx.cache.glob("store_*/index.json")).read_text())
+    rebuilt = json.loads(next((folder / f"cache_{kind}").glob("store_*/index.json")).read_text())
+    assert rebuilt["shards"] == original["shards"] and rebuilt["spec"] == original["spec"]
 
 
 def test_m2_two_runs_building_one_cache_at_once_both_succeed(ctx, tmp_path):
@@ -513,10 +512,13 @@ def test_m2_two_runs_building_one_cache_at_once_both_succeed(ctx, tmp_path):
 def test_m3_disk_full_while_building_the_cache_is_one_line_and_leaves_no_half_folders(ctx, tmp_path):
     cache = tmp_path / "cache"
     res = cli("train_unet.py", *TINY, "--data", ctx.shapes, "--vae", ctx.vae, "--output-dir", tmp_path / "run",
-              "--max-steps", 1, f"cache_dir={cache}", preexec_fn=rlimit_fsize(64 * 1024))
-    refused(res)
-    half = [p.name for p in cache.iterdir() if p.is_dir()] if cache.exists() else []
-    assert not half, f"half-written cache folders left: {half}"
+              "--max-steps", 1, f"cache_dir={cache}", preexec_fn=rlimit_fsize(2 * 1024))
+    refused(res, "could not write the latent store")
+    # A store keeps its complete shards for the next run to continue (issue 22), but nothing half-written and
+    # nothing a run could take for a finished store: no temporary shard, no index.
+    half = [str(p.relative_to(cache)) for p in cache.rglob("*.tmp")] if cache.exists() else []
+    finished = list(cache.glob("store_*/index.json")) if cache.exists() else []
+    assert not half and not finished, f"half-written parts of the store left: {half}, {finished}"
 
 
 def test_m4_a_failed_sample_grid_write_is_one_line_and_loses_no_steps(ctx, tmp_path):
@@ -577,8 +579,8 @@ def test_m6_stage2_trains_past_link_loops_and_a_non_utf8_name(background):
     folder, res = background("m6")
     for name in ("loop", "non_utf8"):
         succeeded(res[name])
-        info = json.loads(next((folder / f"cache_{name}").glob("latents_*/cache_info.json")).read_text())
-        assert info["num_items"] == 8, (name, info["num_items"])     # the loops left out, the odd name kept
+        spec = json.loads(next((folder / f"cache_{name}").glob("store_*/index.json")).read_text())["spec"]
+        assert spec["num_rows"] == 8, (name, spec["num_rows"])     # the loops left out, the odd name kept
 
 
 @quick("m7")
@@ -991,8 +993,8 @@ def test_minor_m12_a_trailing_slash_does_not_encode_the_data_again(ctx, tmp_path
     assert tree_state(ctx.cache) == before, "the same data set was encoded a second time"
 
 
-def latent_cache_command(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "modules.data.latent_cache", *map(str, args)], cwd=ROOT, env=ENV,
+def latent_store_command(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "modules.data.latent_store", *map(str, args)], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
 
 
@@ -1000,29 +1002,30 @@ def latent_cache_command(*args) -> subprocess.CompletedProcess:
 def _minor_m12(ctx, folder):
     caches = folder / "caches"
     shutil.copytree(ctx.cache, caches)
-    (caches / "latents_my_own_data").mkdir()               # the user's, only named like a cache
-    (caches / "latents_my_own_data" / "keep.txt").write_text("mine")
-    cache = next(caches.glob("latents_*/cache_info.json")).parent
-    return {"list": functools.partial(latent_cache_command, "list", caches),
-            "remove_not_a_cache": functools.partial(latent_cache_command, "remove", cache,
-                                                    caches / "latents_my_own_data"),
-            "remove": functools.partial(latent_cache_command, "remove", cache),
-            "list_after": functools.partial(latent_cache_command, "list", caches)}
+    (caches / "store_my_own_data").mkdir()               # the user's, only named like a store
+    (caches / "store_my_own_data" / "keep.txt").write_text("mine")
+    store = next(caches.glob("store_*/index.json")).parent
+    return {"list": functools.partial(latent_store_command, "list", caches),
+            "remove_not_a_store": functools.partial(latent_store_command, "remove", store,
+                                                    caches / "store_my_own_data"),
+            "remove": functools.partial(latent_store_command, "remove", store),
+            "list_after": functools.partial(latent_store_command, "list", caches)}
 
 
-def test_minor_m12_latent_caches_are_listed_with_their_key_and_size_and_removed(ctx, background):
+def test_minor_m12_latent_stores_are_listed_with_their_key_and_size_and_removed(ctx, background):
     folder, res = background("minor_m12")
-    info = json.loads(next(ctx.cache.glob("latents_*/cache_info.json")).read_text())
-    name = next(ctx.cache.glob("latents_*/cache_info.json")).parent.name
+    index = json.loads(next(ctx.cache.glob("store_*/index.json")).read_text())
+    name = next(ctx.cache.glob("store_*/index.json")).parent.name
     succeeded(res["list"])
-    (line,) = res["list"].stdout.splitlines()              # the cache, not the user's folder
-    size_mib = sum(p.stat().st_size for p in (ctx.cache / name).iterdir()) / 2 ** 20
+    (line,) = res["list"].stdout.splitlines()              # the store, not the user's folder
+    size_mib = sum(p.stat().st_size for p in (ctx.cache / name).rglob("*") if p.is_file()) / 2 ** 20
     assert line.startswith(str(folder / "caches" / name)) and f"{size_mib:.1f} MiB" in line, line
-    assert f"{info['num_items']} images" in line and info["key"]["data"][:8] in line and info["key"]["vae"][:8] in line
-    refused(res["remove_not_a_cache"], "latents_my_own_data")
-    assert "removed" not in res["remove_not_a_cache"].stdout        # checked all before removing any
+    spec = index["spec"]
+    assert f"{spec['num_rows']} images" in line and spec["source"][:8] in line and spec["vae"][:8] in line
+    refused(res["remove_not_a_store"], "store_my_own_data")
+    assert "removed" not in res["remove_not_a_store"].stdout        # checked all before removing any
     succeeded(res["remove"])
-    assert not (folder / "caches" / name).exists() and (folder / "caches" / "latents_my_own_data" / "keep.txt").exists()
+    assert not (folder / "caches" / name).exists() and (folder / "caches" / "store_my_own_data" / "keep.txt").exists()
     succeeded(res["list_after"])
     assert res["list_after"].stdout == ""
 

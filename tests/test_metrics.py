@@ -535,7 +535,7 @@ def test_fid_during_training_when_a_process_has_no_image_to_make(shapes_dir, tin
     from modules.config.io import from_dict
     from modules.config.schema import UNetRunConfig
     from modules.core.generation import GenerationSpec
-    from modules.data.latent_cache import LatentDataset
+    from modules.data.latent_store import LatentStore
     from modules.eval.training import TrainingEvaluator
     from modules.interop.vae import load_vae
     from modules.run.export import load_network, read_network_export
@@ -571,7 +571,7 @@ def test_fid_during_training_when_a_process_has_no_image_to_make(shapes_dir, tin
     run = tmp_path / "run"
     cfg = from_dict(UNetRunConfig, json.loads((run / "config.json").read_text()))
     vae = load_vae(run / "frozen_vae").eval()
-    latents = LatentDataset(next((tmp_path / "cache").glob("latents_*")), hflip=False)
+    latents = LatentStore(next((tmp_path / "cache").glob("store_*")), hflip=False)
     export = read_network_export(run / "unet_ema")
     evaluator = TrainingEvaluator(cfg, Accelerator(cpu=True), GenerationSpec.of(cfg, export.sizes), latents,
                                   vae.config.scale_factor)

@@ -38,7 +38,8 @@ from modules.config.schema import DataConfig, UNetRunConfig, VAERunConfig, netwo
 from modules.core.networks import build_network
 from modules.core.networks.vae import AutoencoderKL
 from modules.data.dataset import build_dataset
-from modules.data.latent_cache import file_hashes
+from modules.data.latent_store import StoreSpec
+from modules.durable import manifest
 from modules.data.order import ResumableBatchSampler
 from modules.durable import sha256_file
 from modules.errors import ModelFolderError
@@ -417,21 +418,23 @@ def test_damaged_latest_checkpoints_fall_back_to_the_previous_good_one(stage2, t
 # ----------------------------------------------------------------------------- 4. non-finite steps
 
 def poison_cache(clean_root: Path, poisoned_root: Path, rows: list[int]) -> None:
-    """Copy the latent cache with the latents (plain and flipped) of ``rows`` set to NaN."""
-    import datasets
-    (folder,) = clean_root.glob("latents_*")
-    table = datasets.load_from_disk(str(folder))
-    columns = table.with_format("numpy")[:]
-    for name in ("mean", "mean_flip"):
-        columns[name] = columns[name].copy()
-        columns[name][rows] = np.nan
+    """Copy the latent store with the latents (plain and flipped) of ``rows`` set to NaN."""
+    from modules.data.latent_store import SHARD_MANIFEST, write_index
+    (folder,) = clean_root.glob("store_*")
     target = poisoned_root / folder.name
-    datasets.Dataset.from_dict(columns, features=table.features).save_to_disk(str(target))
-    # Sealed like a real cache (the latents are what a broken VAE could have written), so the
+    shutil.copytree(folder, target)
+    shard = target / "shard_00000"
+    for name in ("mean", "mean_flip"):
+        values = np.load(shard / f"{name}.npy")
+        values[rows] = np.nan
+        np.save(shard / f"{name}.npy", values)
+    # Sealed like a real store (the latents are what a broken VAE could have written), so the
     # checksums do not flag it as damaged and rebuild it.
-    info = json.loads((folder / "cache_info.json").read_text())
-    info["files"] = file_hashes(target)
-    (target / "cache_info.json").write_text(json.dumps(info))
+    record = json.loads((shard / SHARD_MANIFEST).read_text())
+    record["files"] = manifest(shard, exclude=(SHARD_MANIFEST,))
+    (shard / SHARD_MANIFEST).write_text(json.dumps(record))
+    index = json.loads((target / "index.json").read_text())
+    write_index(target, StoreSpec(**{**index["spec"], "class_names": tuple(index["spec"]["class_names"])}), 1)
 
 
 def test_a_nan_batch_is_skipped_and_counted(stage2, tmp_path, monkeypatch, caplog):

@@ -20,7 +20,7 @@ import torch
 import train_unet
 import train_vae
 from modules.config.cli import run_cli
-from modules.config.io import load_config, to_dict
+from modules.config.io import load_config
 from modules.config.schema import UNetRunConfig, VAERunConfig
 from modules.core.vae_loss import NLayerDiscriminator
 from modules.errors import ConfigError, ModelFolderError

@@ -26,7 +26,7 @@ from modules.core.objectives.shortcut import ShortcutConfig, shortcut_targets
 from modules.core.seeding import image_seed, initial_noise
 from modules.data.dataset import build_dataset
 from modules.data.image_io import to_uint8
-from modules.data.latent_cache import LatentDataset
+from modules.data.latent_store import LatentStore
 from modules.interop.clip import TextEncoder
 from modules.interop.vae import load_vae
 from modules.run.export import load_network, read_network_export
@@ -154,12 +154,12 @@ def test_embeddings_are_cached_once_and_reused(shapes_dir, tiny_vae_run, clip_di
     caplog.set_level(logging.INFO)
     common = ["--max-steps", "1", "train.checkpoint_every=1", "train.image_log_every=100", f"cache_dir={tmp_path}/c"]
     train(shapes_dir, tiny_vae_run, tmp_path / "a", clip_dir, *common)
-    assert calls and "building latent cache" in caplog.text
+    assert calls and "encoding latent store" in caplog.text
     calls.clear()
     caplog.clear()
     train(shapes_dir, tiny_vae_run, tmp_path / "b", clip_dir, *common)
-    assert calls == [] and "using latent cache" in caplog.text
-    cache = LatentDataset(next((tmp_path / "c").glob("latents_*")), hflip=True)
+    assert calls == [] and "using latent store" in caplog.text
+    cache = LatentStore(next((tmp_path / "c").glob("store_*")), hflip=True)
     captions = [json.loads(line)["text"] for line in (shapes_dir / "metadata.jsonl").read_text().splitlines()]
     cached = torch.stack([cache[i]["text"] for i in range(len(cache))])
     expected = reference_embeddings(clip_dir, captions)
@@ -181,15 +181,15 @@ def test_a_changed_caption_or_encoder_gets_fresh_embeddings(shapes_dir, tiny_vae
     text = (data / "metadata.jsonl").read_text()
     (data / "metadata.jsonl").write_text(text.replace("cloudy", "striped", 1))
     train(data, tiny_vae_run, tmp_path / "b", clip_dir, *common)
-    assert "building latent cache" in caplog.text
+    assert "encoding latent store" in caplog.text
     caplog.clear()
     other = write_tiny_clip(tmp_path / "other_clip", seed=1)
-    train(data, tiny_vae_run, tmp_path / "c", other, *common)
-    assert "building latent cache" in caplog.text
+    train(data, tiny_vae_run, tmp_path / "c_run", other, *common)     # (c is the store root: not a run folder)
+    assert "encoding latent store" in caplog.text
     caplog.clear()
     train(data, tiny_vae_run, tmp_path / "d", clip_dir, *common, "cond.text_layer=penultimate")
-    assert "building latent cache" in caplog.text
-    assert len(list((tmp_path / "c").glob("latents_*"))) == 4
+    assert "encoding latent store" in caplog.text
+    assert len(list((tmp_path / "c").glob("store_*"))) == 4
 
 
 # ----------------------------------------------------------------------------- networks and objectives
@@ -292,7 +292,7 @@ def test_text_model_separates_two_captions(tmp_path, tiny_vae_run, clip_dir):
           f"cache_dir={tmp_path / 'cache'}")
     unet = load_network(out / "unet_ema")
     scale = read_network_export(out / "unet_ema").vae["model"]["scale_factor"]
-    cached = LatentDataset(next((tmp_path / "cache").glob("latents_*")), hflip=False)
+    cached = LatentStore(next((tmp_path / "cache").glob("store_*")), hflip=False)
     is_red = torch.tensor(["red" in cached.caption(i) for i in range(len(cached))])
     means = torch.stack([cached[i]["mean"] for i in range(len(cached))]) * scale
     caption_means = torch.stack([means[~is_red].mean(0), means[is_red].mean(0)])
@@ -436,7 +436,7 @@ def test_two_processes_encode_their_shares_into_the_same_cache(shapes_dir, tiny_
         cwd=root, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es), distributed type MULTI_CPU" in result.stderr
-    cache = LatentDataset(next((tmp_path / "cache").glob("latents_*")), hflip=True)
+    cache = LatentStore(next((tmp_path / "cache").glob("store_*")), hflip=True)
     captions = [json.loads(line)["text"] for line in (shapes_dir / "metadata.jsonl").read_text().splitlines()]
     assert [cache.caption(i) for i in range(len(cache))] == captions
     expected = reference_embeddings(clip_dir, captions).half().float()

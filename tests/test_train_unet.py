@@ -14,7 +14,7 @@ from PIL import Image
 
 import train_unet
 from modules.core.generation import GenerationSpec, generate_latents
-from modules.data.latent_cache import LatentDataset
+from modules.data.latent_store import LatentStore
 from modules.run import harness
 from modules.run.export import load_network, read_network_export, read_weights
 
@@ -59,19 +59,19 @@ def test_export_records_vae_and_config(tiny_unet_run, tiny_vae_run):
     assert config["run_config"] == json.loads((tiny_unet_run / "config.json").read_text())
 
 
-def test_latent_cache_reused_and_rebuilt(shapes_dir, tiny_vae_run, tmp_path, caplog):
+def test_latent_store_reused_and_rebuilt(shapes_dir, tiny_vae_run, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     cache = f"cache_dir={tmp_path / 'cache'}"
     args = ["--max-steps", "1", "train.checkpoint_every=1", "train.image_log_every=100", cache]
     train(shapes_dir, tiny_vae_run, tmp_path / "a", *args)
-    assert "building latent cache" in caplog.text
-    (first_cache,) = (tmp_path / "cache").glob("latents_*")
+    assert "encoding latent store" in caplog.text
+    (first_store,) = (tmp_path / "cache").glob("store_*")
     caplog.clear()
     train(shapes_dir, tiny_vae_run, tmp_path / "b", *args)
-    assert "using latent cache" in caplog.text and "building" not in caplog.text
+    assert "using latent store" in caplog.text and "encoding" not in caplog.text
     caplog.clear()
     train(shapes_dir, tiny_vae_run, tmp_path / "c", *args, "data.image_size=16")
-    assert "building latent cache" in caplog.text and "differs in: image_size" in caplog.text
+    assert "encoding latent store" in caplog.text and "differs in: image_size" in caplog.text
     caplog.clear()
     # Another VAE (same architecture, different weights) must not reuse the latents.
     other_vae = tmp_path / "other_vae"
@@ -83,40 +83,37 @@ def test_latent_cache_reused_and_rebuilt(shapes_dir, tiny_vae_run, tmp_path, cap
     other_config.pop("sha256")       # hand-made weights: no recorded hash to check them against
     (other_vae / "config.json").write_text(json.dumps(other_config))
     train(shapes_dir, other_vae, tmp_path / "d", *args)
-    assert "building latent cache" in caplog.text
-    assert len(list((tmp_path / "cache").glob("latents_*"))) == 3  # one per (VAE, data, size) key
-    # A cache whose writing never finished (no cache_info.json) is rebuilt, not used.
+    assert "encoding latent store" in caplog.text
+    assert len(list((tmp_path / "cache").glob("store_*"))) == 3  # one per (VAE, data, size) key
+    # A store whose encode never finished (no index.json) is encoded again (its complete shards kept), not used.
     caplog.clear()
-    (first_cache / "cache_info.json").unlink()
+    (first_store / "index.json").unlink()
     train(shapes_dir, tiny_vae_run, tmp_path / "e", *args)
-    assert "incomplete cache" in caplog.text
-    # The cache stores the posterior (mean and std) of each image and of its flip.
-    folder = first_cache
-    latents = LatentDataset(folder, hflip=True)
+    assert "incomplete store" in caplog.text
+    # The store holds the posterior (mean and std) of each image and of its flip.
+    latents = LatentStore(first_store, hflip=True)
     item = latents[(0, 1)]
     assert item["mean"].shape == (4, 16, 16) and (item["std"] > 0).all()
 
 
-def test_a_missing_cache_says_whether_the_data_changed(tmp_path):
-    """m5: with a cache of the same VAE and settings for other data next to it, the reason for
-    encoding is that the data changed, not "no cache yet"."""
-    from modules.data.latent_cache import cache_folder, cache_problem
-    key = {"vae": "v" * 32, "data": "d" * 32, "split": "train", "image_size": 32, "hflip": True, "masks": False,
-           "format": 2}
-    assert "no cache for data fingerprint dddddddddddd" in cache_problem(cache_folder(tmp_path, key), key, 24)
-    old = cache_folder(tmp_path, {**key, "data": "e" * 32})
-    old.mkdir()
-    (old / "cache_info.json").write_text(json.dumps({"key": {**key, "data": "e" * 32}, "num_items": 24, "files": {}}))
-    other = cache_folder(tmp_path, {**key, "data": "f" * 32, "image_size": 16})
-    other.mkdir()
-    (other / "cache_info.json").write_text(json.dumps({"key": {**key, "data": "f" * 32, "image_size": 16}}))
-    (tmp_path / "latents_damaged").mkdir()
-    (tmp_path / "latents_damaged" / "cache_info.json").write_text("[1, 2")
-    problem = cache_problem(cache_folder(tmp_path, key), key, 24)
-    assert problem.startswith(f"no cache for this data yet: its fingerprint dddddddddddd differs from eeeeeeeeeeee "
-                              f"of cache {old.name}") and "the data changed" in problem, problem
-    flipless = {**key, "hflip": False}
-    assert "differs in: data, hflip" in cache_problem(cache_folder(tmp_path, flipless), flipless, 24)
+def test_a_missing_store_says_whether_the_data_changed(tmp_path):
+    """m5: with a store of the same VAE and settings for other data next to it, the reason for
+    encoding is that the data changed, not "no store yet"."""
+    from modules.data.latent_store import StoreSpec, _nearest_other_store, write_index
+    spec = StoreSpec(vae="v" * 64, source="d" * 64, image_size=32, hflip=True, masks=False, text=None, num_rows=24)
+    assert "none for images of fingerprint dddddddddddd" in _nearest_other_store(tmp_path, spec)
+    for other in (StoreSpec(**{**spec.__dict__, "source": "e" * 64}),
+                  StoreSpec(**{**spec.__dict__, "source": "f" * 64, "image_size": 16})):
+        (tmp_path / other.name()).mkdir()
+        write_index(tmp_path / other.name(), other, 0)
+    (tmp_path / "store_damaged").mkdir()
+    (tmp_path / "store_damaged" / "index.json").write_text("[1, 2")
+    old = StoreSpec(**{**spec.__dict__, "source": "e" * 64}).name()
+    problem = _nearest_other_store(tmp_path, spec)
+    assert problem.startswith(f"none for these images yet: their fingerprint dddddddddddd differs from eeeeeeeeeeee "
+                              f"of store {old}") and "the data changed" in problem, problem
+    flipless = StoreSpec(**{**spec.__dict__, "hflip": False})
+    assert "differs in: hflip, source" in _nearest_other_store(tmp_path, flipless)
 
 
 @pytest.mark.parametrize("objective", ["flow", "ddpm"])
@@ -153,7 +150,7 @@ def test_class_conditional_model_separates_two_classes(tmp_path, tiny_vae_run):
     export = read_network_export(out / "unet_ema")
     spec = GenerationSpec.of(export.config, export.sizes)
     scale = config["vae"]["model"]["scale_factor"]
-    cached = LatentDataset(next((tmp_path / "cache").glob("latents_*")), hflip=False)
+    cached = LatentStore(next((tmp_path / "cache").glob("store_*")), hflip=False)
     labels = torch.stack([cached[i]["label"] for i in range(len(cached))])
     means = torch.stack([cached[i]["mean"] for i in range(len(cached))]) * scale
     class_means = torch.stack([means[labels == c].mean(0) for c in (0, 1)])

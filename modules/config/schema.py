@@ -54,7 +54,7 @@ def path_setting(kind: str = "local") -> Any:
 
 @dataclass
 class DataConfig:
-    path: str = path_setting("hub")     # image folder, save_to_disk folder or hub name
+    path: str = path_setting("hub")     # image folder, save_to_disk folder, hub name, latent store (stage 2)
     split: str = "train"
     image_size: int = setting(256, positive, at_most(SIZE_LIMIT))
     random_crop_scale: float = setting(1.0, fraction(low_open=True))   # < 1: random resized crop, min area
@@ -63,6 +63,7 @@ class DataConfig:
     rot90: bool = False
     num_val_images: int = setting(8, non_negative, at_most(COUNT_LIMIT))   # stage 1's validation PSNR, grids; 0: none
     num_workers: int = setting(2, non_negative, at_most(256))
+    streaming: bool = False             # encode.py: read a hub data set as a stream (tar shards always are)
 
 
 @dataclass

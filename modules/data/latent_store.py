@@ -103,7 +103,18 @@ def shard_problem(folder: Path, inputs: Optional[str] = None, deep: bool = False
         return f"{SHARD_MANIFEST} holds no row count"
     if inputs is not None and record.get("inputs") != inputs:
         return "encoded from other inputs"
-    return durable.manifest_problem(folder, record.get("files"), deep=deep)
+    problem = durable.manifest_problem(folder, record.get("files"), deep=deep)
+    if problem:
+        return problem
+    for name in record["files"]:
+        if name.endswith(".npy"):
+            try:
+                rows = np.load(folder / name, mmap_mode="r").shape[0]
+            except (ValueError, OSError) as e:
+                return f"{name} is not a readable array: {str(e).splitlines()[0][:120]}"
+            if rows != record["rows"]:
+                return f"{name} holds {rows} rows, its manifest says {record['rows']}"
+    return None
 
 
 class ShardWriter:
@@ -211,9 +222,9 @@ def open_or_encode(vae, dataset, spec: StoreSpec, root: Path, batch_size: int, d
     else:
         if rank == 0:
             earlier = sorted(root.glob("latents_*")) if root.is_dir() else []
-            logger.info("encoding latent store %s (%s)%s", folder, problem or "none for these images, VAE and settings yet",
-                        f"; {len(earlier)} cache(s) of the earlier format in {root} are not read (remove them: "
-                        "python -m modules.data.latent_store remove ...)" if earlier else "")
+            logger.info("encoding latent store %s (%s)%s", folder, problem or _nearest_other_store(root, spec),
+                        f"; {len(earlier)} latent cache(s) of the earlier format in {root} are not read (remove "
+                        "them: rm -r ROOT/latents_*)" if earlier else "")
         if problem and (folder / INDEX).is_file() and rank == 0:
             durable.clear(folder / INDEX)       # damaged: a shard that fails its own manifest is encoded again
         try:
@@ -223,6 +234,29 @@ def open_or_encode(vae, dataset, spec: StoreSpec, root: Path, batch_size: int, d
         encode(vae, IndexedShards(dataset, shard_rows, batch_size, num_workers), spec, folder, device, rank, world,
                text_encoder)
     return LatentStore(folder, spec.hflip)
+
+
+def _nearest_other_store(root: Path, spec: StoreSpec) -> str:
+    """Why no store fits ``spec``, named by the store beside it that differs least: changed data then reads as
+    such, not as a first run."""
+    wanted, nearest = asdict(spec), None
+    for index_path in sorted(root.glob(f"store_*/{INDEX}")) if root.is_dir() else []:
+        try:
+            saved = read_index(index_path.parent)["spec"]
+        except DataError:
+            continue
+        changed = sorted(k for k in wanted if k not in ("num_rows", "class_names")     # they follow from the source
+                         and _normal(saved.get(k)) != _normal(wanted[k]))
+        if nearest is None or len(changed) < len(nearest[2]):
+            nearest = (index_path.parent.name, saved, changed)
+    if nearest is None:
+        return f"none for images of fingerprint {spec.source[:12]} with this VAE and settings yet"
+    name, saved, changed = nearest
+    if changed == ["source"]:
+        return (f"none for these images yet: their fingerprint {spec.source[:12]} differs from "
+                f"{str(saved.get('source'))[:12]} of store {name} (same VAE and settings), so the data changed or "
+                "is another data set (its files, labels, captions or masks)")
+    return f"none for these settings yet (the nearest, {name}, differs in: {', '.join(changed)})"
 
 
 def claim_store_folder(folder: Path, spec: StoreSpec) -> None:
@@ -293,7 +327,8 @@ def encode(vae, shards, spec: StoreSpec, folder: Path, device, rank: int = 0, wo
     """Encode ``shards`` (:class:`IndexedShards` or :class:`StreamShards`) into the store ``folder`` (see the
     module docstring); every process calls it with its ``rank`` of ``world``. Returns ``folder`` once its
     index is written."""
-    folder.mkdir(parents=True, exist_ok=True)
+    with durable.failed_write_is(f"the latent store {folder}", "nothing was encoded yet"):
+        folder.mkdir(parents=True, exist_ok=True)
     n, inputs = shards.n_shards, spec.inputs_key()
 
     def complete(k: int) -> bool:
@@ -302,6 +337,24 @@ def encode(vae, shards, spec: StoreSpec, folder: Path, device, rank: int = 0, wo
     done = sum(complete(k) for k in range(n))
     if done and rank == 0:
         logger.info("latent store %s: %d of %d shards already encoded; encoding the rest", folder, done, n)
+    with durable.failed_write_is(f"the latent store {folder}", "its complete shards are kept, and the same command "
+                                 "continues the encode once there is room"):
+        _encode_shards(vae, shards, spec, folder, device, rank, world, text_encoder, complete)
+    _wait_for(lambda: all(complete(k) for k in range(n)), "the other processes' shards", folder, timeout_s)
+    if rank == 0:
+        with durable.failed_write_is(f"the index of the latent store {folder}", "its shards are kept"):
+            if text_encoder is not None:
+                null = text_encoder.null().half().cpu().numpy()
+                durable.write_file(folder / NULL_TEXT, lambda tmp: _save_array(tmp, null))
+            write_index(folder, spec, n)
+    _wait_for(lambda: (folder / INDEX).is_file(), "the index", folder, timeout_s)
+    return folder
+
+
+def _encode_shards(vae, shards, spec: StoreSpec, folder: Path, device, rank: int, world: int, text_encoder,
+                   complete: Callable[[int], bool]) -> None:
+    """This process's part of :func:`encode`: its shards, then any other nobody holds."""
+    n, inputs = shards.n_shards, spec.inputs_key()
     try:
         # This process's shards first, then any other that nobody holds: several processes, or several runs
         # building the same store, share the work; a shard's lock makes one of them its only writer.
@@ -310,8 +363,11 @@ def encode(vae, shards, spec: StoreSpec, folder: Path, device, rank: int = 0, wo
             if complete(k):
                 continue
             lock = durable.Lock(folder / f".{out.name}.lock")
-            if lock.acquire(wait=False) is not None:
+            problem = lock.acquire(wait=False)
+            if problem is not None and problem.startswith("in use"):
                 continue            # another process is encoding it
+            if problem is not None:
+                raise CheckpointError(f"latent store {folder}: {problem}")
             try:
                 if not complete(k):
                     writer = ShardWriter(out, inputs)
@@ -328,14 +384,11 @@ def encode(vae, shards, spec: StoreSpec, folder: Path, device, rank: int = 0, wo
         finished = sum(complete(k) for k in range(n))
         raise CheckpointError(f"interrupted while encoding the latent store {folder}: {finished} of {n} shards are "
                               "complete and kept; the same command continues from there") from None
-    _wait_for(lambda: all(complete(k) for k in range(n)),
-              "the other processes' shards", folder, timeout_s)
-    if rank == 0:
-        if text_encoder is not None:
-            durable.write_file(folder / NULL_TEXT, lambda tmp: np.save(tmp, text_encoder.null().half().cpu().numpy()))
-        write_index(folder, spec, n)
-    _wait_for(lambda: (folder / INDEX).is_file(), "the index", folder, timeout_s)
-    return folder
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:     # a file, not a name: np.save would add ".npy" to a temporary's name
+        np.save(f, array)
 
 
 def _wait_for(ready: Callable[[], bool], what: str, folder: Path, timeout_s: Optional[float]) -> None:
@@ -391,17 +444,9 @@ def store_problem(folder: Path, deep: bool = False) -> Optional[str]:
         if not isinstance(shard, dict):
             return f"damaged store ({INDEX} lists a shard as {shard!r})"
         path = folder / str(shard.get("name"))
-        problem = durable.manifest_problem(path, shard.get("files"), deep=deep)
+        problem = durable.manifest_problem(path, shard.get("files"), deep=deep) or shard_problem(path)
         if problem:
             return f"damaged store (shard {path.name}: {problem})"
-        for name in shard["files"]:
-            if name.endswith(".npy"):
-                try:
-                    rows = np.load(path / name, mmap_mode="r").shape[0]
-                except (ValueError, OSError) as e:
-                    return f"damaged store (shard {path.name}: {name} is not a readable array: {e})"
-                if rows != shard.get("rows"):
-                    return f"damaged store (shard {path.name}: {name} holds {rows} rows, the index says {shard.get('rows')})"
     return durable.manifest_problem(folder, index.get("files", {}), deep=deep)
 
 
@@ -455,6 +500,10 @@ class LatentStore(torch.utils.data.Dataset):
     def fingerprint(self) -> str:
         """The source's fingerprint when the store was encoded (what a resumed run compares)."""
         return self.spec.source
+
+    def truncated_captions(self) -> int:
+        """How many captions were longer than the text encoder's context (truncated when encoded)."""
+        return sum(int(self._array(s, "truncated").sum()) for s in range(len(self.shards))) if self.has_text else 0
 
     @property
     def info(self) -> dict:

@@ -53,11 +53,12 @@ class RunIdentity:
     data: Optional[str] = None          # fingerprint of the training data
     text_encoder: Optional[str] = None  # identity of the frozen text encoder (cond.type=text)
     sizes: Optional[dict] = None        # stage 2: what the network was built for (Sizes)
+    store: Optional[str] = None         # stage 2: the latent store it trains on (recorded, not checked)
 
     def record(self) -> dict:
         """What ``identity.json`` holds."""
         return {"script": self.script, "config": to_dict(self.config), "vae": self.vae, "data": self.data,
-                "text_encoder": self.text_encoder, "sizes": self.sizes}
+                "text_encoder": self.text_encoder, "sizes": self.sizes, "store": self.store}
 
     def check(self, saved: dict, path: Path) -> None:
         """Refuse ``path`` (whose identity is ``saved``) when it cannot be continued by this run."""
