@@ -39,8 +39,9 @@ from modules.interop.dit import load_init_weights
 from modules.interop.vae import load_vae
 from modules.run.accelerator import adam
 from modules.run.checkpoint import RunIdentity
-from modules.run.export import FROZEN_VAE, find_model_folder, save_network, save_vae, vae_identity, vae_to_resume_with
+from modules.run.export import find_model_folder, save_network, save_vae, vae_identity, vae_to_resume_with
 from modules.run.harness import Run, lr_factor, set_lr
+from modules.run.layout import FROZEN_VAE
 from modules.run.tracking import check_tracker, to_scalars
 
 logger = logging.getLogger("train_unet")

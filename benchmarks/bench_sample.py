@@ -9,7 +9,7 @@ to the decoded images, with bf16 weights and compute on CUDA (float32 on CPU). O
 ``modules.core.generation`` (what sample.py runs); diffusers' is ``UNet2DConditionModel`` (the
 preset's widths, as ``bench_unet.py`` builds it; ``DiTTransformer2DModel`` for a DiT preset) and
 ``AutoencoderKL`` (``bench_vae.py``'s), stepped by the same Euler loop. Each model is timed eagerly, then compiled as ``sample.py
---compile`` compiles (``modules.core.generation.compile_options``: mode="reduce-overhead", CUDA graphs
+--compile`` compiles (``modules.core.compiling.sampling_options``: mode="reduce-overhead", CUDA graphs
 on GPU; the UNet and the VAE decoder) and timed again. Prints one markdown table with the
 ours/diffusers and compiled/eager ratios; ``--json OUT`` also writes the numbers. Random
 weights: this measures speed, not images.
@@ -34,9 +34,9 @@ import bench_vae  # noqa: E402
 
 from modules.config.io import load_config  # noqa: E402
 from modules.config.schema import ConfigError, UNetRunConfig, VAERunConfig, sizes_problem  # noqa: E402
+from modules.core.compiling import sampling_options  # noqa: E402
 from modules.core.generation import (  # noqa: E402
     GenerationSpec,
-    compile_options,
     compiled_for_sampling,
     decode_latents,
     generate_latents,
@@ -139,7 +139,7 @@ class Diffusers:
         self.device, self.dtype = device, dtype
 
     def compile(self) -> None:
-        options = compile_options()
+        options = sampling_options()
         self.unet = torch.compile(self.unet, **options)
         self.vae.decoder.compile(**options)
 
@@ -218,14 +218,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     torch.manual_seed(0)
     rows = measure(args, device, dtype)
     cells = [ratios(rows, batch, steps) for batch in args.batch for steps in args.steps]
-    compiled = "eager only" if args.no_compile else f"compiled with {compile_options()}"
+    compiled = "eager only" if args.no_compile else f"compiled with {sampling_options()}"
     header = (f"Generation, UNet `{args.unet_preset}` + VAE `{args.vae_preset}`, latents {args.latent_size}x"
               f"{args.latent_size}, {device.type} "
               f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), {dtype}, {compiled}, "
               f"median of {args.repeats} after {args.warmup} warm-up, torch {torch.__version__}")
     print(table(rows, cells, header))
     report = {"unet_preset": args.unet_preset, "vae_preset": args.vae_preset, "device": str(device),
-              "dtype": str(dtype), "compile": None if args.no_compile else compile_options(), "rows": rows,
+              "dtype": str(dtype), "compile": None if args.no_compile else sampling_options(), "rows": rows,
               "ratios": cells}
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -20,9 +20,9 @@ from modules.core.attention import forward_ad_attention
 from modules.core.networks import build_network
 from modules.core.networks.denoiser import count_parameters
 from modules.core.networks.icdit import rotate, rope_tables
-from modules.core.objectives import meanflow as meanflow_module
+from modules.core.objectives import base as objectives_base
+from modules.core.objectives.base import average_velocity_jvp
 from modules.core.objectives.imf import Imf, ImfConfig, ImfDraws, guidance_scales
-from modules.core.objectives.meanflow import average_velocity_jvp
 from modules.core.samplers import guided
 from modules.errors import ConfigError
 
@@ -237,7 +237,7 @@ def test_the_forward_ad_path_of_ddp_and_fsdp1_gives_the_same_loss_and_gradients(
     loss, _ = objective.loss_of(net, x1, x0, y, d)
     loss.backward()
     plain = grads(net)
-    monkeypatch.setattr(meanflow_module, "_runs_forward_ad", lambda model: model)
+    monkeypatch.setattr(objectives_base, "_runs_forward_ad", lambda model: model)
     forward_ad, _ = objective.loss_of(net, x1, x0, y, d)
     forward_ad.backward()
     torch.testing.assert_close(forward_ad, loss, rtol=1e-12, atol=0)

@@ -93,3 +93,34 @@ def test_the_layer_test_finds_an_import_from_above(tmp_path, monkeypatch):
             raise AssertionError("an import from a higher layer went unnoticed")
     finally:
         fake.unlink()
+
+
+def project_graph() -> dict[str, set[str]]:
+    """module -> the project's modules it imports (the four entry points and every file under modules/)."""
+    files = [*sorted((ROOT / "modules").rglob("*.py")),
+             *(ROOT / name for name in ("train_vae.py", "train_unet.py", "sample.py", "evaluate.py", "encode.py"))]
+
+    def name_of(path: Path) -> str:
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    names = {name_of(p): p for p in files}
+    return {name: {m for m, _ in imports(path) if m in names and m != name} for name, path in names.items()}
+
+
+def longest_chain(graph: dict[str, set[str]]) -> list[str]:
+    memo: dict[str, list[str]] = {}
+
+    def walk(node: str, seen: tuple[str, ...]) -> list[str]:
+        if node in seen:
+            raise AssertionError(f"import cycle: {' -> '.join(seen[seen.index(node):] + (node,))}")
+        if node not in memo:
+            memo[node] = [node] + max((walk(d, seen + (node,)) for d in graph[node]), key=len, default=[])
+        return memo[node]
+    return max((walk(node, ()) for node in graph), key=len)
+
+
+def test_imports_have_no_cycle_and_no_chain_longer_than_ten():
+    """A reader follows any import chain in at most 10 hops (14, with a cycle, before the four layers), and no two
+    modules need each other."""
+    chain = longest_chain(project_graph())
+    assert len(chain) - 1 <= 10, " -> ".join(chain)

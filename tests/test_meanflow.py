@@ -11,7 +11,9 @@ from modules.config.io import load_config
 from modules.config.schema import UNetRunConfig
 from modules.core.attention import attention, forward_ad_attention
 from modules.core.objectives.base import Draws
-from modules.core.objectives.meanflow import MeanFlow, MeanFlowConfig, average_velocity_jvp, num_equal, sample_meanflow
+from modules.core.objectives.base import average_velocity_jvp
+from modules.core.objectives.meanflow import MeanFlow, MeanFlowConfig, num_equal
+from modules.core.samplers import sample_meanflow
 from modules.core.samplers import sample_euler
 
 MU, SIGMA = 1.5, 0.5       # data x1 ~ N(MU, SIGMA^2) per element, noise x0 ~ N(0, 1)
@@ -310,7 +312,7 @@ def test_the_jvp_and_its_gradient_are_the_same_through_ddp_fsdp_and_compile():
     """The average velocity, its JVP and the loss gradient equal the plain module's (float64) through DDP,
     FSDP1, FSDP2, torch.compile and compiled DDP on two CPU ranks, and DDP's within bf16 rounding under
     autocast. torch.func.jvp fails inside DDP and
-    FSDP1, forward_ad inside FSDP2 and compiled modules (modules/meanflow.py: _runs_forward_ad)."""
+    FSDP1, forward_ad inside FSDP2 and compiled modules (modules/core/objectives/base.py: _runs_forward_ad)."""
     import socket
 
     import torch.distributed as dist

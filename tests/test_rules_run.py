@@ -235,7 +235,7 @@ def test_a_compiled_runs_exports_load_in_sample_py_and_its_checkpoint_resumes_un
     exports and checkpoints under the network's own parameter names: sample.py samples both exports,
     and an uncompiled run resumes the compiled run's checkpoint."""
     import sample
-    from modules.core.generation import COMPILE_BACKEND_ENV
+    from modules.core.compiling import COMPILE_BACKEND_ENV
     from modules.run.export import read_weights
     from safetensors.torch import load_file
     monkeypatch.setenv(COMPILE_BACKEND_ENV, "aot_eager")

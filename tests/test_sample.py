@@ -258,7 +258,7 @@ def test_compiled_sampling_gives_the_images_of_eager_sampling(tiny_unet_run, tmp
     in production, without inductor's code generation, which takes minutes on a CPU."""
     from torch._dynamo.utils import counters
 
-    from modules.core.generation import COMPILE_BACKEND_ENV
+    from modules.core.compiling import COMPILE_BACKEND_ENV
     monkeypatch.setenv(COMPILE_BACKEND_ENV, "aot_eager")
     common = ["--unet", tiny_unet_run, "--num-samples", 2, "--steps", 1, "--seed", 3]
     run(*common, "--out", tmp_path / "eager")

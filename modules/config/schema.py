@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Optional
 from modules.config import legacy
 from modules.config.io import PATH_METADATA
 from modules.core.networks import ARCHITECTURES
-from modules.core.networks.denoiser import CondConfig, Sizes
+from modules.core.networks.denoiser import EXTRA_INPUTS, CondConfig, Sizes
 from modules.core.networks.unet import UNetConfig
 from modules.core.networks.vae import VAEConfig
 from modules.core.objectives import OBJECTIVES, build_objective, objective_class
@@ -250,18 +250,21 @@ class UNetRun:
         if objective.trains_guidance(self.objective_cfg) and conditional and self.cond.drop == 0:
             raise fail(f"{prefix}cond.drop", f"must be above 0 for the guidance objective={self.objective} trains "
                        "in: its targets use the unconditional velocity, which only condition dropout trains")
-        if self.model.arch == "dit" and self.cond.type == "mask" and self.cond.mask_mode != "concat":
-            raise fail(f"{prefix}cond.mask_mode", f"model.arch=dit has no cross-attention: it reads masks as "
-                       f"concatenated input channels only (cond.mask_mode=concat), got {self.cond.mask_mode}")
+        network = ARCHITECTURES[self.model.arch]
+        problem = network.condition_problem(self.model, self.cond)
+        if problem:
+            raise fail(f"{prefix}{problem[0]}", problem[1])
+        inputs = objective.network_inputs(self.objective_cfg)
+        needed = [name for name in EXTRA_INPUTS if getattr(inputs, name)]
+        if any(name not in network.extra_inputs for name in needed):
+            able = [arch for arch, cls in ARCHITECTURES.items() if all(n in cls.extra_inputs for n in needed)]
+            raise fail(f"{prefix}model.arch", f"objective={self.objective} needs a network that embeds "
+                       f"{', '.join(needed)}: model.arch={' or '.join(able)}, got {self.model.arch}")
         if self.cond.type == "text" and not self.cond.text_encoder:
             raise fail(f"{prefix}cond.text_encoder", "cond.type=text needs a local CLIP text encoder folder (a Stable "
                        "Diffusion folder with text_encoder/ and tokenizer/, or one folder holding both)")
         if self.init_from and self.model.arch != "dit":
             raise fail(f"{prefix}init_from", "loads a diffusers DiT (DiTTransformer2DModel): it needs model.arch=dit")
-        if (self.model.arch == "unet" and self.cond.type == "mask" and self.cond.mask_mode != "concat"
-                and self.model.context_dim % 4):
-            raise fail(f"{prefix}model.context_dim", "mask tokens need a multiple of 4 (2-D sine-cosine "
-                       f"positions), got {self.model.context_dim}")
         pool_rows = self.train.ot_pool * self.train.batch_size
         if self.train.ot_pairing and pool_rows > OT_POOL_LIMIT:
             raise fail(f"{prefix}train.ot_pool", f"{self.train.ot_pool} micro-batches of train.batch_size="

@@ -5,21 +5,18 @@ the run's; in sample.py, the ones the export recorded), so every path generates 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
+from modules.core.compiling import sampling_options
 from modules.core.networks.denoiser import Sizes
 from modules.core.objectives import objective_class
 from modules.core.objectives.base import ModelCall
 from modules.core.samplers import guided
 from modules.core.seeding import initial_noise, noise_generators
 
-# The tests' override of the compiler backend (e.g. aot_eager): inductor takes minutes to compile
-# on a CPU. Unset, sampling compiles with inductor's "reduce-overhead" mode (CUDA graphs on GPUs).
-COMPILE_BACKEND_ENV = "LDM_COMPILE_BACKEND"
 
 
 @dataclass
@@ -59,21 +56,13 @@ def generate_latents(net, spec: GenerationSpec, cond: Optional[torch.Tensor], se
                             noise_generators(seeds), eta)
 
 
-def compile_options() -> dict:
-    """torch.compile's arguments for sampling: mode="reduce-overhead" (inductor; CUDA graphs on GPUs),
-    or the backend named by $LDM_COMPILE_BACKEND. Static shapes: one graph per batch size (sampling
-    sees one, plus a smaller last batch), which CUDA graphs replay fastest."""
-    backend = os.environ.get(COMPILE_BACKEND_ENV)
-    return {"dynamic": False, **({"backend": backend} if backend else {"mode": "reduce-overhead"})}
-
-
 def compiled_for_sampling(net: torch.nn.Module, vae: torch.nn.Module) -> ModelCall:
     """Compile the VAE's decoder in place and return the network's compiled call, for
     ``generate_latents`` and ``decode_latents``; the weights and their names do not change.
 
     The call's output is cloned: a CUDA graph writes every replay's output into the same memory,
     and samplers keep one output across the next call (Heun's first velocity)."""
-    options = compile_options()
+    options = sampling_options()
     vae.decoder.compile(**options)
     network = torch.compile(net, **options)
     return lambda *args, **kwargs: network(*args, **kwargs).clone()

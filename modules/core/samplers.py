@@ -79,3 +79,14 @@ ODE_SAMPLERS = {"euler": sample_euler, "heun": sample_heun}
 def sample_ode(method: str, fn: SampleFn, noise: torch.Tensor, steps: int) -> torch.Tensor:
     """The flow ODE integrated by ``method`` (euler or heun) in ``steps`` steps."""
     return ODE_SAMPLERS[method](fn, noise, steps)
+
+
+@torch.no_grad()
+def sample_meanflow(fn: SampleFn, noise: torch.Tensor, steps: int) -> torch.Tensor:
+    """MeanFlow steps on the grid t_i = i/steps: x <- x + (t_(i+1) - t_i) u(x, t_i, h = t_(i+1) - t_i),
+    u the average velocity over the step (1 step: one forward from noise to data)."""
+    x = noise
+    for i in range(steps):
+        t, s = i / steps, (i + 1) / steps
+        x = x + (s - t) * fn(x, times(x, t), interval=times(x, s - t)).to(x.dtype)
+    return x

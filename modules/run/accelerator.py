@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list
 
-from modules.core.generation import COMPILE_BACKEND_ENV
+from modules.core.compiling import compile_backend
 
 
 logger = logging.getLogger(__name__)
@@ -72,12 +72,8 @@ def prepare_network(accelerator: Accelerator, cfg, network: torch.nn.Module, *ot
         network.to(memory_format=torch.channels_last)
     network, *others = accelerator.prepare(network, *others)
     if cfg.compile:
-        backend = os.environ.get(COMPILE_BACKEND_ENV)    # e.g. aot_eager: tests on machines without a compiler
-        network = torch.compile(network, **({"backend": backend} if backend else {}))
+        network = torch.compile(network, **compile_backend())
     return (network, *others)
-
-
-COMPILED_PREFIX = "_orig_mod."     # what torch.compile's wrapper puts before every name
 
 
 def uncompiled(network: torch.nn.Module) -> torch.nn.Module:
@@ -95,11 +91,6 @@ def network_state_dict(accelerator: Accelerator, network: torch.nn.Module) -> di
     """``accelerator.get_state_dict`` (full weights on the main process; a collective under FSDP) under the
     network's own parameter names, compiled or not."""
     return accelerator.get_state_dict(uncompiled(network))
-
-
-def without_compiled_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Names as the network has them: files written by compiled runs before 2027 hold ``_orig_mod.`` names."""
-    return {key.replace(COMPILED_PREFIX, ""): value for key, value in tensors.items()}
 
 
 def from_main_process(value, state):

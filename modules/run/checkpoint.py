@@ -25,10 +25,11 @@ from safetensors.torch import load_file, save_file
 from modules import durable
 from modules.config.io import apply_dict, changes_in, from_dict, path_keys, to_dict
 from modules.config.legacy import legacy_sizes
+from modules.core.compiling import without_compiled_prefix
 from modules.core.ema import EMA
 from modules.core.networks.denoiser import Sizes
 from modules.errors import CheckpointError, ConfigError
-from modules.run.accelerator import without_compiled_prefix
+from modules.run.layout import CHECKPOINTS
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ class Checkpointer:
     def __init__(self, accelerator: Accelerator, output_dir: Path, keep: int, state: "TrainingState",
                  identity: RunIdentity, emas: Optional[dict[str, EMA]] = None, sharded_emas: bool = False):
         self.accelerator = accelerator
-        self.root = output_dir / "checkpoints"
+        self.root = output_dir / CHECKPOINTS
         self.keep = keep
         self.state = state
         self.identity = identity
@@ -329,7 +330,7 @@ def unfinished(output_dir: Path) -> Optional[str]:
         max_steps = saved["train"]["max_steps"]
     except (ValueError, TypeError, KeyError):
         return f"{output_dir} holds no readable config.json"
-    done = max((int(match.group(1)) for path in (output_dir / "checkpoints").glob("step_*")
+    done = max((int(match.group(1)) for path in (output_dir / CHECKPOINTS).glob("step_*")
                 if (match := _STEP_FOLDER.fullmatch(path.name)) and checkpoint_problem(path) is None), default=0)
     if done != max_steps:
         return f"the run in {output_dir} stopped at step {done} of {max_steps}"

@@ -28,16 +28,16 @@ from modules import durable
 from modules.config.io import diff_fields, from_dict, read_json, to_dict, with_defaults
 from modules.config.legacy import legacy_sizes
 from modules.config.schema import UNetRunConfig, sizes_problem
+from modules.core.compiling import without_compiled_prefix
 from modules.core.networks import build_network
 from modules.core.networks.denoiser import Denoiser, Sizes
 from modules.core.networks.vae import AutoencoderKL, VAEConfig
 from modules.errors import ConfigError, ModelFolderError
-from modules.run.accelerator import without_compiled_prefix
+from modules.run.layout import FROZEN_VAE
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"   # what diffusers' save_pretrained writes
-FROZEN_VAE = "frozen_vae"     # a stage-2 run's own copy of its VAE, in its output folder beside the exports
 logger = logging.getLogger(__name__)
 
 

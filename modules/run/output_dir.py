@@ -20,12 +20,10 @@ from modules import durable
 from modules.config.io import save_json
 from modules.errors import CheckpointError
 from modules.run.accelerator import from_main_process
-from modules.run.export import FROZEN_VAE
+from modules.run.layout import CHECKPOINTS, EXPORT_FOLDERS, SWAPPED_FOLDERS
 
 CONFIG_NAME = "config.json"
 LOCK_NAME = ".lock"
-EXPORT_FOLDERS = ("vae", "unet", "unet_ema")
-SWAPPED_FOLDERS = (*EXPORT_FOLDERS, FROZEN_VAE)     # written by durable.write_folder: recovered at start
 
 
 def _take_lock(output_dir: Path) -> tuple[Optional[durable.Lock], Optional[str]]:
@@ -61,7 +59,7 @@ def claim_output_dir(accelerator: Accelerator, output_dir: Path, resume: Optiona
 
 
 def _owned_by_another_run(output_dir: Path) -> Optional[str]:
-    if any((output_dir / "checkpoints").glob("step_*")):
+    if any((output_dir / CHECKPOINTS).glob("step_*")):
         return (f"output dir {output_dir} already holds checkpoints; pass --resume latest to continue it "
                 "or choose another --output-dir")
     exports = [name for name in EXPORT_FOLDERS if (output_dir / name / CONFIG_NAME).is_file()]

@@ -44,14 +44,11 @@ from modules import durable
 from modules.config.io import diff_fields
 from modules.data.image_io import find_images, is_image_file
 from modules.errors import ConfigError
-from modules.run.output_dir import EXPORT_FOLDERS
+from modules.run.layout import RUN_OWNED
 
 MANIFEST = "manifest.jsonl"
 REQUEST = "request.json"
 PARTS = ".parts"
-# What a training run (re)writes inside its output dir: an --out there is deleted by the next export or
-# checkpoint rotation.
-RUN_OWNED = (*EXPORT_FOLDERS, "checkpoints", "frozen_vae")
 
 
 def _plain_name(name) -> bool:

@@ -370,6 +370,12 @@ class Denoiser(nn.Module):
     # sizes asking for another, so an input is never silently ignored.
     extra_inputs: tuple[str, ...] = ()
 
+    @staticmethod
+    def condition_problem(cfg, cond: CondConfig) -> Optional[tuple[str, str]]:
+        """(config key, why) when this network cannot read the condition as ``cond`` configures it, or None:
+        asked where the run config is checked, so it is a config error, never a failure deep in a build."""
+        return None
+
     def __init__(self, cfg, cond_cfg: CondConfig, sizes: Sizes):
         super().__init__()
         self.cfg = copy.deepcopy(cfg)

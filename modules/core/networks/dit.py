@@ -104,6 +104,13 @@ class DiT(Denoiser):
 
     Config = DiTConfig
 
+    @staticmethod
+    def condition_problem(cfg: DiTConfig, cond: CondConfig) -> Optional[tuple[str, str]]:
+        if cond.type == "mask" and cond.mask_mode != "concat":
+            return "cond.mask_mode", ("model.arch=dit has no cross-attention: it reads masks as concatenated input "
+                                      f"channels only (cond.mask_mode=concat), got {cond.mask_mode}")
+        return None
+
     def __init__(self, cfg: DiTConfig, cond_cfg: CondConfig, sizes: Sizes):
         super().__init__(cfg, cond_cfg, sizes)
         m = self.cfg

@@ -223,15 +223,19 @@ class ICDiT(Denoiser):
     Config = ICDiTConfig
     extra_inputs = EXTRA_INPUTS
 
+    @staticmethod
+    def condition_problem(cfg: "ICDiTConfig", cond: CondConfig) -> Optional[tuple[str, str]]:
+        if cond.type == "mask" and cond.mask_mode != "concat":
+            return "cond.mask_mode", ("model.arch=icdit reads masks as concatenated channels only "
+                                      f"(cond.mask_mode=concat), got {cond.mask_mode}")
+        if cond.type == "text" and cond.text_mode != "pooled":
+            return "cond.text_mode", ("model.arch=icdit reads text pooled into its condition tokens only "
+                                      f"(cond.text_mode=pooled), got {cond.text_mode}")
+        return None
+
     def __init__(self, cfg: ICDiTConfig, cond_cfg: CondConfig, sizes: Sizes):
         super().__init__(cfg, cond_cfg, sizes)
         m, c, inputs = self.cfg, self.cond_cfg, sizes.inputs
-        if c.type == "mask" and c.mask_mode != "concat":
-            raise ValueError(f"model.arch=icdit reads masks as concatenated channels only (cond.mask_mode=concat), "
-                             f"got {c.mask_mode}")
-        if c.type == "text" and c.text_mode != "pooled":
-            raise ValueError(f"model.arch=icdit reads text pooled into its condition tokens only "
-                             f"(cond.text_mode=pooled), got {c.text_mode}")
         dim, p = m.hidden_size, m.patch_size
         self.size_factor = p
         self.size_rule = f"model.patch_size={p}"

@@ -220,6 +220,13 @@ class UNet(Denoiser):
 
     Config = UNetConfig
 
+    @staticmethod
+    def condition_problem(cfg: UNetConfig, cond: CondConfig) -> Optional[tuple[str, str]]:
+        if cond.type == "mask" and cond.mask_mode != "concat" and cfg.context_dim % 4:
+            return "model.context_dim", ("mask tokens need a multiple of 4 (2-D sine-cosine positions), got "
+                                         f"{cfg.context_dim}")
+        return None
+
     def __init__(self, cfg: UNetConfig, cond_cfg: CondConfig, sizes: Sizes):
         super().__init__(cfg, cond_cfg, sizes)
         m = self.cfg

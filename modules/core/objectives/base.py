@@ -21,7 +21,10 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar, Optional, Sequence
 
 import torch
+import torch.autograd.forward_ad as fwad
+from torch.func import jvp
 
+from modules.core.attention import forward_ad_attention
 from modules.core.networks.denoiser import NetworkInputs, Sizes
 
 ModelCall = Callable[..., torch.Tensor]
@@ -92,6 +95,45 @@ def mse_per_sample(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def guidance_kw(guidance: Optional[torch.Tensor]) -> dict:
     """The ``guidance`` keyword of a model call: given only to a network with a guidance-scale input."""
     return {} if guidance is None else {"guidance": guidance}
+
+
+# ----------------------------------------------------------------------------- the MeanFlow family's JVP
+
+def _runs_forward_ad(model: ModelCall) -> Optional[torch.nn.Module]:
+    """The module to run with ``torch.autograd.forward_ad`` when ``model`` is DDP or FSDP1 (compiled or not),
+    whose forwards fail inside ``torch.func.jvp`` (DDP's bucket rebuild and FSDP1's flat parameters need
+    real storage); None for the rest. That skips torch.compile's wrapper, which cannot trace dual
+    tensors; FSDP2's autograd Functions, which have no forward-mode formula, go through torch.func."""
+    inner = getattr(model, "_orig_mod", model)            # torch.compile's wrapper
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
+    return inner if isinstance(inner, (DistributedDataParallel, FullyShardedDataParallel)) else None
+
+
+def average_velocity_jvp(model: ModelCall, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
+                         cond: Optional[torch.Tensor] = None, drop: Optional[torch.Tensor] = None,
+                         has_aux: bool = False, **inputs) -> tuple[torch.Tensor, ...]:
+    """``(u, du/dt)``: the network's average velocity u(x_t, t, h = s - t), with gradient, and its total
+    derivative along the flow, one JVP of (z, t, s) -> u along the tangent (v, 1, 0), attention on the
+    math backend (module docstring). ``inputs``: the model's further keyword inputs, held fixed (no
+    tangent). ``has_aux``: the model returns ``(u, aux)``, and the result is ``(u, du/dt, aux)``, aux with
+    its gradient and without a tangent (improved MeanFlow's v-head output, modules/core/objectives/imf.py)."""
+    dtype = x_t.dtype
+    t, s, v = t.to(dtype), s.to(dtype), v.to(dtype)
+    wrapped = _runs_forward_ad(model)
+    with forward_ad_attention():
+        if wrapped is None:
+            return jvp(lambda z, t_, s_: model(z, t_, interval=s_ - t_, cond=cond, drop=drop, **inputs), (x_t, t, s),
+                       (v, torch.ones_like(t), torch.zeros_like(s)), has_aux=has_aux)
+        with fwad.dual_level():
+            t_dual = fwad.make_dual(t, torch.ones_like(t))
+            out = wrapped(fwad.make_dual(x_t, v), t_dual, interval=s - t_dual, cond=cond, drop=drop, **inputs)
+            if not has_aux:
+                return fwad.unpack_dual(out)
+            u, aux = out
+            return (*fwad.unpack_dual(u), fwad.unpack_dual(aux).primal)
 
 
 class Objective:

@@ -35,7 +35,7 @@ Without a velocity head (``imf.velocity_head=false``; the paper's v = u(z, t, t)
 condition) the target's queries and the tangent take u at h = 0, and the loss is its first term
 only: on the s = t rows V = u(z, t, t) is the v that the second term would train.
 
-The JVP runs through :func:`modules.core.objectives.meanflow.average_velocity_jvp` (torch.func.jvp, or
+The JVP runs through :func:`modules.core.objectives.base.average_velocity_jvp` (torch.func.jvp, or
 forward_ad under DDP and FSDP1; attention on SDPA's math backend), in the run's precision: the official
 code runs everything in float32, ``train.mixed_precision=no`` (the imf presets) does that here.
 Gradient checkpointing is refused as for MeanFlow (torch does not recompute tangents).
@@ -52,11 +52,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from modules.core.networks import ARCHITECTURES
-from modules.core.networks.denoiser import EXTRA_INPUTS, NetworkInputs
-from modules.core.objectives.base import Draws, Logs, ModelCall, Objective, draw_device, noise_for, per_row, rand
-from modules.core.objectives.meanflow import average_velocity_jvp, sample_meanflow
-from modules.core.samplers import sample_ode
+from modules.core.networks.denoiser import NetworkInputs
+from modules.core.objectives.base import (Draws, Logs, ModelCall, Objective, average_velocity_jvp, draw_device,
+                                         noise_for, per_row, rand)
+from modules.core.samplers import sample_meanflow, sample_ode
 from modules.core.settings import (at_least, at_most, fail, fraction, non_negative, positive, scale_range, setting,
                                    time_interval)
 
@@ -224,22 +223,9 @@ class Imf(Objective):
 
     @staticmethod
     def check(cfg: ImfConfig, run, prefix: str) -> None:
-        needed = [name for name in EXTRA_INPUTS if getattr(Imf.network_inputs(cfg), name)]
-        network = ARCHITECTURES[run.model.arch]
-        if any(name not in network.extra_inputs for name in needed):
-            able = [arch for arch, cls in ARCHITECTURES.items() if all(n in cls.extra_inputs for n in needed)]
-            raise fail(f"{prefix}model.arch", f"objective=imf needs a network that embeds {', '.join(needed)}: "
-                       f"model.arch={' or '.join(able)}, got {run.model.arch}")
         if run.cond.type == "none":
             raise fail(f"{prefix}cond.type", "objective=imf trains guidance as an input and needs a condition "
                        "(class, mask or text); an unconditional one-step model is objective=meanflow")
-        # The in-context DiT's own condition rules (its constructor's), here so that they are config errors.
-        if run.cond.type == "mask" and run.cond.mask_mode != "concat":
-            raise fail(f"{prefix}cond.mask_mode", f"model.arch={run.model.arch} reads masks as concatenated "
-                       f"channels only (cond.mask_mode=concat), got {run.cond.mask_mode}")
-        if run.cond.type == "text" and run.cond.text_mode != "pooled":
-            raise fail(f"{prefix}cond.text_mode", f"model.arch={run.model.arch} reads text pooled into its condition "
-                       f"tokens only (cond.text_mode=pooled), got {run.cond.text_mode}")
         if run.train.gradient_checkpointing:
             raise fail(f"{prefix}train.gradient_checkpointing", "cannot be used with objective=imf: torch's "
                        "checkpointing does not recompute the forward-mode (JVP) tangents")

@@ -22,7 +22,7 @@ logit-normal draws, ``equal_fraction`` of the rows get s = t; each row's squared
 over its elements is weighted by 1 / (sq + c)^p (stop-gradient); guidance is folded into v.
 
 The JVP runs with forward-mode autodiff (``torch.func.jvp``; ``torch.autograd.forward_ad`` under DDP
-and FSDP1, see :func:`_runs_forward_ad`), so attention takes SDPA's math backend inside it
+and FSDP1, see :func:`modules.core.objectives.base.average_velocity_jvp`), so attention takes SDPA's math backend inside it
 (:func:`modules.core.attention.forward_ad_attention`). It runs in the run's precision:
 under mixed precision Accelerate puts autocast inside the network's forward, so the tangent is bf16
 there too (the official PyTorch code runs it in float32; ``train.mixed_precision=no`` does that
@@ -40,14 +40,11 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-import torch.autograd.forward_ad as fwad
-from torch.func import jvp
 
-from modules.core.attention import forward_ad_attention
 from modules.core.networks.denoiser import NetworkInputs
-from modules.core.objectives.base import (Draws, Logs, ModelCall, Objective, condition_dropout, draw_device, noise_for,
-                                          per_row)
-from modules.core.samplers import SampleFn, sample_ode, times
+from modules.core.objectives.base import (Draws, Logs, ModelCall, Objective, average_velocity_jvp, condition_dropout,
+                                          draw_device, noise_for, per_row)
+from modules.core.samplers import sample_meanflow, sample_ode
 from modules.core.settings import at_least, at_most, fail, fraction, non_negative, positive, setting, time_interval
 
 
@@ -73,43 +70,6 @@ class MeanFlowConfig:
     @property
     def guided(self) -> bool:
         return self.omega != 1.0 or self.kappa != 0.0
-
-
-def _runs_forward_ad(model: ModelCall) -> Optional[torch.nn.Module]:
-    """The module to run with ``torch.autograd.forward_ad`` when ``model`` is DDP or FSDP1 (compiled or not),
-    whose forwards fail inside ``torch.func.jvp`` (DDP's bucket rebuild and FSDP1's flat parameters need
-    real storage); None for the rest. That skips torch.compile's wrapper, which cannot trace dual
-    tensors; FSDP2's autograd Functions, which have no forward-mode formula, go through torch.func."""
-    inner = getattr(model, "_orig_mod", model)            # torch.compile's wrapper
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.fsdp import FullyShardedDataParallel
-    from torch.nn.parallel import DistributedDataParallel
-    return inner if isinstance(inner, (DistributedDataParallel, FullyShardedDataParallel)) else None
-
-
-def average_velocity_jvp(model: ModelCall, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
-                         cond: Optional[torch.Tensor] = None, drop: Optional[torch.Tensor] = None,
-                         has_aux: bool = False, **inputs) -> tuple[torch.Tensor, ...]:
-    """``(u, du/dt)``: the network's average velocity u(x_t, t, h = s - t), with gradient, and its total
-    derivative along the flow, one JVP of (z, t, s) -> u along the tangent (v, 1, 0), attention on the
-    math backend (module docstring). ``inputs``: the model's further keyword inputs, held fixed (no
-    tangent). ``has_aux``: the model returns ``(u, aux)``, and the result is ``(u, du/dt, aux)``, aux with
-    its gradient and without a tangent (improved MeanFlow's v-head output, modules/core/objectives/imf.py)."""
-    dtype = x_t.dtype
-    t, s, v = t.to(dtype), s.to(dtype), v.to(dtype)
-    wrapped = _runs_forward_ad(model)
-    with forward_ad_attention():
-        if wrapped is None:
-            return jvp(lambda z, t_, s_: model(z, t_, interval=s_ - t_, cond=cond, drop=drop, **inputs), (x_t, t, s),
-                       (v, torch.ones_like(t), torch.zeros_like(s)), has_aux=has_aux)
-        with fwad.dual_level():
-            t_dual = fwad.make_dual(t, torch.ones_like(t))
-            out = wrapped(fwad.make_dual(x_t, v), t_dual, interval=s - t_dual, cond=cond, drop=drop, **inputs)
-            if not has_aux:
-                return fwad.unpack_dual(out)
-            u, aux = out
-            return (*fwad.unpack_dual(u), fwad.unpack_dual(aux).primal)
 
 
 def num_equal(batch_size: int, fraction: float) -> int:
@@ -217,14 +177,3 @@ class MeanFlow(Objective):
         if sampler == "meanflow":
             return sample_meanflow(fn, noise, steps)
         return sample_ode(sampler, lambda x, t: fn(x, t, interval=torch.zeros_like(t)), noise, steps)
-
-
-@torch.no_grad()
-def sample_meanflow(fn: SampleFn, noise: torch.Tensor, steps: int) -> torch.Tensor:
-    """MeanFlow steps on the grid t_i = i/steps: x <- x + (t_(i+1) - t_i) u(x, t_i, h = t_(i+1) - t_i),
-    u the average velocity over the step (1 step: one forward from noise to data)."""
-    x = noise
-    for i in range(steps):
-        t, s = i / steps, (i + 1) / steps
-        x = x + (s - t) * fn(x, times(x, t), interval=times(x, s - t)).to(x.dtype)
-    return x
