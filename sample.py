@@ -49,7 +49,7 @@ from modules.interop.clip import TextEncoder, warn_truncated
 from modules.interop.vae import load_vae
 from modules.run.accelerator import finish, from_main_process
 from modules.run.export import (find_model_folder, load_network, read_config, read_network_export, training_vae,
-                                vae_identity)
+                                vae_identity, weights_digest)
 from modules.run.sample_folder import MANIFEST, SampleFolder, batches, out_problem, pending
 
 logger = logging.getLogger("sample")
@@ -400,7 +400,7 @@ def main(argv=None) -> None:
         return {"index": i, "file": file_of(i), "seed": image_seed(args.seed, i), "steps": args.steps,
                 "sampler": sampler, "guidance": args.cfg_scale, "condition": label(i)}
 
-    request = {"unet": str(net_folder.resolve()), "unet_sha256": read_config(net_folder).get("sha256"),
+    request = {"unet": str(net_folder.resolve()), "unet_weights": weights_digest(read_config(net_folder)),
                "vae": vae_identity(vae), "sampler": sampler, "steps": args.steps, "cfg_scale": args.cfg_scale,
                "eta": args.eta, "seed": args.seed, "count": count, "dtype": str(dtype),
                "conditions": ({"masks": len(names)} if names is not None else {"prompts": len(prompts)}

@@ -10,7 +10,7 @@ inherits the same guarantees:
   exclusively; a temporary folder's fixed name is cleared first: a link planted under either is
   never written through.
 * **Checked**: a folder's manifest (:func:`manifest`) lists every file with its size and digest
-  (:func:`digest_file`: SHA-256 over blocks hashed in parallel);
+  (:func:`digest_file`: XXH3-128 over blocks hashed in parallel);
   :func:`manifest_problem` finds a missing, truncated or (``deep``) changed file.
 * **One writer**: :class:`Lock` is an OS lock (``flock``) that the kernel drops when its process
   dies, so a killed run never leaves a stale lock.
@@ -22,7 +22,7 @@ inherits the same guarantees:
   files of its own is refused, and data scans skip marked folders (:func:`is_output_folder`), so
   an output written inside a data folder never becomes training data.
 
-Imports only the standard library and safetensors' error type; usable from every layer.
+Imports only the standard library, xxhash and safetensors' error type; usable from every layer.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
+import xxhash
 from safetensors import SafetensorError
 
 from modules.errors import CheckpointError
@@ -55,7 +56,8 @@ Content = Union[str, bytes, Callable[[Path], Any]]
 # ----------------------------------------------------------------------------- hashing
 
 def sha256_file(path: Union[str, Path]) -> str:
-    """The SHA-256 of a file's content (the one hashing scheme of every manifest and identity)."""
+    """The SHA-256 of a file's content: the identity of a file a user vouches for (a TorchScript network, a text
+    encoder's files), and the digest that earlier manifests hold."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(HASH_BLOCK), b""):
@@ -64,9 +66,12 @@ def sha256_file(path: Union[str, Path]) -> str:
 
 
 def digest_file(path: Union[str, Path]) -> str:
-    """A file's content digest for manifests and exports: ``blocks:`` and the SHA-256 of the SHA-256 of each
-    64 MiB block, the blocks hashed on several threads (hashlib releases the GIL), so a checkpoint of
-    many gigabytes is hashed at several times one core's SHA-256 rate."""
+    """A file's content digest for manifests and exports, to find damage (a flipped bit, a truncated or
+    replaced file): ``xxh3:`` and the XXH3-128 of the XXH3-128 of each 64 MiB block, the blocks hashed on
+    several threads (xxhash releases the GIL), so that checking a file costs about what reading it does
+    (benchmarks/bench_checkpoint.py). SHA-256 (:func:`sha256_file`) stays for identities and for files a
+    user vouches for, where a forgery matters; a checkpoint's manifest lies beside what it lists, so a
+    forger would rewrite both whatever the hash."""
     global _hash_pool
     if _hash_pool is None:
         _hash_pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
@@ -75,22 +80,32 @@ def digest_file(path: Union[str, Path]) -> str:
         fd = f.fileno()
 
         def block(i: int) -> bytes:
-            h, offset, end = hashlib.sha256(), i * DIGEST_BLOCK, min(size, (i + 1) * DIGEST_BLOCK)
+            h, offset, end = xxhash.xxh3_128(), i * DIGEST_BLOCK, min(size, (i + 1) * DIGEST_BLOCK)
+            buffer = bytearray(min(HASH_BLOCK, max(1, end - offset)))
             while offset < end:
-                chunk = os.pread(fd, min(HASH_BLOCK, end - offset), offset)
-                if not chunk:
+                n = os.preadv(fd, [memoryview(buffer)[:min(HASH_BLOCK, end - offset)]], offset)
+                if not n:
                     break
-                h.update(chunk)
-                offset += len(chunk)
+                h.update(memoryview(buffer)[:n])
+                offset += n
             return h.digest()
         digests = list(_hash_pool.map(block, range(max(1, -(-size // DIGEST_BLOCK)))))
-    return "blocks:" + hashlib.sha256(b"".join(digests)).hexdigest()
+    return "xxh3:" + xxhash.xxh3_128(b"".join(digests)).hexdigest()
 
 
 def digest_matches(path: Union[str, Path], recorded: str) -> bool:
     """Whether a file's content is what a manifest recorded: a :func:`digest_file` digest, or the plain
-    SHA-256 that manifests held before December 2026."""
-    return (digest_file(path) if recorded.startswith("blocks:") else sha256_file(path)) == recorded
+    SHA-256 that earlier manifests and exports hold."""
+    return (digest_file(path) if recorded.startswith("xxh3:") else sha256_file(path)) == recorded
+
+
+def recorded_digest(entry: Any) -> Optional[str]:
+    """The content digest a manifest entry or an export's record holds: ``digest``, or an earlier
+    version's ``sha256``; None when there is none."""
+    if not isinstance(entry, dict):
+        return None
+    value = entry.get("digest", entry.get("sha256"))
+    return value if isinstance(value, str) else None
 
 
 def fingerprint(value: Any) -> str:
@@ -227,11 +242,11 @@ def recover_folder(folder: Union[str, Path]) -> None:
 
 def file_entry(path: Path) -> dict[str, Any]:
     """A manifest's entry for one file: its size and content digest (:func:`digest_file`)."""
-    return {"size": path.stat().st_size, "sha256": digest_file(path)}
+    return {"size": path.stat().st_size, "digest": digest_file(path)}
 
 
 def manifest(folder: Path, exclude: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
-    """Every file under ``folder`` (relative name -> size and SHA-256), but those named in ``exclude``."""
+    """Every file under ``folder`` (relative name -> size and digest), but those named in ``exclude``."""
     return {str(p.relative_to(folder)): file_entry(p)
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in exclude}
 
@@ -239,7 +254,7 @@ def manifest(folder: Path, exclude: tuple[str, ...] = ()) -> dict[str, dict[str,
 def manifest_problem(folder: Path, files: Any, deep: bool = False, exact: bool = False,
                      exclude: tuple[str, ...] = ()) -> Optional[str]:
     """Why ``folder`` does not hold what the manifest ``files`` lists, or None. Sizes are always checked;
-    ``deep`` reads every file for its SHA-256 too; ``exact``: a file the manifest does not list (but those
+    ``deep`` reads every file for its digest too; ``exact``: a file the manifest does not list (but those
     named in ``exclude``) is a problem too. A manifest that is not a mapping of names to entries with a
     size is itself the problem (a damaged manifest never raises)."""
     if not isinstance(files, dict):
@@ -262,9 +277,9 @@ def manifest_problem(folder: Path, files: Any, deep: bool = False, exact: bool =
             return f"unexpected file {sorted(extra)[0]}"
     if deep:
         for name, entry in files.items():
-            expected = entry.get("sha256") if isinstance(entry, dict) else None
-            if isinstance(expected, str) and not digest_matches(folder / name, expected):
-                return f"file {name} changed since it was written (SHA-256)"
+            expected = recorded_digest(entry)
+            if expected is not None and not digest_matches(folder / name, expected):
+                return f"file {name} changed since it was written (its checksum differs: damaged or replaced)"
     return None
 
 

@@ -365,7 +365,7 @@ def test_a28_a_wrongly_typed_init_from_config_is_one_line_naming_the_field(field
 
 def _without_sizes(record: dict) -> dict:
     name = sorted(record["files"])[0]
-    record["files"][name] = {"sha256": record["files"][name]["sha256"]}
+    record["files"][name] = {"digest": record["files"][name]["digest"]}
     return record
 
 

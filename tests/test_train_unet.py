@@ -80,7 +80,7 @@ def test_latent_store_reused_and_rebuilt(shapes_dir, tiny_vae_run, tmp_path, cap
     from safetensors.torch import save_file
     save_file({k: v + 0.01 for k, v in weights.items()}, other_vae / "model.safetensors")
     other_config = json.loads((tiny_vae_run / "vae" / "config.json").read_text())
-    other_config.pop("sha256")       # hand-made weights: no recorded hash to check them against
+    other_config.pop("digest")       # hand-made weights: no recorded digest to check them against
     (other_vae / "config.json").write_text(json.dumps(other_config))
     train(shapes_dir, other_vae, tmp_path / "d", *args)
     assert "encoding latent store" in caplog.text

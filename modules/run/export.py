@@ -42,12 +42,13 @@ logger = logging.getLogger(__name__)
 
 
 def save_model_folder(folder: str | Path, state_dict: dict[str, torch.Tensor], config: dict) -> Path:
-    """Write ``folder`` (config.json, with the SHA-256 of the weights, and model.safetensors) atomically."""
+    """Write ``folder`` (config.json, with the weights' digest (``durable.digest_file``), and model.safetensors)
+    atomically."""
     def write(tmp: Path) -> None:
         # the network's own names: never torch.compile's wrapper's (nothing could load them)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in without_compiled_prefix(state_dict).items()}
         save_file(tensors, tmp / WEIGHTS_NAME)
-        record = {**config, "sha256": {WEIGHTS_NAME: durable.sha256_file(tmp / WEIGHTS_NAME)}}
+        record = {**config, "digest": {WEIGHTS_NAME: durable.digest_file(tmp / WEIGHTS_NAME)}}
         (tmp / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
     return durable.write_folder(folder, write)
 
@@ -74,14 +75,21 @@ def describe_kind(config: dict) -> str:
 
 
 def read_folder_weights(folder: Path, config: dict) -> dict[str, torch.Tensor]:
-    """A model folder's weights, checked against the SHA-256 its config.json recorded (when it did)."""
+    """A model folder's weights, checked against the digest its config.json recorded (when it did)."""
     path = Path(folder) / WEIGHTS_NAME
     tensors = read_weights(path)
-    expected = config.get("sha256", {}).get(WEIGHTS_NAME) if isinstance(config.get("sha256"), dict) else None
-    if expected and durable.sha256_file(path) != expected:
-        raise ModelFolderError(f"{path}: its SHA-256 is {durable.sha256_file(path)[:16]}..., not the {expected[:16]}... "
-                               "recorded in config.json: the file is damaged or was replaced")
+    expected = weights_digest(config)
+    if expected is not None and not durable.digest_matches(path, expected):
+        raise ModelFolderError(f"{path}: its checksum is not the one config.json recorded ({expected[:24]}...): "
+                               "the file is damaged or was replaced")
     return tensors
+
+
+def weights_digest(config: dict) -> Optional[str]:
+    """The digest of the weights that a model folder's config.json recorded (``digest``; ``sha256`` in
+    earlier exports), or None (hand-made folders)."""
+    return durable.recorded_digest({key: value.get(WEIGHTS_NAME) for key, value in config.items()
+                                    if key in ("digest", "sha256") and isinstance(value, dict)})
 
 
 def read_weights(path: str | Path, error: type[Exception] = ModelFolderError) -> dict[str, torch.Tensor]:
