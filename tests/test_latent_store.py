@@ -237,3 +237,56 @@ def test_tar_shards_are_read_as_a_stream_and_equal_the_same_images_in_a_folder(s
     assert len(store) == 24 and store.num_classes == 3 and len(store.shards) == 2
     index = json.loads((tmp_path / "store" / "index.json").read_text())
     assert index["spec"]["num_rows"] == 24
+
+
+def test_train_unet_trains_from_an_encoded_store_with_the_images_moved_away(shapes_dir, tiny_vae_run, tmp_path):
+    """encode.py once, then train_unet.py --data STORE: the images are never read again, and the run equals one
+    that encodes its own store from the images (encoded in the same batches) step for step."""
+    import encode
+    import train_unet
+    from modules.run.export import read_config, read_weights
+    images = tmp_path / "images"
+    shutil.copytree(shapes_dir, images)
+    common = ["--config", "tiny", "--vae", str(tiny_vae_run), "--report-to", "none", "--max-steps", "3",
+              "cond.type=class", "train.checkpoint_every=3"]
+    train_unet.main([*common, "--data", str(images), "--output-dir", str(tmp_path / "from_images")])
+    encode.main(["--config", "tiny", "--data", str(images), "--vae", str(tiny_vae_run), "--out", str(tmp_path / "store"),
+                 "--batch-size", "8", "cond.type=class"])
+    images.rename(tmp_path / "moved_away")
+    train_unet.main([*common, "--data", str(tmp_path / "store"), "--output-dir", str(tmp_path / "from_store")])
+    for folder in ("unet", "unet_ema"):
+        a, b = read_weights(tmp_path / "from_images" / folder), read_weights(tmp_path / "from_store" / folder)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    # The run records the store it trained on: in its export's config and its checkpoints' identity.
+    assert read_config(tmp_path / "from_store" / "unet_ema")["run_config"]["data"]["path"] == str(tmp_path / "store")
+    identity = json.loads((tmp_path / "from_store" / "checkpoints" / "step_3" / "identity.json").read_text())
+    assert Path(identity["store"]).resolve() == (tmp_path / "store").resolve()
+
+
+def test_caches_of_the_earlier_format_are_named_not_read(tmp_path, caplog):
+    """Never rebuilt at ImageNet cost without a word: the log says the old caches are not read, and how to
+    remove them."""
+    dataset = StandInImages(5)
+    (tmp_path / "cache" / "latents_0123abcd").mkdir(parents=True)
+    with caplog.at_level("INFO"):
+        latent_store.open_or_encode(StandInVAE(), dataset, spec_for(dataset), tmp_path / "cache", 3, "cpu")
+    assert f"1 latent cache(s) of the earlier format in {tmp_path / 'cache'} are not read" in caplog.text
+    assert f"rm -r {tmp_path / 'cache'}/latents_*" in caplog.text
+
+
+def test_a_valid_store_is_opened_without_a_lock_or_a_write(tmp_path, monkeypatch):
+    """A34: a valid store on a read-only file system is usable: a lock is for writers."""
+    dataset = StandInImages(10)
+    root = tmp_path / "cache"
+    first = latent_store.open_or_encode(StandInVAE(), dataset, spec_for(dataset), root, 3, "cpu")
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+
+    def no_writes(*args, **kwargs):
+        raise PermissionError(13, "Read-only file system")
+    for name in ("Lock", "claim_output", "write_file", "write_json", "fresh_folder", "publish_folder"):
+        monkeypatch.setattr(latent_store.durable, name, no_writes)
+    again = latent_store.open_or_encode(StandInVAE(), dataset, spec_for(dataset), root, 3, "cpu")
+    assert again.folder == first.folder and torch.equal(again[9]["mean"], first[9]["mean"])
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before

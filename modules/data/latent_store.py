@@ -224,7 +224,7 @@ def open_or_encode(vae, dataset, spec: StoreSpec, root: Path, batch_size: int, d
             earlier = sorted(root.glob("latents_*")) if root.is_dir() else []
             logger.info("encoding latent store %s (%s)%s", folder, problem or _nearest_other_store(root, spec),
                         f"; {len(earlier)} latent cache(s) of the earlier format in {root} are not read (remove "
-                        "them: rm -r ROOT/latents_*)" if earlier else "")
+                        f"them: rm -r {root}/latents_*)" if earlier else "")
         if problem and (folder / INDEX).is_file() and rank == 0:
             durable.clear(folder / INDEX)       # damaged: a shard that fails its own manifest is encoded again
         try:
@@ -621,7 +621,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                  "<output-dir>/../latent_cache).")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="the stores in a folder, their sizes and sources").add_argument("folder")
-    sub.add_parser("verify", help="check every file of a store against its index (SHA-256)").add_argument("store")
+    sub.add_parser("verify", help="check every file of a store against its index (checksums)").add_argument("store")
     remove = sub.add_parser("remove", help="delete stores (a run encodes what it needs again)")
     remove.add_argument("stores", nargs="+")
     args = parser.parse_args(argv)
