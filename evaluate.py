@@ -51,6 +51,7 @@ from modules.eval.features import (INCEPTION_URL, Features, NpzReference, check_
 from modules.eval.plots import line_plot
 from modules.run.accelerator import finish, from_main_process
 from modules.run.export import find_model_folder, read_network_export
+from modules.run.tracking import add_log_to_flag, log_scores, log_sweep
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +76,7 @@ def _add_metric_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kid", action="store_true", help="also KID (needs the reference's features)")
     parser.add_argument("--pr", action="store_true", help="also precision and recall, k = 3 (needs the features)")
     parser.add_argument("--is", dest="inception_score", action="store_true", help="also the Inception Score")
+    add_log_to_flag(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("folder_a", metavar="FOLDER_A", help="image folder (e.g. generated samples)")
     fid.add_argument("reference", metavar="REFERENCE", help="image folder, save_to_disk folder or .npz")
     fid.add_argument("--save-stats", metavar="OUT.npz", help="also save FOLDER_A's statistics")
+    add_log_to_flag(fid)
     metrics = sub.add_parser("metrics", help="FID and the chosen metrics as one JSON line")
     _add_common(metrics)
     _add_metric_flags(metrics)
@@ -358,6 +361,7 @@ def run_scores(ev: Evaluator, args, opened: Optional[NpzReference]) -> None:
         save_stats(args.save_stats, *feature_statistics(samples.features), samples.features, samples.source_size)
     result = ev.scores(samples, reference, *want)
     print(f"{result['fid']:.6f}" if args.command == "fid" else json.dumps(result))
+    log_scores(args.log_to, result)
 
 
 def sweep_list(text: str, kind, flag: str) -> list:
@@ -463,6 +467,7 @@ def run_sweep(ev: Evaluator, args, opened: Optional[NpzReference]) -> None:
                 ev.state.wait_for_everyone()
         if ev.state.is_main_process:
             write_sweep_report(out, rows, args, reference, wanted)
+            log_sweep(args.log_to, rows, out / "sweep.png")
     finally:
         if lock is not None:
             lock.release()

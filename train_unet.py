@@ -28,7 +28,6 @@ from modules.core.objectives.base import Draws, randn_like
 from modules.core.ot_pairing import PairedPool
 from modules.core.seeding import SHARED_STREAM, paired_noise_generator, process_share_randn, step_generator
 from modules.data.dataset import build_dataset
-from modules.data.image_io import make_grid
 from modules.data import latent_store
 from modules.data.order import make_loader
 from modules.durable import write_or_fail
@@ -42,7 +41,7 @@ from modules.run.checkpoint import RunIdentity
 from modules.run.export import find_model_folder, save_network, save_vae, vae_identity, vae_to_resume_with
 from modules.run.harness import Run, lr_factor, set_lr
 from modules.run.layout import FROZEN_VAE
-from modules.run.tracking import check_tracker, to_scalars
+from modules.run.tracking import SampleGrid, check_tracker, condition_captions, to_scalars
 
 logger = logging.getLogger("train_unet")
 MODEL_SECTIONS = ("model", "cond", "objective", "shortcut.denoise_timesteps")   # what a resume may not change
@@ -68,7 +67,7 @@ def main(argv=None) -> None:
     cfg = resolve_run_config(args, UNetRunConfig, "unet")
     if not cfg.vae:
         raise ConfigError("no VAE given: pass --vae PATH (an exported VAE folder or a train_vae.py output dir)")
-    check_tracker(args.report_to)
+    check_tracker(args)
     with Run("train_unet", cfg, args) as run:
         train(cfg, run)
 
@@ -170,9 +169,9 @@ def train(cfg: UNetRunConfig, run: Run) -> None:
     pool = PairedPool(pool_size, micro_batch, paired_noise) if tcfg.ot_pairing else None
     grid_cond = conditions(spec, latents, range(cfg.sample.num_images))
     grid_cond = None if grid_cond is None else grid_cond.to(device)
+    grid_captions = condition_captions(spec.cond_type, latents, range(cfg.sample.num_images), spec.num_classes)
     if text_encoder is not None and run.is_main:
-        shown = [latents.caption(i % len(latents)) for i in range(min(cfg.sample.num_images, len(latents)))]
-        logger.info("sample grids: one image per caption, in turn: %s", "; ".join(shown))
+        logger.info("sample grids: one image per caption, in turn: %s", "; ".join(grid_captions[:len(latents)]))
 
     def export() -> None:
         export_networks(run, net, emas["sample"], cfg, sizes, vae_record,
@@ -216,7 +215,9 @@ def train(cfg: UNetRunConfig, run: Run) -> None:
                                                              steps, cfg_scale=cfg.sample.cfg_scale, device=device),
                                        scale, batch_size=tcfg.batch_size)
                         for steps in cfg.sample.steps]
-            run.log_image("samples/rows_" + "_".join(str(s) for s in cfg.sample.steps) + "_steps", make_grid(rows))
+            run.log_samples("samples/rows_" + "_".join(str(s) for s in cfg.sample.steps) + "_steps",
+                            SampleGrid(rows, [f"{s} step{'s' * (s != 1)}" for s in cfg.sample.steps], grid_captions,
+                                       grid_cond.cpu() if spec.cond_type == "mask" else None))
 
         # ---- scores: validation loss of the online weights, FID of the sampling EMA
         if evaluator.due(run.state.step):

@@ -83,7 +83,7 @@ def check_setup(mixed_precision: str, distributed_type: DistributedType) -> None
 def main(argv=None) -> None:
     args = build_parser(__doc__.split("\n\n")[0]).parse_intermixed_args(argv)
     cfg = resolve_run_config(args, VAERunConfig, "vae")
-    check_tracker(args.report_to)
+    check_tracker(args)
     with Run("train_vae", cfg, args) as run:
         check_setup(run.accelerator.mixed_precision, run.accelerator.distributed_type)
         train(cfg, run)

@@ -19,3 +19,58 @@ def sizes_of(cfg, latent_channels: int = 4, downsample: int = 8, num_classes: in
 def network_of(cfg, **sizes) -> Denoiser:
     """A freshly initialised network of ``cfg`` for :func:`sizes_of` ``(cfg, **sizes)``."""
     return build_network(cfg.model, cfg.cond, sizes_of(cfg, **sizes))
+
+
+def wandb_offline_runs(folder, wait_s: float = 60) -> list[dict]:
+    """The W&B runs written offline under ``folder/wandb``, oldest first, as wandb stored them: each
+    ``{"id", "project", "entity", "name", "history": [one dict per logged row]}``. wandb's service writes
+    the files after ``finish`` returns: each is read once it holds its ``exit`` record (within ``wait_s``)."""
+    import time
+    from pathlib import Path
+
+    deadline = time.monotonic() + wait_s
+    runs = []
+    for path in sorted(Path(folder, "wandb").glob("offline-run-*/run-*.wandb")):
+        run, finished = _read_wandb_file(path)
+        while not finished and time.monotonic() < deadline:
+            time.sleep(0.2)
+            run, finished = _read_wandb_file(path)
+        assert finished, f"{path}: no exit record after {wait_s} s"
+        runs.append(run)
+    return runs
+
+
+def _read_wandb_file(path) -> tuple[dict, bool]:
+    """(the run, whether its exit record was read). A ``.wandb`` file is ``:W&B`` + magic + version (7 bytes),
+    then LevelDB-log records (32 KiB blocks; each record a 7-byte header: checksum, length, FULL/FIRST/MIDDLE/
+    LAST) holding wandb's ``Record`` protobufs."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    block, data = 32768, path.read_bytes()
+    assert data[:4] == b":W&B", path
+    run, pos, pending, finished = {"history": []}, 7, b"", False
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if length == 0 and kind == 0:       # the padding at a block's end
+            pos += left
+            continue
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind not in (1, 4):              # FIRST or MIDDLE: the record goes on in the next block
+            continue
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(pending)
+        pending = b""
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run.update(id=record.run.run_id, project=record.run.project, entity=record.run.entity,
+                       name=record.run.display_name)
+        elif kind == "history":
+            run["history"].append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                   for item in record.history.item})
+        finished = finished or kind == "exit"
+    return run, finished

@@ -407,6 +407,42 @@ def test_evaluate_metrics_command_reports_every_metric(folders, extractor_file, 
     assert result["num_samples"] == 96 and result["inception_score"] >= 1.0
 
 
+def test_scores_reach_the_wandb_run_of_the_training_run_at_its_export_step(folders, extractor_file, pin, shapes_dir,
+                                                                             tmp_path, capsys, caplog):
+    import train_vae
+    from modules import durable
+    from support import wandb_offline_runs
+    run = tmp_path / "vae_run"
+    train_vae.main(["--config", "tiny", "--data", str(shapes_dir), "--output-dir", str(run), "--report-to", "wandb",
+                    "--max-steps", "2", "train.checkpoint_every=2", "scale_samples=8"])
+    (trained,) = wandb_offline_runs(run)
+    common = ["--inception", str(extractor_file), *pin, "--image-size", str(SIZE), "--workers", "1"]
+    reference = tmp_path / "ref.npz"
+    assert evaluate.main(["stats", *common, str(folders["b"]), "--out", str(reference)]) == 0
+    capsys.readouterr()
+    metrics = ["metrics", *common, "--kid", str(folders["a"]), str(reference), "--log-to", str(run / "vae")]
+    assert evaluate.main(metrics) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    *_, evaluated = wandb_offline_runs(run)
+    assert evaluated["id"] == trained["id"] and evaluated["project"] == trained["project"] == "ldm-vae"
+    (row,) = [r for r in evaluated["history"] if "eval/fid" in r]
+    assert row["eval/export_step"] == 2 and row["eval/fid"] == pytest.approx(printed["fid"])
+    assert row["eval/kid"] == pytest.approx(printed["kid"]) and row["eval/num_samples"] == 96
+    # While a training process holds the run (its lock), its W&B run is left alone: a warning, the scores printed.
+    lock = durable.Lock(run / ".lock")
+    assert lock.acquire() is None
+    try:
+        assert evaluate.main(metrics) == 0
+    finally:
+        lock.release()
+    assert "run the command again with --log-to once training stops" in caplog.text
+    assert len(wandb_offline_runs(run)) == 2
+    # A folder that is not a run reporting to a tracker is refused before anything is computed.
+    with pytest.raises(SystemExit) as refused:
+        evaluate.main(["fid", *common, str(folders["a"]), str(reference), "--log-to", str(folders["b"])])
+    assert refused.value.code == 2 and "no tracker.json" in capsys.readouterr().err
+
+
 def test_two_processes_extract_the_features_of_one(folders, extractor_file, pin, tmp_path):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_2proc.yaml"]
     stats = ["evaluate.py", "stats", "--inception", str(extractor_file), *pin, "--image-size", str(SIZE),
@@ -426,11 +462,22 @@ def test_sweep_scores_every_combination_and_resumes(tiny_unet_run, shapes_dir, e
     common = ["--inception", str(extractor_file), *pin, "--image-size", str(SIZE), "--workers", "1"]
     reference = tmp_path / "shapes.npz"
     assert evaluate.main(["stats", *common, str(shapes_dir), "--out", str(reference)]) == 0
+    tracked = tmp_path / "tensorboard_run"         # a training run that reports to TensorBoard (its record)
+    tracked.mkdir()
+    (tracked / "tracker.json").write_text(json.dumps({"report_to": "tensorboard", "project": "p", "run_name": "r",
+                                                      "exported_step": 300}))
     sweep = ["sweep", *common, "--unet", str(tiny_unet_run), "--ref", str(reference), "--steps", "1,2",
-             "--cfg-scales", "1,2", "--num-samples", "64", "--kid", "--pr", "--out", str(tmp_path / "sweep")]
+             "--cfg-scales", "1,2", "--num-samples", "64", "--kid", "--pr", "--out", str(tmp_path / "sweep"),
+             "--log-to", str(tracked)]
     assert evaluate.main(sweep) == 0
     out = tmp_path / "sweep"
     rows = json.loads((out / "sweep.json").read_text())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tracked / "logs" / "p"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("eval/fid_steps_2_cfg_2")] == \
+        [(300, pytest.approx(rows["steps_2_cfg_2"]["fid"]))]
+    assert events.Images("eval/sweep_plot")[0].step == 300
     assert set(rows) == {"steps_1_cfg_1", "steps_2_cfg_1", "steps_1_cfg_2", "steps_2_cfg_2"}
     assert all(r["num_samples"] == 64 and r["fid"] > 0 and "kid" in r and "recall" in r for r in rows.values())
     table = (out / "sweep.md").read_text()

@@ -32,6 +32,13 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--resume", default=None,
                         help="'latest' (newest valid checkpoint in the output dir, if any) or a checkpoint folder")
     parser.add_argument("--report-to", default="wandb", choices=TRACKERS, help="experiment tracker")
+    parser.add_argument("--tracker-project", default=None,
+                        help="the tracker's project (W&B project; TensorBoard: the folder under logs/); default "
+                             "$WANDB_PROJECT for wandb, else ldm-vae / ldm-unet. A resumed run keeps its own")
+    parser.add_argument("--tracker-entity", default=None,
+                        help="W&B entity (user or team); default $WANDB_ENTITY, else your default entity")
+    parser.add_argument("--tracker-run-name", default=None,
+                        help="the run's name in the tracker; default $WANDB_NAME, else the output dir's name")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return parser
 

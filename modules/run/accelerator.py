@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list
 
 from modules.core.compiling import compile_backend
+from modules.run.layout import TRACKER_LOGS
 
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def make_accelerator(cfg, output_dir: Path, report_to: str) -> Accelerator:
         gradient_accumulation_steps=cfg.grad_accum,
         mixed_precision=mixed_precision,
         log_with=None if report_to == "none" else report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / TRACKER_LOGS)),
         # A peer that dies must not leave the others blocked in a collective forever.
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.process_timeout_s))],
     )

@@ -43,7 +43,8 @@ from modules.errors import DataError, TrainingAborted
 from modules.run.accelerator import make_accelerator, network_of, network_state_dict, prepare_network
 from modules.run.checkpoint import Checkpointer, RunIdentity, StopRequest, TrainingState
 from modules.run.output_dir import claim_output_dir, save_run_config
-from modules.run.tracking import Throughput, init_trackers, log_image, memory_stats
+from modules.run.tracking import (SampleGrid, Throughput, init_trackers, log_image, log_samples, memory_stats,
+                                  note_export)
 
 logger = logging.getLogger(__name__)
 
@@ -255,8 +256,8 @@ class Run:
         save_run_config(self.accelerator, self.output_dir, self.cfg)
         self.checkpointer.load(self.args.resume)
         self.accelerator.step = 0  # resumes sit on an optimizer-step boundary, whatever grad_accum was
-        init_trackers(self.accelerator, f"ldm-{self.script.removeprefix('train_')}", self.cfg, self.output_dir,
-                      self.args.report_to)
+        init_trackers(self.accelerator, self.cfg, self.output_dir, self.args,
+                      default_project=f"ldm-{self.script.removeprefix('train_')}")
 
     @property
     def finished(self) -> bool:
@@ -310,6 +311,10 @@ class Run:
         """An image grid ([3, H, W] in [-1, 1]) to the trackers and ``images/`` (main process)."""
         log_image(self.accelerator, name, grid, self.state.step, self.output_dir)
 
+    def log_samples(self, name: str, samples: SampleGrid) -> None:
+        """Generated images to the trackers (their grid, and each with its caption) and ``images/`` (main process)."""
+        log_samples(self.accelerator, name, samples, self.state.step, self.output_dir)
+
     def checkpoint_due(self) -> bool:
         """Whether this step is checkpointed: every ``train.checkpoint_every`` steps, at the last step, and
         when a stop signal arrived (every process learns of it at the same step: one all-reduce)."""
@@ -321,8 +326,11 @@ class Run:
 
     @contextlib.contextmanager
     def exporting(self) -> Iterator[None]:
-        """Around the writing of the exports: a failed write is one line that names what was kept."""
+        """Around the writing of the exports: a failed write is one line that names what was kept; a finished
+        one's step is noted for ``evaluate.py --log-to`` (``tracker.json``)."""
         with durable.failed_write_is(f"the exported models in {self.output_dir}",
                                      f"checkpoint step_{self.state.step} is saved and the previous exports are "
                                      "untouched"):
             yield
+        if self.is_main:
+            note_export(self.output_dir, self.state.step)
