@@ -6,7 +6,7 @@
 For each N, with tiny latents (4x2x2) so that the store's bookkeeping dominates, not the encoder:
 the build's wall time and peak memory (RSS of this process, sampled while it runs), the store's
 size on disk, the start-up (opening the store: its index and every shard's file sizes and array
-headers) to the first batch, and the full content check (every file's SHA-256, the ``verify``
+headers) to the first batch, and the full content check (every file's checksum, the ``verify``
 command). Then, on a store of real 32x32x4 rows (``--read-rows``), latents/s read by one process
 through the training loader (random order over the whole store, ``--workers`` loader workers, the
 training default 2). The images and the VAE are stand-ins (the data set yields random tensors, the
