@@ -583,9 +583,12 @@ class LatentStore(torch.utils.data.Dataset):
                     if name == "mask" and flipped:
                         values = values[:, :, ::-1]
                     if name not in out:
-                        out[name] = np.empty((len(keys), *values.shape[1:]), dtype=values.dtype)
+                        # posteriors widen to float32 as they are copied in: exact, one pass, and free of torch's
+                        # intra-op threads, which contend with the loader's
+                        out[name] = np.empty((len(keys), *values.shape[1:]),
+                                             dtype=np.float32 if name in ("mean", "std") else values.dtype)
                     out[name][at] = values
-        batch = {"mean": torch.from_numpy(out["mean"]).float(), "std": torch.from_numpy(out["std"]).float(),
+        batch = {"mean": torch.from_numpy(out["mean"]), "std": torch.from_numpy(out["std"]),
                  "label": torch.from_numpy(out["label"]), "index": torch.from_numpy(out["source_row"]),
                  "substituted": torch.zeros(len(keys), dtype=torch.int64)}
         if self.has_masks:
