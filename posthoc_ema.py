@@ -7,8 +7,8 @@
 The run must have trained with ``ema.posthoc=true`` (its ``posthoc_ema/`` snapshots). Each length is
 exported as a model folder ``unet_phema_<sigma_rel>`` that sample.py and evaluate.py read, made at the
 time of the newest snapshot (``--step``: an earlier one). sigma_rel is the EMA's length relative to
-the training time (EDM2: 0.05 to 0.15 scored best in their runs); ``evaluate.py sweep --ema-lengths``
-scores several. One process on the CPU: it reads every snapshot once, after checking them all.
+the training time (EDM2's best: about 0.05 to 0.15); ``evaluate.py sweep --ema-lengths``
+scores several. One process on the CPU: it checks every snapshot's digest, then reads each once.
 """
 from __future__ import annotations
 

@@ -415,3 +415,23 @@ def test_a_link_planted_as_the_snapshot_folder_is_never_written_through(tmp_path
     assert (target / "precious.txt").read_text() == "keep" and sorted(p.name for p in target.iterdir()) == \
         ["precious.txt"]
     assert not (run / "posthoc_ema").is_symlink() and (run / "posthoc_ema" / "index.json").is_file()
+
+
+def test_a_failed_snapshot_write_is_one_line_and_leaves_no_file(tmp_path, monkeypatch):
+    import errno
+    from types import SimpleNamespace
+
+    from modules.errors import CheckpointError
+    tracker = posthoc.SnapshotTracker(SimpleNamespace(posthoc_sigma_rels=(0.05,), posthoc_every=1), nn.Linear(2, 2),
+                                      None, tmp_path)
+    tracker._tidy(0)
+
+    def full_disk(tensors, path, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(posthoc, "save_file", full_disk)
+    with pytest.raises(CheckpointError) as e:
+        tracker._write(3, 3, 0.05, nn.Linear(2, 2).state_dict())
+    assert str(e.value) == (f"could not write the post-hoc EMA snapshot {tmp_path / 'posthoc_ema'}/"
+                            "step_000000003_sigma_0.05.safetensors (No space left on device); the checkpoints and the "
+                            "earlier snapshots are untouched")
+    assert sorted(p.name for p in (tmp_path / "posthoc_ema").iterdir()) == ["index.json"] and tracker.snapshots == []

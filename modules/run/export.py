@@ -6,8 +6,8 @@ never leaves a half-written export under the final name. A stage-2 export's ``co
 holds the resolved run config it was trained with (``run_config``, validated when read back like
 a command-line config, and the one source a loader reads, with ``sizes``, what its network was
 built for), a summary of it (``model``, ``cond``, ``objective``, ...), which weights it holds
-(``online``, ``ema``, or ``posthoc_ema``: an EMA length rebuilt by posthoc_ema.py), the VAE it was trained with and, for a text-conditioned model, its text
-encoder (path and identity: sample.py refuses another). Exports of the earlier layout (no
+(``online``, ``ema``, or ``posthoc_ema``: an EMA length rebuilt by posthoc_ema.py), the VAE it was
+trained with and, for a text-conditioned model, its text encoder (path and identity: sample.py refuses another). Exports of the earlier layout (no
 ``sizes``; modules/config/legacy.py) still load. The stage-2 folders keep their names ``unet/``
 and ``unet_ema/`` whatever the network, so existing runs and scripts keep working.
 """
