@@ -121,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "--num-samples images each")
     sweep.add_argument("--text-encoder", default=None, help="text-conditioned model: its text encoder folder, if "
                        "moved")
-    sweep.add_argument("--ema-lengths", default=None, help="post-hoc EMA lengths (sigma_rel) to sweep, comma-separated: "
-                       "--unet is a run trained with ema.posthoc=true, each length is reconstructed into OUT/models/")
+    sweep.add_argument("--ema-lengths", default=None, help="post-hoc EMA lengths (sigma_rel) to sweep, comma-"
+                       "separated: --unet is a run trained with ema.posthoc=true, each length is reconstructed into "
+                       "OUT/models/")
     sweep.add_argument("--out", required=True, help="folder for the samples, sweep.md, sweep.json and sweep.png")
     return parser
 

@@ -277,7 +277,8 @@ def test_snapshots_survive_a_resume_bit_identically(shapes_dir, tiny_vae_run, tm
     assert posthoc.read_index(split / "posthoc_ema") == straight      # sizes and digests: the same bytes
     assert sorted(p.name for p in (split / "posthoc_ema").iterdir()) == \
         sorted(p.name for p in (tmp_path / "straight" / "posthoc_ema").iterdir())
-    emas = [load_file(run / "checkpoints" / "step_8" / "ema_rank0.safetensors") for run in (tmp_path / "straight", split)]
+    emas = [load_file(run / "checkpoints" / "step_8" / "ema_rank0.safetensors")
+            for run in (tmp_path / "straight", split)]
     assert any(k.startswith("posthoc_0.05.") for k in emas[0]) and any(k.startswith("posthoc_0.1.") for k in emas[0])
     assert emas[0].keys() == emas[1].keys() and all(torch.equal(emas[0][k], emas[1][k]) for k in emas[0])
 

@@ -79,11 +79,11 @@ class Snapshot:
     t: int              # updates the EMA applied: the time of its profile
     sigma_rel: float
     size: int
-    sha256: str         # durable.digest_file
+    digest: str         # durable.digest_file
 
     def record(self) -> dict:
         return {"file": self.file, "step": self.step, "t": self.t, "sigma_rel": self.sigma_rel, "size": self.size,
-                "sha256": self.sha256}
+                "digest": self.digest}
 
 
 def _entry(value, where: str) -> Snapshot:
@@ -93,11 +93,11 @@ def _entry(value, where: str) -> Snapshot:
     ok = (isinstance(value, dict) and isinstance(value.get("file"), str) and _SNAPSHOT_NAME.fullmatch(value["file"])
           and integer(value.get("step")) and integer(value.get("t")) and value["t"] <= value["step"]
           and isinstance(value.get("sigma_rel"), (int, float)) and sigma_rel_problem(value["sigma_rel"]) is None
-          and integer(value.get("size")) and isinstance(value.get("sha256"), str))
+          and integer(value.get("size")) and isinstance(value.get("digest"), str))
     if not ok:
         raise ModelFolderError(f"{where}: not a snapshot entry ({str(value)[:120]})")
     return Snapshot(value["file"], value["step"], value["t"], float(value["sigma_rel"]), value["size"],
-                    value["sha256"])
+                    value["digest"])
 
 
 def read_index(folder: Path) -> list[Snapshot]:
@@ -254,8 +254,8 @@ def select(path: str | Path, step: Optional[int] = None, skip_damaged: bool = Fa
                                f"{steps[0]} to {steps[-1]}); a reconstruction is made at the time of a snapshot")
     snapshots, left_out = [], []
     for snapshot in (s for s in listed if s.step <= step):
-        problem = durable.manifest_problem(folder, {snapshot.file: {"size": snapshot.size, "sha256": snapshot.sha256}},
-                                           deep=deep)
+        listed_as = {snapshot.file: {"size": snapshot.size, "digest": snapshot.digest}}
+        problem = durable.manifest_problem(folder, listed_as, deep=deep)
         if problem is None:
             snapshots.append(snapshot)
         elif skip_damaged:
