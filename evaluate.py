@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -49,6 +50,7 @@ from modules.errors import MetricsError, UserError
 from modules.eval.features import (INCEPTION_URL, Features, NpzReference, check_feature_width, extract, feature_width,
                                    list_images, load_inception, reference_sources, save_stats, size_text)
 from modules.eval.plots import line_plot
+from modules.run import posthoc
 from modules.run.accelerator import finish, from_main_process
 from modules.run.export import find_model_folder, read_network_export
 from modules.run.tracking import add_log_to_flag, log_scores, log_sweep
@@ -119,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "--num-samples images each")
     sweep.add_argument("--text-encoder", default=None, help="text-conditioned model: its text encoder folder, if "
                        "moved")
+    sweep.add_argument("--ema-lengths", default=None, help="post-hoc EMA lengths (sigma_rel) to sweep, comma-"
+                       "separated: --unet is a run trained with ema.posthoc=true, each length is reconstructed into "
+                       "OUT/models/")
     sweep.add_argument("--out", required=True, help="folder for the samples, sweep.md, sweep.json and sweep.png")
     return parser
 
@@ -327,6 +332,9 @@ def preflight(args) -> Optional[NpzReference]:
             problem = problem or cfg.guidance_problem(w) or cfg.unconditional_problem(w)
         if problem:
             raise MetricsError(problem)
+        if args.ema_lengths is not None:    # the lengths, and the snapshots (their digests: when reconstructed)
+            posthoc.parse_lengths(args.ema_lengths, "--ema-lengths")
+            posthoc.select(args.unet, deep=False)
     opened = NpzReference(reference) if Path(reference).suffix == ".npz" else None
     if opened is not None and opened.holds_statistics:     # a statistics file: validated now, each array read once
         opened.stats()
@@ -416,8 +424,11 @@ def run_sweep(ev: Evaluator, args, opened: Optional[NpzReference]) -> None:
     import sample
     steps = sweep_list(args.steps, int, "--steps")
     scales = sweep_list(args.cfg_scales, float, "--cfg-scales")
+    lengths = posthoc.parse_lengths(args.ema_lengths, "--ema-lengths") if args.ema_lengths else []
     wanted = wanted_scores(args)
     out = Path(args.out)
+    # (EMA length, model folder): the run's own export, or each post-hoc EMA length reconstructed into OUT/models
+    models = [(s, str(out / "models" / posthoc.export_name(s))) for s in lengths] or [(None, args.unet)]
     reference = ev.reference(args.ref, opened)
     table_path = out / "sweep.json"
     done, lock, problem = {}, None, None
@@ -428,6 +439,8 @@ def run_sweep(ev: Evaluator, args, opened: Optional[NpzReference]) -> None:
             if problem is None:
                 lock = durable.claim_output(out, "sweep")
                 done = read_table(table_path)
+                if lengths:
+                    posthoc.export_reconstructions(args.unet, lengths, out / "models")
         except UserError as e:
             problem = str(e)
     problem = from_main_process(problem, ev.state)      # every process gets the verdict, so none waits alone
@@ -437,11 +450,11 @@ def run_sweep(ev: Evaluator, args, opened: Optional[NpzReference]) -> None:
         raise MetricsError(problem)
     try:
         rows = []
-        for scale in scales:
+        for (length, unet), scale in itertools.product(models, scales):
             for n in steps:
-                name = f"steps_{n}_cfg_{scale:g}"
+                name = f"steps_{n}_cfg_{scale:g}" if length is None else f"ema_{length:g}_steps_{n}_cfg_{scale:g}"
                 folder = out / "samples" / name
-                sample.main(["--unet", args.unet, "--out", str(folder), "--num-samples", str(args.num_samples),
+                sample.main(["--unet", unet, "--out", str(folder), "--num-samples", str(args.num_samples),
                              "--steps", str(n), "--cfg-scale", str(scale), "--seed", str(args.seed),
                              "--batch-size", str(args.sample_batch_size),
                              *(f for flag in SAMPLING_FLAGS if getattr(args, flag) is not None
@@ -457,7 +470,8 @@ def run_sweep(ev: Evaluator, args, opened: Optional[NpzReference]) -> None:
                     continue
                 samples = ev.features(images, probabilities=args.inception_score)
                 if ev.state.is_main_process:
-                    row = {"key": key, "steps": n, "cfg_scale": scale, "reference": args.ref,
+                    row = {"key": key, **({"ema_length": length} if length is not None else {}), "steps": n,
+                           "cfg_scale": scale, "reference": args.ref,
                            "source_size": samples.source_size,
                            **ev.scores(samples, reference, args.kid, args.pr, args.inception_score)}
                     rows.append(row)
@@ -497,8 +511,9 @@ def write_text(path: Path, text: str, kept: str) -> None:
 
 
 def write_sweep_report(out: Path, rows: list[dict], args, reference: Reference, wanted: list[str]) -> None:
-    columns = ["steps", "cfg_scale", "fid"] + [c for c in ("kid", "precision", "recall", "inception_score")
-                                                if c in wanted]
+    lengths = ["ema_length"] if any("ema_length" in row for row in rows) else []     # --ema-lengths
+    columns = [*lengths, "steps", "cfg_scale", "fid"] + [c for c in ("kid", "precision", "recall", "inception_score")
+                                                          if c in wanted]
     count = rows[0]["num_samples"]
     lines = [f"Sweep of {args.unet}: {count} samples per cell against {args.ref} "
              f"({size_text(reference.source_size) if reference.source_size else 'resolution not recorded'})", "",
@@ -506,11 +521,18 @@ def write_sweep_report(out: Path, rows: list[dict], args, reference: Reference, 
     for row in rows:
         lines.append("| " + " | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c])
                                        for c in columns) + " |")
+    if lengths:
+        lines.append("")
+        for n in sorted({row["steps"] for row in rows}):
+            best = min((row for row in rows if row["steps"] == n), key=lambda row: row["fid"])
+            lines.append(f"- best EMA length at {n} step(s): sigma_rel {best['ema_length']:g} (cfg "
+                         f"{best['cfg_scale']:g}, FID {best['fid']:.4g})")
     kept = f"{out / 'sweep.json'} holds every score: the same command again writes the report without sampling"
     write_text(out / "sweep.md", "\n".join(lines) + "\n", kept)
     series = {}
     for row in rows:
-        series.setdefault(f"cfg {row['cfg_scale']:g}", []).append((math.log2(row["steps"]), row["fid"]))
+        label = f"cfg {row['cfg_scale']:g}" + (f", sigma_rel {row['ema_length']:g}" if lengths else "")
+        series.setdefault(label, []).append((math.log2(row["steps"]), row["fid"]))
     title = f"FID-{count // 1000 or count}{'k' if count >= 1000 else ''}"
     ticks = {math.log2(s): str(s) for s in sorted({r["steps"] for r in rows})}
     durable.write_or_fail(lambda: line_plot(series, out / "sweep.png", title=f"{title} against sampling steps",

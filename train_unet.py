@@ -41,10 +41,12 @@ from modules.run.checkpoint import RunIdentity
 from modules.run.export import find_model_folder, save_network, save_vae, vae_identity, vae_to_resume_with
 from modules.run.harness import Run, lr_factor, set_lr
 from modules.run.layout import FROZEN_VAE
+from modules.run.posthoc import SnapshotTracker
 from modules.run.tracking import SampleGrid, check_tracker, condition_captions, to_scalars
 
 logger = logging.getLogger("train_unet")
-MODEL_SECTIONS = ("model", "cond", "objective", "shortcut.denoise_timesteps")   # what a resume may not change
+MODEL_SECTIONS = ("model", "cond", "objective", "shortcut.denoise_timesteps",   # what a resume may not change
+                  "ema.posthoc", "ema.posthoc_sigma_rels")
 
 
 def export_networks(run: Run, net, ema: EMA, cfg: UNetRunConfig, sizes, vae_record: dict, text_record=None) -> None:
@@ -134,6 +136,9 @@ def train(cfg: UNetRunConfig, run: Run) -> None:
     teacher_decay = cfg.objective_class.teacher_decay(cfg.objective_cfg)
     if teacher_decay > 0:
         emas["teacher"] = EMA(owner, teacher_decay, warmup=False, root=net)
+    posthoc = SnapshotTracker(cfg.ema, owner, net, run.output_dir) if cfg.ema.posthoc else None
+    if posthoc is not None:     # ema.posthoc: the power-function EMAs, updated and checkpointed with the others
+        emas.update(posthoc.emas)
     objective = cfg.build_objective(teacher(net, owner, emas.get("teacher")))
 
     # ---- resume: checkpoints carry both EMAs (per process under FSDP, so shards stay with their owner)
@@ -141,6 +146,8 @@ def train(cfg: UNetRunConfig, run: Run) -> None:
                            text_encoder=text_encoder.identity if text_encoder is not None else None,
                            sizes=to_dict(sizes), store=str(latents.folder))
     run.start(identity, emas, sharded_emas=run.accelerator.distributed_type == DistributedType.FSDP)
+    if posthoc is not None:
+        posthoc.begin(run)
     if run.is_main and (not run.args.resume or not (frozen_vae / "config.json").is_file()):
         write_or_fail(lambda: save_vae(vae, frozen_vae), f"the copy of the VAE in {frozen_vae}",
                       "the checkpoints are untouched")
@@ -229,7 +236,9 @@ def train(cfg: UNetRunConfig, run: Run) -> None:
             if run.is_main:
                 logger.info("step %d: %s", run.state.step, ", ".join(f"{k} {v:.4g}" for k, v in sorted(scores.items())))
 
-        # ---- checkpoint and export
+        # ---- post-hoc EMA snapshots, checkpoint and export
+        if posthoc is not None and posthoc.due(run):
+            posthoc.save(run, net)
         if run.checkpoint_due():
             run.save_checkpoint()
             with run.exporting():

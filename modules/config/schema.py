@@ -28,6 +28,7 @@ from modules.core.networks.unet import UNetConfig
 from modules.core.networks.vae import VAEConfig
 from modules.core.objectives import OBJECTIVES, build_objective, objective_class
 from modules.core.objectives.base import Objective, Teacher
+from modules.core.posthoc_ema import sigma_rel_problem
 from modules.core.settings import at_most, each, fail, fraction, non_empty, non_negative, one_of, positive, setting
 from modules.core.vae_loss import VAELossConfig
 from modules.errors import ConfigError
@@ -142,10 +143,24 @@ class VAERunConfig:
 # ----------------------------------------------------------------------------- stage 2
 
 
+POSTHOC_EMAS_LIMIT = 8      # ema.posthoc_sigma_rels: each is one more float32 copy of the weights on every device
+
+
 @dataclass
 class EMAConfig:
     decay: float = setting(0.9999, fraction(high_open=True))
     warmup: bool = True                 # decay ramps as min(decay, (1 + n) / (10 + n))
+    # Post-hoc EMA (EDM2; README "Post-hoc EMA"): power-function EMAs of these lengths are tracked and their weights
+    # saved every posthoc_every steps (and at the last) in posthoc_ema/; posthoc_ema.py makes any length from them.
+    posthoc: bool = False
+    posthoc_sigma_rels: tuple[float, ...] = setting((0.05, 0.10), non_empty, each(sigma_rel_problem))
+    posthoc_every: int = setting(1000, positive, at_most(STEP_LIMIT))
+
+    def check(self, prefix: str) -> None:
+        lengths = self.posthoc_sigma_rels
+        if len(set(lengths)) != len(lengths) or len(lengths) > POSTHOC_EMAS_LIMIT:
+            raise fail(f"{prefix}posthoc_sigma_rels", f"must be distinct lengths, at most {POSTHOC_EMAS_LIMIT} "
+                       f"(each is a copy of the weights on every device), got {lengths}")
 
 
 @dataclass

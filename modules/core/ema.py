@@ -120,6 +120,10 @@ class EMA:
             return ((1 + n) / (10 + n)).clamp(max=self.decay)
         return torch.full_like(n, self.decay)
 
+    def _weight(self) -> torch.Tensor:
+        """What the next update gives the current weights: 1 - decay."""
+        return 1.0 - self._decay()
+
     def current_decay(self) -> float:
         """The decay the next update will use (a host read)."""
         return float(self._decay())
@@ -131,7 +135,7 @@ class EMA:
         pairs = self._matched(model)
         shadows = [s for s, _ in pairs]
         self.count = self.count.to(shadows[0].device)
-        weight = 1.0 - self._decay()
+        weight = self._weight()
         if finite is not None:
             weight = weight * finite
         # s (1 - w) + p w with a tensor w: exact at w = 0 (skipped) and at w = 1 (decay 0)

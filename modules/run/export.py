@@ -6,8 +6,8 @@ never leaves a half-written export under the final name. A stage-2 export's ``co
 holds the resolved run config it was trained with (``run_config``, validated when read back like
 a command-line config, and the one source a loader reads, with ``sizes``, what its network was
 built for), a summary of it (``model``, ``cond``, ``objective``, ...), which weights it holds
-(``online`` or ``ema``), the VAE it was trained with and, for a text-conditioned model, its text
-encoder (path and identity: sample.py refuses another). Exports of the earlier layout (no
+(``online``, ``ema``, or ``posthoc_ema``: an EMA length rebuilt by posthoc_ema.py), the VAE it was
+trained with and, for a text-conditioned model, its text encoder (path and identity: sample.py refuses another). Exports of the earlier layout (no
 ``sizes``; modules/config/legacy.py) still load. The stage-2 folders keep their names ``unet/``
 and ``unet_ema/`` whatever the network, so existing runs and scripts keep working.
 """
@@ -225,7 +225,7 @@ class NetworkExport:
     folder: Path
     config: UNetRunConfig      # the resolved run config
     sizes: Sizes               # what the network was built for
-    weights: str               # "online" or "ema"
+    weights: str               # "online", "ema" or "posthoc_ema"
     vae: dict                  # the VAE it was trained with: {"path": ..., "model": {...}}
     text_encoder: Optional[dict] = None   # cond.type=text: modules.interop.clip.TextEncoder.record()
 
@@ -242,10 +242,11 @@ def export_config(cfg: UNetRunConfig, sizes: Sizes, vae: dict, weights: str,
 
 
 def save_network(folder: str | Path, state_dict: dict[str, torch.Tensor], cfg: UNetRunConfig, sizes: Sizes,
-                 vae: dict, weights: str, text_encoder: Optional[dict] = None) -> Path:
+                 vae: dict, weights: str, text_encoder: Optional[dict] = None, about: Optional[dict] = None) -> Path:
     """The one way a stage-2 network is exported: its weights, its run config and sizes, its VAE's record
-    (and its text encoder's)."""
-    return save_model_folder(folder, state_dict, export_config(cfg, sizes, vae, weights, text_encoder))
+    (and its text encoder's); ``about``: more entries for its config.json (what a post-hoc EMA was made of)."""
+    return save_model_folder(folder, state_dict, {**export_config(cfg, sizes, vae, weights, text_encoder),
+                                                  **(about or {})})
 
 
 def read_network_export(folder: str | Path) -> NetworkExport:
