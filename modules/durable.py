@@ -15,7 +15,7 @@ inherits the same guarantees:
 * **One writer**: :class:`Lock` is an OS lock (``flock``) that the kernel drops when its process
   dies, so a killed run never leaves a stale lock.
 * **One line on failure**: :func:`write_or_fail` turns a failed write (a full disk, a read-only
-  folder) into a :class:`modules.errors.CheckpointError` that says what failed and what was kept.
+  folder) into a :class:`modules.errors.OutputError` that says what failed and what was kept.
 * **Folders keep their roles**: :func:`claim_output` takes an output folder for one kind of output
   (a training run, a sample folder, a sweep, a latent cache) under a lock and marks it
   (:data:`OUTPUT_MARKER`); a folder claimed for another kind, a model folder, or a folder holding
@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 import xxhash
 from safetensors import SafetensorError
 
-from modules.errors import CheckpointError
+from modules.errors import OutputError
 
 # A write that fails (disk full, quota, read-only or vanished folder) surfaces as OSError from
 # Python, RuntimeError from torch.save and SafetensorError from safetensors.
@@ -125,15 +125,15 @@ def write_failure(e: BaseException) -> str:
 
 @contextlib.contextmanager
 def failed_write_is(what: str, kept: str) -> Iterator[None]:
-    """Within it, a failed write is a CheckpointError saying ``what`` failed and what is ``kept``."""
+    """Within it, a failed write is an OutputError saying ``what`` failed and what is ``kept``."""
     try:
         yield
     except WRITE_ERRORS as e:
-        raise CheckpointError(f"could not write {what} ({write_failure(e)}); {kept}") from None
+        raise OutputError(f"could not write {what} ({write_failure(e)}); {kept}") from None
 
 
 def write_or_fail(write: Callable[[], Any], what: str, kept: str) -> Any:
-    """Run ``write``; a failed write is a CheckpointError saying ``what`` failed and what is ``kept``."""
+    """Run ``write``; a failed write is an OutputError saying ``what`` failed and what is ``kept``."""
     with failed_write_is(what, kept):
         return write()
 
@@ -341,7 +341,7 @@ class Lock:
     def held(self, wait: bool = True) -> Iterator[None]:
         problem = self.acquire(wait)
         if problem:
-            raise CheckpointError(f"cannot lock {self.path}: {problem}")
+            raise OutputError(f"cannot lock {self.path}: {problem}")
         try:
             yield
         finally:
@@ -383,34 +383,34 @@ def claim_output(folder: Union[str, Path], kind: str, lock_name: str = ".lock") 
     """Take ``folder`` for output of ``kind`` (one of :data:`OUTPUT_KINDS`): create it, refuse a model folder
     or a folder claimed for another kind, take its lock (refused while another process holds it) and
     mark it. Returns the held lock; the caller releases it when done. Problems are one-line
-    :class:`CheckpointError`\ s naming the folder."""
+    :class:`OutputError`\ s naming the folder."""
     folder = Path(folder)
     try:
         is_link, is_file, is_dir = folder.is_symlink(), folder.is_file(), folder.is_dir()
     except OSError as e:      # a name too long, a folder not searchable: what a user can cause
-        raise CheckpointError(f"output folder {folder}: {e.strerror or e}") from None
+        raise OutputError(f"output folder {folder}: {e.strerror or e}") from None
     if is_link or is_file:
-        raise CheckpointError(f"output folder {folder} is a {'link' if is_link else 'file'}")
+        raise OutputError(f"output folder {folder} is a {'link' if is_link else 'file'}")
     model = model_folder_kind(folder) if is_dir else None
     if model:
-        raise CheckpointError(f"{folder} is a model folder (config.json of a {model!r}); outputs go elsewhere, and "
+        raise OutputError(f"{folder} is a model folder (config.json of a {model!r}); outputs go elsewhere, and "
                               "the next export would replace it")
     claimed = output_kind(folder) if is_dir else None
     if claimed and claimed != kind:
-        raise CheckpointError(f"{folder} holds a {claimed} output; choose another folder for the {kind} output")
+        raise OutputError(f"{folder} holds a {claimed} output; choose another folder for the {kind} output")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CheckpointError(f"cannot create output folder {folder} ({e.strerror or e})") from None
+        raise OutputError(f"cannot create output folder {folder} ({e.strerror or e})") from None
     lock = Lock(folder / lock_name)
     problem = lock.acquire(wait=False)
     if problem:
-        raise CheckpointError(f"output folder {folder}: {problem}" + ("; wait for it to end or choose another folder"
+        raise OutputError(f"output folder {folder}: {problem}" + ("; wait for it to end or choose another folder"
                                                                       if problem.startswith("in use") else ""))
     try:
         if claimed is None:
             write_json(folder / OUTPUT_MARKER, {"kind": kind})
     except WRITE_ERRORS as e:
         lock.release()
-        raise CheckpointError(f"cannot write to output folder {folder} ({write_failure(e)})") from None
+        raise OutputError(f"cannot write to output folder {folder} ({write_failure(e)})") from None
     return lock

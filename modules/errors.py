@@ -1,4 +1,4 @@
-"""The errors a user's input or environment can cause, each printed by ``modules.cli.run_cli`` as
+"""The errors a user's input or environment can cause, each printed by ``modules.config.cli.run_cli`` as
 one ``error: ...`` line naming the problem (file, key, value) instead of a traceback."""
 from __future__ import annotations
 
@@ -21,6 +21,11 @@ class ModelFolderError(UserError, ValueError):
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint or run folder that cannot be written or resumed from."""
+
+
+class OutputError(CheckpointError):
+    """An output (a run's folder, a sample folder, a sweep, a latent store, any durable write) that cannot be
+    claimed, locked or written. A CheckpointError too, so that callers that catch either keep working."""
 
 
 class MetricsError(UserError, ValueError):
