@@ -16,9 +16,9 @@ place in the run. Configs are validated where they are built; objectives trust t
 """
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Optional, Sequence
+from typing import Callable, ClassVar, Iterator, Optional, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwad
@@ -84,6 +84,35 @@ def condition_dropout(n: int, cond: Optional[torch.Tensor], cond_drop: float,
     if cond is None:
         return None
     return rand(n, generator, device) < cond_drop
+
+
+def num_equal(batch_size: int, fraction: float) -> int:
+    """Rows with s = t in the MeanFlow family: floor(B * fraction), Python's int() as the official code
+    (MeanFlow's meanflow.py:152, iMF's imf.py:134)."""
+    return int(batch_size * fraction)
+
+
+def first_rows_dropout(n: int, cond_drop: float, generator: Optional[torch.Generator],
+                       device: torch.device) -> torch.Tensor:
+    """Condition dropout as the official MeanFlow and iMF code draws it (meanflow.py:191-200, imf.py:279-284):
+    as many rows as draws U < p, but the *first* rows of the micro-batch, not the drawn ones. Those are the
+    s = t rows (they come first), so the unconditional velocity trains at h = 0 only."""
+    count = (rand(n, generator, device) < cond_drop).sum()
+    return torch.arange(n, device=device) < count
+
+
+@contextmanager
+def eval_mode(model: "ModelCall") -> Iterator[None]:
+    """``model`` in eval mode inside (each submodule's mode restored after): the official MeanFlow code makes
+    its guidance queries with ``train=False`` (meanflow.py:219). A plain function passes unchanged."""
+    training = [m for m in model.modules() if m.training] if isinstance(model, torch.nn.Module) else []
+    for module in training:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module in training:
+            module.training = True
 
 
 # ----------------------------------------------------------------------------- what objectives share

@@ -54,7 +54,7 @@ import torch
 
 from modules.core.networks.denoiser import NetworkInputs
 from modules.core.objectives.base import (Draws, Logs, ModelCall, Objective, average_velocity_jvp, draw_device,
-                                         noise_for, per_row, rand)
+                                         first_rows_dropout, noise_for, num_equal, per_row, rand)
 from modules.core.samplers import sample_meanflow, sample_ode
 from modules.core.settings import (at_least, at_most, fail, fraction, non_negative, positive, scale_range, setting,
                                    time_interval)
@@ -104,11 +104,6 @@ class ImfDraws:
     equal: int                            # rows 0 .. equal - 1 have s = t
 
 
-def num_equal(batch_size: int, fraction: float) -> int:
-    """Rows with s = t: floor(B * fraction), Python's int() as imf.py:134."""
-    return int(batch_size * fraction)
-
-
 def guidance_scales(u: torch.Tensor, low: float, high: float, beta: float) -> torch.Tensor:
     """The inverse CDF of p(w) ~ w^-beta on [low, high] at ``u`` in [0, 1): beta = 1, w = low (high/low)^u;
     else w = (low^a + u (high^a - low^a))^(1/a), a = 1 - beta (imf.py:150-159 with low = 1)."""
@@ -143,8 +138,7 @@ class Imf(Objective):
         guidance = guidance_scales(rand(n, generator, device), *cfg.guidance_range, cfg.guidance_beta).float()
         drop = None
         if conditional:
-            num_drop = (rand(n, generator, device) < self.cond_drop).sum()
-            drop = torch.arange(n, device=device) < num_drop          # the first rows (imf.py:279-284)
+            drop = first_rows_dropout(n, self.cond_drop, generator, device)      # imf.py:279-284
         else:
             guidance, interval = torch.ones_like(guidance), torch.tensor([0.0, 1.0], device=device).expand(n, 2)
         return ImfDraws(t, s, guidance, interval, drop, equal)
