@@ -33,7 +33,7 @@ from modules.core.vae_loss import VAELossConfig
 from modules.errors import ConfigError
 
 SIZE_LIMIT = 16384          # pixels per side
-OT_POOL_LIMIT = 2048        # rows of one train.ot_pairing assignment (O(n^3): about 17 s on a CPU core)
+OT_POOL_LIMIT = 2048        # rows of one train.ot_pairing assignment (O(n^3): about 1.6 s on a CPU core)
 # Sanity bounds on counts a user types (rule 5: bounded where parsed), far above any real run and far below
 # what overflows: a step count or a period in optimizer steps (10^9 steps at 10 steps/s is three years);
 # micro-batches per step and images in one batch or hold-out; seconds a collective may wait (30 days; a
@@ -96,8 +96,9 @@ class TrainConfig:
     channels_last: bool = False
     tf32: bool = True
     fused_optimizer: bool = True
-    # Stage 2 (iSM's scaling OT): pair noise with data by one assignment minimising the summed squared
-    # distance over ot_pool consecutive micro-batches of a process (modules/ot_pairing.py).
+    # Stage 2 (iSM's scaling OT): pair noise with data by an assignment minimising the summed squared
+    # distance over ot_pool consecutive micro-batches of a process, within each class of a class-conditional
+    # model; refused with masks and prompts (modules/core/ot_pairing.py).
     ot_pairing: bool = False
     ot_pool: int = setting(1, positive, at_most(64))
 
@@ -265,6 +266,11 @@ class UNetRun:
                        "Diffusion folder with text_encoder/ and tokenizer/, or one folder holding both)")
         if self.init_from and self.model.arch != "dit":
             raise fail(f"{prefix}init_from", "loads a diffusers DiT (DiTTransformer2DModel): it needs model.arch=dit")
+        if self.train.ot_pairing and self.cond.type in ("mask", "text"):
+            raise fail(f"{prefix}train.ot_pairing", f"cannot pair noise with {self.cond.type}-conditioned data: "
+                       "pairing runs within each class, so that the noise of every condition stays N(0, I) as "
+                       f"sampling draws it, and {'masks' if self.cond.type == 'mask' else 'prompts'} have no classes "
+                       "(use it with cond.type=class or none)")
         pool_rows = self.train.ot_pool * self.train.batch_size
         if self.train.ot_pairing and pool_rows > OT_POOL_LIMIT:
             raise fail(f"{prefix}train.ot_pool", f"{self.train.ot_pool} micro-batches of train.batch_size="
