@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Sequence
 
 from modules.config import legacy
 from modules.config.io import PATH_METADATA
@@ -225,6 +225,20 @@ class UNetRun:
         """Why this model cannot be sampled at guidance ``scale``: the objective's rule (a scale it takes as
         an input must be in its trained range), or None."""
         return self.objective_class.guidance_problem(self.objective_cfg, scale)
+
+    def sampling_guidance(self, scale: Optional[float], interval: Optional[Sequence[float]]
+                          ) -> tuple[float, Optional[tuple[float, float]]]:
+        """The guidance scale and interval to sample at: the ones given, else the objective's (1 and none, but
+        for objective=imf ``imf.sample_scale`` and ``imf.sample_interval``); the interval stays None for a
+        model that takes none."""
+        cls, section = self.objective_class, self.objective_cfg
+        default = cls.default_guidance_interval(section)
+        return (cls.default_guidance(section) if scale is None else float(scale),
+                default if interval is None or default is None else (float(interval[0]), float(interval[1])))
+
+    def guidance_interval_problem(self, interval: Sequence[float]) -> Optional[str]:
+        """Why this model cannot be sampled with the guidance ``interval`` (this project's time), or None."""
+        return self.objective_class.guidance_interval_problem(self.objective_cfg, tuple(interval))
 
     def unconditional_problem(self, scale: float) -> Optional[str]:
         """Why guidance ``scale`` cannot be applied because the model never learnt the unconditional

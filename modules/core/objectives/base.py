@@ -26,6 +26,7 @@ from torch.func import jvp
 
 from modules.core.attention import forward_ad_attention
 from modules.core.networks.denoiser import NetworkInputs, Sizes
+from modules.core.settings import time_interval
 
 ModelCall = Callable[..., torch.Tensor]
 Logs = dict[str, torch.Tensor]
@@ -234,6 +235,25 @@ class Objective:
     def guidance_problem(cfg, scale: float) -> Optional[str]:
         """Why a model trained under ``cfg`` cannot be sampled at guidance ``scale``, or None."""
         return None
+
+    @staticmethod
+    def default_guidance(cfg) -> float:
+        """The guidance scale to sample at when the caller names none (1: the conditional prediction alone)."""
+        return 1.0
+
+    @staticmethod
+    def default_guidance_interval(cfg) -> Optional[tuple[float, float]]:
+        """The guidance interval ``(low, high)`` (this project's time) to sample with when the caller names
+        none; None for a model that takes none. A model that takes one gets it as ``sample``'s
+        ``guidance_interval`` keyword."""
+        return None
+
+    @classmethod
+    def guidance_interval_problem(cls, cfg, interval: tuple[float, float]) -> Optional[str]:
+        """Why a model trained under ``cfg`` cannot be sampled with the guidance ``interval``, or None."""
+        if cls.default_guidance_interval(cfg) is None:
+            return f"a {cls.name} model takes no guidance interval (only objective=imf's network takes one)"
+        return time_interval(tuple(interval))
 
     @staticmethod
     def sample(cfg, sampler: str, fn: ModelCall, noise: torch.Tensor, steps: int,

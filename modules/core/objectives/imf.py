@@ -43,7 +43,9 @@ Gradient checkpointing is refused as for MeanFlow (torch does not recompute tang
 Sampled as the official code does (imf.py:8-50, 90-114), MeanFlow steps on the grid t_i = i / k with
 w and the interval as inputs and no unconditional pass (the ``meanflow`` sampler: 1 step is one
 forward), or as a flow at h = 0 (Euler, Heun). The guidance scale comes from the caller
-(``guided(..., intrinsic=True)`` gives it to the network); the interval is ``imf.sample_interval``.
+(``guided(..., intrinsic=True)`` gives it to the network), and so does the interval; a caller that names
+none gets ``imf.sample_scale`` and ``imf.sample_interval`` (the official B/2 setting w = 8, [0.40, 0.65]
+in the paper's time, which is [0.35, 0.60] here; configs/eval_config.yml:10-21).
 """
 from __future__ import annotations
 
@@ -236,6 +238,11 @@ class Imf(Objective):
         return cfg.sample_scale
 
     @staticmethod
+    def default_guidance_interval(cfg: ImfConfig) -> tuple[float, float]:
+        """The guidance interval to sample with when the caller names none (``imf.sample_interval``)."""
+        return tuple(cfg.sample_interval)
+
+    @staticmethod
     def guidance_problem(cfg: ImfConfig, scale: float) -> Optional[str]:
         """The scale is a network input: below the trained range 1 - 1/w was never seen; above it the
         network extrapolates (the official M/2 and L/2 settings use 10.5 on a model trained on [1, 8])."""
@@ -247,12 +254,14 @@ class Imf(Objective):
 
     @staticmethod
     def sample(cfg: ImfConfig, sampler: str, fn: ModelCall, noise: torch.Tensor, steps: int,
-               generators: Optional[Sequence[torch.Generator]] = None, eta: float = 0.0) -> torch.Tensor:
+               generators: Optional[Sequence[torch.Generator]] = None, eta: float = 0.0,
+               guidance_interval: Optional[tuple[float, float]] = None) -> torch.Tensor:
         """``meanflow``: x <- x + (t_(i+1) - t_i) u(x, h = t_(i+1) - t_i) on t_i = i / steps (one forward
         per step; imf.py:42-48, 112-114); ``euler``/``heun``: the flow ODE of u at h = 0. The guidance
-        interval is ``cfg.sample_interval``; ``fn`` gives the scale (``guided(..., intrinsic=True)``)."""
-        interval = torch.tensor(cfg.sample_interval, dtype=noise.dtype, device=noise.device)
-        interval = interval.expand(noise.shape[0], 2)
+        interval is ``guidance_interval`` (this project's time; None: ``cfg.sample_interval``), the same at
+        every step as the official sampler's; ``fn`` gives the scale (``guided(..., intrinsic=True)``)."""
+        chosen = cfg.sample_interval if guidance_interval is None else guidance_interval
+        interval = torch.tensor(tuple(chosen), dtype=noise.dtype, device=noise.device).expand(noise.shape[0], 2)
 
         def with_interval(x: torch.Tensor, t: torch.Tensor, **inputs) -> torch.Tensor:
             return fn(x, t, guidance_interval=interval, **inputs)
