@@ -50,7 +50,8 @@ def test_pairing_within_class_never_crosses_classes_and_is_optimal_in_each():
         mine = sorted(map(tuple, noise[rows].flatten(1).tolist()))
         assert sorted(map(tuple, paired[rows].flatten(1).tolist())) == mine
         cost = torch.cdist(x1[rows].flatten(1).double(), noise[rows].flatten(1).double()).pow(2).numpy()
-        assert (x1[rows].double() - paired[rows].double()).pow(2).sum().item() == pytest.approx(brute_force(cost), rel=1e-9)
+        distance = (x1[rows].double() - paired[rows].double()).pow(2).sum().item()
+        assert distance == pytest.approx(brute_force(cost), rel=1e-9)
     crossed = pair_noise(x1, noise)             # one assignment over the pool moves noise across classes
     assert any(sorted(map(tuple, crossed[labels == c].flatten(1).tolist()))
                != sorted(map(tuple, noise[labels == c].flatten(1).tolist())) for c in range(3))

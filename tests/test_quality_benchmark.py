@@ -159,7 +159,8 @@ def test_variants_seeds_and_guidance_sweep(micro_run, tmp_path):
     folder = tmp_path / "w" / "samples" / "imf_1"
     records = [json_lib.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
     images = quality.read_images([folder / r["file"] for r in records])
-    expected = np.mean([shape_of(foreground_mask(image)) == SHAPES[r["condition"]] for image, r in zip(images, records)])
+    expected = np.mean([shape_of(foreground_mask(image)) == SHAPES[r["condition"]]
+                        for image, r in zip(images, records)])
     row = next(r for r in report["rows"] if r.get("variant") == "imf" and r["seed"] == 0 and r["steps"] == 1
                and r["guidance"] == 1.0)
     assert row["class_accuracy"] == pytest.approx(expected)
@@ -186,7 +187,8 @@ def test_ot_rows_need_class_conditioning(tmp_path):
     'all' there."""
     for cond in ("mask", "text"):
         with pytest.raises(SystemExit):
-            quality.parse_args(["--workdir", str(tmp_path / cond), "--cond", cond, "--variants", "shortcut,shortcut+ot"])
+            quality.parse_args(["--workdir", str(tmp_path / cond), "--cond", cond, "--variants",
+                                "shortcut,shortcut+ot"])
         chosen = quality.parse_args(["--workdir", str(tmp_path / cond), "--cond", cond, "--variants", "all"]).variants
         assert "shortcut+ot" not in chosen and "shortcut+all" not in chosen and "imf" in chosen
     chosen = quality.parse_args(["--workdir", str(tmp_path / "c"), "--cond", "class", "--variants", "all"]).variants
