@@ -5,6 +5,8 @@
     python evaluate.py metrics --inception inception-2015-12-05.pt samples/ ref.npz --kid --pr --is
     accelerate launch evaluate.py sweep --inception inception-2015-12-05.pt --unet runs/unet --ref ref.npz \\
         --steps 1,2,4,8,16,32,64,128 --cfg-scales 1,1.5,2 --num-samples 50000 --out runs/unet/sweep
+    accelerate launch evaluate.py sweep --inception inception-2015-12-05.pt --unet runs/imf --ref ref.npz \\
+        --steps 1,2 --cfg-scales 4,6,8,10 --guidance-interval 0.35 0.60 --num-samples 50000 --out runs/imf/sweep
 
 A reference is an image folder, a ``datasets`` save_to_disk folder, an ADM reference ``.npz``
 (images ``arr_0``) or a statistics ``.npz`` written by ``stats`` (mu, sigma and the features,
@@ -107,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--unet", required=True, help="exported UNet folder or train_unet.py output dir")
     sweep.add_argument("--ref", required=True, help="reference (best: a stats .npz, computed once)")
     sweep.add_argument("--steps", default="1,2,4,8,16,32,64,128")
-    sweep.add_argument("--cfg-scales", default="1")
+    sweep.add_argument("--cfg-scales", default=None, help="comma-separated guidance scales (default: the model's, "
+                       "1 but for iMF's imf.sample_scale); an iMF model takes each as an input")
+    sweep.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                       help="objective=imf: the guidance interval of every cell, as sample.py takes it")
     sweep.add_argument("--num-samples", type=int, default=50000)
     sweep.add_argument("--sample-batch-size", type=int, default=64)
     sweep.add_argument("--seed", type=int, default=0)
@@ -328,8 +333,15 @@ def preflight(args) -> Optional[NpzReference]:
             if not 1 <= n <= sample.MAX_STEPS:
                 problem = problem or f"--steps {args.steps}: each must be at least 1 and at most {sample.MAX_STEPS}"
             problem = problem or cfg.sampling_problem(None, n)
+        if args.cfg_scales is None:         # the model's own scale: one column
+            args.cfg_scales = f"{cfg.sampling_guidance(None, None)[0]:g}"
         for w in sweep_list(args.cfg_scales, float, "--cfg-scales"):
             problem = problem or cfg.guidance_problem(w) or cfg.unconditional_problem(w)
+        interval = args.guidance_interval
+        if interval is not None and not problem:
+            wrong = (cfg.guidance_interval_problem(interval) if all(map(math.isfinite, interval))
+                     else "expected finite numbers")
+            problem = wrong and f"--guidance-interval {' '.join(f'{v:g}' for v in interval)}: {wrong}"
         if problem:
             raise MetricsError(problem)
         if args.ema_lengths is not None:    # the lengths, and the snapshots (their digests: when reconstructed)
@@ -386,7 +398,7 @@ def sweep_list(text: str, kind, flag: str) -> list:
 # The scores each metric flag adds to a sweep's rows; a row is reused only when it holds every one asked for.
 METRIC_COLUMNS = {"kid": ("kid", "kid_std_error"), "pr": ("precision", "recall"),
                   "inception_score": ("inception_score", "inception_score_std")}
-SAMPLING_FLAGS = ("class_label", "masks", "prompt", "prompts", "text_encoder")
+SAMPLING_FLAGS = ("class_label", "masks", "prompt", "prompts", "text_encoder", "guidance_interval")
 MAX_TABLE_BYTES = 1 << 26       # a sweep.json of thousands of cells is a few MB
 
 
@@ -407,6 +419,11 @@ def cell_key(ev: Evaluator, reference: Reference, folder: Path, args, steps: int
                 **{flag: getattr(args, flag) for flag in SAMPLING_FLAGS}}
     return durable.fingerprint({"reference": reference.identity(), "extractor": ev.identity(),
                                 "request": request, "sampling": sampling})
+
+
+def flag_values(value) -> list:
+    """A sampling flag's value as sample.py's arguments: one word, or one per number (--guidance-interval)."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def reusable(row, key: str, wanted: list[str], count: int) -> Optional[dict]:
@@ -458,7 +475,7 @@ def run_sweep(ev: Evaluator, args, opened: Optional[NpzReference]) -> None:
                              "--steps", str(n), "--cfg-scale", str(scale), "--seed", str(args.seed),
                              "--batch-size", str(args.sample_batch_size),
                              *(f for flag in SAMPLING_FLAGS if getattr(args, flag) is not None
-                               for f in (f"--{flag.replace('_', '-')}", str(getattr(args, flag))))])
+                               for f in (f"--{flag.replace('_', '-')}", *map(str, flag_values(getattr(args, flag)))))])
                 ev.state.wait_for_everyone()    # the main process writes the manifest after the others are done
                 images = list_images(folder)    # --num-samples, one per mask, or --num-samples per prompt
                 key, row = None, None

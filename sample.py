@@ -5,11 +5,13 @@
     python sample.py --unet runs/unet --out samples --masks my_masks/ --steps 1
     python sample.py --unet runs/unet --out samples --prompt "a red circle on a striped background" --num-samples 4
     python sample.py --unet runs/unet --out samples --prompts prompts.txt --num-samples 2 --cfg-scale 2
+    python sample.py --unet runs/imf --out samples --steps 1 --cfg-scale 8 --guidance-interval 0.35 0.60
 
     accelerate launch sample.py --unet runs/unet --out s1 --num-samples 50000 --steps 1 --npz
 
 Writes one PNG per image and ``manifest.jsonl`` (one JSON line per image: index, file, seed,
-steps, sampler, guidance, condition; see modules/run/sample_folder.py). Image i depends only on
+steps, sampler, guidance (and the guidance interval, for a model that takes one), condition; see
+modules/run/sample_folder.py). Image i depends only on
 (--seed, i), its condition and the batch's size: every batch has exactly --batch-size rows (a
 short last batch is padded) and each prompt is encoded alone, so neither the number of processes
 nor an interruption changes a byte of the result; another --batch-size gives the same images
@@ -77,8 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=1, help="network evaluations per image (shortcut: a power of two)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="default: shortcut / euler / meanflow / ddim by objective")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance w (1 = conditional only); "
-                   "a model trained with shortcut.intrinsic_guidance takes w as an input, in one forward")
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance w (1 = conditional "
+                   "only; default: the model's, 1 but for iMF's imf.sample_scale); a model trained with "
+                   "shortcut.intrinsic_guidance or objective=imf takes w as an input, in one forward")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="objective=imf: the guidance interval the network is given, in this toolkit's time (t = 0 "
+                        "noise, t = 1 data; the paper's [a, b] is [1 - b, 1 - a] here); default: the model's "
+                        "imf.sample_interval")
     cond = p.add_mutually_exclusive_group()
     cond.add_argument("--class-label", default=None,
                       help="a class number, 'all' (classes in turn, the default) or 'random' (drawn by seed)")
@@ -299,8 +306,10 @@ def check_numbers(args) -> None:
             raise ConfigError(f"{flag} {_shown(value)}: must be at least {low} and at most {bound}{extra}")
     if not 0 <= args.eta <= 1:
         raise ConfigError(f"--eta {args.eta}: must be in [0, 1]")
-    if not math.isfinite(args.cfg_scale):
+    if args.cfg_scale is not None and not math.isfinite(args.cfg_scale):
         raise ConfigError(f"--cfg-scale {args.cfg_scale}: must be a finite number")
+    if args.guidance_interval is not None and not all(map(math.isfinite, args.guidance_interval)):
+        raise ConfigError(f"--guidance-interval {' '.join(map(str, args.guidance_interval))}: must be finite numbers")
 
 
 def encode_prompts(encoder: TextEncoder, prompts: list[str]) -> torch.Tensor:
@@ -346,8 +355,14 @@ def main(argv=None) -> None:
     problem = export.config.sampling_problem(sampler, args.steps)
     if problem:
         raise ConfigError(f"--sampler {sampler} --steps {args.steps}: {problem}")
-    if spec.cond_type == "none" and args.cfg_scale != 1.0:
+    if spec.cond_type == "none" and args.cfg_scale not in (None, 1.0):
         logger.warning("--cfg-scale %s ignored: %s is an unconditional model", args.cfg_scale, net_folder)
+    if args.guidance_interval is not None:
+        problem = export.config.guidance_interval_problem(args.guidance_interval)
+        if problem:
+            raise ConfigError(f"--guidance-interval {' '.join(f'{v:g}' for v in args.guidance_interval)}: {problem}")
+    # From here on both are what the images are made with: given, or the model's defaults.
+    args.cfg_scale, args.guidance_interval = export.config.sampling_guidance(args.cfg_scale, args.guidance_interval)
     problem = export.config.guidance_problem(args.cfg_scale) or export.config.unconditional_problem(args.cfg_scale)
     if problem:
         raise ConfigError(f"--cfg-scale {args.cfg_scale}: {problem}")
@@ -396,13 +411,16 @@ def main(argv=None) -> None:
     def file_of(i: int) -> str:
         return f"{names[i]}.png" if names is not None else f"{i:06d}.png"
 
+    # The guidance interval is part of what an image is, for a model that takes one (a resumed run refuses another).
+    interval = {} if args.guidance_interval is None else {"guidance_interval": list(args.guidance_interval)}
+
     def record_of(i: int) -> dict:
         return {"index": i, "file": file_of(i), "seed": image_seed(args.seed, i), "steps": args.steps,
-                "sampler": sampler, "guidance": args.cfg_scale, "condition": label(i)}
+                "sampler": sampler, "guidance": args.cfg_scale, **interval, "condition": label(i)}
 
     request = {"unet": str(net_folder.resolve()), "unet_weights": weights_digest(read_config(net_folder)),
                "vae": vae_identity(vae), "sampler": sampler, "steps": args.steps, "cfg_scale": args.cfg_scale,
-               "eta": args.eta, "seed": args.seed, "count": count, "dtype": str(dtype),
+               **interval, "eta": args.eta, "seed": args.seed, "count": count, "dtype": str(dtype),
                "conditions": ({"masks": len(names)} if names is not None else {"prompts": len(prompts)}
                               if prompts is not None else args.class_label or spec.cond_type),
                "conditions_sha256": conditions_identity(masks, prompts)}
@@ -445,7 +463,8 @@ def sample_into(folder: SampleFolder, done, args, state, net, vae, spec, sampler
                 del made, conds
                 with autocast:
                     z = generate_latents(network, spec, batch_cond, [image_seed(args.seed, i) for i in rows],
-                                         args.steps, sampler, args.cfg_scale, args.eta, device)
+                                         args.steps, sampler, args.cfg_scale, args.eta, device,
+                                         args.guidance_interval)
                     images = decode_latents(vae, z.float(), vae.config.scale_factor, args.batch_size)
                 for i, array in zip(idx, to_uint8(images[:len(idx)])):
                     save_png(array, folder.out / file_of(i))

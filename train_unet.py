@@ -173,7 +173,8 @@ def train(cfg: UNetRunConfig, run: Run) -> None:
     def paired_noise(m: int, x1: torch.Tensor) -> torch.Tensor:
         return randn_like(x1, paired_noise_generator(tcfg.seed, *divmod(m, tcfg.grad_accum), run.rank, device))
 
-    pool = PairedPool(pool_size, micro_batch, paired_noise) if tcfg.ot_pairing else None
+    pool = (PairedPool(pool_size, micro_batch, paired_noise, by_class=cfg.cond.type == "class")
+            if tcfg.ot_pairing else None)
     grid_cond = conditions(spec, latents, range(cfg.sample.num_images))
     grid_cond = None if grid_cond is None else grid_cond.to(device)
     grid_captions = condition_captions(spec.cond_type, latents, range(cfg.sample.num_images), spec.num_classes)

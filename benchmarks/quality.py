@@ -6,8 +6,10 @@
     python benchmarks/quality.py --preset cpu --arch dit --workdir runs/quality_cpu_dit   # the same table, a DiT
     python benchmarks/quality.py --preset cpu --cond text --workdir runs/quality_cpu_text  # text prompts
     python benchmarks/quality.py --preset cpu --workdir runs/q --variants all --seeds 2 --guidance 1.5,2,3
-        # every row of VARIANTS (flow, shortcut, each iSM switch, all of them, MeanFlow), two training
-        # seeds each, and each at guidance 1 and at its best guidance of the sweep
+        # every row of VARIANTS that fits the condition (flow, shortcut, each iSM switch, MeanFlow, iMF), two
+        # training seeds each, and each at guidance 1 and at its best guidance of the sweep
+    python benchmarks/quality.py --preset cpu --cond class --workdir runs/q_ot --variants shortcut,shortcut+ot \
+        --seeds 2      # class-conditional: OT pairing within each class against none (class accuracy)
 
 A miniature of the shortcut paper's main comparison (one-step samples close to 128-step ones
 for a shortcut model, far worse for flow matching), run through the product's own entry
@@ -43,6 +45,17 @@ download), samples one image per held-out caption (``sample.py --prompts``) and 
 IoU by **prompt fidelity**: the fraction of images whose colour and shape, read back with
 ``scripts.shapes.read_caption``, are the prompt's (and each word's match rate alone).
 
+``--cond class`` conditions every run on the shape's class (circle, square, triangle: the training
+set's class folders), samples the held-out set's classes in turn (``sample.py --class-label all``:
+image i is class i mod 3, as held-out image i) and replaces the mask IoU by **class accuracy**: the
+fraction of images whose shape, read back with ``scripts.shapes.read_caption``, is their class. It is
+the condition OT pairing needs (``train.ot_pairing`` pairs within each class and is refused with
+masks and prompts), so the OT rows run only under it.
+
+The iMF rows (``objective=imf``) train the in-context DiT (``model.arch=icdit``) at the preset's DiT
+sizes whatever ``--arch`` says (no other network takes the guidance interval), with the last half of
+its blocks as the u head (and, with the velocity head, as many again for v).
+
 Results: a markdown table on stdout, ``OUT/quality.md``, ``OUT/quality.json`` (numbers,
 commands, stage times, machine) and ``OUT/quality_grid.png`` (held-out images, their masks,
 their VAE reconstructions, then one row per model and step count: same masks, same seeds).
@@ -77,13 +90,16 @@ import train_vae  # noqa: E402
 from modules.core.metrics import feature_statistics, frechet_distance, mask_iou  # noqa: E402
 from modules.interop.vae import load_vae  # noqa: E402
 from modules.run.export import find_model_folder  # noqa: E402
-from scripts.shapes import caption_words, foreground_mask, make_shapes, read_caption, render_shape_batch, shape_captions  # noqa: E402  # noqa: E402
+from scripts.shapes import (SHAPES, caption_words, foreground_mask, make_shapes, read_caption,  # noqa: E402
+                           render_shape_batch, shape_captions)
 from scripts.tiny_clip import write_tiny_clip  # noqa: E402
 
 # Rows of the comparison: objective and extra train_unet.py overrides. The iSM switches (README
 # "Improved shortcut training"): 2 wavelet levels take the 8x8 latents of the cpu preset down to 2x2;
-# an OT pool of 8 micro-batches of 32 is one 256-row assignment. MeanFlow with omega = 2 learns the
-# guided average velocity (scale 2) and is sampled with one conditional forward per step.
+# an OT pool of 8 micro-batches of 32 is one 256-row assignment (within each class: --cond class only).
+# MeanFlow with omega = 2 learns the guided average velocity (scale 2) and is sampled with one conditional
+# forward per step. iMF takes w and the guidance interval as inputs (imf.sample_interval at sampling);
+# "imf+boundary" has no velocity head (v = u(z, t, t)).
 OT = ("train.ot_pairing=true", "train.ot_pool=8")
 VARIANTS = {
     "shortcut": ("shortcut", ()),
@@ -94,9 +110,20 @@ VARIANTS = {
     "shortcut+all": ("shortcut", ("shortcut.intrinsic_guidance=true", "shortcut.wavelet_levels=2") + OT),
     "meanflow": ("meanflow", ()),
     "meanflow+guidance": ("meanflow", ("meanflow.omega=2.0",)),   # the paper's guidance, folded into training
+    "imf": ("imf", ()),
+    "imf+boundary": ("imf", ("imf.velocity_head=false",)),
 }
 DEFAULT_VARIANTS = ("shortcut", "flow")
-SAMPLER = {"shortcut": "shortcut", "flow": "euler", "meanflow": "meanflow"}
+SAMPLER = {"shortcut": "shortcut", "flow": "euler", "meanflow": "meanflow", "imf": "meanflow"}
+OWN_ARCH = {"imf": "icdit"}     # objectives whose network is not --arch's
+
+
+def variant_problem(variant: str, cond: str) -> Optional[str]:
+    """Why ``variant`` cannot run conditioned on ``cond``, or None."""
+    if cond != "class" and any(switch.startswith("train.ot_pairing=true") for switch in VARIANTS[variant][1]):
+        return (f"{variant} pairs noise within each class (train.ot_pairing), which masks and prompts do not have: "
+                "run it with --cond class")
+    return None
 TRAIN_SEED, EVAL_SEED, REFERENCE_SEED = 0, 1, 2
 PIXEL_GRID = 8
 RANDOM_CONV_WIDTHS = (32, 64, 64)
@@ -191,15 +218,30 @@ def training_args(preset: Preset, max_steps: int, log_every: int) -> list[str]:
             f"train.image_log_every={max_steps}", f"train.log_every={log_every}", f"train.val_every={max_steps}"]
 
 
+def network_args(preset: Preset, arch: str, objective: str) -> list[str]:
+    """The network's overrides: --arch's, or for an objective with its own network (iMF) the preset's DiT sizes
+    in that network, the last half of the blocks the u head."""
+    own = OWN_ARCH.get(objective)
+    if own is None:
+        return list(preset.unet_args if arch == "unet" else preset.dit_args)
+    depth = next(int(a.split("=", 1)[1]) for a in preset.dit_args if a.startswith("model.depth="))
+    return ([f"model.arch={own}" if a == "model.arch=dit" else a for a in preset.dit_args]
+            + [f"model.aux_head_depth={max(1, depth // 2)}"])
+
+
 def unet_args(preset: Preset, arch: str, variant: str, seed: int, data: Path, vae: Path, out: Path,
-              extra: list[str], text_encoder: Optional[Path] = None) -> list[str]:
-    """train_unet.py's arguments; with a ``text_encoder``, captions replace the masks as the condition."""
+              extra: list[str], text_encoder: Optional[Path] = None, cond: str = "mask") -> list[str]:
+    """train_unet.py's arguments; with a ``text_encoder``, captions replace the masks as the condition, and with
+    ``cond`` "class" the shapes' classes do."""
     max_sampling = max(preset.steps)
     objective, switches = VARIANTS[variant]
-    network = list(preset.unet_args if arch == "unet" else preset.dit_args)
+    network = network_args(preset, arch, objective)
     if text_encoder is not None:
+        pooled = ["cond.text_mode=pooled"] if objective in OWN_ARCH else []    # the in-context DiT pools the text
         network = [a for a in network if not a.startswith("cond.")] + ["cond.type=text",
-                                                                          f"cond.text_encoder={text_encoder}"]
+                                                                          f"cond.text_encoder={text_encoder}", *pooled]
+    elif cond == "class":
+        network = [a for a in network if not a.startswith("cond.")] + ["cond.type=class"]
     return (["--config", "tiny", "--data", str(data), "--vae", str(vae), "--output-dir", str(out),
              "--report-to", "none", f"objective={objective}", f"shortcut.denoise_timesteps={max_sampling}",
              f"sample.steps=1,{max_sampling}", "sample.num_images=8", f"train.seed={seed}"]
@@ -285,6 +327,11 @@ LEGEND = ("mask IoU: foreground_mask of each image against its conditioning (hel
           "VAE (the best a latent model can do through it).")
 
 
+CLASS_LEGEND = ("class accuracy: fraction of images whose shape, read back with modules.synthetic.read_caption, is "
+                "their class (circle, square, triangle); the independent real set is scored against its own classes "
+                f"(the reader's accuracy on clean images). {FD_LEGEND}")
+
+
 TEXT_LEGEND = ("prompt fidelity: fraction of images whose colour and shape, read back with "
                "modules.synthetic.read_caption, are the prompt's (colour, shape: each word alone); the independent "
                f"real set is scored against its own captions (the analysers' accuracy on clean images). {FD_LEGEND}")
@@ -300,19 +347,28 @@ def prompt_fidelity(images: np.ndarray, captions: list[str]) -> dict[str, float]
             "shape_match": float(shape.mean())}
 
 
-class Scorer:
-    """Mask IoU against the conditioning masks (or prompt fidelity against the conditioning captions)
-    and Frechet distances to the held-out images."""
+def class_accuracy(images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The fraction of images whose read-back shape is their class's."""
+    return {"class_accuracy": float(np.mean([read_caption(image)[1] == SHAPES[label]
+                                             for image, label in zip(images, labels)]))}
 
-    def __init__(self, real_images: np.ndarray, masks: np.ndarray, captions: Optional[list[str]] = None):
+
+class Scorer:
+    """Mask IoU against the conditioning masks (or prompt fidelity against the conditioning captions, or
+    class accuracy against the conditioning classes) and Frechet distances to the held-out images."""
+
+    def __init__(self, real_images: np.ndarray, masks: np.ndarray, captions: Optional[list[str]] = None,
+                 labels: Optional[np.ndarray] = None):
         self.masks = torch.from_numpy(masks)
-        self.captions = captions
+        self.captions, self.labels = captions, labels
         self.reference = {name: feature_statistics(fn(real_images)) for name, fn in FEATURES.items()}
 
     def score(self, images: np.ndarray, masks: Optional[np.ndarray] = None,
-              captions: Optional[list[str]] = None) -> dict[str, float]:
+              captions: Optional[list[str]] = None, labels: Optional[np.ndarray] = None) -> dict[str, float]:
         target = self.masks if masks is None else torch.from_numpy(masks)
-        if self.captions is not None:
+        if self.labels is not None:
+            scores = class_accuracy(images, self.labels if labels is None else labels)
+        elif self.captions is not None:
             scores = prompt_fidelity(images, captions or self.captions)
         else:
             scores = {"mask_iou": float(mask_iou(torch.from_numpy(foreground_mask(images)), target, "mean"))}
@@ -360,9 +416,10 @@ def machine() -> dict:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    text = "prompt_fidelity" in rows[0]
-    condition = ("prompt fidelity", "colour", "shape") if text else ("mask IoU",)
-    keys = ("prompt_fidelity", "colour_match", "shape_match") if text else ("mask_iou",)
+    text, classes = "prompt_fidelity" in rows[0], "class_accuracy" in rows[0]
+    condition = ("prompt fidelity", "colour", "shape") if text else ("class accuracy",) if classes else ("mask IoU",)
+    keys = ("prompt_fidelity", "colour_match", "shape_match") if text else ("class_accuracy",) if classes \
+        else ("mask_iou",)
     lines = ["| model | sampler | steps | " + " | ".join(condition) + " | FD pixels 8x8 | FD random conv |",
              "| --- | --- | --- | " + "--- | " * len(condition) + "--- | --- |"]
     for r in rows:
@@ -373,7 +430,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 METRIC_NAMES = {"mask_iou": "mask IoU", "prompt_fidelity": "prompt fidelity", "colour_match": "colour",
-                "shape_match": "shape", "fd_pixels": "FD pixels 8x8", "fd_random_conv": "FD random conv"}
+                "shape_match": "shape", "class_accuracy": "class accuracy", "fd_pixels": "FD pixels 8x8",
+                "fd_random_conv": "FD random conv"}
 
 
 def seed_summary(rows: list[dict], step_seconds: dict[str, list[float]]) -> tuple[list[dict], str]:
@@ -405,10 +463,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--arch", choices=("unet", "dit"), default="unet", help="the stage-2 network of every run")
-    p.add_argument("--cond", choices=("mask", "text"), default="mask",
-                   help="what every run is conditioned on: the held-out masks, or their captions (prompt fidelity)")
+    p.add_argument("--cond", choices=("mask", "text", "class"), default="mask",
+                   help="what every run is conditioned on: the held-out masks, their captions (prompt fidelity) or "
+                        "their shapes' classes (class accuracy)")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                   help=f"comma-separated rows to train and score, or 'all': {', '.join(VARIANTS)}")
+                   help=f"comma-separated rows to train and score, or 'all' (those that fit --cond): "
+                        f"{', '.join(VARIANTS)}")
     p.add_argument("--seeds", type=int, default=1, help="training seeds per variant (0, 1, ...)")
     p.add_argument("--guidance", default="", help="comma-separated guidance scales besides 1, tried at 1 step; "
                    "each variant is then sampled at every step count at its best one")
@@ -441,10 +501,16 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     bad = [w for w in args.unet_override if "=" not in w]
     if bad:
         p.error(f"--unet-override {bad[0]!r} is not of the form key=value")
-    args.variants = tuple(VARIANTS) if args.variants == "all" else tuple(v for v in args.variants.split(",") if v)
+    if args.variants == "all":
+        args.variants = tuple(v for v in VARIANTS if variant_problem(v, args.cond) is None)
+    else:
+        args.variants = tuple(v for v in args.variants.split(",") if v)
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or not args.variants:
         p.error(f"--variants {','.join(unknown)}: choose from {', '.join(VARIANTS)} or 'all'")
+    problem = next(filter(None, (variant_problem(v, args.cond) for v in args.variants)), None)
+    if problem:
+        p.error(f"--variants: {problem}")
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
     try:
@@ -476,7 +542,7 @@ def train_and_sample(args: argparse.Namespace, preset: Preset, work: Path, stage
     for run in runs:
         run_entry_point(f"unet_{run.name}", "train_unet.py", train_unet.main,
                         unet_args(preset, args.arch, run.variant, run.seed, train_dir, vae_dir,
-                                  work / f"unet_{run.name}", args.unet_override, clip), stages)
+                                  work / f"unet_{run.name}", args.unet_override, clip, args.cond), stages)
     return eval_dir, vae_dir, runs
 
 
@@ -495,6 +561,8 @@ def sample_run(args: argparse.Namespace, preset: Preset, work: Path, eval_dir: P
         if not prompts.exists():
             prompts.write_text("\n".join(shape_captions(preset.num_eval, preset.image_size, EVAL_SEED)) + "\n")
         condition = ["--prompts", str(prompts), "--num-samples", "1"]
+    elif args.cond == "class":
+        condition = ["--class-label", "all", "--num-samples", str(preset.num_eval)]
     argv_sample = ["--unet", str(work / f"unet_{run.name}"), "--out", str(out), *condition,
                    "--steps", str(steps), "--cfg-scale", f"{guidance:g}", "--batch-size", str(preset.sample_batch),
                    "--seed", "0", "--device", args.device]
@@ -511,16 +579,20 @@ def sample_and_score(args: argparse.Namespace, preset: Preset, work: Path, eval_
     real = read_images([eval_dir / n for n in names])
     masks = read_masks([eval_dir / "masks" / n for n in names])
     text = args.cond == "text"
-    scorer = Scorer(real, masks, shape_captions(preset.num_eval, preset.image_size, EVAL_SEED) if text else None)
-    independent, independent_masks, _ = render_shape_batch(preset.num_eval, preset.image_size, REFERENCE_SEED)
+    # Held-out image i is class i mod 3 (make_shapes cycles the classes), as sample.py --class-label all's image i.
+    labels = np.arange(len(names)) % len(SHAPES) if args.cond == "class" else None
+    scorer = Scorer(real, masks, shape_captions(preset.num_eval, preset.image_size, EVAL_SEED) if text else None,
+                    labels)
+    independent, independent_masks, independent_labels = render_shape_batch(preset.num_eval, preset.image_size,
+                                                                             REFERENCE_SEED)
     reconstructions = vae_reconstructions(vae_dir, real, preset.sample_batch, args.device)
     own_captions = shape_captions(preset.num_eval, preset.image_size, REFERENCE_SEED) if text else None
     rows = [{"model": REFERENCE_REAL, "sampler": "-", "steps": None,
-             **scorer.score(independent, independent_masks, own_captions)},
+             **scorer.score(independent, independent_masks, own_captions, independent_labels)},
             {"model": REFERENCE_VAE, "sampler": "-", "steps": None, **scorer.score(reconstructions)}]
     grid_rows = [real[:GRID_IMAGES], np.repeat(masks[:GRID_IMAGES, :, :, None] * np.uint8(255), 3, axis=3),
                  reconstructions[:GRID_IMAGES]]
-    sample_names = [f"{i:06d}.png" for i in range(len(names))] if text else names   # sample.py --prompts' names
+    sample_names = [f"{i:06d}.png" for i in range(len(names))] if args.cond != "mask" else names   # sample.py's
     labels = {run: run.name if args.seeds == 1 else f"{run.variant} seed {run.seed}" for run in runs}
 
     def score(run: Run, steps: int, guidance: float) -> np.ndarray:
@@ -587,7 +659,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     vae_text = f"VAE {preset.vae_steps} steps" if args.vae is None else f"VAE from {args.vae}"
     header = (f"Quality benchmark, preset `{args.preset}`: {preset.num_train} training / {preset.num_eval} held-out "
               f"shapes at {preset.image_size} px, {vae_text}, {'UNets' if args.arch == 'unet' else 'DiTs'} "
-              f"conditioned on {'captions' if args.cond == 'text' else 'masks'}, {preset.unet_steps} steps each, "
+              f"conditioned on {({'text': 'captions', 'class': 'classes'}).get(args.cond, 'masks')}, "
+              f"{preset.unet_steps} steps each, "
               f"{args.threads} thread(s); wall time {total / 60:.1f} min")
     table = markdown_table(rows)
     seconds = step_times(stages, runs, preset.unet_steps)
@@ -605,7 +678,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
               "machine_at_start": machine_at_start, "machine_at_end": machine()}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
-    legend = LEGEND if args.cond == "mask" else TEXT_LEGEND
+    legend = {"mask": LEGEND, "text": TEXT_LEGEND, "class": CLASS_LEGEND}[args.cond]
     (out_dir / "quality.md").write_text(header + "\n\n" + table + "\n\n" + legend + "\n")
     print("\n" + header + "\n\n" + table + "\n\n" + legend)
     print(f"\n[quality] results in {out_dir}", flush=True)

@@ -58,3 +58,17 @@ def tiny_unet_run(shapes_dir, tiny_vae_run, tmp_path_factory) -> Path:
                      str(out), "--report-to", "none", "--max-steps", "6", "cond.type=class",
                      "train.checkpoint_every=6", "train.image_log_every=6"])
     return out
+
+
+IMF_RUN_ARGS = ("--config", "imf-tiny", "--report-to", "none", "cond.type=class", "train.checkpoint_every=2",
+                "train.image_log_every=100", "train.log_every=2")
+
+
+@pytest.fixture(scope="session")
+def tiny_imf_run(shapes_dir, tiny_vae_run, tmp_path_factory) -> Path:
+    """A train_unet.py output dir: class-conditional iMF on the tiny in-context DiT (imf-tiny, 3 classes), 4 steps."""
+    import train_unet
+    out = tmp_path_factory.mktemp("imf_run") / "imf"
+    train_unet.main([*IMF_RUN_ARGS, "--data", str(shapes_dir), "--vae", str(tiny_vae_run), "--output-dir", str(out),
+                     "--max-steps", "4", f"cache_dir={out.parent / 'cache'}"])
+    return out

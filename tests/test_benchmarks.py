@@ -76,14 +76,23 @@ def test_bench_unet_times_a_dit_against_diffusers_dit_of_the_same_size():
 
 def test_bench_objectives_times_every_quality_variant_with_its_switches():
     """Each variant's step is the one its name says: the switches of quality.VARIANTS are on in its config
-    and network (guidance input, interval input, OT pool), and every round is timed."""
+    and network (guidance input, interval input, OT pool within each class, iMF's in-context DiT with or
+    without its velocity head), and every round is timed; with masks, 'all' leaves the OT rows out."""
     import bench_objectives
-    report = bench_objectives.main(["--preset", "micro", "--rounds", "2", "--steps", "1"])
+    from modules.core.networks.icdit import ICDiT
+    report = bench_objectives.main(["--preset", "micro", "--cond", "class", "--rounds", "2", "--steps", "1"])
     assert set(report["seconds_per_step"]) == set(bench_objectives.quality.VARIANTS)
     assert all(len(times) == 2 and min(times) > 0 for times in report["seconds_per_step"].values())
-    micro = bench_objectives.quality.PRESETS["micro"]
-    all_switches = bench_objectives.Variant("shortcut+all", micro, "unet", torch.device("cpu"))
-    assert all_switches.net.guidance_emb is not None and all_switches.pool is not None
+    micro, cpu = bench_objectives.quality.PRESETS["micro"], torch.device("cpu")
+    all_switches = bench_objectives.Variant("shortcut+all", micro, "unet", cpu, "class")
+    assert all_switches.net.guidance_emb is not None and all_switches.pool is not None and all_switches.pool.by_class
     assert all_switches.objective.cfg.wavelet_levels == 2
-    meanflow = bench_objectives.Variant("meanflow", micro, "unet", torch.device("cpu"))
+    meanflow = bench_objectives.Variant("meanflow", micro, "unet", cpu)
     assert meanflow.net.sizes.inputs.step == "interval" and meanflow.net.guidance_emb is None
+    for name, head in (("imf", True), ("imf+boundary", False)):
+        imf = bench_objectives.Variant(name, micro, "unet", cpu, "class")
+        assert isinstance(imf.net, ICDiT) and imf.net.sizes.inputs.velocity_head == head
+    masks = bench_objectives.parse_args(["--preset", "micro"])
+    assert "shortcut+ot" not in masks.variants and "imf" in masks.variants
+    with pytest.raises(SystemExit):
+        bench_objectives.parse_args(["--variants", "shortcut+ot"])

@@ -145,6 +145,12 @@ def test_saved_configs_are_validated_like_command_line_ones():
     (["objective=flow", "cond.type=class", "shortcut.intrinsic_guidance=true"],
      "'shortcut.intrinsic_guidance': is a switch of objective=shortcut, got objective=flow"),
     (["objective=meanflow", "shortcut.wavelet_levels=2"], "'shortcut.wavelet_levels': is a switch of objective=shortcut"),
+    (["meanflow.drop_rows=random"], "'meanflow.drop_rows': is a switch of objective=meanflow, got objective=shortcut"),
+    (["objective=meanflow", "meanflow.drop_rows=last"], "'meanflow.drop_rows': 'last' is not one of first, random"),
+    (["cond.type=mask", "train.ot_pairing=true"], "'train.ot_pairing': cannot pair noise with mask-conditioned data: "
+     "pairing runs within each class, .* masks have no classes"),
+    (["cond.type=text", "cond.text_encoder=clip", "train.ot_pairing=true"],
+     "'train.ot_pairing': cannot pair noise with text-conditioned data: .* prompts have no classes"),
     (["train.ot_pairing=true", "train.ot_pool=64", "train.batch_size=64"],
      "'train.ot_pool': 64 micro-batches of train.batch_size=64 make 4096 rows; one exact assignment is limited "
      "to 2048"),

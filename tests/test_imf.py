@@ -519,34 +519,33 @@ def test_sampling_is_the_official_sample(steps):
 
 # ----------------------------------------------------------------------------- end to end
 
-def test_trains_resumes_exports_loads_and_samples(shapes_dir, tiny_vae_run, tmp_path):
+def test_trains_resumes_exports_loads_and_samples(shapes_dir, tiny_vae_run, tiny_imf_run, tmp_path):
     """objective=imf through train_unet.py (--config imf-tiny, class-conditional shapes): a run resumed at step 2
-    ends with the straight run's weights; the export records the iMF inputs, loads, and samples at 1 and 2
-    steps through the objective's sampler as the network's own steps, and generate_latents (sample.py's
+    ends with the straight run's (tiny_imf_run) weights; the export records the iMF inputs, loads, and samples
+    at 1 and 2 steps through the objective's sampler as the network's own steps, and generate_latents (sample.py's
     path) gives the same images with cfg_scale = w."""
     import train_unet      # here: the two-process test's workers import this file
+    from conftest import IMF_RUN_ARGS
+
     from modules.core.generation import GenerationSpec, generate_latents
     from modules.run.export import load_network, read_network_export, read_weights
 
     def run(out, *extra):
-        train_unet.main(["--config", "imf-tiny", "--data", str(shapes_dir), "--vae", str(tiny_vae_run),
-                         "--output-dir", str(out), "--report-to", "none", "cond.type=class",
-                         "train.checkpoint_every=2", "train.image_log_every=100", "train.log_every=2",
+        train_unet.main([*IMF_RUN_ARGS, "--data", str(shapes_dir), "--vae", str(tiny_vae_run), "--output-dir", str(out),
                          f"cache_dir={tmp_path / 'cache'}", *extra])
-    run(tmp_path / "straight", "--max-steps", "4")
     run(tmp_path / "split", "--max-steps", "2")
     run(tmp_path / "split", "--max-steps", "4", "--resume", "latest")
     for folder in ("unet", "unet_ema"):
-        a, b = read_weights(tmp_path / "straight" / folder), read_weights(tmp_path / "split" / folder)
+        a, b = read_weights(tiny_imf_run / folder), read_weights(tmp_path / "split" / folder)
         assert a.keys() == b.keys() and any(k.startswith("v_blocks.") for k in a)
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
-    export = read_network_export(tmp_path / "straight" / "unet")
+    export = read_network_export(tiny_imf_run / "unet")
     inputs = export.sizes.inputs
     assert export.config.objective == "imf" and export.config.model.arch == "icdit"
     assert (inputs.step, inputs.interval_only, inputs.guidance, inputs.guidance_interval, inputs.velocity_head) == \
         ("interval", True, True, True, True)
-    net = load_network(tmp_path / "straight" / "unet")
+    net = load_network(tiny_imf_run / "unet")
     s = export.sizes
     noise = torch.randn(3, s.latent_channels, s.latent_size, s.latent_size, generator=gen(12))
     labels, w = torch.arange(3) % s.num_classes, 4.0
@@ -563,3 +562,91 @@ def test_trains_resumes_exports_loads_and_samples(shapes_dir, tiny_vae_run, tmp_
     latents = generate_latents(net, GenerationSpec.of(export.config, export.sizes), labels, [0, 1, 2], 1,
                                cfg_scale=w)
     assert latents.shape == noise.shape and torch.isfinite(latents).all()
+
+
+# ----------------------------------------------------------------------------- sample.py's guidance settings
+
+def decoded_latents(monkeypatch) -> list:
+    """The latents sample.py decodes, batch by batch (a spy on its decode_latents)."""
+    import sample
+    seen, decode = [], sample.decode_latents
+    monkeypatch.setattr(sample, "decode_latents",
+                        lambda vae, z, *a, **k: seen.append(z.clone()) or decode(vae, z, *a, **k))
+    return seen
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_sample_py_with_a_guidance_interval_is_the_official_sampler(tiny_imf_run, tmp_path, monkeypatch, steps):
+    """sample.py --cfg-scale 4 --guidance-interval 0.2 0.7 at 1 and 2 steps: the latents it decodes equal direct
+    calls of the network as imf.py's sampler makes them (one forward per step, w and the interval as inputs, the
+    same interval at every step) and the transcription of imf.py's sample at the paper's [0.3, 0.8]; another
+    interval gives other latents; the manifest and request.json record the interval."""
+    import json
+
+    import sample
+    from modules.core.seeding import image_seed, initial_noise
+    from modules.run.export import load_network, read_network_export
+
+    seen = decoded_latents(monkeypatch)
+    out = tmp_path / "s"
+    sample.main(["--unet", str(tiny_imf_run), "--out", str(out), "--num-samples", "3", "--batch-size", "3",
+                 "--steps", str(steps), "--cfg-scale", "4", "--guidance-interval", "0.2", "0.7", "--device", "cpu"])
+    s = read_network_export(tiny_imf_run / "unet_ema").sizes
+    net = load_network(tiny_imf_run / "unet_ema")
+    noise = initial_noise([image_seed(0, i) for i in range(3)], (s.latent_channels, s.latent_size, s.latent_size))
+    labels = torch.arange(3) % s.num_classes
+
+    def direct(low, high):
+        given = dict(cond=labels, guidance=torch.full((3,), 4.0), guidance_interval=torch.tensor([[low, high]] * 3))
+        z = noise
+        with torch.no_grad():
+            for i in range(steps):
+                z = z + net(z, torch.full((3,), i / steps), interval=torch.full((3,), 1 / steps), **given) / steps
+        return z
+
+    torch.testing.assert_close(seen[0], direct(0.2, 0.7), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(direct(0.2, 0.7), direct(0.35, 0.6))
+    with torch.no_grad():
+        official = reference_sample(theirs_from_ours(head(net, "u")), noise, labels, 4.0, 0.3, 0.8, steps)
+    torch.testing.assert_close(seen[0], official, rtol=1e-5, atol=1e-5)
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and all(r["guidance"] == 4.0 and r["guidance_interval"] == [0.2, 0.7] for r in records)
+    assert json.loads((out / "request.json").read_text())["guidance_interval"] == [0.2, 0.7]
+
+
+def test_sample_py_defaults_to_the_models_setting_and_refuses_another_interval(tiny_imf_run, tiny_unet_run, tmp_path,
+                                                                               monkeypatch):
+    """Without --cfg-scale and --guidance-interval an iMF model samples at imf.sample_scale and imf.sample_interval
+    (recorded in request.json; the same latents as naming them); the same request again continues, another
+    interval in the same folder is refused in one line; --guidance-interval is refused for a model that takes
+    none and for a reversed interval, before anything is written."""
+    import json
+
+    import sample
+    from modules.core.generation import GenerationSpec, generate_latents
+    from modules.core.seeding import image_seed
+    from modules.run.export import load_network, read_network_export
+
+    seen = decoded_latents(monkeypatch)
+    out = tmp_path / "s"
+    base = ["--unet", str(tiny_imf_run), "--out", str(out), "--num-samples", "2", "--batch-size", "2",
+            "--device", "cpu"]
+    sample.main(base)
+    export = read_network_export(tiny_imf_run / "unet_ema")
+    request = json.loads((out / "request.json").read_text())
+    assert request["cfg_scale"] == export.config.imf.sample_scale == 8.0
+    assert request["guidance_interval"] == list(export.config.imf.sample_interval) == [0.35, 0.6]
+    named = generate_latents(load_network(tiny_imf_run / "unet_ema"), GenerationSpec.of(export.config, export.sizes),
+                             torch.arange(2) % export.sizes.num_classes, [image_seed(0, i) for i in range(2)], 1,
+                             cfg_scale=8.0, guidance_interval=(0.35, 0.6))
+    torch.testing.assert_close(seen[0], named, rtol=0, atol=0)
+    sample.main([*base, "--cfg-scale", "8", "--guidance-interval", "0.35", "0.6"])      # the same request: continues
+    assert len(seen) == 1
+    with pytest.raises(ConfigError, match=r"already holds images of another request \(request.json: "
+                                          r"guidance_interval: \[0.35, 0.6\] != \[0.3, 0.6\]\)"):
+        sample.main([*base, "--guidance-interval", "0.3", "0.6"])
+    for model, interval, message in ((tiny_imf_run, ("0.7", "0.2"), "must be two times 0 <= low < high <= 1"),
+                                     (tiny_unet_run, ("0.2", "0.7"), "a shortcut model takes no guidance interval")):
+        with pytest.raises(ConfigError, match=f"--guidance-interval {interval[0]} {interval[1]}: {message}"):
+            sample.main(["--unet", str(model), "--out", str(tmp_path / "refused"), "--guidance-interval", *interval])
+        assert not (tmp_path / "refused").exists()

@@ -1,18 +1,20 @@
 """MeanFlow (modules/meanflow.py) against closed forms: Gaussian data, where the velocity field and the
 average velocity over any interval are known exactly; the JVP against finite differences; the
-sampler; the time draws, the adaptive weight and the folded guidance; training end to end."""
+sampler; the time draws, the adaptive weight and the folded guidance; training end to end; the draws,
+the guidance queries and the loss against a transcription of the official code (REFERENCE below)."""
 import math
 
 import pytest
 import torch
 from support import network_of
+from torch.func import jvp
 
 from modules.config.io import load_config
 from modules.config.schema import UNetRunConfig
 from modules.core.attention import attention, forward_ad_attention
 from modules.core.objectives.base import Draws
 from modules.core.objectives.base import average_velocity_jvp
-from modules.core.objectives.meanflow import MeanFlow, MeanFlowConfig, num_equal
+from modules.core.objectives.meanflow import MeanFlow, MeanFlowConfig, MeanFlowDraws, num_equal
 from modules.core.samplers import sample_meanflow
 from modules.core.samplers import sample_euler
 
@@ -141,7 +143,7 @@ def test_meanflow_sampler_with_the_exact_average_velocity_lands_on_the_data_dist
 
 def test_time_draws_mirror_the_papers_logit_normal():
     """Non-equal rows: {logit t, logit s} are two N(0.4, 1) draws (the paper's N(-0.4, 1) over 1 - time);
-    s >= t; the first round(0.75 B) rows have s = t."""
+    s >= t; the first floor(0.75 B) rows have s = t."""
     objective = MeanFlow(MeanFlowConfig())
     t, s = objective.sample_times(40000, gen(4), torch.device("cpu"))
     equal = num_equal(40000, 0.75)
@@ -200,6 +202,162 @@ def test_guidance_is_folded_into_the_velocity_inside_its_interval():
     torch.testing.assert_close(v_g[inside], 2.0 * v[inside] + 0.25 * 3.0 + (1 - 2.0 - 0.25) * -1.0)
     torch.testing.assert_close(v_g[~inside], v[~inside])
     assert all(torch.equal(level, torch.zeros_like(level)) for level in calls)
+
+
+# ================================================================================== REFERENCE
+# A float64 transcription of the official MeanFlow training code, github.com/Gsunshine/meanflow at d70cb55
+# (the JAX code of the paper's ImageNet runs, with guidance and class dropout; cited as meanflow.py:LINE), in
+# THEIR time: t = 1 noise, t = 0 data, z_t = (1 - t) x + t e, v = e - x, r <= t. Its random draws are
+# given (normals, uniforms) instead of drawn. (The official PyTorch port, github.com/Gsunshine/py-meanflow at
+# 1f6d72d, trains unconditional CIFAR-10: no guidance or dropout, and it draws the r = t rows by a Bernoulli
+# mask, models/time_sampler.py:35-37; the JAX code is the reference for the class-conditional recipe.)
+
+def reference_sample_tr(normal_t, normal_r, p_mean=-0.4, p_std=1.0, data_proportion=0.75):
+    """meanflow.py:138-157."""
+    bz = normal_t.shape[0]
+    t = torch.sigmoid(normal_t * p_std + p_mean)                  # meanflow.py:139-142
+    r = torch.sigmoid(normal_r * p_std + p_mean)
+    t, r = torch.maximum(t, r), torch.minimum(t, r)               # meanflow.py:150
+    data_size = int(bz * data_proportion)                         # meanflow.py:152
+    zero_mask = torch.arange(bz) < data_size                      # meanflow.py:153
+    return t, torch.where(zero_mask, t, r)                        # meanflow.py:155
+
+
+def reference_drop_mask(uniform, class_dropout_prob=0.1):
+    """meanflow.py:194-196: as many rows as uniforms below p, the first ones."""
+    num_drop = (uniform < class_dropout_prob).sum()               # meanflow.py:194-195
+    return torch.arange(uniform.shape[0]) < num_drop              # meanflow.py:196
+
+
+def reference_guidance(u_fn, v_t, z_t, t, y, null_label, omega, kappa, t_start, t_end):
+    """guidance_fn, meanflow.py:171-189 (guidance_eq 'cfg'); v_fn (meanflow.py:167-169) = u at h = 0. The
+    official calls it with train=False (meanflow.py:219): ``u_fn`` is the network in eval mode."""
+    zeros = torch.zeros_like(t)
+    y_null = torch.full_like(y, null_label)                       # meanflow.py:173, 179
+    v_uncond = u_fn(z_t, t, zeros, y_null)                        # meanflow.py:174, 180
+    inside = (t >= t_start) & (t <= t_end)
+    if kappa == 0:
+        w = torch.where(inside, omega, 1.0).view(-1, 1, 1, 1)     # meanflow.py:176
+        return v_uncond + w * (v_t - v_uncond)                    # meanflow.py:177
+    v_cond = u_fn(z_t, t, zeros, y)                               # meanflow.py:181
+    w = torch.where(inside, omega, 1.0).view(-1, 1, 1, 1)         # meanflow.py:183
+    k = torch.where(inside, kappa, 0.0).view(-1, 1, 1, 1)         # meanflow.py:184
+    return w * v_t + (1 - w - k) * v_uncond + k * v_cond          # meanflow.py:185
+
+
+def reference_meanflow_loss(u_fn, x, e, t, r, y, drop_mask, null_label, omega, kappa, t_start, t_end,
+                            norm_eps=0.01, norm_p=1.0):
+    """forward, meanflow.py:206-246; ``u_fn(z, t, h, y)`` the network. Returns the loss."""
+    tb, rb = t.view(-1, 1, 1, 1), r.view(-1, 1, 1, 1)
+    z_t = (1 - tb) * x + tb * e                                   # meanflow.py:215
+    v = e - x                                                     # meanflow.py:216
+    with torch.no_grad():
+        v_g = reference_guidance(u_fn, v, z_t, t, y, null_label, omega, kappa, t_start, t_end)   # meanflow.py:219
+    y_inp = torch.where(drop_mask, null_label, y)                 # meanflow.py:198
+    v_g = torch.where(drop_mask.view(-1, 1, 1, 1), v, v_g)        # meanflow.py:199
+    u, du_dt = jvp(lambda z, t_, r_: u_fn(z, t_, t_ - r_, y_inp), (z_t, t, r),
+                   (v_g, torch.ones_like(t), torch.zeros_like(r)))   # meanflow.py:226-231
+    u_tgt = (v_g - torch.clamp(tb - rb, 0.0, 1.0) * du_dt).detach()   # meanflow.py:235-236
+    loss = ((u - u_tgt) ** 2).sum(dim=(1, 2, 3))                  # meanflow.py:238-239
+    loss = loss / ((loss + norm_eps) ** norm_p).detach()          # meanflow.py:242-243
+    return loss.mean()                                            # meanflow.py:246
+# ================================================================================== end of REFERENCE
+
+
+def theirs(net):
+    """Our network (u over [t, s], our time, null = drop) as the official u_fn(z, t, h, y) of their time."""
+    null = net.conditioner.num_classes
+
+    def u_fn(z, t_p, h, y):
+        return -net(z, 1 - t_p, interval=h, cond=torch.where(y == null, 0, y), drop=y == null)
+    return u_fn
+
+
+@pytest.mark.parametrize("n", [7, 10, 33, 64])
+def test_draws_are_the_official_draws(n):
+    """The same normals and uniforms give the official (t, r) mirrored (t, s) = (1 - t_p, 1 - r_p), floor(0.75 n)
+    rows with s = t (n = 10: 7, where rounding gave 8), and the official dropped rows: the first ones, all s = t
+    rows; ``meanflow.drop_rows=random`` drops the drawn rows instead."""
+    objective = MeanFlow(MeanFlowConfig(), cond_drop=0.3)
+    for seed in range(20):
+        d = objective.draw(n, True, gen(seed), torch.device("cpu"))
+        g = gen(seed)
+        z = torch.randn(2, n, generator=g)      # our draws, in their order: the times' normals, the dropout's uniforms
+        uniform = torch.rand(n, generator=g)
+        t_p, r_p = reference_sample_tr(-z[0].double(), -z[1].double())   # logit-normal(-0.4) of 1 - our time
+        torch.testing.assert_close(d.t.double(), 1 - t_p, rtol=0, atol=1e-6)
+        torch.testing.assert_close(d.s.double(), 1 - r_p, rtol=0, atol=1e-6)
+        assert d.equal == int(n * 0.75) and torch.equal(d.t[:d.equal], d.s[:d.equal])
+        assert torch.equal(d.drop, reference_drop_mask(uniform, 0.3))
+        if d.drop.sum() <= d.equal:                  # dropped rows are s = t rows
+            assert not (d.drop & (d.s != d.t)).any()
+    assert num_equal(10, 0.75) == 7
+    anywhere = MeanFlow(MeanFlowConfig(drop_rows="random"), cond_drop=0.3).draw(n, True, gen(0), torch.device("cpu"))
+    g = gen(0)
+    torch.randn(2, n, generator=g)
+    assert torch.equal(anywhere.drop, torch.rand(n, generator=g) < 0.3)
+
+
+def test_guidance_queries_run_in_eval_mode_as_the_official():
+    """A UNet with model.dropout=0.5 in train mode: the folded guidance's queries equal the official guidance_fn
+    with the network in eval mode (train=False, meanflow.py:219), and every module is in its mode again
+    after; in train mode the dropout would change them."""
+    cfg = load_config(UNetRunConfig, "unet", "tiny", ["objective=meanflow", "cond.type=class", "model.dropout=0.5",
+                                                      "meanflow.omega=2.0", "meanflow.kappa=0.5"])
+    torch.manual_seed(0)
+    net = network_of(cfg, num_classes=3, downsample=4).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    net.train()
+    net.conditioner.eval()          # a submodule left in eval mode stays so
+    modes = {name: m.training for name, m in net.named_modules()}
+    g = gen(3)
+    z, v = (torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    t, y = torch.tensor([0.1, 0.4, 0.6, 0.9], dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    ours = MeanFlow(cfg.meanflow).guided_velocity(net, z, t, v, y, torch.zeros(4, dtype=torch.bool))
+    assert {name: m.training for name, m in net.named_modules()} == modes
+    net.eval()
+    with torch.no_grad():
+        official = -reference_guidance(theirs(net), -v, z, 1 - t, y, 3, 2.0, 0.5, 0.0, 1.0)
+    torch.testing.assert_close(ours, official, rtol=1e-10, atol=1e-12)
+    net.train()
+    with torch.no_grad():
+        train_mode = -reference_guidance(theirs(net), -v, z, 1 - t, y, 3, 2.0, 0.5, 0.0, 1.0)
+    assert not torch.allclose(train_mode, official)
+
+
+def test_loss_and_gradient_equal_the_official_transcription():
+    """Folded guidance (omega 2, kappa 0.5, interval (0.3, 0.6) here: the official [t_start, t_end] = [0.4, 0.7]),
+    class dropout on the first rows, B = 10 (7 rows s = t): in float64 through the tiny DiT, the loss and every
+    parameter's gradient equal the transcription of meanflow.py on the same draws in the paper's time."""
+    cfg = load_config(UNetRunConfig, "unet", "dit-tiny", ["objective=meanflow", "cond.type=class", "meanflow.omega=2.0",
+                                                          "meanflow.kappa=0.5", "meanflow.guidance_interval=0.3,0.6"])
+    torch.manual_seed(0)
+    net = network_of(cfg, num_classes=3, downsample=4).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    objective = MeanFlow(cfg.meanflow, cond_drop=0.3)
+    b = 10
+    d = objective.draw(b, True, gen(5), torch.device("cpu"))
+    d = MeanFlowDraws(d.t.double(), d.s.double(), torch.arange(b) < 2, d.equal)
+    inside = (d.t >= 0.3) & (d.t <= 0.6)
+    assert d.equal == 7 and inside[2:].any() and not inside[2:].all()
+    g = gen(6)
+    x1, x0 = (torch.randn(b, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    y = torch.randint(0, 3, (b,), generator=g)
+    loss, _ = objective.loss_of(net, x1, x0, y, d)
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+    with forward_ad_attention():        # SDPA's math backend: its fused kernels have no forward-mode formula
+        official = reference_meanflow_loss(theirs(net), x=x1, e=x0, t=1 - d.t, r=1 - d.s, y=y, drop_mask=d.drop,
+                                           null_label=3, omega=2.0, kappa=0.5, t_start=0.4, t_end=0.7)
+    official.backward()
+    torch.testing.assert_close(loss, official, rtol=1e-10, atol=1e-12)
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(ours[n], p.grad, rtol=1e-8, atol=1e-12, msg=lambda m: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("preset", ["tiny", "dit-tiny"])

@@ -784,3 +784,30 @@ def test_kid_standard_error_is_the_spread_over_subsets():
     assert kid == pytest.approx(mean, rel=1e-9)
     assert error == pytest.approx(spread / math.sqrt(subsets), rel=1e-9)
     assert math.isnan(kernel_inception_distance(a, b, num_subsets=1, max_subset_size=size)[1])
+
+
+def test_sweep_over_the_guidance_scale_of_an_imf_model(tiny_imf_run, shapes_dir, extractor_file, pin, tmp_path,
+                                                       capsys):
+    """An iMF model takes w as an input: --cfg-scales sweeps it, each cell's samples made at that w and the
+    --guidance-interval given (their request.json); without --cfg-scales the one column is imf.sample_scale at
+    imf.sample_interval; a reversed interval stops the sweep in one line before anything is made."""
+    common = ["--inception", str(extractor_file), *pin, "--image-size", str(SIZE), "--workers", "1"]
+
+    def sweep(out, *extra):
+        return evaluate.main(["sweep", *common, "--unet", str(tiny_imf_run), "--ref", str(shapes_dir), "--steps", "1",
+                              "--num-samples", "64", "--out", str(tmp_path / out), *extra])
+
+    assert sweep("w", "--cfg-scales", "2,4", "--guidance-interval", "0.2", "0.7") == 0
+    rows = json.loads((tmp_path / "w" / "sweep.json").read_text())
+    assert set(rows) == {"steps_1_cfg_2", "steps_1_cfg_4"} and all(r["fid"] > 0 for r in rows.values())
+    for name, w in (("steps_1_cfg_2", 2.0), ("steps_1_cfg_4", 4.0)):
+        request = json.loads((tmp_path / "w" / "samples" / name / "request.json").read_text())
+        assert (request["cfg_scale"], request["guidance_interval"]) == (w, [0.2, 0.7])
+    assert sweep("default") == 0
+    assert set(json.loads((tmp_path / "default" / "sweep.json").read_text())) == {"steps_1_cfg_8"}
+    request = json.loads((tmp_path / "default" / "samples" / "steps_1_cfg_8" / "request.json").read_text())
+    assert (request["cfg_scale"], request["guidance_interval"]) == (8.0, [0.35, 0.6])
+    capsys.readouterr()
+    assert sweep("reversed", "--guidance-interval", "0.7", "0.2") == 2
+    assert "--guidance-interval 0.7 0.2: must be two times" in capsys.readouterr().err
+    assert not (tmp_path / "reversed").exists()

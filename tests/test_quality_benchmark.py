@@ -138,15 +138,32 @@ def test_cond_text_scores_prompt_fidelity(micro_run, tmp_path):
     assert row["shape_match"] == pytest.approx(np.mean(shape_ok))
     assert row["prompt_fidelity"] == pytest.approx(np.mean(np.array(colour_ok) & np.array(shape_ok)))
 def test_variants_seeds_and_guidance_sweep(micro_run, tmp_path):
-    """--variants/--seeds/--guidance: one run per (variant, seed); the summary is the mean, min and max over
-    seeds of the per-run rows; the best scale of a variant has the lowest mean 1-step FD pixels and is
-    sampled at every step count."""
+    """--variants/--seeds/--guidance, class-conditional (--cond class, what the OT rows need): one run per
+    (variant, seed), iMF's on the in-context DiT; the summary is the mean, min and max over seeds of the per-run
+    rows; the best scale of a variant has the lowest mean 1-step FD pixels and is sampled at every step count;
+    class accuracy re-derived from the samples' manifest (the class sample.py recorded for each image)."""
+    import json as json_lib
+
+    from modules.run.export import read_network_export
+    from scripts.shapes import SHAPES, foreground_mask, shape_of
+
     work, _ = micro_run
-    report = quality.main(["--preset", "micro", "--workdir", str(tmp_path / "w"), "--device", "cpu", "--vae",
-                           str(work / "vae"), "--variants", "shortcut+all,meanflow", "--seeds", "2",
-                           "--guidance", "2"])
+    report = quality.main(["--preset", "micro", "--cond", "class", "--workdir", str(tmp_path / "w"), "--device",
+                           "cpu", "--vae", str(work / "vae"), "--variants", "shortcut+all,meanflow,imf", "--seeds",
+                           "2", "--guidance", "2"])
     runs = [s["name"] for s in report["stages"] if s["name"].startswith("unet_")]
-    assert runs == ["unet_shortcut+all", "unet_meanflow", "unet_shortcut+all_seed1", "unet_meanflow_seed1"]
+    assert runs == ["unet_shortcut+all", "unet_meanflow", "unet_imf", "unet_shortcut+all_seed1", "unet_meanflow_seed1",
+                    "unet_imf_seed1"]
+    assert read_network_export(tmp_path / "w" / "unet_imf" / "unet_ema").config.model.arch == "icdit"
+    assert "| class accuracy |" in (tmp_path / "w" / "results" / "quality.md").read_text()
+    folder = tmp_path / "w" / "samples" / "imf_1"
+    records = [json_lib.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    images = quality.read_images([folder / r["file"] for r in records])
+    expected = np.mean([shape_of(foreground_mask(image)) == SHAPES[r["condition"]]
+                        for image, r in zip(images, records)])
+    row = next(r for r in report["rows"] if r.get("variant") == "imf" and r["seed"] == 0 and r["steps"] == 1
+               and r["guidance"] == 1.0)
+    assert row["class_accuracy"] == pytest.approx(expected)
     rows = [r for r in report["rows"] if "variant" in r]
     for entry in report["summary"]:
         values = [r["fd_pixels"] for r in rows if (r["variant"], r["guidance"], r["steps"])
@@ -159,6 +176,20 @@ def test_variants_seeds_and_guidance_sweep(micro_run, tmp_path):
                                 and r["guidance"] == g]) for g in (1.0, 2.0)}
         assert best == min(one_step, key=one_step.get)
         assert {r["steps"] for r in rows if r["variant"] == variant and r["guidance"] == best} == {1, 2}
-    assert set(report["seconds_per_step"]) == {"shortcut+all", "meanflow"}
+    assert set(report["seconds_per_step"]) == {"shortcut+all", "meanflow", "imf"}
     commands = " ".join(s["command"] for s in report["stages"])
     assert "shortcut.intrinsic_guidance=true shortcut.wavelet_levels=2 train.ot_pairing=true" in commands
+    assert "cond.type=class" in commands and "cond.type=mask" not in commands
+
+
+def test_ot_rows_need_class_conditioning(tmp_path):
+    """train.ot_pairing pairs within each class: its rows are refused with masks and prompts, and left out of
+    'all' there."""
+    for cond in ("mask", "text"):
+        with pytest.raises(SystemExit):
+            quality.parse_args(["--workdir", str(tmp_path / cond), "--cond", cond, "--variants",
+                                "shortcut,shortcut+ot"])
+        chosen = quality.parse_args(["--workdir", str(tmp_path / cond), "--cond", cond, "--variants", "all"]).variants
+        assert "shortcut+ot" not in chosen and "shortcut+all" not in chosen and "imf" in chosen
+    chosen = quality.parse_args(["--workdir", str(tmp_path / "c"), "--cond", "class", "--variants", "all"]).variants
+    assert chosen == tuple(quality.VARIANTS)

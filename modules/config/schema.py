@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Sequence
 
 from modules.config import legacy
 from modules.config.io import PATH_METADATA
@@ -34,7 +34,7 @@ from modules.core.vae_loss import VAELossConfig
 from modules.errors import ConfigError
 
 SIZE_LIMIT = 16384          # pixels per side
-OT_POOL_LIMIT = 2048        # rows of one train.ot_pairing assignment (O(n^3): about 17 s on a CPU core)
+OT_POOL_LIMIT = 2048        # rows of one train.ot_pairing assignment (O(n^3): about 1.6 s on a CPU core)
 # Sanity bounds on counts a user types (rule 5: bounded where parsed), far above any real run and far below
 # what overflows: a step count or a period in optimizer steps (10^9 steps at 10 steps/s is three years);
 # micro-batches per step and images in one batch or hold-out; seconds a collective may wait (30 days; a
@@ -97,8 +97,9 @@ class TrainConfig:
     channels_last: bool = False
     tf32: bool = True
     fused_optimizer: bool = True
-    # Stage 2 (iSM's scaling OT): pair noise with data by one assignment minimising the summed squared
-    # distance over ot_pool consecutive micro-batches of a process (modules/ot_pairing.py).
+    # Stage 2 (iSM's scaling OT): pair noise with data by an assignment minimising the summed squared
+    # distance over ot_pool consecutive micro-batches of a process, within each class of a class-conditional
+    # model; refused with masks and prompts (modules/core/ot_pairing.py).
     ot_pairing: bool = False
     ot_pool: int = setting(1, positive, at_most(64))
 
@@ -240,6 +241,20 @@ class UNetRun:
         an input must be in its trained range), or None."""
         return self.objective_class.guidance_problem(self.objective_cfg, scale)
 
+    def sampling_guidance(self, scale: Optional[float], interval: Optional[Sequence[float]]
+                          ) -> tuple[float, Optional[tuple[float, float]]]:
+        """The guidance scale and interval to sample at: the ones given, else the objective's (1 and none, but
+        for objective=imf ``imf.sample_scale`` and ``imf.sample_interval``); the interval stays None for a
+        model that takes none."""
+        cls, section = self.objective_class, self.objective_cfg
+        default = cls.default_guidance_interval(section)
+        return (cls.default_guidance(section) if scale is None else float(scale),
+                default if interval is None or default is None else (float(interval[0]), float(interval[1])))
+
+    def guidance_interval_problem(self, interval: Sequence[float]) -> Optional[str]:
+        """Why this model cannot be sampled with the guidance ``interval`` (this project's time), or None."""
+        return self.objective_class.guidance_interval_problem(self.objective_cfg, tuple(interval))
+
     def unconditional_problem(self, scale: float) -> Optional[str]:
         """Why guidance ``scale`` cannot be applied because the model never learnt the unconditional
         prediction, or None. Asked where images are requested (sample.py, evaluate.py sweep), not of saved
@@ -280,6 +295,11 @@ class UNetRun:
                        "Diffusion folder with text_encoder/ and tokenizer/, or one folder holding both)")
         if self.init_from and self.model.arch != "dit":
             raise fail(f"{prefix}init_from", "loads a diffusers DiT (DiTTransformer2DModel): it needs model.arch=dit")
+        if self.train.ot_pairing and self.cond.type in ("mask", "text"):
+            raise fail(f"{prefix}train.ot_pairing", f"cannot pair noise with {self.cond.type}-conditioned data: "
+                       "pairing runs within each class, so that the noise of every condition stays N(0, I) as "
+                       f"sampling draws it, and {'masks' if self.cond.type == 'mask' else 'prompts'} have no classes "
+                       "(use it with cond.type=class or none)")
         pool_rows = self.train.ot_pool * self.train.batch_size
         if self.train.ot_pairing and pool_rows > OT_POOL_LIMIT:
             raise fail(f"{prefix}train.ot_pool", f"{self.train.ot_pool} micro-batches of train.batch_size="

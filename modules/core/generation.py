@@ -40,20 +40,25 @@ class GenerationSpec:
 
 @torch.no_grad()
 def generate_latents(net, spec: GenerationSpec, cond: Optional[torch.Tensor], seeds: Sequence[int], steps: int,
-                     sampler: Optional[str] = None, cfg_scale: float = 1.0, eta: float = 0.0,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
+                     sampler: Optional[str] = None, cfg_scale: Optional[float] = None, eta: float = 0.0,
+                     device: torch.device | str = "cpu",
+                     guidance_interval: Optional[tuple[float, float]] = None) -> torch.Tensor:
     """Latents (unscaled by the VAE factor) for one batch; row i depends only on seeds[i] and cond[i].
 
     ``sampler`` (None: the objective's default) and ``steps`` must pass the objective's
-    ``sampling_problem``, and ``cfg_scale`` its ``guidance_problem`` (callers check them where the
-    request is made: the config, sample.py's arguments).
+    ``sampling_problem``, ``cfg_scale`` its ``guidance_problem`` and ``guidance_interval`` its
+    ``guidance_interval_problem`` (callers check them where the request is made: the config, sample.py's
+    arguments); None: the objective's defaults (``default_guidance``, ``default_guidance_interval``).
     """
     objective = objective_class(spec.objective)
     s = spec.sizes
     noise = initial_noise(seeds, (s.latent_channels, s.latent_size, s.latent_size), device=device)
-    fn = guided(net, cond, cfg_scale, intrinsic=s.inputs.guidance)
+    scale = objective.default_guidance(spec.objective_cfg) if cfg_scale is None else cfg_scale
+    interval = guidance_interval or objective.default_guidance_interval(spec.objective_cfg)
+    fn = guided(net, cond, scale, intrinsic=s.inputs.guidance)
+    given = {} if interval is None else {"guidance_interval": interval}     # only to a model that takes one
     return objective.sample(spec.objective_cfg, sampler or objective.samplers[0], fn, noise, steps,
-                            noise_generators(seeds), eta)
+                            noise_generators(seeds), eta, **given)
 
 
 def compiled_for_sampling(net: torch.nn.Module, vae: torch.nn.Module) -> ModelCall:

@@ -2,7 +2,8 @@
 
     OUT/000000.png ...        one PNG per image (written atomically)
     OUT/manifest.jsonl        one JSON line per finished image, sorted by index
-    OUT/request.json          what the images are (model, sampler, steps, guidance, seed, conditions)
+    OUT/request.json          what the images are (model, sampler, steps, guidance scale and interval, seed,
+                              conditions)
     OUT/.parts/rank_R.jsonl   while a run is going: each process's lines, appended as its PNGs complete
 
 Image i depends only on the request and i, so a rerun of the same request keeps every image

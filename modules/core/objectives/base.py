@@ -16,9 +16,9 @@ place in the run. Configs are validated where they are built; objectives trust t
 """
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Optional, Sequence
+from typing import Callable, ClassVar, Iterator, Optional, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwad
@@ -26,6 +26,7 @@ from torch.func import jvp
 
 from modules.core.attention import forward_ad_attention
 from modules.core.networks.denoiser import NetworkInputs, Sizes
+from modules.core.settings import time_interval
 
 ModelCall = Callable[..., torch.Tensor]
 Logs = dict[str, torch.Tensor]
@@ -84,6 +85,35 @@ def condition_dropout(n: int, cond: Optional[torch.Tensor], cond_drop: float,
     if cond is None:
         return None
     return rand(n, generator, device) < cond_drop
+
+
+def num_equal(batch_size: int, fraction: float) -> int:
+    """Rows with s = t in the MeanFlow family: floor(B * fraction), Python's int() as the official code
+    (MeanFlow's meanflow.py:152, iMF's imf.py:134)."""
+    return int(batch_size * fraction)
+
+
+def first_rows_dropout(n: int, cond_drop: float, generator: Optional[torch.Generator],
+                       device: torch.device) -> torch.Tensor:
+    """Condition dropout as the official MeanFlow and iMF code draws it (meanflow.py:191-200, imf.py:279-284):
+    as many rows as draws U < p, but the *first* rows of the micro-batch, not the drawn ones. Those are the
+    s = t rows (they come first), so the unconditional velocity trains at h = 0 only."""
+    count = (rand(n, generator, device) < cond_drop).sum()
+    return torch.arange(n, device=device) < count
+
+
+@contextmanager
+def eval_mode(model: "ModelCall") -> Iterator[None]:
+    """``model`` in eval mode inside (each submodule's mode restored after): the official MeanFlow code makes
+    its guidance queries with ``train=False`` (meanflow.py:219). A plain function passes unchanged."""
+    training = [m for m in model.modules() if m.training] if isinstance(model, torch.nn.Module) else []
+    for module in training:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module in training:
+            module.training = True
 
 
 # ----------------------------------------------------------------------------- what objectives share
@@ -205,6 +235,25 @@ class Objective:
     def guidance_problem(cfg, scale: float) -> Optional[str]:
         """Why a model trained under ``cfg`` cannot be sampled at guidance ``scale``, or None."""
         return None
+
+    @staticmethod
+    def default_guidance(cfg) -> float:
+        """The guidance scale to sample at when the caller names none (1: the conditional prediction alone)."""
+        return 1.0
+
+    @staticmethod
+    def default_guidance_interval(cfg) -> Optional[tuple[float, float]]:
+        """The guidance interval ``(low, high)`` (this project's time) to sample with when the caller names
+        none; None for a model that takes none. A model that takes one gets it as ``sample``'s
+        ``guidance_interval`` keyword."""
+        return None
+
+    @classmethod
+    def guidance_interval_problem(cls, cfg, interval: tuple[float, float]) -> Optional[str]:
+        """Why a model trained under ``cfg`` cannot be sampled with the guidance ``interval``, or None."""
+        if cls.default_guidance_interval(cfg) is None:
+            return f"a {cls.name} model takes no guidance interval (only objective=imf's network takes one)"
+        return time_interval(tuple(interval))
 
     @staticmethod
     def sample(cfg, sampler: str, fn: ModelCall, noise: torch.Tensor, steps: int,

@@ -43,7 +43,9 @@ Gradient checkpointing is refused as for MeanFlow (torch does not recompute tang
 Sampled as the official code does (imf.py:8-50, 90-114), MeanFlow steps on the grid t_i = i / k with
 w and the interval as inputs and no unconditional pass (the ``meanflow`` sampler: 1 step is one
 forward), or as a flow at h = 0 (Euler, Heun). The guidance scale comes from the caller
-(``guided(..., intrinsic=True)`` gives it to the network); the interval is ``imf.sample_interval``.
+(``guided(..., intrinsic=True)`` gives it to the network), and so does the interval; a caller that names
+none gets ``imf.sample_scale`` and ``imf.sample_interval`` (the official B/2 setting w = 8, [0.40, 0.65]
+in the paper's time, which is [0.35, 0.60] here; configs/eval_config.yml:10-21).
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ import torch
 
 from modules.core.networks.denoiser import NetworkInputs
 from modules.core.objectives.base import (Draws, Logs, ModelCall, Objective, average_velocity_jvp, draw_device,
-                                         noise_for, per_row, rand)
+                                         first_rows_dropout, noise_for, num_equal, per_row, rand)
 from modules.core.samplers import sample_meanflow, sample_ode
 from modules.core.settings import (at_least, at_most, fail, fraction, non_negative, positive, scale_range, setting,
                                    time_interval)
@@ -104,11 +106,6 @@ class ImfDraws:
     equal: int                            # rows 0 .. equal - 1 have s = t
 
 
-def num_equal(batch_size: int, fraction: float) -> int:
-    """Rows with s = t: floor(B * fraction), Python's int() as imf.py:134."""
-    return int(batch_size * fraction)
-
-
 def guidance_scales(u: torch.Tensor, low: float, high: float, beta: float) -> torch.Tensor:
     """The inverse CDF of p(w) ~ w^-beta on [low, high] at ``u`` in [0, 1): beta = 1, w = low (high/low)^u;
     else w = (low^a + u (high^a - low^a))^(1/a), a = 1 - beta (imf.py:150-159 with low = 1)."""
@@ -143,8 +140,7 @@ class Imf(Objective):
         guidance = guidance_scales(rand(n, generator, device), *cfg.guidance_range, cfg.guidance_beta).float()
         drop = None
         if conditional:
-            num_drop = (rand(n, generator, device) < self.cond_drop).sum()
-            drop = torch.arange(n, device=device) < num_drop          # the first rows (imf.py:279-284)
+            drop = first_rows_dropout(n, self.cond_drop, generator, device)      # imf.py:279-284
         else:
             guidance, interval = torch.ones_like(guidance), torch.tensor([0.0, 1.0], device=device).expand(n, 2)
         return ImfDraws(t, s, guidance, interval, drop, equal)
@@ -242,6 +238,11 @@ class Imf(Objective):
         return cfg.sample_scale
 
     @staticmethod
+    def default_guidance_interval(cfg: ImfConfig) -> tuple[float, float]:
+        """The guidance interval to sample with when the caller names none (``imf.sample_interval``)."""
+        return tuple(cfg.sample_interval)
+
+    @staticmethod
     def guidance_problem(cfg: ImfConfig, scale: float) -> Optional[str]:
         """The scale is a network input: below the trained range 1 - 1/w was never seen; above it the
         network extrapolates (the official M/2 and L/2 settings use 10.5 on a model trained on [1, 8])."""
@@ -253,12 +254,14 @@ class Imf(Objective):
 
     @staticmethod
     def sample(cfg: ImfConfig, sampler: str, fn: ModelCall, noise: torch.Tensor, steps: int,
-               generators: Optional[Sequence[torch.Generator]] = None, eta: float = 0.0) -> torch.Tensor:
+               generators: Optional[Sequence[torch.Generator]] = None, eta: float = 0.0,
+               guidance_interval: Optional[tuple[float, float]] = None) -> torch.Tensor:
         """``meanflow``: x <- x + (t_(i+1) - t_i) u(x, h = t_(i+1) - t_i) on t_i = i / steps (one forward
         per step; imf.py:42-48, 112-114); ``euler``/``heun``: the flow ODE of u at h = 0. The guidance
-        interval is ``cfg.sample_interval``; ``fn`` gives the scale (``guided(..., intrinsic=True)``)."""
-        interval = torch.tensor(cfg.sample_interval, dtype=noise.dtype, device=noise.device)
-        interval = interval.expand(noise.shape[0], 2)
+        interval is ``guidance_interval`` (this project's time; None: ``cfg.sample_interval``), the same at
+        every step as the official sampler's; ``fn`` gives the scale (``guided(..., intrinsic=True)``)."""
+        chosen = cfg.sample_interval if guidance_interval is None else guidance_interval
+        interval = torch.tensor(tuple(chosen), dtype=noise.dtype, device=noise.device).expand(noise.shape[0], 2)
 
         def with_interval(x: torch.Tensor, t: torch.Tensor, **inputs) -> torch.Tensor:
             return fn(x, t, guidance_interval=interval, **inputs)

@@ -21,6 +21,17 @@ Choices (``meanflow.*``, the paper's defaults): t and s are the lower and higher
 logit-normal draws, ``equal_fraction`` of the rows get s = t; each row's squared error summed
 over its elements is weighted by 1 / (sq + c)^p (stop-gradient); guidance is folded into v.
 
+As the official code trains it (github.com/Gsunshine/meanflow at d70cb55, meanflow.py; cited as
+meanflow.py:LINE): the s = t rows are the first floor(B * equal_fraction) of the micro-batch
+(meanflow.py:152-155); condition dropout takes as many rows as draws U < p, but the first ones
+(meanflow.py:191-200), so dropped rows are s = t rows and the unconditional velocity trains at
+h = 0 only, which is all the folded guidance asks of it (``meanflow.drop_rows=random`` drops the
+drawn rows instead, see MeanFlowConfig); the guidance queries run with the network in eval mode
+(``train=False``, meanflow.py:219), the JVP's forward in train mode. (Only the UNet's
+``model.dropout`` differs between the modes here; the official DiT's only train-mode switch is its
+label dropout, which it turns off, meanflow.py:96.) tests/test_meanflow.py checks the draws and
+the loss against a transcription of that code.
+
 The JVP runs with forward-mode autodiff (``torch.func.jvp``; ``torch.autograd.forward_ad`` under DDP
 and FSDP1, see :func:`modules.core.objectives.base.average_velocity_jvp`), so attention takes SDPA's math backend inside it
 (:func:`modules.core.attention.forward_ad_attention`). It runs in the run's precision:
@@ -42,10 +53,11 @@ from typing import Optional, Sequence
 import torch
 
 from modules.core.networks.denoiser import NetworkInputs
-from modules.core.objectives.base import (Draws, Logs, ModelCall, Objective, average_velocity_jvp, condition_dropout,
-                                          draw_device, noise_for, per_row)
+from modules.core.objectives.base import (Draws, Logs, ModelCall, Objective, average_velocity_jvp, draw_device,
+                                          eval_mode, first_rows_dropout, noise_for, num_equal, per_row, rand)
 from modules.core.samplers import sample_meanflow, sample_ode
-from modules.core.settings import at_least, at_most, fail, fraction, non_negative, positive, setting, time_interval
+from modules.core.settings import (at_least, at_most, fail, fraction, non_negative, one_of, positive, setting,
+                                   time_interval)
 
 
 @dataclass
@@ -56,7 +68,7 @@ class MeanFlowConfig:
     # over its reversed time is logit-normal(+0.4, 1.0) over ours.
     time_mean: float = setting(0.4, at_least(-10), at_most(10))
     time_std: float = setting(1.0, positive, at_most(10))
-    equal_fraction: float = setting(0.75, fraction())      # rows with s = t (flow matching); the paper's best
+    equal_fraction: float = setting(0.75, fraction())      # the first floor(B * f) rows: s = t; the paper's best
     # Adaptive loss weight 1 / (||delta||^2 + c)^p on each row's squared error summed over its elements.
     loss_power: float = setting(1.0, non_negative, at_most(4))     # p; 0: the plain summed squared error
     loss_eps: float = setting(0.01, positive)                 # c: the official JAX code's (its CIFAR code: 1e-3)
@@ -66,15 +78,25 @@ class MeanFlowConfig:
     omega: float = setting(1.0, non_negative, at_most(100))     # 1 with kappa 0: no guidance
     kappa: float = setting(0.0, fraction(high_open=True))
     guidance_interval: tuple[float, float] = setting((0.0, 1.0), time_interval)
+    # Which rows condition dropout (cond.drop) takes: "first", the official code's (meanflow.py:191-200): the first
+    # rows, which are s = t rows, so the unconditional velocity trains at h = 0 only, where the folded guidance
+    # asks for it. "random": rows drawn independently of h, so the unconditional *average* velocity trains at
+    # every h too, which two-branch guidance at sampling time (--cfg-scale on a model sampled in MeanFlow
+    # steps) mixes in; a model trained with "first" never saw the null condition at h > 0.
+    drop_rows: str = setting("first", one_of("first", "random"))
 
     @property
     def guided(self) -> bool:
         return self.omega != 1.0 or self.kappa != 0.0
 
 
-def num_equal(batch_size: int, fraction: float) -> int:
-    """Rows with s = t: round(B * fraction)."""
-    return int(batch_size * fraction + 0.5)
+@dataclass
+class MeanFlowDraws:
+    """The random choices of one micro-batch (:meth:`MeanFlow.draw`)."""
+    t: torch.Tensor                       # [B] the lower time
+    s: torch.Tensor                       # [B] the higher time (s = t on the first `equal` rows)
+    drop: Optional[torch.Tensor]          # [B] bool, the null condition; None for an unconditional model
+    equal: int                            # rows 0 .. equal - 1 have s = t
 
 
 class MeanFlow(Objective):
@@ -82,16 +104,29 @@ class MeanFlow(Objective):
     name = "meanflow"
     Config = MeanFlowConfig
     samplers = ("meanflow", "euler", "heun")
+    switches = ("drop_rows",)
 
     def sample_times(self, n: int, generator: Optional[torch.Generator],
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(t, s)``: the lower and higher of two logit-normal(time_mean, time_std) draws; the first
-        ``round(n * equal_fraction)`` rows get s = t (the official JAX code's order)."""
+        ``floor(n * equal_fraction)`` rows get s = t (meanflow.py:147-157)."""
         z = torch.randn(2, n, generator=generator, device=draw_device(generator, device)).to(device)
         pair = torch.sigmoid(self.cfg.time_mean + self.cfg.time_std * z)
         t, s = pair.min(dim=0).values, pair.max(dim=0).values
         equal = torch.arange(n, device=device) < num_equal(n, self.cfg.equal_fraction)
         return t, torch.where(equal, t, s)
+
+    def draw(self, n: int, conditional: bool, generator: Optional[torch.Generator],
+             device: torch.device) -> MeanFlowDraws:
+        """The micro-batch's times and condition dropout (``meanflow.drop_rows``), from ``generator``."""
+        t, s = self.sample_times(n, generator, device)
+        if not conditional:
+            drop = None
+        elif self.cfg.drop_rows == "first":
+            drop = first_rows_dropout(n, self.cond_drop, generator, device)
+        else:
+            drop = rand(n, generator, device) < self.cond_drop
+        return MeanFlowDraws(t, s, drop, num_equal(n, self.cfg.equal_fraction))
 
     @torch.no_grad()
     def guided_velocity(self, model: ModelCall, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor,
@@ -107,17 +142,19 @@ class MeanFlow(Objective):
         if rows.numel() == 0:
             return v
         n = rows.numel()
-        if cfg.kappa:   # one doubled forward: conditional, then null
-            doubled = rows.repeat(2)
-            null = torch.arange(2 * n, device=x_t.device) >= n
-            out = model(x_t[doubled], t[doubled], interval=torch.zeros(2 * n, device=x_t.device),
-                        cond=cond[doubled.to(cond.device)], drop=null).float()
-            u_cond, u_null = out[:n], out[n:]
-        else:
-            null = torch.ones(n, dtype=torch.bool, device=x_t.device)
-            u_null = model(x_t[rows], t[rows], interval=torch.zeros(n, device=x_t.device),
-                           cond=cond[rows.to(cond.device)], drop=null).float()
-            u_cond = torch.zeros_like(u_null)
+        wide = torch.promote_types(v.dtype, torch.float32)     # float64 stays
+        with eval_mode(model):      # the official queries run with train=False (meanflow.py:219)
+            if cfg.kappa:   # one doubled forward: conditional, then null
+                doubled = rows.repeat(2)
+                null = torch.arange(2 * n, device=x_t.device) >= n
+                out = model(x_t[doubled], t[doubled], interval=torch.zeros(2 * n, device=x_t.device),
+                            cond=cond[doubled.to(cond.device)], drop=null).to(wide)
+                u_cond, u_null = out[:n], out[n:]
+            else:
+                null = torch.ones(n, dtype=torch.bool, device=x_t.device)
+                u_null = model(x_t[rows], t[rows], interval=torch.zeros(n, device=x_t.device),
+                               cond=cond[rows.to(cond.device)], drop=null).to(wide)
+                u_cond = torch.zeros_like(u_null)
         v_g = v.clone()
         v_g[rows] = (cfg.omega * v[rows] + cfg.kappa * u_cond + (1 - cfg.omega - cfg.kappa) * u_null).to(v.dtype)
         return v_g
@@ -127,21 +164,25 @@ class MeanFlow(Objective):
         """Adaptive-weighted squared error of u against its MeanFlow target. ``logs``: "loss_flow" and
         "loss_interval", the unweighted mean squared error of the s = t rows and of the others (the
         weighted loss is about 1 whatever the fit, with p = 1), when the batch has such rows."""
-        cfg, generator, b = self.cfg, draws.generator, x1.shape[0]
         noise = noise_for(x1, draws)
-        t, s = self.sample_times(b, generator, x1.device)
-        drop = condition_dropout(b, cond, self.cond_drop, generator, x1.device)
-        tb = per_row(t, x1)
-        x_t = (1 - tb) * noise + tb * x1
-        v = self.guided_velocity(model, x_t, t, x1 - noise, cond, drop)
-        u, du_dt = average_velocity_jvp(model, x_t, t, s, v, cond, drop)
-        target = (v + per_row(s - t, v) * du_dt).detach()    # the MeanFlow identity, stop-gradient
-        squared = (u.float() - target.float()).pow(2).flatten(1).sum(1)
+        return self.loss_of(model, x1, noise, cond, self.draw(x1.shape[0], cond is not None, draws.generator,
+                                                                x1.device))
+
+    def loss_of(self, model: ModelCall, x1: torch.Tensor, x0: torch.Tensor, cond: Optional[torch.Tensor],
+                d: MeanFlowDraws) -> tuple[torch.Tensor, Logs]:
+        """The loss of data ``x1`` and noise ``x0`` under the choices ``d`` (meanflow.py:206-246)."""
+        cfg = self.cfg
+        tb = per_row(d.t, x1)
+        x_t = (1 - tb) * x0 + tb * x1
+        v = self.guided_velocity(model, x_t, d.t, x1 - x0, cond, d.drop)
+        u, du_dt = average_velocity_jvp(model, x_t, d.t, d.s, v, cond, d.drop)
+        target = (v + per_row(d.s - d.t, v) * du_dt).detach()    # the MeanFlow identity, stop-gradient
+        wide = torch.promote_types(x1.dtype, torch.float32)           # at least float32 (float64 stays)
+        squared = (u.to(wide) - target.to(wide)).pow(2).flatten(1).sum(1)
         weight = 1.0 / (squared.detach() + cfg.loss_eps) ** cfg.loss_power
         loss = (weight * squared).mean()
         mse = squared.detach() / u[0].numel()
-        equal = num_equal(b, cfg.equal_fraction)
-        logs = {name: part.mean() for name, part in (("loss_flow", mse[:equal]), ("loss_interval", mse[equal:]))
+        logs = {name: part.mean() for name, part in (("loss_flow", mse[:d.equal]), ("loss_interval", mse[d.equal:]))
                 if part.numel()}
         return loss, logs
 
