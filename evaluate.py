@@ -24,8 +24,10 @@ A sweep claims its ``--out`` (``durable.claim_output``) and keys each cell's row
 by everything it was computed from (the reference, the extractor, the samples' request): a row of
 another key, or one without a score now asked for, is scored again from the kept samples. Every
 number on the command line is bounded (``number_rules``), and a reference's feature width is
-checked against the extractor's before anything is extracted or sampled. The Inception file runs
-code when loaded: vouch for it with ``--inception-sha256`` (or ``--trust-inception-code``).
+checked against the extractor's before anything is extracted or sampled. ``--inception`` is NVIDIA's
+TorchScript file, which runs code when loaded (vouch for it with ``--inception-sha256`` or
+``--trust-inception-code``), or pytorch-fid's state dict, read without running code (a
+``--inception-sha256`` given is still checked); the file's content decides which.
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ from modules import durable
 from modules.core.metrics import frechet_distance, inception_score, kernel_inception_distance, precision_recall
 from modules.core.settings import at_most, non_negative, positive
 from modules.errors import MetricsError, UserError
-from modules.eval.features import (INCEPTION_URL, Features, NpzReference, check_feature_width,
+from modules.eval.features import (INCEPTION_URL, PYTORCH_FID_WEIGHTS, Features, NpzReference, check_feature_width,
                                    extract, feature_width, list_images, load_inception, reference_sources, save_stats,
                                    size_text)
 from modules.eval.plots import line_plot
@@ -57,9 +59,11 @@ from modules.run.export import find_model_folder, read_network_export
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inception", required=True, metavar="PATH",
-                        help=f"local TorchScript inception-2015-12-05.pt (from {INCEPTION_URL})")
+                        help=f"local TorchScript inception-2015-12-05.pt (from {INCEPTION_URL}) or pytorch-fid's "
+                             f"{PYTORCH_FID_WEIGHTS} (a state dict, read without running code)")
     parser.add_argument("--inception-sha256", default=None, metavar="HEX",
-                        help="the SHA-256 the Inception file must have (a TorchScript file runs code when loaded)")
+                        help="the SHA-256 the Inception file must have (required for a TorchScript file, which runs "
+                             "code when loaded)")
     parser.add_argument("--trust-inception-code", action="store_true",
                         help="load the Inception file without checking its SHA-256: this runs its code")
     parser.add_argument("--batch-size", type=int, default=50)

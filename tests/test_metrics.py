@@ -235,7 +235,7 @@ def test_folder_and_weights_errors(folders, tmp_path):
         load_inception(tmp_path / "inception-2015-12-05.pt")
     assert "inception-2015-12-05.pt" in str(err.value) and INCEPTION_URL in str(err.value)
     (tmp_path / "not_torchscript.pt").write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(MetricsError, match="not a TorchScript archive"):
+    with pytest.raises(MetricsError, match="neither a TorchScript archive .* nor a PyTorch state dict"):
         load_inception(tmp_path / "not_torchscript.pt", trust_code=True)
 
 

@@ -1,12 +1,14 @@
 """Inception features of images: the network, which files count, how they are read, references.
 
-FID uses NVIDIA's TorchScript Inception-v3 ``inception-2015-12-05.pt`` (the network of the
-original TF FID, as used by StyleGAN2/3, EDM and clean-fid), read from a local file:
+FID uses the Inception-v3 of the original TF FID, read from a local file whose content decides how
+(:func:`load_inception`): NVIDIA's TorchScript ``inception-2015-12-05.pt`` (as used by StyleGAN2/3,
+EDM and clean-fid; it runs code when loaded, so it must be vouched for by its SHA-256)
 https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt
-Any object called as ``extractor(images, return_features=True) -> [B, D]`` (and, for the
-Inception Score, ``extractor(images, no_output_bias=True) -> [B, K]`` class probabilities) on
-float images in 0..255 works in its place. Which files of a folder count is decided by
-:func:`list_images`.
+or pytorch-fid's state dict ``pt_inception-2015-12-05-6726825d.pth``, read without running code
+into modules/eval/fid_inception.py. Any object called as ``extractor(images, return_features=True)
+-> [B, D]`` (and, for the Inception Score, ``extractor(images, no_output_bias=True) -> [B, K]``
+class probabilities) on float images in 0..255 works in their place. Which files of a folder count
+is decided by :func:`list_images`.
 
 Image preprocessing follows clean-fid's "clean" mode: RGB, resized to ``image_size`` (299)
 per channel in float32 with PIL's antialiased bicubic filter, so scores do not depend on a
@@ -327,30 +329,92 @@ def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 # ----------------------------------------------------------------------------- Inception and folders
 
-def load_inception(path: str | Path, device: str | torch.device = "cpu", sha256: Optional[str] = None,
-                   trust_code: bool = False) -> torch.jit.ScriptModule:
-    """NVIDIA's TorchScript Inception-v3 from a local file, in eval mode on ``device``.
+PYTORCH_FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
+# torch.save's format before zip archives: pickle protocol 2, then torch's magic number.
+LEGACY_TORCH_SAVE = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
 
-    A TorchScript file runs its own code when it is loaded and called (it can write any file),
-    so only a file the user vouches for is loaded: its SHA-256 must equal ``sha256`` (the hash
-    published with the file the user downloaded), or ``trust_code`` must be set.
+
+def inception_format(path: Path) -> str:
+    """What an Inception file is, from its content: ``"torchscript"`` (a TorchScript archive, such as NVIDIA's
+    ``inception-2015-12-05.pt``: a zip holding ``code/``) or ``"state_dict"`` (``torch.save`` output, zip or
+    legacy, such as pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``); anything else is one line."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(LEGACY_TORCH_SAVE))
+    except OSError as e:
+        raise MetricsError(f"Inception weights {path}: cannot be read ({e.strerror or e})") from None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        names = []
+    if any("/code/" in name or name.endswith("/constants.pkl") for name in names):
+        return "torchscript"
+    if any(name.endswith("/data.pkl") for name in names) or head == LEGACY_TORCH_SAVE:
+        return "state_dict"
+    raise MetricsError(f"Inception weights {path}: neither a TorchScript archive (NVIDIA's inception-2015-12-05.pt) "
+                       f"nor a PyTorch state dict (pytorch-fid's {PYTORCH_FID_WEIGHTS})")
+
+
+def load_inception(path: str | Path, device: str | torch.device = "cpu", sha256: Optional[str] = None,
+                   trust_code: bool = False) -> torch.nn.Module:
+    """The FID Inception-v3 from a local file, in eval mode on ``device``, chosen by the file's content:
+
+    * NVIDIA's TorchScript ``inception-2015-12-05.pt``. A TorchScript file runs its own code when it is loaded
+      and called (it can write any file), so it is loaded only when the user vouches for it: its SHA-256 must
+      equal ``sha256`` (the hash published with the file the user downloaded), or ``trust_code`` must be set.
+    * pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (or torch-fidelity's file of the same keys): a
+      plain state dict, read with ``torch.load(weights_only=True)``, which runs no code, into
+      :class:`modules.eval.fid_inception.FIDInceptionV3`. A ``sha256`` given is still checked.
     """
     path = Path(path)
     if not path.is_file():
         raise MetricsError(f"Inception weights {path} not found; download inception-2015-12-05.pt "
-                           f"(TorchScript, not the .pkl) from {INCEPTION_URL}")
-    actual = durable.sha256_file(path)
-    if not trust_code and actual != (sha256 or "").strip().lower():
-        given = f"not the {sha256} given by --inception-sha256" if sha256 else "and no --inception-sha256 was given"
-        raise MetricsError(f"Inception weights {path}: a TorchScript file runs its own code when loaded, so it is "
-                           f"loaded only when vouched for. Its SHA-256 is {actual}, {given}. Pass the SHA-256 "
-                           "published for the file you downloaded, or --trust-inception-code to run it anyway")
+                           f"(TorchScript, not the .pkl) from {INCEPTION_URL}, or use pytorch-fid's "
+                           f"{PYTORCH_FID_WEIGHTS}")
+    kind = inception_format(path)
+    if sha256 or (kind == "torchscript" and not trust_code):
+        actual = durable.sha256_file(path)
+        if actual != (sha256 or "").strip().lower():
+            given = f"not the {sha256} given by --inception-sha256" if sha256 else "and no --inception-sha256 was given"
+            raise MetricsError(f"Inception weights {path}: its SHA-256 is {actual}, {given}. "
+                               + ("" if sha256 else "A TorchScript file runs its own code when loaded, so it is "
+                                  "loaded only when vouched for: pass the SHA-256 published for the file you "
+                                  "downloaded, or --trust-inception-code to run it anyway"))
+    if kind == "state_dict":
+        return _load_fid_inception(path, device)
     try:
         model = torch.jit.load(str(path), map_location=device)
-    except Exception as e:  # TorchScript raises RuntimeError/ValueError for non-archives
-        raise MetricsError(f"Inception weights {path}: not a TorchScript archive ({type(e).__name__}); "
+    except Exception as e:  # TorchScript raises RuntimeError/ValueError for damaged archives
+        raise MetricsError(f"Inception weights {path}: not a readable TorchScript archive ({type(e).__name__}); "
                            f"expected inception-2015-12-05.pt from {INCEPTION_URL}") from None
     return model.eval()
+
+
+def _load_fid_inception(path: Path, device: str | torch.device) -> torch.nn.Module:
+    """pytorch-fid's weights into our FID Inception; a file of other keys or shapes is one line."""
+    from modules.eval.fid_inception import FIDInceptionV3
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the safe unpickler raises UnpicklingError, RuntimeError, ... on foreign content
+        raise MetricsError(f"Inception weights {path}: not a plain state dict of tensors ({type(e).__name__}); "
+                           f"expected pytorch-fid's {PYTORCH_FID_WEIGHTS}") from None
+    net = FIDInceptionV3()
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MetricsError(f"Inception weights {path}: a {type(state).__name__}, not a state dict of tensors; "
+                           f"expected pytorch-fid's {PYTORCH_FID_WEIGHTS}")
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(k for k in set(state) - set(expected) if not k.endswith("num_batches_tracked"))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        problems = [f"{len(found)} {what} (e.g. {found[0]})" for what, found in
+                    (("missing keys", missing), ("unexpected keys", unexpected), ("keys of other shapes", wrong))
+                    if found]
+        raise MetricsError(f"Inception weights {path}: not the FID Inception's state dict: {', '.join(problems)}; "
+                           f"expected pytorch-fid's {PYTORCH_FID_WEIGHTS}")
+    net.load_state_dict(state)
+    return net.to(device).eval()
 
 
 def list_images(folder: str | Path) -> list[Path]:
