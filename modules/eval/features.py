@@ -606,8 +606,8 @@ class Features:
         return gather_rows(local, self.count, self.state, self.moments.device)
 
     def digest(self) -> str:
-        """The SHA-256 identity of the set's features in order, the same under any number of processes: each
-        row is hashed with its place in the set and the hashes are summed (modulo 2^256) over every process
+        """A 256-bit identity of the set's features in order, the same under any number of processes: each row
+        is hashed (SHA-256) with its place in the set and the hashes are summed modulo 2^256 over every process
         (with several processes every one must call it)."""
         first, stride = (self.state.process_index, self.state.num_processes) if self.state else (0, 1)
         total = 0
