@@ -17,19 +17,23 @@ else every image file under the folder but ``masks/``; read and resized as clean
 (modules/eval/features.py). Samples are not scored against a reference made from images of
 another resolution (the statistics file records it) unless ``--allow-other-resolution``: that is
 a different measurement (clean-fid keeps statistics per resolution for the same reason).
-Under ``accelerate launch`` every process extracts (and, in a sweep, generates) its share.
+Under ``accelerate launch`` every process extracts (and, in a sweep, generates) its share and keeps
+its features; FID's sums are reduced over the processes, and rows reach the main process only for
+KID, precision/recall (computed there in float32 tiles on its ``--device``), the Inception Score or
+a statistics file.
 
 A sweep claims its ``--out`` (``durable.claim_output``) and keys each cell's row of ``sweep.json``
 by everything it was computed from (the reference, the extractor, the samples' request): a row of
 another key, or one without a score now asked for, is scored again from the kept samples. Every
 number on the command line is bounded (``number_rules``), and a reference's feature width is
-checked against the extractor's before anything is extracted or sampled. The Inception file runs
-code when loaded: vouch for it with ``--inception-sha256`` (or ``--trust-inception-code``).
+checked against the extractor's before anything is extracted or sampled. ``--inception`` is NVIDIA's
+TorchScript file, which runs code when loaded (vouch for it with ``--inception-sha256`` or
+``--trust-inception-code``), or pytorch-fid's state dict, read without running code (a
+``--inception-sha256`` given is still checked); the file's content decides which.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import json
 import math
@@ -45,12 +49,12 @@ import torch
 from accelerate import PartialState
 
 from modules import durable
-from modules.core.metrics import (feature_statistics, frechet_distance, inception_score, kernel_inception_distance,
-                                  precision_recall)
+from modules.core.metrics import frechet_distance, inception_score, kernel_inception_distance, precision_recall
 from modules.core.settings import at_most, non_negative, positive
 from modules.errors import MetricsError, UserError
-from modules.eval.features import (INCEPTION_URL, Features, NpzReference, check_feature_width, extract, feature_width,
-                                   list_images, load_inception, reference_sources, save_stats, size_text)
+from modules.eval.features import (INCEPTION_URL, PYTORCH_FID_WEIGHTS, Features, NpzReference, check_feature_width,
+                                   extract, feature_width, list_images, load_inception, reference_sources, save_stats,
+                                   size_text)
 from modules.eval.plots import line_plot
 from modules.run import posthoc
 from modules.run.accelerator import finish, from_main_process
@@ -60,9 +64,11 @@ from modules.run.tracking import add_log_to_flag, log_scores, log_sweep
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inception", required=True, metavar="PATH",
-                        help=f"local TorchScript inception-2015-12-05.pt (from {INCEPTION_URL})")
+                        help=f"local TorchScript inception-2015-12-05.pt (from {INCEPTION_URL}) or pytorch-fid's "
+                             f"{PYTORCH_FID_WEIGHTS} (a state dict, read without running code)")
     parser.add_argument("--inception-sha256", default=None, metavar="HEX",
-                        help="the SHA-256 the Inception file must have (a TorchScript file runs code when loaded)")
+                        help="the SHA-256 the Inception file must have (required for a TorchScript file, which runs "
+                             "code when loaded)")
     parser.add_argument("--trust-inception-code", action="store_true",
                         help="load the Inception file without checking its SHA-256: this runs its code")
     parser.add_argument("--batch-size", type=int, default=50)
@@ -138,37 +144,43 @@ def build_parser() -> argparse.ArgumentParser:
 @dataclass
 class Reference:
     """What samples are scored against: a statistics file, read lazily and once (``file``), or the features
-    extracted from images (``extracted``)."""
+    extracted from images (``extracted``: each process holds its share of the rows, and every process the
+    statistics)."""
     name: str
     file: Optional[NpzReference] = None
     extracted: Optional[Features] = None
+    on_main_process: bool = True
 
     @property
     def stats(self) -> tuple[np.ndarray, np.ndarray]:       # mu, sigma
-        if self.file is not None:
-            return self.file.stats()
-        if not hasattr(self, "_stats"):
-            self._stats = feature_statistics(self.extracted.features)
-        return self._stats
+        return self.file.stats() if self.file is not None else self.extracted.statistics()
 
-    @property
-    def features(self) -> Optional[np.ndarray]:              # for KID and precision/recall, when known
-        return self.file.features() if self.file is not None else self.extracted.features
+    def features(self) -> Optional[np.ndarray]:
+        """Every feature vector on the main process (KID and precision/recall), None on the others; with
+        several processes every one calls it."""
+        if self.file is not None:
+            return self.file.features() if self.on_main_process else None
+        return self.extracted.all_rows()
 
     @property
     def has_features(self) -> bool:
         return self.file is None or self.file.has_features()
 
     @property
+    def width(self) -> int:
+        return self.file.feature_width() if self.file is not None else self.extracted.width
+
+    @property
     def source_size(self) -> Optional[tuple[int, int]]:      # (height, width) of its images, when one size
         return self.file.source_size() if self.file is not None else self.extracted.source_size
 
     def identity(self) -> dict:
-        """What the reference is, for the key of a score against it: the file's SHA-256, or its features'."""
+        """What the reference is, for the key of a score against it (with several processes every one calls it):
+        the statistics file's content (:meth:`NpzReference.identity`, without reading its features), or the
+        digest of the extracted features."""
         if self.file is not None:
-            return {"statistics_sha256": self.file.sha256()}
-        features = np.ascontiguousarray(self.extracted.features)
-        return {"features_sha256": hashlib.sha256(features.tobytes()).hexdigest(), "shape": list(features.shape),
+            return self.file.identity()
+        return {"features_sha256": self.extracted.digest(), "shape": [self.extracted.count, self.extracted.width],
                 "source_size": self.source_size}
 
 
@@ -213,16 +225,14 @@ class Evaluator:
         return extract(sources, self.extractor, a.batch_size, self.device, a.image_size, a.workers, probabilities,
                        self.state if self.state.num_processes > 1 else None)
 
-    def reference(self, reference: str, opened: Optional[NpzReference]) -> Optional[Reference]:
-        """A reference, its features extracted when it is made of images (None on the other processes:
-        the main one has the result). ``opened``: the reference file preflight opened (read once)."""
+    def reference(self, reference: str, opened: Optional[NpzReference]) -> Reference:
+        """A reference, its features extracted when it is made of images (every process its share).
+        ``opened``: the reference file preflight opened (read once)."""
         sources = reference_sources(reference, opened)
+        main = self.state.is_main_process
         if sources is None:
-            return Reference(reference, file=opened)
-        found = self.features(sources)
-        if found is None:
-            return None
-        return Reference(reference, extracted=found)
+            return Reference(reference, file=opened, on_main_process=main)
+        return Reference(reference, extracted=self.features(sources), on_main_process=main)
 
     def check_resolution(self, sample_size: Optional[tuple[int, int]], reference: Reference) -> None:
         """Refuse samples of another resolution than the reference's images, unless allowed."""
@@ -231,28 +241,34 @@ class Evaluator:
         if problem:
             raise MetricsError(problem)
 
-    def scores(self, sample_features, reference: Reference, want_kid: bool, want_pr: bool, want_is: bool) -> dict:
-        """Main process: FID and the chosen metrics of extracted samples against a reference."""
-        self.check_resolution(sample_features.source_size, reference)
-        mu, sigma = reference.stats
-        feats = sample_features.features
-        if feats.shape[1] != mu.shape[0]:
-            raise MetricsError(f"the reference has {mu.shape[0]}-d features but the extractor gives "
-                               f"{feats.shape[1]}-d: statistics from a different network")
-        if feats.shape[0] < feats.shape[1]:
-            raise MetricsError(f"{feats.shape[0]} samples for {feats.shape[1]}-d features: their covariance is "
-                               f"singular and the FID meaningless; use at least {feats.shape[1]} (the papers use "
+    def scores(self, samples: Features, reference: Reference, want_kid: bool, want_pr: bool,
+               want_is: bool) -> Optional[dict]:
+        """FID and the chosen metrics of extracted samples against a reference, on the main process (None on the
+        others; with several processes every one calls it). FID comes from the moments every process already
+        has; only KID, precision/recall and the Inception Score bring rows to the main process."""
+        self.check_resolution(samples.source_size, reference)
+        if samples.width != reference.width:
+            raise MetricsError(f"the reference has {reference.width}-d features but the extractor gives "
+                               f"{samples.width}-d: statistics from a different network")
+        if samples.count < samples.width:
+            raise MetricsError(f"{samples.count} samples for {samples.width}-d features: their covariance is "
+                               f"singular and the FID meaningless; use at least {samples.width} (the papers use "
                                "50 000)")
-        result = {"num_samples": int(feats.shape[0]), "fid": frechet_distance(*feature_statistics(feats), mu, sigma)}
         check_features_for(reference.name, reference.has_features, want_kid, want_pr)
-        ref_features = reference.features if want_kid or want_pr else None
+        sample_rows = samples.all_rows() if want_kid or want_pr else None
+        reference_rows = reference.features() if want_kid or want_pr else None
+        probabilities = samples.all_probabilities() if want_is else None
+        if not self.state.is_main_process:
+            return None
+        result = {"num_samples": samples.count, "fid": frechet_distance(*samples.statistics(), *reference.stats)}
         if want_kid:
-            result["kid"], result["kid_std_error"] = kernel_inception_distance(feats, ref_features)
+            result["kid"], result["kid_std_error"] = kernel_inception_distance(sample_rows, reference_rows,
+                                                                               device=self.device)
         if want_pr:
-            result["precision"], result["recall"] = precision_recall(ref_features, feats)
+            result["precision"], result["recall"] = precision_recall(reference_rows, sample_rows, device=self.device)
         if want_is:
             result["inception_score"], result["inception_score_std"] = inception_score(
-                sample_features.probabilities, splits=min(10, feats.shape[0]))
+                probabilities, splits=min(10, samples.count))
         return result
 
 
@@ -367,21 +383,23 @@ def preflight(args) -> Optional[NpzReference]:
 
 def run_stats(ev: Evaluator, args, opened: Optional[NpzReference]) -> None:
     reference = ev.reference(args.folder, opened)
+    features = reference.features()
     if ev.state.is_main_process:
-        print(f"wrote {save_stats(args.out, *reference.stats, reference.features, reference.source_size)}")
+        print(f"wrote {save_stats(args.out, *reference.stats, features, reference.source_size)}")
 
 
 def run_scores(ev: Evaluator, args, opened: Optional[NpzReference]) -> None:
     want = (getattr(args, "kid", False), getattr(args, "pr", False), getattr(args, "inception_score", False))
     samples = ev.features(list_images(args.folder_a), probabilities=want[2])
     reference = ev.reference(args.reference, opened)
-    if not ev.state.is_main_process:
-        return
     if getattr(args, "save_stats", None):
-        save_stats(args.save_stats, *feature_statistics(samples.features), samples.features, samples.source_size)
+        rows = samples.all_rows()
+        if ev.state.is_main_process:
+            save_stats(args.save_stats, *samples.statistics(), rows, samples.source_size)
     result = ev.scores(samples, reference, *want)
-    print(f"{result['fid']:.6f}" if args.command == "fid" else json.dumps(result))
-    log_scores(args.log_to, result)
+    if ev.state.is_main_process:
+        print(f"{result['fid']:.6f}" if args.command == "fid" else json.dumps(result))
+        log_scores(args.log_to, result)
 
 
 def sweep_list(text: str, kind, flag: str) -> list:
@@ -406,7 +424,7 @@ def wanted_scores(args) -> list[str]:
     return ["fid", *(c for flag, columns in METRIC_COLUMNS.items() if getattr(args, flag) for c in columns)]
 
 
-def cell_key(ev: Evaluator, reference: Reference, folder: Path, args, steps: int, scale: float, count: int) -> str:
+def cell_key(ev: Evaluator, reference: dict, folder: Path, args, steps: int, scale: float, count: int) -> str:
     """The identity of a cell's scores (issue 21, rule 1): the reference, the extractor and the samples (the
     request sample.py recorded in the folder: the model's SHA-256, sampler, steps, guidance, seed, count and
     conditions, and the sweep's own sampling flags)."""
@@ -417,7 +435,7 @@ def cell_key(ev: Evaluator, reference: Reference, folder: Path, args, steps: int
     sampling = {"unet": args.unet, "steps": steps, "cfg_scale": scale, "seed": args.seed,
                 "num_samples": args.num_samples, "count": count,
                 **{flag: getattr(args, flag) for flag in SAMPLING_FLAGS}}
-    return durable.fingerprint({"reference": reference.identity(), "extractor": ev.identity(),
+    return durable.fingerprint({"reference": reference, "extractor": ev.identity(),
                                 "request": request, "sampling": sampling})
 
 
@@ -447,6 +465,7 @@ def run_sweep(ev: Evaluator, args, opened: Optional[NpzReference]) -> None:
     # (EMA length, model folder): the run's own export, or each post-hoc EMA length reconstructed into OUT/models
     models = [(s, str(out / "models" / posthoc.export_name(s))) for s in lengths] or [(None, args.unet)]
     reference = ev.reference(args.ref, opened)
+    identity = reference.identity()
     table_path = out / "sweep.json"
     done, lock, problem = {}, None, None
     if ev.state.is_main_process:            # before anything is sampled: the resolution, then the folder
@@ -480,17 +499,17 @@ def run_sweep(ev: Evaluator, args, opened: Optional[NpzReference]) -> None:
                 images = list_images(folder)    # --num-samples, one per mask, or --num-samples per prompt
                 key, row = None, None
                 if ev.state.is_main_process:
-                    key = cell_key(ev, reference, folder, args, n, scale, len(images))
+                    key = cell_key(ev, identity, folder, args, n, scale, len(images))
                     row = reusable(done.get(name), key, wanted, len(images))
                 if from_main_process(row is not None, ev.state):     # scored by an earlier sweep, the same inputs
                     rows.append(row)
                     continue
                 samples = ev.features(images, probabilities=args.inception_score)
+                scores = ev.scores(samples, reference, args.kid, args.pr, args.inception_score)
                 if ev.state.is_main_process:
                     row = {"key": key, **({"ema_length": length} if length is not None else {}), "steps": n,
-                           "cfg_scale": scale, "reference": args.ref,
-                           "source_size": samples.source_size,
-                           **ev.scores(samples, reference, args.kid, args.pr, args.inception_score)}
+                           "cfg_scale": scale, "reference": args.ref, "source_size": samples.source_size,
+                           **scores}
                     rows.append(row)
                     done[name] = row
                     write_text(table_path, json.dumps(done, indent=1) + "\n",

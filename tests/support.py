@@ -74,3 +74,39 @@ def _read_wandb_file(path) -> tuple[dict, bool]:
                                    for item in record.history.item})
         finished = finished or kind == "exit"
     return run, finished
+
+
+def random_fid_inception_weights() -> dict:
+    """Random weights in the key layout of pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``, the same on
+    every machine: each array is drawn by numpy's legacy RandomState (a frozen stream) seeded by its key's
+    CRC-32, scaled so that the features are of Inception's size (tests/fixtures/pytorch_fid_inception)."""
+    import zlib
+
+    import numpy as np
+    import torch
+
+    from modules.eval.fid_inception import FIDInceptionV3
+    weights = {}
+    for key, value in FIDInceptionV3().state_dict().items():
+        rng = np.random.RandomState(zlib.crc32(key.encode()))
+        shape = tuple(value.shape)
+        if key.endswith("conv.weight"):
+            array = rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))
+        elif key.endswith(("bn.weight", "running_var")):
+            array = 0.5 + rng.random_sample(shape)
+        elif key == "fc.weight":
+            array = rng.standard_normal(shape) / np.sqrt(shape[1])
+        else:                                   # BN biases and means, fc.bias
+            array = 0.1 * rng.standard_normal(shape)
+        weights[key] = torch.from_numpy(array.astype(np.float32))
+    return weights
+
+
+def fid_inception_inputs() -> dict:
+    """The images of tests/fixtures/pytorch_fid_inception: float 0..255 [B, 3, H, W] at 299 px (no resize),
+    64 px (upsampled) and 300x301 px (downsampled)."""
+    import numpy as np
+    import torch
+    rng = np.random.RandomState(0)
+    return {name: torch.from_numpy(rng.randint(0, 256, size=shape).astype(np.float32))
+            for name, shape in (("299", (1, 3, 299, 299)), ("64", (2, 3, 64, 64)), ("300x301", (1, 3, 300, 301)))}

@@ -96,3 +96,14 @@ def test_bench_objectives_times_every_quality_variant_with_its_switches():
     assert "shortcut+ot" not in masks.variants and "imf" in masks.variants
     with pytest.raises(SystemExit):
         bench_objectives.parse_args(["--variants", "shortcut+ot"])
+
+
+def test_bench_eval_times_the_code_before_and_after_issue_22_and_they_agree():
+    """Every case runs in its own process and reports a time and a peak; the previous code and today's give the
+    same precision/recall and the same statistics (to float64 rounding)."""
+    import bench_eval
+    report = bench_eval.main(["--pr-sizes", "60", "--fid-sizes", "70", "--width", "16", "--threads", "1"])
+    assert {(r["case"], r["n"]) for r in report["rows"]} == {("pr_before", 60), ("pr_after", 60),
+                                                             ("fid_before", 70), ("fid_after", 70)}
+    assert all(r["seconds"] > 0 and r["peak_bytes"] >= 0 for r in report["rows"])
+    assert report["agreement"]["pr_60"] == 0 and report["agreement"]["fid_70"] < 1e-12

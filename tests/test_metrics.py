@@ -34,8 +34,8 @@ SIZE = 32   # images are resized to this instead of 299 to keep the stand-in fas
 def folder_features(folder: str | Path, extractor: FeatureExtractor, batch_size: int = 50,
                     device: str | torch.device = "cpu", image_size: Optional[int] = 299,
                     workers: int = 4) -> np.ndarray:
-    """Features [N, D] (float64) of every image of ``folder`` (:func:`list_images`), in its order."""
-    return extract(list_images(folder), extractor, batch_size, device, image_size, workers).features
+    """Features [N, D] (float32) of every image of ``folder`` (:func:`list_images`), in its order."""
+    return extract(list_images(folder), extractor, batch_size, device, image_size, workers).all_rows()
 
 
 def _checked_distance(stats_a: tuple[np.ndarray, np.ndarray], stats_b: tuple[np.ndarray, np.ndarray],
@@ -205,7 +205,7 @@ def test_list_images_follows_manifests_and_metadata(shapes_dir, tmp_path):
 def test_folder_fid_with_itself_is_zero_and_differs_across_folders(folders, extractor_file, tmp_path):
     extractor = load_pinned(extractor_file)
     feats = folder_features(folders["a"], extractor, batch_size=20, image_size=SIZE)
-    assert feats.shape == (96, 64) and feats.dtype == np.float64
+    assert feats.shape == (96, 64) and feats.dtype == np.float32      # never a float64 copy of the features
     # Batching does not change features: compare against one image at a time, in sorted order.
     first = sorted(folders["a"].iterdir())[0]
     single = extractor(torch.from_numpy(load_image(first, SIZE)[0])[None], return_features=True)
@@ -235,7 +235,7 @@ def test_folder_and_weights_errors(folders, tmp_path):
         load_inception(tmp_path / "inception-2015-12-05.pt")
     assert "inception-2015-12-05.pt" in str(err.value) and INCEPTION_URL in str(err.value)
     (tmp_path / "not_torchscript.pt").write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(MetricsError, match="not a TorchScript archive"):
+    with pytest.raises(MetricsError, match="neither a TorchScript archive .* nor a PyTorch state dict"):
         load_inception(tmp_path / "not_torchscript.pt", trust_code=True)
 
 
@@ -443,18 +443,31 @@ def test_scores_reach_the_wandb_run_of_the_training_run_at_its_export_step(folde
     assert refused.value.code == 2 and "no tracker.json" in capsys.readouterr().err
 
 
-def test_two_processes_extract_the_features_of_one(folders, extractor_file, pin, tmp_path):
+def test_two_processes_extract_and_score_as_one(folders, extractor_file, pin, tmp_path, capsys):
+    """Each process keeps its features: mu and sigma are its sums reduced over both (equal to one process's to
+    float64 rounding, 1e-12), and only the main process receives the rows a file or KID, precision/recall and the
+    Inception Score need (equal to one process's exactly)."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_2proc.yaml"]
-    stats = ["evaluate.py", "stats", "--inception", str(extractor_file), *pin, "--image-size", str(SIZE),
-             "--workers", "1", str(folders["a"])]
+    common = ["--inception", str(extractor_file), *pin, "--image-size", str(SIZE), "--workers", "1"]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([*launch, *stats, "--out", str(tmp_path / "two.npz")], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert evaluate.main(stats[1:] + ["--out", str(tmp_path / "one.npz")]) == 0
+
+    def two_processes(*words: str) -> str:
+        run = subprocess.run([*launch, "evaluate.py", *words], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return run.stdout
+    two_processes("stats", *common, str(folders["a"]), "--out", str(tmp_path / "two.npz"))
+    assert evaluate.main(["stats", *common, str(folders["a"]), "--out", str(tmp_path / "one.npz")]) == 0
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     np.testing.assert_array_equal(one["features"], two["features"])
-    np.testing.assert_array_equal(one["sigma"], two["sigma"])
+    for name in ("mu", "sigma"):
+        np.testing.assert_allclose(two[name], one[name], rtol=0, atol=1e-12 * np.abs(one[name]).max())
+    words = ["metrics", *common, "--kid", "--pr", "--is", str(folders["b"]), str(tmp_path / "one.npz")]
+    scores_two = json.loads(two_processes(*words).strip().splitlines()[-1])
+    capsys.readouterr()
+    assert evaluate.main(words) == 0
+    scores_one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scores_two == pytest.approx(scores_one, rel=1e-9)
 
 
 def test_sweep_scores_every_combination_and_resumes(tiny_unet_run, shapes_dir, extractor_file, pin, tmp_path,

@@ -258,6 +258,51 @@ def test_a17_a_reference_is_read_once_and_only_what_is_needed(common, tmp_path, 
     assert features.nbytes <= reads.total < 1.2 * features.nbytes, reads.total     # the features, once
 
 
+class ReferenceReads:
+    """Every way a reference file's values can be read, counted: np.load (never used), each array mapped from the
+    file (``np.memmap``, by offset), bytes decompressed from it, and whole-file hashes."""
+
+    def __init__(self, monkeypatch, reference: Path):
+        self.loads, self.maps, self.hashes, self.zip = 0, {}, 0, ZipReads(monkeypatch)
+        real_load, real_map, real_hash = np.load, np.memmap, durable.sha256_file
+
+        def load(file, *args, **kwargs):
+            self.loads += Path(file) == reference if isinstance(file, (str, Path)) else 1
+            return real_load(file, *args, **kwargs)
+
+        def memmap(file, *args, **kwargs):
+            if Path(file) == reference:
+                self.maps[kwargs["offset"]] = self.maps.get(kwargs["offset"], 0) + 1
+            return real_map(file, *args, **kwargs)
+
+        def sha256_file(path):
+            self.hashes += Path(path) == reference
+            return real_hash(path)
+        monkeypatch.setattr(np, "load", load)
+        monkeypatch.setattr(np, "memmap", memmap)
+        monkeypatch.setattr(durable, "sha256_file", sha256_file)
+
+
+def test_a_reference_is_read_once_per_command_even_a_sweep(swept, common, tmp_path, capsys, monkeypatch):
+    """Issue 22: a 1.28M-image reference (10.5 GB) was read ~7 times per score. Now, as `stats` writes it: each
+    array is mapped from the file once (features only when KID or precision/recall asks), nothing is decompressed
+    but the arrays' headers, and the file is never hashed (a sweep keys its rows by mu, sigma and the arrays'
+    sizes and CRC-32s from the zip directory)."""
+    reference = swept["reference"]
+    samples = images(tmp_path / "samples", 12, seed=3)
+    reads = ReferenceReads(monkeypatch, reference)
+    assert evaluate.main(["metrics", *common, "--kid", "--pr", "--is", str(samples), str(reference)]) == 0
+    assert reads.loads == 0 and reads.hashes == 0 and reads.zip.total < 4096, vars(reads)
+    assert sorted(reads.maps.values()) == [1, 1, 1, 1]                  # mu, sigma, features, source_size: once
+    reads.maps.clear()
+    assert evaluate.main(["fid", *common, str(samples), str(reference)]) == 0
+    assert sorted(reads.maps.values()) == [1, 1, 1]                     # FID never reads the features
+    reads.maps.clear()
+    out = copy_of(swept, tmp_path)
+    assert evaluate.main([*swept["words"], "--kid", "--ref", str(reference), "--out", str(out)]) == 0
+    assert "kid" in cell(out) and reads.hashes == 0 and sorted(reads.maps.values()) == [1, 1, 1, 1], vars(reads)
+
+
 def write_npz_member(zf: zipfile.ZipFile, name: str, header: dict, payload: bytes) -> None:
     buffer = __import__("io").BytesIO()
     np.lib.format.write_array_header_1_0(buffer, header)

@@ -1,29 +1,38 @@
 """Inception features of images: the network, which files count, how they are read, references.
 
-FID uses NVIDIA's TorchScript Inception-v3 ``inception-2015-12-05.pt`` (the network of the
-original TF FID, as used by StyleGAN2/3, EDM and clean-fid), read from a local file:
+FID uses the Inception-v3 of the original TF FID, read from a local file whose content decides how
+(:func:`load_inception`): NVIDIA's TorchScript ``inception-2015-12-05.pt`` (as used by StyleGAN2/3,
+EDM and clean-fid; it runs code when loaded, so it must be vouched for by its SHA-256)
 https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt
-Any object called as ``extractor(images, return_features=True) -> [B, D]`` (and, for the
-Inception Score, ``extractor(images, no_output_bias=True) -> [B, K]`` class probabilities) on
-float images in 0..255 works in its place. Which files of a folder count is decided by
-:func:`list_images`.
+or pytorch-fid's state dict ``pt_inception-2015-12-05-6726825d.pth``, read without running code
+into modules/eval/fid_inception.py. Any object called as ``extractor(images, return_features=True)
+-> [B, D]`` (and, for the Inception Score, ``extractor(images, no_output_bias=True) -> [B, K]``
+class probabilities) on float images in 0..255 works in their place. Which files of a folder count
+is decided by :func:`list_images`.
 
 Image preprocessing follows clean-fid's "clean" mode: RGB, resized to ``image_size`` (299)
 per channel in float32 with PIL's antialiased bicubic filter, so scores do not depend on a
 framework's aliasing resize. Scores are comparable to clean-fid's, not to legacy TF FID.
 
 A reference (``.npz``) holds ``mu`` and ``sigma`` (float64, the pytorch-fid / clean-fid key
-names) and, when made here, the ``features`` themselves (for KID and precision / recall) and
-``source_size``, the [height, width] of the images before the resize (absent when they had
+names) and, when made here, the ``features`` themselves (float32, for KID and precision / recall)
+and ``source_size``, the [height, width] of the images before the resize (absent when they had
 several sizes), so that samples are not scored against references of another resolution. An
 ADM reference batch (``arr_0``: uint8 NHWC images) is read as images. A reference file is read
 through :class:`NpzReference`: every array's header is checked (numbers only, a bounded shape that
 the file can hold) before anything is allocated, and each array is read once, when first needed
-(mapped from the file when stored uncompressed). Under ``accelerate launch`` every process
-extracts its share of the files, and the result is the same.
+(mapped from the file when stored uncompressed); nothing else reads or hashes the file.
+
+Features are float32 and stay on the CPU of the process that made them (:class:`Features`). Under
+``accelerate launch`` every process extracts its share of the files and sums the moments FID needs
+(count, sum, sum of outer products) batch by batch on its device; the sums are all-reduced
+(:func:`share`), and rows go to the main process only when a metric needs every one of them (KID,
+precision/recall, the Inception Score, a statistics file: :func:`gather_rows`). The result is the
+one process's, to float64 rounding.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -31,13 +40,14 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from modules import durable
+from modules.core.metrics import FeatureMoments
 from modules.data.image_io import find_images, open_image
 from modules.data.metadata import MAX_METADATA_LINE, listed_images, path_inside
 from modules.errors import DataError, MetricsError
@@ -83,6 +93,7 @@ MAX_FEATURE_WIDTH = 16384               # mu's length: Inception's is 2048
 MAX_REFERENCE_ROWS = 10 ** 7            # feature vectors or images in one reference (sample.py's MAX_SAMPLES)
 MAX_REFERENCE_IMAGE_SIDE = 4096         # an ADM reference's images
 MAX_ARRAY_BYTES = 1 << 36               # 64 GiB: no array of a reference is read beyond this
+FINITE_CHECK_ROWS = 1 << 16             # rows of features checked at once (512 MiB at D = 2048)
 DEFLATE_MAX_RATIO = 1032                # deflate cannot expand a byte into more than 1032
 
 
@@ -110,7 +121,6 @@ class NpzReference:
         self._headers: dict[str, _Header] = {}
         self._arrays: dict[str, np.ndarray] = {}
         self._checked: dict[str, object] = {}
-        self._sha256: Optional[str] = None
 
     def _fail(self, problem: str) -> MetricsError:
         return MetricsError(f"statistics file {self.path}: {problem}")
@@ -127,12 +137,6 @@ class NpzReference:
     @property
     def names(self) -> list[str]:
         return sorted(self.members)
-
-    def sha256(self) -> str:
-        """The file's SHA-256 (its identity), computed once."""
-        if self._sha256 is None:
-            self._sha256 = durable.sha256_file(self.path)
-        return self._sha256
 
     # ------------------------------------------------------------------ headers and arrays
 
@@ -266,16 +270,30 @@ class NpzReference:
         return self._checked_headers()[1] is not None
 
     def features(self) -> Optional[np.ndarray]:
-        """The feature vectors (float64 [N, D]), or None (a file of mu and sigma only), read once."""
+        """The feature vectors (float32 [N, D], read-only; mapped from the file when stored), or None (a file of
+        mu and sigma only), read once and checked finite a block at a time (no copy of the whole)."""
         if "features" in self._checked:
             return self._checked["features"]
         if not self.has_features():
             return None
-        features = self.array("features").astype(np.float64)
-        if not np.isfinite(features).all():
-            raise self._fail("features hold NaN or infinite values")
+        features = self.array("features")
+        if features.dtype != np.float32:        # another tool's file: one float32 copy
+            features = features.astype(np.float32)
+            features.flags.writeable = False
+        for start in range(0, features.shape[0], FINITE_CHECK_ROWS):
+            if not np.isfinite(features[start:start + FINITE_CHECK_ROWS]).all():
+                raise self._fail("features hold NaN or infinite values")
         self._checked["features"] = features
         return features
+
+    def identity(self) -> dict:
+        """What the file holds, for the key of a score against it, without reading it again: the SHA-256 of mu
+        and sigma (read for any score) and each array's name, size and CRC-32 from the zip directory (the
+        features' too, which FID alone never reads)."""
+        mu, sigma = (np.ascontiguousarray(self.array(name)) for name in ("mu", "sigma"))
+        digest = hashlib.sha256(mu.tobytes() + sigma.tobytes()).hexdigest()
+        return {"statistics_sha256": digest,
+                "arrays": sorted([name, info.file_size, info.CRC] for name, info in self.members.items())}
 
     def source_size(self) -> Optional[tuple[int, int]]:
         """The [height, width] of the images the reference was made from, or None (not recorded, or several)."""
@@ -305,41 +323,98 @@ def load_source_size(path: str | Path) -> Optional[tuple[int, int]]:
     return NpzReference(path).source_size()
 
 
-def load_features(path: str | Path) -> Optional[np.ndarray]:
-    """The features a reference file holds (float64 [N, D]), or None (a file of mu and sigma only)."""
-    return NpzReference(path).features()
-
-
 def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return NpzReference(path).stats()
 
 
 # ----------------------------------------------------------------------------- Inception and folders
 
-def load_inception(path: str | Path, device: str | torch.device = "cpu", sha256: Optional[str] = None,
-                   trust_code: bool = False) -> torch.jit.ScriptModule:
-    """NVIDIA's TorchScript Inception-v3 from a local file, in eval mode on ``device``.
+PYTORCH_FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
+# torch.save's format before zip archives: pickle protocol 2, then torch's magic number.
+LEGACY_TORCH_SAVE = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
 
-    A TorchScript file runs its own code when it is loaded and called (it can write any file),
-    so only a file the user vouches for is loaded: its SHA-256 must equal ``sha256`` (the hash
-    published with the file the user downloaded), or ``trust_code`` must be set.
+
+def inception_format(path: Path) -> str:
+    """What an Inception file is, from its content: ``"torchscript"`` (a TorchScript archive, such as NVIDIA's
+    ``inception-2015-12-05.pt``: a zip holding ``code/``) or ``"state_dict"`` (``torch.save`` output, zip or
+    legacy, such as pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``); anything else is one line."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(LEGACY_TORCH_SAVE))
+    except OSError as e:
+        raise MetricsError(f"Inception weights {path}: cannot be read ({e.strerror or e})") from None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        names = []
+    if any("/code/" in name or name.endswith("/constants.pkl") for name in names):
+        return "torchscript"
+    if any(name.endswith("/data.pkl") for name in names) or head == LEGACY_TORCH_SAVE:
+        return "state_dict"
+    raise MetricsError(f"Inception weights {path}: neither a TorchScript archive (NVIDIA's inception-2015-12-05.pt) "
+                       f"nor a PyTorch state dict (pytorch-fid's {PYTORCH_FID_WEIGHTS})")
+
+
+def load_inception(path: str | Path, device: str | torch.device = "cpu", sha256: Optional[str] = None,
+                   trust_code: bool = False) -> torch.nn.Module:
+    """The FID Inception-v3 from a local file, in eval mode on ``device``, chosen by the file's content:
+
+    * NVIDIA's TorchScript ``inception-2015-12-05.pt``. A TorchScript file runs its own code when it is loaded
+      and called (it can write any file), so it is loaded only when the user vouches for it: its SHA-256 must
+      equal ``sha256`` (the hash published with the file the user downloaded), or ``trust_code`` must be set.
+    * pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (or torch-fidelity's file of the same keys): a
+      plain state dict, read with ``torch.load(weights_only=True)``, which runs no code, into
+      :class:`modules.eval.fid_inception.FIDInceptionV3`. A ``sha256`` given is still checked.
     """
     path = Path(path)
     if not path.is_file():
         raise MetricsError(f"Inception weights {path} not found; download inception-2015-12-05.pt "
-                           f"(TorchScript, not the .pkl) from {INCEPTION_URL}")
-    actual = durable.sha256_file(path)
-    if not trust_code and actual != (sha256 or "").strip().lower():
-        given = f"not the {sha256} given by --inception-sha256" if sha256 else "and no --inception-sha256 was given"
-        raise MetricsError(f"Inception weights {path}: a TorchScript file runs its own code when loaded, so it is "
-                           f"loaded only when vouched for. Its SHA-256 is {actual}, {given}. Pass the SHA-256 "
-                           "published for the file you downloaded, or --trust-inception-code to run it anyway")
+                           f"(TorchScript, not the .pkl) from {INCEPTION_URL}, or use pytorch-fid's "
+                           f"{PYTORCH_FID_WEIGHTS}")
+    kind = inception_format(path)
+    if sha256 or (kind == "torchscript" and not trust_code):
+        actual = durable.sha256_file(path)
+        if actual != (sha256 or "").strip().lower():
+            given = f"not the {sha256} given by --inception-sha256" if sha256 else "and no --inception-sha256 was given"
+            raise MetricsError(f"Inception weights {path}: its SHA-256 is {actual}, {given}. "
+                               + ("" if sha256 else "A TorchScript file runs its own code when loaded, so it is "
+                                  "loaded only when vouched for: pass the SHA-256 published for the file you "
+                                  "downloaded, or --trust-inception-code to run it anyway"))
+    if kind == "state_dict":
+        return _load_fid_inception(path, device)
     try:
         model = torch.jit.load(str(path), map_location=device)
-    except Exception as e:  # TorchScript raises RuntimeError/ValueError for non-archives
-        raise MetricsError(f"Inception weights {path}: not a TorchScript archive ({type(e).__name__}); "
+    except Exception as e:  # TorchScript raises RuntimeError/ValueError for damaged archives
+        raise MetricsError(f"Inception weights {path}: not a readable TorchScript archive ({type(e).__name__}); "
                            f"expected inception-2015-12-05.pt from {INCEPTION_URL}") from None
     return model.eval()
+
+
+def _load_fid_inception(path: Path, device: str | torch.device) -> torch.nn.Module:
+    """pytorch-fid's weights into our FID Inception; a file of other keys or shapes is one line."""
+    from modules.eval.fid_inception import FIDInceptionV3
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the safe unpickler raises UnpicklingError, RuntimeError, ... on foreign content
+        raise MetricsError(f"Inception weights {path}: not a plain state dict of tensors ({type(e).__name__}); "
+                           f"expected pytorch-fid's {PYTORCH_FID_WEIGHTS}") from None
+    net = FIDInceptionV3()
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MetricsError(f"Inception weights {path}: a {type(state).__name__}, not a state dict of tensors; "
+                           f"expected pytorch-fid's {PYTORCH_FID_WEIGHTS}")
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(k for k in set(state) - set(expected) if not k.endswith("num_batches_tracked"))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        problems = [f"{len(found)} {what} (e.g. {found[0]})" for what, found in
+                    (("missing keys", missing), ("unexpected keys", unexpected), ("keys of other shapes", wrong))
+                    if found]
+        raise MetricsError(f"Inception weights {path}: not the FID Inception's state dict: {', '.join(problems)}; "
+                           f"expected pytorch-fid's {PYTORCH_FID_WEIGHTS}")
+    net.load_state_dict(state)
+    return net.to(device).eval()
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -488,59 +563,153 @@ def _batches(sources: Sequence, batch_size: int, image_size: Optional[int], work
 
 @dataclass
 class Features:
-    features: np.ndarray                      # [N, D] float64, for FID, KID, precision and recall
-    probabilities: Optional[np.ndarray]       # [N, K] class probabilities, for the Inception Score
+    """A set's features as extracted by one process or several. ``rows`` are this process's share: rows
+    ``process_index::num_processes`` of the set (all of them with one process), float32, on the CPU; they stay
+    there until a metric needs every row (:meth:`all_rows`, on the main process only). ``moments`` (FID's sums)
+    and ``sizes`` are over the whole set, the same on every process."""
+    rows: np.ndarray                          # [n, D] float32: this process's feature vectors
+    probabilities: Optional[np.ndarray]       # [n, K] float32 class probabilities, for the Inception Score
+    moments: FeatureMoments                   # count, sum and sum of outer products over the whole set
     sizes: frozenset = frozenset()            # the (height, width) of the images before the resize
+    state: Any = None                         # accelerate's state when several processes share the set
+
+    @property
+    def count(self) -> int:
+        return self.moments.count
+
+    @property
+    def width(self) -> int:
+        return self.moments.width
 
     @property
     def source_size(self) -> Optional[tuple[int, int]]:
         """The one size every image had, or None (several sizes)."""
         return next(iter(self.sizes)) if len(self.sizes) == 1 else None
 
+    def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        """mu and sigma of the whole set (float64), from the moments: no row moves."""
+        if not hasattr(self, "_statistics"):
+            self._statistics = self.moments.statistics()
+        return self._statistics
+
+    def all_rows(self) -> Optional[np.ndarray]:
+        """Every feature vector in the set's order on the main process, None on the others (with several
+        processes every one must call it)."""
+        return self._all(self.rows)
+
+    def all_probabilities(self) -> Optional[np.ndarray]:
+        return self._all(self.probabilities)
+
+    def _all(self, local: np.ndarray) -> Optional[np.ndarray]:
+        if self.state is None:
+            return local
+        return gather_rows(local, self.count, self.state, self.moments.device)
+
+    def digest(self) -> str:
+        """A 256-bit identity of the set's features in order, the same under any number of processes: each row
+        is hashed (SHA-256) with its place in the set and the hashes are summed modulo 2^256 over every process
+        (with several processes every one must call it)."""
+        first, stride = (self.state.process_index, self.state.num_processes) if self.state else (0, 1)
+        total = 0
+        for j, row in enumerate(np.ascontiguousarray(self.rows)):
+            place = (first + j * stride).to_bytes(8, "little")
+            total += int.from_bytes(hashlib.sha256(place + row.tobytes()).digest(), "little")
+        if self.state is not None:
+            total = sum(_everyones(total, self.state))
+        return f"{total % (1 << 256):064x}"
+
 
 @torch.no_grad()
 def extract_local(sources: Sequence, extractor: FeatureExtractor, batch_size: int = 50,
                   device: str | torch.device = "cpu", image_size: Optional[int] = 299, workers: int = 4,
                   probabilities: bool = False) -> Features:
-    """Features of ``sources`` (image paths, or uint8 HWC arrays) in their order, on this process."""
+    """Features of ``sources`` (image paths, or uint8 HWC arrays) in their order, on this process; their moments
+    are summed on ``device`` batch by batch."""
     if batch_size < 1:
         raise MetricsError(f"batch_size must be >= 1, got {batch_size}")
-    feats, probs, sizes = [], [], set()
+    feats, probs, sizes, moments = [], [], set(), None
     for batch, batch_sizes in _batches(sources, batch_size, image_size, workers):
         batch = batch.to(device)
         sizes |= batch_sizes
         f = extractor(batch, return_features=True)
-        feats.append(f.reshape(f.shape[0], -1).to(torch.float64).cpu())
+        f = f.reshape(f.shape[0], -1)
+        moments = moments or FeatureMoments(f.shape[1], f.device)
+        moments.add(f)
+        feats.append(f.float().cpu())
         if probabilities:
-            probs.append(extractor(batch, no_output_bias=True).to(torch.float64).cpu())
-    return Features(torch.cat(feats).numpy() if feats else np.zeros((0, 0)),
-                    torch.cat(probs).numpy() if probs else None, frozenset(sizes))
+            probs.append(extractor(batch, no_output_bias=True).float().cpu())
+    return Features(torch.cat(feats).numpy() if feats else np.zeros((0, 0), np.float32),
+                    torch.cat(probs).numpy() if probs else None, moments or FeatureMoments(0, device),
+                    frozenset(sizes))
 
 
-def gather(local: Features, indices: Sequence[int], state) -> Optional[Features]:
-    """Every process's features (``indices``: their places in the whole set) on the main process, in
-    order; None on the others."""
-    from accelerate.utils import gather_object
-    parts = [p for p in gather_object([(list(indices), local)]) if p[0]]
-    if not state.is_main_process:
+def share(local: Features, state) -> Features:
+    """One process's ``local`` features (rows ``process_index::num_processes`` of the set) as its share of the
+    whole: the moments are summed over every process (count, sum and sum of outer products: an all-reduce of
+    D^2 + D + 1 numbers) and the images' sizes united; the rows stay where they are."""
+    import torch.distributed as dist
+    device = local.moments.device
+    width = torch.tensor([local.width], dtype=torch.int64, device=device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)        # a process with no share learns the width
+    moments, rows, probs = local.moments, local.rows, local.probabilities
+    if moments.width != int(width):
+        moments, rows = FeatureMoments(int(width), device), np.zeros((0, int(width)), np.float32)
+    count = torch.tensor([moments.count], dtype=torch.float64, device=device)
+    for total in (count, *moments.sums()):
+        dist.all_reduce(total)
+    moments.count = int(count.item())
+    sizes = frozenset().union(*_everyones(local.sizes, state))
+    return Features(rows, probs, moments, sizes, state)
+
+
+GATHER_SLICE_BYTES = 64 << 20           # per process and step of gather_rows
+
+
+def _everyones(value, state) -> list:
+    """A small value from every process, on every process."""
+    import torch.distributed as dist
+    values = [None] * state.num_processes
+    dist.all_gather_object(values, value)
+    return values
+
+
+def gather_rows(local: Optional[np.ndarray], count: int, state, device: str | torch.device) -> Optional[np.ndarray]:
+    """Rows that the processes hold (process r: rows r, r + P, ... of ``count``) on the main process in their
+    order, None on the others. They are sent a slice at a time (``GATHER_SLICE_BYTES`` per process) to the
+    main process only, so no other process receives any and no device holds more than a slice per process."""
+    import torch.distributed as dist
+    processes, main = state.num_processes, state.is_main_process
+    width = max(_everyones(-1 if local is None else local.shape[1], state))
+    if width < 0:
         return None
-    order = np.argsort(np.concatenate([np.asarray(ids, dtype=np.int64) for ids, _ in parts]))
-    features = np.concatenate([f.features for _, f in parts])[order]
-    probs = None if parts[0][1].probabilities is None else np.concatenate([f.probabilities for _, f in parts])[order]
-    return Features(features, probs, frozenset().union(*(f.sizes for _, f in parts)))
+    local = np.zeros((0, width), np.float32) if local is None or local.shape[1] != width else local
+    per_process = -(-count // processes)
+    out = np.empty((count, width), np.float32) if main else None
+    step = max(1, GATHER_SLICE_BYTES // (4 * max(1, width)))
+    for start in range(0, per_process, step):
+        piece = torch.zeros(min(step, per_process - start), width, dtype=torch.float32, device=device)
+        mine = local[start:start + piece.shape[0]]
+        piece[:len(mine)] = torch.from_numpy(np.ascontiguousarray(mine, dtype=np.float32)).to(device)
+        received = [torch.empty_like(piece) for _ in range(processes)] if main else None
+        dist.gather(piece, received, dst=0)
+        for rank, part in enumerate(received or ()):
+            target = out[rank + start * processes::processes]     # rank r's row j is row r + j P of the set
+            n = min(len(target), piece.shape[0])
+            target[:n] = part[:n].cpu().numpy()
+    return out
 
 
 def extract(sources: Sequence, extractor: FeatureExtractor, batch_size: int = 50, device: str | torch.device = "cpu",
             image_size: Optional[int] = 299, workers: int = 4, probabilities: bool = False, state=None) -> Features:
     """Features of ``sources`` in their order. With ``state`` (accelerate's ``PartialState``) of several
-    processes, each process takes every ``num_processes``-th source and the main process returns
-    them all, in order (the others None)."""
+    processes, each process extracts every ``num_processes``-th source and keeps its rows; the moments and
+    sizes are reduced over every process (:func:`share`)."""
     if state is None or state.num_processes == 1:
         return extract_local(sources, extractor, batch_size, device, image_size, workers, probabilities)
     mine = range(state.process_index, len(sources), state.num_processes)
     local = extract_local([sources[i] for i in mine], extractor, batch_size, device, image_size, workers,
                           probabilities)
-    return gather(local, mine, state)
+    return share(local, state)
 
 
 def reference_sources(reference: str | Path, opened: Optional[NpzReference] = None) -> Optional[Sequence]:

@@ -2,8 +2,9 @@
 
 * **FID** of the sampling EMA at ``eval.steps`` (default 1, 4 and the finest): every process
   generates its share of ``eval.num_samples`` images (image i from ``image_seed(EVAL_SEED, i)``
-  and condition i, the same at every evaluation), features are gathered on the main process and
-  scored against ``eval.reference``; logged as ``fid/steps_N``.
+  and condition i, the same at every evaluation) and keeps its features; their moments (count, sum,
+  sum of outer products) are summed over the processes and scored against ``eval.reference`` on the
+  main process; logged as ``fid/steps_N``.
 * **Validation loss** on ``eval.val_images`` latents held out of training: the objective's
   losses with fixed draws (so successive values compare), per step-size level for shortcut
   models (``val/loss_by_level_K``); a level whose loss stalls or climbs shows up here.
@@ -24,12 +25,12 @@ import torch
 
 from modules.config.schema import UNetRunConfig
 from modules.core.generation import GenerationSpec, batch_condition, conditions, decode_latents, generate_latents
-from modules.core.metrics import feature_statistics, frechet_distance
+from modules.core.metrics import frechet_distance
 from modules.core.objectives.base import Draws
 from modules.core.seeding import image_seed, mix_seed
 from modules.data.image_io import to_uint8
-from modules.eval.features import (NpzReference, check_feature_width, extract_local, feature_width, gather,
-                                   load_inception, size_text)
+from modules.eval.features import (NpzReference, check_feature_width, extract_local, feature_width, load_inception,
+                                   share, size_text)
 
 logger = logging.getLogger(__name__)
 EVAL_SEED = 0x5EED   # the evaluation images' own seeds, apart from the run's training seed
@@ -106,13 +107,13 @@ class TrainingEvaluator:
                     images = decode_latents(vae, z.float(), vae.config.scale_factor, e.batch_size)
                 arrays.extend(to_uint8(images)[:real])
             local = extract_local(arrays, self.extractor, e.batch_size, acc.device, e.image_size, workers=1)
-            found = gather(local, mine, acc) if acc.num_processes > 1 else local
-            if acc.is_main_process and found.features.shape[0] < found.features.shape[1] and not self.warned:
+            found = share(local, acc) if acc.num_processes > 1 else local
+            if acc.is_main_process and found.count < found.width and not self.warned:
                 self.warned = True
                 logger.warning("eval.num_samples=%d is below the feature dimension %d: the FID is biased upward "
-                               "(compare such values only with each other)", *found.features.shape)
+                               "(compare such values only with each other)", found.count, found.width)
             if acc.is_main_process:
-                scores[f"fid/steps_{steps}"] = frechet_distance(*feature_statistics(found.features), *self.reference)
+                scores[f"fid/steps_{steps}"] = frechet_distance(*found.statistics(), *self.reference)
         return scores
 
     @torch.no_grad()
