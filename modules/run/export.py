@@ -13,6 +13,7 @@ and ``unet_ema/`` whatever the network, so existing runs and scripts keep workin
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -152,10 +153,19 @@ def find_model_folder(path: str | Path, subfolder: str) -> Path:
 
 # ----------------------------------------------------------------------------- the VAE
 
+# VAEConfig fields added after identities were first recorded: left out of the identity while at their
+# defaults, so a VAE that could be written before keeps its identity (its caches, runs and exports still match).
+LATER_VAE_FIELDS = ("shift_factor", "latents_mean", "latents_std", "use_quant_conv", "use_post_quant_conv")
+
+
 def vae_identity(model: AutoencoderKL) -> str:
     """SHA-256 over the VAE's config and weights, whatever file format they came from: the key of
     its latent caches, and what a stage-2 checkpoint records of the VAE it was trained with."""
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode())
+    config, defaults = dataclasses.asdict(model.config), dataclasses.asdict(VAEConfig())
+    for name in LATER_VAE_FIELDS:
+        if config[name] == defaults[name]:
+            del config[name]
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -180,6 +190,58 @@ def load_our_vae(folder: Path, config: dict) -> AutoencoderKL:
     """A VAE exported here (``config.json`` of kind "vae", read as ``config``), in eval mode."""
     cfg = vae_config(config.get("model") or {}, folder / CONFIG_NAME)
     return load_state_strict(AutoencoderKL(cfg), read_folder_weights(folder, config), folder, "the VAE config").eval()
+
+
+# ----------------------------------------------------------------------------- a stage-2 run's latent normalisation
+
+NORMALIZATION_FIELDS = ("scale_factor", "shift_factor", "latents_mean", "latents_std")
+STATISTICS_BATCH = 256
+
+
+def latent_statistics(store, num_rows: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the latents of ``num_rows`` rows of a latent store spread over it (``store[i]``
+    rows' posterior ``mean`` and ``std``; flips left out: they do not change per-channel statistics), computed
+    exactly from the posteriors: E[z] = E[mean], Var[z] = E[mean^2 + std^2] - E[z]^2, in float64."""
+    rows = sorted({round(i * (len(store) - 1) / max(1, num_rows - 1)) for i in range(min(num_rows, len(store)))})
+    first = second = None
+    count = 0
+    for start in range(0, len(rows), STATISTICS_BATCH):
+        batch = store.__getitems__(rows[start:start + STATISTICS_BATCH])
+        mean, std = batch["mean"].double(), batch["std"].double()
+        sums = mean.sum(dim=(0, 2, 3)), (mean.square() + std.square()).sum(dim=(0, 2, 3))
+        first, second = sums if first is None else (first + sums[0], second + sums[1])
+        count += mean.shape[0] * mean.shape[2] * mean.shape[3]
+    centre = first / count
+    return centre.tolist(), (second / count - centre.square()).clamp_min(0).sqrt().tolist()
+
+
+def latent_norm_record(section, vae: AutoencoderKL, store) -> Optional[dict]:
+    """The normalisation a stage-2 run's ``latent_norm`` section puts in place of the VAE's own (the VAE config
+    fields :data:`NORMALIZATION_FIELDS`), or None (``mode=vae``: the VAE's own). Statistics not given are
+    measured over the training latents of ``store``."""
+    if section.mode == "vae":
+        return None
+    channels = vae.config.latent_channels
+    if section.mean and len(section.mean) != channels:
+        raise ConfigError(f"config key 'latent_norm.mean': {len(section.mean)} values for the VAE's {channels} "
+                          "latent channels: give one per channel")
+    mean, std = (list(section.mean), list(section.std)) if section.mean else latent_statistics(store, section.rows)
+    logger.info("latent_norm=channel: per-channel mean %s, std %s (%s), scale %g", [round(v, 4) for v in mean],
+                [round(v, 4) for v in std], "given" if section.mean else f"measured over {section.rows} rows at most",
+                section.scale)
+    return {"scale_factor": section.scale, "shift_factor": 0.0, "latents_mean": mean, "latents_std": std}
+
+
+def with_latent_norm(vae: AutoencoderKL, record: Optional[dict], where: Path) -> AutoencoderKL:
+    """``vae`` normalising its latents as ``record`` says (:func:`latent_norm_record`; None: as it is): the
+    same modules and weights under another config. A record that does not read is one line naming ``where``."""
+    if not record:
+        return vae
+    if not isinstance(record, dict) or set(record) - set(NORMALIZATION_FIELDS):
+        raise ModelFolderError(f"{where}: 'latent_norm' must hold {', '.join(NORMALIZATION_FIELDS)}, got {record!r}")
+    normalised = copy.copy(vae)
+    normalised.config = vae_config({**to_dict(vae.config), **record}, where)
+    return normalised
 
 
 def training_vae(net_folder: str | Path, recorded: dict) -> Path:
