@@ -34,7 +34,7 @@ from modules.durable import write_or_fail
 from modules.errors import ConfigError
 from modules.eval.training import TrainingEvaluator, prepare_fid
 from modules.interop.clip import TextEncoder
-from modules.interop.dit import load_init_weights
+from modules.interop.dit import diffusers_dit_writer, load_init_weights
 from modules.interop.vae import load_vae
 from modules.run.accelerator import adam
 from modules.run.checkpoint import RunIdentity
@@ -58,7 +58,8 @@ def export_networks(run: Run, net, ema: EMA, cfg: UNetRunConfig, sizes, vae_reco
         averaged = {k: v.clone() for k, v in run.state_dict(net).items()}
     if run.is_main:
         for folder, weights, state_dict in (("unet", "online", online), ("unet_ema", "ema", averaged)):
-            save_network(run.output_dir / folder, state_dict, cfg, sizes, vae_record, weights, text_record)
+            save_network(run.output_dir / folder, state_dict, cfg, sizes, vae_record, weights, text_record,
+                         diffusers=diffusers_dit_writer(cfg, sizes))
 
 
 def main(argv=None) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -36,7 +37,9 @@ from modules.config.io import read_json
 from modules.config.schema import UNetRunConfig
 from modules.core.networks.denoiser import Sizes
 from modules.errors import ModelFolderError
-from modules.run.export import CONFIG_NAME, DIFFUSERS_WEIGHTS_NAME, load_state_strict, read_weights
+from modules.core.networks.dit import NORM_EPS
+from modules.run.export import (CONFIG_NAME, DIFFUSERS_FOLDER, DIFFUSERS_WEIGHTS_NAME, DiffusersWriter,
+                                load_state_strict, read_weights, write_diffusers_folder)
 
 logger = logging.getLogger(__name__)
 
@@ -240,3 +243,73 @@ def load_init_weights(model: torch.nn.Module, cfg: UNetRunConfig, sizes: Sizes) 
     logger.info("init_from: %d tensors from %s (%d blocks, %d classes); initialised fresh: %s", len(sd) - len(new),
                 where, fields["model.depth"], fields["classes"],
                 ", ".join(sorted({k.rsplit(".", 1)[0] for k in new})) or "nothing")
+
+
+# ----------------------------------------------------------------------------- ours -> diffusers (exports)
+
+def diffusers_dit_problem(cfg: UNetRunConfig, sizes: Sizes) -> Optional[str]:
+    """Why a stage-2 network of ``cfg`` (built for ``sizes``) has no ``DiTTransformer2DModel`` computing its
+    function, or None."""
+    inputs = sizes.inputs
+    if cfg.model.arch != "dit":
+        return f"model.arch={cfg.model.arch}: diffusers' DiTTransformer2DModel is a DiT"
+    if inputs.step != "none":
+        what = {"level": "a step-size level input (shortcut levels)", "interval": "an interval input (MeanFlow)"}
+        return f"objective={cfg.objective} gives the network {what.get(inputs.step, inputs.step)}, which it has not"
+    if inputs.guidance or inputs.guidance_interval or inputs.velocity_head:
+        return f"objective={cfg.objective} gives the network a guidance input or a second head, which it has not"
+    if cfg.cond.type not in ("class", "none"):
+        return f"cond.type={cfg.cond.type}: it takes class labels only (no text, no masks)"
+    if cfg.model.time_freq_shift != 1:
+        return ("model.time_freq_shift=0 (the DiT code's time sinusoid): it embeds time with spacing 1; train with "
+                "model.time_freq_shift=1 to export")
+    if int(cfg.model.hidden_size * cfg.model.mlp_ratio) != 4 * cfg.model.hidden_size:
+        return f"model.mlp_ratio={cfg.model.mlp_ratio}: its MLP is 4 x the width"
+    return None
+
+
+def to_diffusers_dit(sd: dict[str, torch.Tensor], cfg: UNetRunConfig, sizes: Sizes) -> tuple[dict, dict]:
+    """``(config.json, weights)`` of the ``DiTTransformer2DModel`` computing our DiT's function (``sd``: its
+    state dict; :func:`diffusers_dit_problem` None): the module docstring's map, read right to left, with
+    the time and class embedders copied into every block. An unconditional model gets one label whose
+    embedding is zero (pass label 0)."""
+    m, depth = cfg.model, cfg.model.depth
+    classes = sizes.num_classes if cfg.cond.type == "class" else 1
+    table = sd["conditioner.label_emb.weight"] if cfg.cond.type == "class" else \
+        sd["time_mlp.2.bias"].new_zeros(classes + 1, m.hidden_size)
+    out = {"pos_embed.proj.weight": sd["patch_embed.weight"], "pos_embed.proj.bias": sd["patch_embed.bias"]}
+    for ours, theirs in (("final_modulation.", "proj_out_1."), ("final_proj.", "proj_out_2.")):
+        for kind in ("weight", "bias"):
+            out[theirs + kind] = sd[ours + kind]
+    for i in range(depth):
+        emb, block = EMBEDDER.format(i), f"transformer_blocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{emb}timestep_embedder.linear_1.{kind}"] = sd[f"time_mlp.0.{kind}"]
+            out[f"{emb}timestep_embedder.linear_2.{kind}"] = sd[f"time_mlp.2.{kind}"]
+            for ours, theirs in (("modulation.", "norm1.linear."), ("attn.out.", "attn1.to_out.0."),
+                                 ("fc1.", "ff.net.0.proj."), ("fc2.", "ff.net.2.")):
+                out[block + theirs + kind] = sd[f"blocks.{i}.{ours}{kind}"]
+            for name, part in zip("qkv", sd[f"blocks.{i}.attn.qkv.{kind}"].chunk(3)):
+                out[f"{block}attn1.to_{name}.{kind}"] = part
+        out[f"{emb}class_embedder.embedding_table.weight"] = table
+    config = {"_class_name": DIFFUSERS_CLASSES[0], "num_attention_heads": m.num_heads,
+              "attention_head_dim": m.hidden_size // m.num_heads, "in_channels": sizes.latent_channels,
+              "out_channels": sizes.latent_channels, "num_layers": depth, "dropout": 0.0, "norm_num_groups": 32,
+              "attention_bias": True, "sample_size": sizes.latent_size, "patch_size": m.patch_size,
+              "activation_fn": "gelu-approximate", "num_embeds_ada_norm": classes, "upcast_attention": False,
+              "norm_type": "ada_norm_zero", "norm_elementwise_affine": False, "norm_eps": NORM_EPS}
+    # Each copy its own tensor: safetensors refuses tensors sharing memory.
+    return config, {k: v.detach().to("cpu").clone().contiguous() for k, v in out.items()}
+
+
+def diffusers_dit_writer(cfg: UNetRunConfig, sizes: Sizes) -> DiffusersWriter:
+    """What :func:`modules.run.export.save_network` calls to write an export's ``diffusers/`` copy: the
+    ``DiTTransformer2DModel`` where one computes the network's function, else the reason there is none."""
+    def write(folder: Path, tensors: dict[str, torch.Tensor]) -> Optional[str]:
+        problem = diffusers_dit_problem(cfg, sizes)
+        if problem:
+            return problem
+        config, weights = to_diffusers_dit(tensors, cfg, sizes)
+        write_diffusers_folder(folder / DIFFUSERS_FOLDER, config, weights)
+        return None
+    return write
