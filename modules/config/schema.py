@@ -230,7 +230,7 @@ class UNetRun:
     sample: SampleLogConfig = field(default_factory=SampleLogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cache_dir: str = path_setting()     # latent cache; default: <output-dir>/../latent_cache
-    init_from: str = path_setting()     # model.arch=dit: start from a diffusers DiTTransformer2DModel (safetensors)
+    init_from: str = path_setting()     # model.arch=dit: start from a diffusers DiT or a DiT/SiT/REPA/MeanFlow .pt
 
     upgrade = staticmethod(legacy.upgrade)     # saved configs of the earlier layout read as today's
     other_paths: ClassVar[tuple[str, ...]] = ("cond.text_encoder",)   # path fields of sections declared in core/
@@ -318,7 +318,8 @@ class UNetRun:
             raise fail(f"{prefix}cond.text_encoder", "cond.type=text needs a local CLIP text encoder folder (a Stable "
                        "Diffusion folder with text_encoder/ and tokenizer/, or one folder holding both)")
         if self.init_from and self.model.arch != "dit":
-            raise fail(f"{prefix}init_from", "loads a diffusers DiT (DiTTransformer2DModel): it needs model.arch=dit")
+            raise fail(f"{prefix}init_from", "loads a DiT (diffusers' DiTTransformer2DModel, or the DiT/SiT code's "
+                       "state dict): it needs model.arch=dit")
         if self.train.ot_pairing and self.cond.type in ("mask", "text"):
             raise fail(f"{prefix}train.ot_pairing", f"cannot pair noise with {self.cond.type}-conditioned data: "
                        "pairing runs within each class, so that the noise of every condition stays N(0, I) as "
