@@ -19,6 +19,7 @@ from modules.data.latent_store import LatentStore
 from modules.interop.vae import load_vae
 from modules.run.export import latent_norm_record, latent_statistics, load_network, read_network_export
 from test_train_unet import train
+from train_unet import main as train_unet_main
 
 
 class Rows:
@@ -109,3 +110,42 @@ def test_a_resume_with_another_latent_norm_is_refused(tmp_path):
     RunIdentity("train_unet", before, train_unet.MODEL_SECTIONS).check(saved, tmp_path)
     with pytest.raises(CheckpointError, match="latent_norm.mode: 'vae' != 'channel'"):
         RunIdentity("train_unet", after, train_unet.MODEL_SECTIONS).check(saved, tmp_path)
+
+
+def test_a_sixteen_channel_shifted_vae_trains_stage_2_and_a_four_channel_store_is_refused(shapes_dir, tiny_vae_run,
+                                                                                           tmp_path, capsys):
+    """An SD3/FLUX-shaped VAE (16 channels, a shift, no quant convs) gives a 16-channel network whose samples
+    decode through the shift; a latent store encoded with a 4-channel VAE is refused for it in one line."""
+    import dataclasses
+
+    import encode
+    from modules.config.cli import run_cli
+    from modules.core.networks.vae import AutoencoderKL
+    from modules.run.export import save_vae
+    four = load_vae(tiny_vae_run)
+    torch.manual_seed(0)
+    sixteen = AutoencoderKL(dataclasses.replace(four.config, latent_channels=16, shift_factor=0.1, scale_factor=0.5,
+                                                use_quant_conv=False, use_post_quant_conv=False))
+    save_vae(sixteen, tmp_path / "vae16")
+    out = tmp_path / "run"
+    train(shapes_dir, tmp_path / "vae16", out, "--max-steps", "1", "cond.type=class", "train.checkpoint_every=1",
+          "train.image_log_every=100", f"cache_dir={tmp_path / 'cache'}")
+    export = read_network_export(out / "unet_ema")
+    assert export.sizes.latent_channels == 16 and export.vae["model"]["shift_factor"] == 0.1
+    sample.main(["--unet", str(out), "--out", str(tmp_path / "s"), "--num-samples", "2", "--steps", "1", "--seed", "7"])
+    model, vae = load_network(out / "unet_ema"), load_vae(out / "frozen_vae")
+    x = initial_noise([image_seed(7, i) for i in range(2)], (16, 16, 16))
+    with torch.no_grad():
+        x = x + model(x, torch.zeros(2), level=torch.zeros(2, dtype=torch.long), cond=torch.arange(2))
+        expected = to_uint8(vae.decode(x / 0.5 + 0.1).clamp(-1, 1))
+    for i in range(2):
+        made = np.asarray(Image.open(tmp_path / "s" / f"{i:06d}.png"), dtype=np.int16)
+        assert np.abs(made - expected[i]).max() <= 1, i
+    encode.main(["--config", "tiny", "--data", str(shapes_dir), "--vae", str(tiny_vae_run), "--out",
+                 str(tmp_path / "store"), "cond.type=class"])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train_unet_main, ["--config", "tiny", "--data", str(tmp_path / "store"), "--vae", str(tmp_path / "vae16"),
+                                  "--output-dir", str(tmp_path / "run2"), "--report-to", "none", "cond.type=class"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "it was made from other inputs (changed: vae)" in err
+    assert "Traceback" not in err

@@ -266,6 +266,7 @@ def test_an_export_made_before_cards_publishes_with_them(hub, tmp_path):
     ("hub_refuses", "the Hub refused user/dit: 401 Client Error"),
     ("damaged", "its SHA-256 is not the one config.json recorded"),
     ("not_an_export", "neither a model folder"),
+    ("another_vae", "is not the VAE"),
 ])
 def test_publish_problems_are_one_line(case, message, flow_dit_run, hub, monkeypatch, tmp_path, capsys):
     model = flow_dit_run
@@ -284,6 +285,9 @@ def test_publish_problems_are_one_line(case, message, flow_dit_run, hub, monkeyp
             f.write(b"\0\0\0\1")
     elif case == "not_an_export":
         model = tmp_path
+    elif case == "another_vae":
+        save_vae(AutoencoderKL(load_vae(flow_dit_run / "frozen_vae").config), tmp_path / "other_vae")
+        args += ["--vae", str(tmp_path / "other_vae")]
     with pytest.raises(SystemExit) as exit_info:
         run_cli(publish.main, ["--model", str(model), *args])
     err = capsys.readouterr().err
