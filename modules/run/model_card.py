@@ -20,7 +20,7 @@ POWERS_OF_TWO = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 OBJECTIVE_TAGS = {"flow": "flow-matching", "shortcut": "shortcut-model", "meanflow": "meanflow", "imf": "meanflow",
                   "ddpm": "ddpm"}
 PIPELINE_TAGS = {"text": "text-to-image", "mask": "image-to-image"}
-ARCH_NAMES = {"dit": "DiT", "unet": "UNet"}
+ARCH_NAMES = {"dit": "DiT", "unet": "UNet", "icdit": "in-context DiT"}
 
 
 def front_matter(values: dict) -> str:
