@@ -6,7 +6,7 @@
 
 ``--model`` is an export (``unet_ema/``, ``unet/``, ``vae/``) or a training output dir (its ``unet_ema/``, or
 ``vae/``). What is uploaded is what a fresh export holds, checked first: the export's files (its weights against
-the SHA-256 its config.json recorded), a ``diffusers/`` copy where diffusers has the model (written now for an
+the checksum its config.json recorded), a ``diffusers/`` copy where diffusers has the model (written now for an
 export made before they were), and the model card README.md, written now with the repository's name, the
 license and the scores of an ``evaluate.py sweep`` (``--scores``: its sweep.json, whose samples must say they
 were drawn from this export). A stage-2 export also carries the VAE it was trained with in ``vae/`` (``--vae``
@@ -37,7 +37,7 @@ from modules.interop.dit import diffusers_dit_writer
 from modules.interop.vae import load_vae
 from modules.run.export import (CONFIG_NAME, DIFFUSERS_FOLDER, WEIGHTS_NAME, diffusers_vae_config, find_model_folder,
                                 model_card, read_config, read_folder_weights, read_network_export, training_vae,
-                                vae_identity, write_diffusers_folder)
+                                vae_identity, weights_digest, write_diffusers_folder)
 from modules.run.model_card import CARD_NAME, DEFAULT_LICENSE
 
 logger = logging.getLogger("publish")
@@ -73,16 +73,16 @@ def link_or_copy(source: Path, target: Path) -> None:
 
 
 def checked_export(folder: Path) -> dict:
-    """The export's config.json, after its weights are checked against the SHA-256 it recorded."""
+    """The export's config.json, after its weights are checked against the digest it recorded."""
     config = read_config(folder)
     if config.get("kind") not in ("vae", "unet"):
         raise ModelFolderError(f"{folder}: {CONFIG_NAME} is not an export of this toolkit (kind 'vae' or 'unet')")
-    recorded = (config.get("sha256") or {}).get(WEIGHTS_NAME) if isinstance(config.get("sha256"), dict) else None
+    recorded = weights_digest(config)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise ModelFolderError(f"{folder}: no {WEIGHTS_NAME}")
-    if recorded and durable.sha256_file(weights) != recorded:
-        raise ModelFolderError(f"{weights}: its SHA-256 is not the one config.json recorded: the file is damaged "
+    if recorded and not durable.digest_matches(weights, recorded):
+        raise ModelFolderError(f"{weights}: its checksum is not the one config.json recorded: the file is damaged "
                                "or was replaced; export again")
     return config
 
@@ -105,8 +105,8 @@ def read_scores(path: Path, export: dict) -> list[dict]:
             raise PublishError(f"--scores {path}: cell '{name}' holds no finite 'fid': not a sweep table")
         request = path.parent / "samples" / str(name) / "request.json"
         if request.is_file():
-            drawn_from = durable.read_json(request).get("unet_sha256")
-            if drawn_from != export.get("sha256"):
+            drawn_from = durable.read_json(request).get("unet_weights")
+            if drawn_from != weights_digest(export):
                 raise PublishError(f"--scores {path}: cell '{name}' was sampled from another model ({request} "
                                    f"records weights {str(drawn_from)[:60]}); give the sweep of this export")
         else:

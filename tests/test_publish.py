@@ -25,7 +25,7 @@ from modules.config.schema import UNetRunConfig
 from modules.core.networks.vae import AutoencoderKL, VAEConfig
 from modules.interop.dit import diffusers_dit_problem, diffusers_dit_writer
 from modules.interop.vae import load_vae
-from modules.run.export import DIFFUSERS_FOLDER, save_network, save_vae
+from modules.run.export import DIFFUSERS_FOLDER, save_network, save_vae, weights_digest
 from test_compat import FIXTURE
 from test_train_unet import train
 
@@ -229,19 +229,19 @@ def test_publish_uploads_the_export_its_vae_and_card_in_one_commit(flow_dit_run,
 
 
 def test_publish_puts_the_sweeps_scores_in_the_card_and_refuses_another_models(flow_dit_run, hub, tmp_path):
-    sha = json.loads((flow_dit_run / "unet_ema" / "config.json").read_text())["sha256"]
+    digest = weights_digest(json.loads((flow_dit_run / "unet_ema" / "config.json").read_text()))
     sweep = tmp_path / "sweep"
     rows = {"steps_4_cfg_1": {"key": "k", "steps": 4, "cfg_scale": 1.0, "reference": "ref.npz", "num_samples": 2048,
                               "fid": 12.5, "inception_score": 3.25}}
     (sweep / "samples" / "steps_4_cfg_1").mkdir(parents=True)
     (sweep / "sweep.json").write_text(json.dumps(rows))
-    (sweep / "samples" / "steps_4_cfg_1" / "request.json").write_text(json.dumps({"unet_sha256": sha}))
+    (sweep / "samples" / "steps_4_cfg_1" / "request.json").write_text(json.dumps({"unet_weights": digest}))
     publish.main(["--model", str(flow_dit_run), "--out", str(tmp_path / "kept"), "--scores", str(sweep / "sweep.json")])
     card = card_of(tmp_path / "kept")
     assert card.data.metrics == ["fid", "inception_score"]
     assert "| 4 | 1 | 12.5 | 3.25 | 2048 |" in card.text and "`ref.npz`" in card.text
     assert hub.calls == []          # --out alone uploads nothing
-    (sweep / "samples" / "steps_4_cfg_1" / "request.json").write_text(json.dumps({"unet_sha256": {"x": "y"}}))
+    (sweep / "samples" / "steps_4_cfg_1" / "request.json").write_text(json.dumps({"unet_weights": "xxh3:another"}))
     with pytest.raises(publish.PublishError, match="cell 'steps_4_cfg_1' was sampled from another model"):
         publish.main(["--model", str(flow_dit_run), "--out", str(tmp_path / "kept2"), "--scores",
                       str(sweep / "sweep.json")])
@@ -264,7 +264,7 @@ def test_an_export_made_before_cards_publishes_with_them(hub, tmp_path):
     ("no_target", "give --repo user/name to publish, or --out FOLDER"),
     ("bad_repo", "--repo not a/repo/name: not a Hub repository name"),
     ("hub_refuses", "the Hub refused user/dit: 401 Client Error"),
-    ("damaged", "its SHA-256 is not the one config.json recorded"),
+    ("damaged", "its checksum is not the one config.json recorded"),
     ("not_an_export", "neither a model folder"),
     ("another_vae", "is not the VAE"),
 ])

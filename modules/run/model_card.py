@@ -150,12 +150,15 @@ def network_card(record: dict, cfg, diffusers: Optional[str], scores: Optional[l
                          "metrics": sorted({c for row in scores or [] for c in ("fid", "kid", "precision", "recall",
                                                                                   "inception_score") if c in row})
                          or None})
-    weights = record.get("weights", "online")
+    posthoc = record.get("posthoc_ema") if isinstance(record.get("posthoc_ema"), dict) else {}
+    weights = {"ema": f"EMA (decay {record.get('ema_decay')})",
+               "posthoc_ema": f"post-hoc EMA (sigma_rel {posthoc.get('sigma_rel')}, made by posthoc_ema.py)"
+               }.get(record.get("weights"), "online")
     train = cfg.train
     lines = [head, f"# {arch_name}: {what} latent {objective} model", "",
              f"A {what} {arch_name} trained with the `{objective}` objective on {channels}x{size}x{size} "
              f"latents of a KL autoencoder ({cfg.data.image_size} px images). These are the "
-             f"{'EMA (decay ' + str(record.get('ema_decay')) + ')' if weights == 'ema' else 'online'} weights.", "",
+             f"{weights} weights.", "",
              "## Training", "", f"- data: {data_text}, {cfg.data.image_size} px",
              f"- objective: `{objective}`; samples with {_sampling_steps(cfg)} "
              f"(samplers: {', '.join(cfg.objective_class.samplers)}); grids were logged at "
