@@ -88,7 +88,8 @@ def checked_export(folder: Path) -> dict:
 
 
 def read_scores(path: Path, export: dict) -> list[dict]:
-    """The rows of an evaluate.py sweep table, after the samples' records say they were drawn from ``export``."""
+    """The rows of an evaluate.py sweep table whose samples' records say they were drawn from ``export`` (a
+    sweep's cells of other models, its post-hoc EMA lengths, are left out, saying so; none left is an error)."""
     if not path.is_file() or path.stat().st_size > MAX_SCORES_BYTES:
         raise PublishError(f"--scores {path}: not an evaluate.py sweep.json (missing, or over "
                            f"{MAX_SCORES_BYTES} bytes)")
@@ -98,21 +99,30 @@ def read_scores(path: Path, export: dict) -> list[dict]:
         raise PublishError(f"--scores {path}: not readable JSON ({e})") from None
     if not isinstance(table, dict) or not table:
         raise PublishError(f"--scores {path}: not an evaluate.py sweep table (cell name -> scores)")
-    rows = []
+    rows, others = [], []
     for name, row in sorted(table.items(), key=lambda item: str(item[0])):
         fid = row.get("fid") if isinstance(row, dict) else None
         if not isinstance(fid, (int, float)) or isinstance(fid, bool) or not math.isfinite(fid):
             raise PublishError(f"--scores {path}: cell '{name}' holds no finite 'fid': not a sweep table")
         request = path.parent / "samples" / str(name) / "request.json"
-        if request.is_file():
-            drawn_from = durable.read_json(request).get("unet_weights")
-            if drawn_from != weights_digest(export):
-                raise PublishError(f"--scores {path}: cell '{name}' was sampled from another model ({request} "
-                                   f"records weights {str(drawn_from)[:60]}); give the sweep of this export")
-        else:
-            logger.warning("--scores: %s is gone; the scores of cell '%s' are published unchecked", request, name)
+        try:
+            drawn_from = durable.read_json(request).get("unet_weights") if request.is_file() else None
+        except (ValueError, AttributeError):
+            drawn_from = None
+        if drawn_from is None:
+            logger.warning("--scores: %s is gone or unreadable; the scores of cell '%s' are published unchecked",
+                           request, name)
+        elif drawn_from != weights_digest(export):
+            others.append(name)
+            continue
         rows.append({k: v for k, v in row.items() if k != "key"})
-    return sorted(rows, key=lambda r: (r.get("cfg_scale", 0), r.get("steps", 0)))
+    if others and not rows:
+        raise PublishError(f"--scores {path}: no cell was sampled from this export (cell '{others[0]}' records other "
+                           "weights in its request.json); give the sweep of this export")
+    if others:
+        logger.warning("--scores: %d cell(s) sampled from other models left out (%s)", len(others),
+                       ", ".join(others[:5]))
+    return sorted(rows, key=lambda r: (r.get("ema_length", 0), r.get("cfg_scale", 0), r.get("steps", 0)))
 
 
 def copy_export(source: Path, target: Path, config: dict, scores: Optional[list[dict]], repo: Optional[str],

@@ -241,8 +241,16 @@ def test_publish_puts_the_sweeps_scores_in_the_card_and_refuses_another_models(f
     assert card.data.metrics == ["fid", "inception_score"]
     assert "| 4 | 1 | 12.5 | 3.25 | 2048 |" in card.text and "`ref.npz`" in card.text
     assert hub.calls == []          # --out alone uploads nothing
+    # a cell of another model (a post-hoc EMA length of the same sweep) is left out; none left is refused
+    rows["ema_0.1_steps_4_cfg_1"] = {**rows["steps_4_cfg_1"], "ema_length": 0.1, "fid": 99.0}
+    (sweep / "samples" / "ema_0.1_steps_4_cfg_1").mkdir()
+    (sweep / "samples" / "ema_0.1_steps_4_cfg_1" / "request.json").write_text(json.dumps({"unet_weights": "xxh3:x"}))
+    (sweep / "sweep.json").write_text(json.dumps(rows))
+    publish.main(["--model", str(flow_dit_run), "--out", str(tmp_path / "kept3"), "--scores", str(sweep / "sweep.json")])
+    text = card_of(tmp_path / "kept3").text
+    assert "| 4 | 1 | 12.5 |" in text and "| 99 |" not in text and "ema_length" not in text
     (sweep / "samples" / "steps_4_cfg_1" / "request.json").write_text(json.dumps({"unet_weights": "xxh3:another"}))
-    with pytest.raises(publish.PublishError, match="cell 'steps_4_cfg_1' was sampled from another model"):
+    with pytest.raises(publish.PublishError, match="no cell was sampled from this export"):
         publish.main(["--model", str(flow_dit_run), "--out", str(tmp_path / "kept2"), "--scores",
                       str(sweep / "sweep.json")])
 

@@ -15,7 +15,7 @@ from typing import Optional
 
 CARD_NAME = "README.md"
 DEFAULT_LICENSE = "other"      # the Hub's id for "see the card": the trainer sets the real one (publish.py --license)
-SCORE_COLUMNS = ("steps", "cfg_scale", "fid", "kid", "precision", "recall", "inception_score", "num_samples")
+SCORE_COLUMNS = ("ema_length", "steps", "cfg_scale", "fid", "kid", "precision", "recall", "inception_score", "num_samples")
 POWERS_OF_TWO = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 OBJECTIVE_TAGS = {"flow": "flow-matching", "shortcut": "shortcut-model", "meanflow": "meanflow", "imf": "meanflow",
                   "ddpm": "ddpm"}
