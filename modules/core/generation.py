@@ -43,7 +43,8 @@ def generate_latents(net, spec: GenerationSpec, cond: Optional[torch.Tensor], se
                      sampler: Optional[str] = None, cfg_scale: Optional[float] = None, eta: float = 0.0,
                      device: torch.device | str = "cpu",
                      guidance_interval: Optional[tuple[float, float]] = None) -> torch.Tensor:
-    """Normalised latents (``vae.denormalize`` gives the VAE's) for one batch; row i depends only on seeds[i] and cond[i].
+    """Normalised latents (``vae.denormalize`` gives the VAE's) for one batch; row i depends only on seeds[i]
+    and cond[i].
 
     ``sampler`` (None: the objective's default) and ``steps`` must pass the objective's
     ``sampling_problem``, ``cfg_scale`` its ``guidance_problem`` and ``guidance_interval`` its

@@ -15,7 +15,8 @@ from typing import Optional
 
 CARD_NAME = "README.md"
 DEFAULT_LICENSE = "other"      # the Hub's id for "see the card": the trainer sets the real one (publish.py --license)
-SCORE_COLUMNS = ("ema_length", "steps", "cfg_scale", "fid", "kid", "precision", "recall", "inception_score", "num_samples")
+SCORE_COLUMNS = ("ema_length", "steps", "cfg_scale", "fid", "kid", "precision", "recall", "inception_score",
+                 "num_samples")
 POWERS_OF_TWO = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 OBJECTIVE_TAGS = {"flow": "flow-matching", "shortcut": "shortcut-model", "meanflow": "meanflow", "imf": "meanflow",
                   "ddpm": "ddpm"}
@@ -184,7 +185,8 @@ def network_card(record: dict, cfg, diffusers: Optional[str], scores: Optional[l
             "torch.zeros(4, dtype=torch.long)"
         lines += ["With diffusers (`diffusers/` holds a `DiTTransformer2DModel` computing the same function; it "
                   "takes the timestep `1000 * t`, t from 0 (noise) to 1 (data)" +
-                  (f", and the label {sizes.get('num_classes')} for no class" if cond == "class" else ", and label 0 always") + "):", "",
+                  (f", and the label {sizes.get('num_classes')} for no class" if cond == "class"
+                   else ", and label 0 always") + "):", "",
                   "```python", "import torch", "from diffusers import AutoencoderKL, DiTTransformer2DModel",
                   f"net = DiTTransformer2DModel.from_pretrained({source}).eval()",
                   f"vae = AutoencoderKL.from_pretrained({vae_source}).eval()",
