@@ -51,7 +51,7 @@ from modules.interop.clip import TextEncoder, warn_truncated
 from modules.interop.vae import load_vae
 from modules.run.accelerator import finish, from_main_process
 from modules.run.export import (find_model_folder, load_network, read_config, read_network_export, training_vae,
-                                vae_identity, weights_digest)
+                                vae_identity, weights_digest, with_latent_norm)
 from modules.run.sample_folder import MANIFEST, SampleFolder, batches, out_problem, pending
 
 logger = logging.getLogger("sample")
@@ -215,6 +215,7 @@ def load_models(args, device):
     if vae.config.latent_channels != export.sizes.latent_channels:
         raise ModelFolderError(f"VAE {vae_folder} has {vae.config.latent_channels} latent channels, "
                                f"the network expects {export.sizes.latent_channels}")
+    vae = with_latent_norm(vae, recorded.get("latent_norm"), net_folder / "config.json")   # the run's latent_norm
     return load_network(net_folder, export).to(device), vae.to(device).eval(), export, net_folder
 
 
@@ -465,7 +466,7 @@ def sample_into(folder: SampleFolder, done, args, state, net, vae, spec, sampler
                     z = generate_latents(network, spec, batch_cond, [image_seed(args.seed, i) for i in rows],
                                          args.steps, sampler, args.cfg_scale, args.eta, device,
                                          args.guidance_interval)
-                    images = decode_latents(vae, z.float(), vae.config.scale_factor, args.batch_size)
+                    images = decode_latents(vae, z.float(), args.batch_size)
                 for i, array in zip(idx, to_uint8(images[:len(idx)])):
                     save_png(array, folder.out / file_of(i))
                     folder.record(record_of(i))

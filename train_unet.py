@@ -34,11 +34,12 @@ from modules.durable import write_or_fail
 from modules.errors import ConfigError
 from modules.eval.training import TrainingEvaluator, prepare_fid
 from modules.interop.clip import TextEncoder
-from modules.interop.dit import load_init_weights
+from modules.interop.dit import diffusers_dit_writer, load_init_weights
 from modules.interop.vae import load_vae
 from modules.run.accelerator import adam
 from modules.run.checkpoint import RunIdentity
-from modules.run.export import find_model_folder, save_network, save_vae, vae_identity, vae_to_resume_with
+from modules.run.export import (find_model_folder, latent_norm_record, save_network, save_vae, vae_identity,
+                                vae_to_resume_with, with_latent_norm)
 from modules.run.harness import Run, lr_factor, set_lr
 from modules.run.layout import FROZEN_VAE
 from modules.run.posthoc import SnapshotTracker
@@ -46,7 +47,7 @@ from modules.run.tracking import SampleGrid, check_tracker, condition_captions, 
 
 logger = logging.getLogger("train_unet")
 MODEL_SECTIONS = ("model", "cond", "objective", "shortcut.denoise_timesteps",   # what a resume may not change
-                  "ema.posthoc", "ema.posthoc_sigma_rels")
+                  "ema.posthoc", "ema.posthoc_sigma_rels", "latent_norm")
 
 
 def export_networks(run: Run, net, ema: EMA, cfg: UNetRunConfig, sizes, vae_record: dict, text_record=None) -> None:
@@ -57,7 +58,8 @@ def export_networks(run: Run, net, ema: EMA, cfg: UNetRunConfig, sizes, vae_reco
         averaged = {k: v.clone() for k, v in run.state_dict(net).items()}
     if run.is_main:
         for folder, weights, state_dict in (("unet", "online", online), ("unet_ema", "ema", averaged)):
-            save_network(run.output_dir / folder, state_dict, cfg, sizes, vae_record, weights, text_record)
+            save_network(run.output_dir / folder, state_dict, cfg, sizes, vae_record, weights, text_record,
+                         diffusers=diffusers_dit_writer(cfg, sizes))
 
 
 def main(argv=None) -> None:
@@ -84,7 +86,6 @@ def train(cfg: UNetRunConfig, run: Run) -> None:
     frozen_vae = run.output_dir / FROZEN_VAE     # this run's copy: its exports stay usable if the VAE trains on
     vae_record = {"path": str(vae_folder.resolve()), "copy": str(frozen_vae.resolve()), "identity": vae_id,
                   "model": to_dict(vae.config)}
-    scale = vae.config.scale_factor
     # Text: the encoder's files are hashed and its tokenizer read now; its weights only if captions need encoding.
     text_encoder = TextEncoder(cfg.cond.text_encoder, cfg.cond.text_layer, device) if cfg.cond.type == "text" else None
     # The data: a latent store given as --data (encode.py), or the images, whose own store is encoded once below.
@@ -125,8 +126,13 @@ def train(cfg: UNetRunConfig, run: Run) -> None:
             logger.warning("%d caption(s) of the data are longer than the text encoder's %d tokens: truncated (as "
                            "Stable Diffusion does)", truncated, text_encoder.tokens)
     train_latents, val_latents = latents.split(cfg.eval.val_images) if cfg.eval.val_images else (latents, None)
+    # The store holds raw posteriors; latent_norm=channel normalises them per channel (recorded with the exports).
+    latent_norm = latent_norm_record(cfg.latent_norm, vae, train_latents)
+    if latent_norm:
+        vae_record["latent_norm"] = latent_norm
+    source_vae, vae = vae, with_latent_norm(vae, latent_norm, frozen_vae)
     spec = GenerationSpec.of(cfg, sizes)
-    evaluator = TrainingEvaluator(cfg, run.accelerator, spec, latents, scale, val_latents, fid)
+    evaluator = TrainingEvaluator(cfg, run.accelerator, spec, latents, vae.normalize, val_latents, fid)
 
     # ---- optimizer, the two EMAs (slow: sampling/export; fast: the objective's teacher, when it has one)
     optimizer = adam(net.parameters(), tcfg.lr, tcfg, device, tcfg.weight_decay)
@@ -142,14 +148,14 @@ def train(cfg: UNetRunConfig, run: Run) -> None:
     objective = cfg.build_objective(teacher(net, owner, emas.get("teacher")))
 
     # ---- resume: checkpoints carry both EMAs (per process under FSDP, so shards stay with their owner)
-    identity = RunIdentity("train_unet", cfg, MODEL_SECTIONS, vae=vae_id, data=latents.fingerprint(),
+    identity = RunIdentity("train_unet", cfg, MODEL_SECTIONS, vae=vae_identity(vae), data=latents.fingerprint(),
                            text_encoder=text_encoder.identity if text_encoder is not None else None,
                            sizes=to_dict(sizes), store=str(latents.folder))
     run.start(identity, emas, sharded_emas=run.accelerator.distributed_type == DistributedType.FSDP)
     if posthoc is not None:
         posthoc.begin(run)
     if run.is_main and (not run.args.resume or not (frozen_vae / "config.json").is_file()):
-        write_or_fail(lambda: save_vae(vae, frozen_vae), f"the copy of the VAE in {frozen_vae}",
+        write_or_fail(lambda: save_vae(source_vae, frozen_vae), f"the copy of the VAE in {frozen_vae}",
                       "the checkpoints are untouched")
 
     # Micro-batch m = step * grad_accum + micro. With train.ot_pairing the data is read a pool at a time,
@@ -165,7 +171,7 @@ def train(cfg: UNetRunConfig, run: Run) -> None:
         batch = next(batches)
         shared = step_generator(tcfg.seed, step, micro, SHARED_STREAM, device)
         mean, std = batch["mean"].to(device, non_blocking=True), batch["std"].to(device, non_blocking=True)
-        x1 = (mean + std * process_share_randn(mean.shape, shared, run.rank, run.world)) * scale
+        x1 = vae.normalize(mean + std * process_share_randn(mean.shape, shared, run.rank, run.world))
         if tcfg.channels_last:
             x1 = x1.contiguous(memory_format=torch.channels_last)
         return x1, batch_condition(batch, cfg.cond.type, device)
@@ -221,7 +227,7 @@ def train(cfg: UNetRunConfig, run: Run) -> None:
             with emas["sample"].swapped(owner):
                 rows = [decode_latents(vae, generate_latents(net, spec, grid_cond, range(cfg.sample.num_images),
                                                              steps, cfg_scale=cfg.sample.cfg_scale, device=device),
-                                       scale, batch_size=tcfg.batch_size)
+                                       batch_size=tcfg.batch_size)
                         for steps in cfg.sample.steps]
             run.log_samples("samples/rows_" + "_".join(str(s) for s in cfg.sample.steps) + "_steps",
                             SampleGrid(rows, [f"{s} step{'s' * (s != 1)}" for s in cfg.sample.steps], grid_captions,

@@ -39,13 +39,14 @@ logger = logging.getLogger("train_vae")
 @torch.no_grad()
 def measure_latent_scale(vae: AutoencoderKL, dataset, num_images: int, batch_size: int,
                          device: torch.device) -> float:
-    """1 / std of posterior samples over training images (LDM's scale_by_std)."""
+    """1 / std of posterior samples over training images (LDM's scale_by_std), after the VAE's shift or
+    per-channel statistics when its config gives them (``vae.config.scale_factor`` is 1 here)."""
     latents = []
     generator = torch.Generator(device=device).manual_seed(0)
     indices = list(range(min(num_images, len(dataset))))
     for start in range(0, len(indices), batch_size):
         images = torch.stack([dataset[i]["image"] for i in indices[start:start + batch_size]]).to(device)
-        latents.append(vae.encode(images).sample(generator).float().cpu())
+        latents.append(vae.normalize(vae.encode(images).sample(generator)).float().cpu())
     return 1.0 / torch.cat(latents).std().item()
 
 
@@ -62,6 +63,7 @@ def export_vae(run: Run, vae, cfg: VAERunConfig, train_set) -> None:
         return
     export_model = AutoencoderKL(copy.deepcopy(cfg.model)).to(accelerator.device).eval()
     export_model.load_state_dict(state_dict)
+    export_model.config.scale_factor = 1.0
     export_model.config.scale_factor = measure_latent_scale(
         export_model, train_set, cfg.scale_samples, cfg.train.batch_size, accelerator.device)
     save_vae(export_model, run.output_dir / "vae", run_config=to_dict(cfg))

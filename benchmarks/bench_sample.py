@@ -125,7 +125,7 @@ class Ours:
         labels = (torch.arange(batch) % NUM_CLASSES).to(self.device)
         with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             z = generate_latents(self.network, self.spec, labels, range(batch), steps, device=self.device)
-            return decode_latents(self.vae, z, 1.0, batch)
+            return decode_latents(self.vae, z, batch)
 
 
 class Diffusers:

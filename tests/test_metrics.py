@@ -634,7 +634,7 @@ def test_fid_during_training_when_a_process_has_no_image_to_make(shapes_dir, tin
     latents = LatentStore(next((tmp_path / "cache").glob("store_*")), hflip=False)
     export = read_network_export(run / "unet_ema")
     evaluator = TrainingEvaluator(cfg, Accelerator(cpu=True), GenerationSpec.of(cfg, export.sizes), latents,
-                                  vae.config.scale_factor)
+                                  vae.normalize)
     expected = evaluator.fid(load_network(run / "unet_ema", export).eval(), vae)
     assert logged.keys() == expected.keys() == {"fid/steps_1"}
     for key, value in expected.items():

@@ -529,12 +529,12 @@ def test_disk_full_while_exporting_is_a_clear_error_and_keeps_the_previous_expor
     real_save = export_module.save_model_folder
     calls = []
 
-    def save_until_full(folder, state_dict, config):
+    def save_until_full(folder, state_dict, config, *diffusers):
         if Path(folder).name in ("unet", "unet_ema"):    # not the run's frozen_vae copy (also a model folder)
             calls.append(folder)
             if len(calls) == 5:                          # step 3's first export
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
-        return real_save(folder, state_dict, config)
+        return real_save(folder, state_dict, config, *diffusers)
 
     monkeypatch.setattr(export_module, "save_model_folder", save_until_full)
     with pytest.raises(SystemExit) as exit_info:

@@ -1,7 +1,9 @@
 """AutoencoderKL: diffusers / SD weight compatibility, export round trip, wavelet variant, errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from safetensors.torch import save_file
 from modules.core.networks.vae import AutoencoderKL, DiagonalGaussian, Upsample, VAEConfig
 from modules.errors import ModelFolderError
 from modules.interop.vae import convert_diffusers_state_dict, load_vae
-from modules.run.export import save_vae
+from modules.run.export import save_vae, vae_identity
 
 TINY = VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
 ATOL = 1e-5
@@ -269,7 +271,100 @@ def test_load_refuses_unsupported_diffusers_config(tmp_path):
     theirs = _diffusers_vae(norm_groups=8)
     theirs.save_pretrained(tmp_path / "d", safe_serialization=True)
     config = json.loads((tmp_path / "d" / "config.json").read_text())
-    config["use_quant_conv"] = False
+    config["act_fn"] = "gelu"
     (tmp_path / "d" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelFolderError, match="use_quant_conv"):
+    with pytest.raises(ModelFolderError, match="'act_fn' = 'gelu': only silu is supported"):
         load_vae(tmp_path / "d")
+
+
+# ----------------------------------------------------------------------------- today's VAEs and their normalisation
+
+def _diffusers_kind(kind: str):
+    """A tiny random diffusers AutoencoderKL shaped like ``kind``'s: SD3/FLUX (16 channels, a shift, no quant
+    convs; their scaling and shift factors) or SDXL-style (per-channel latents_mean / latents_std)."""
+    diffusers = pytest.importorskip("diffusers")
+    shaped = {"sd3": dict(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                          use_post_quant_conv=False),
+              "flux": dict(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                           use_post_quant_conv=False),
+              "sdxl_stats": dict(latent_channels=4, scaling_factor=0.5, latents_mean=[0.86488, -0.27787, 0.21617, 0.37384],
+                                 latents_std=[4.85504, 5.31922, 3.93725, 3.98700])}[kind]
+    torch.manual_seed(0)
+    model = diffusers.AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+                                    down_block_types=("DownEncoderBlock2D",) * 2,
+                                    up_block_types=("UpDecoderBlock2D",) * 2, **shaped)
+    _perturb(model, seed=1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux", "sdxl_stats"])
+def test_todays_diffusers_vaes_load_and_normalise_as_the_pipelines_do(kind, tmp_path):
+    theirs = _diffusers_kind(kind)
+    theirs.save_pretrained(tmp_path / kind, safe_serialization=True)
+    ours = load_vae(tmp_path / kind)
+    c = theirs.config
+    assert ours.config.latent_channels == c.latent_channels
+    assert (ours.quant_conv is None) == (not c.use_quant_conv)
+    _assert_same_function(ours, theirs)
+    z = theirs.encode(_image()).latent_dist.mean.detach()
+    if c.latents_mean is not None:
+        # pipeline_stable_diffusion_xl_img2img.py (encode) and pipeline_stable_diffusion_xl.py (decode)
+        mean = torch.tensor(c.latents_mean).view(1, -1, 1, 1)
+        std = torch.tensor(c.latents_std).view(1, -1, 1, 1)
+        encoded, decoded = (z - mean) * c.scaling_factor / std, z * std / c.scaling_factor + mean
+    else:
+        # pipeline_stable_diffusion_3_img2img.py / pipeline_flux_img2img.py (encode), pipeline_*.py (decode)
+        encoded, decoded = (z - c.shift_factor) * c.scaling_factor, z / c.scaling_factor + c.shift_factor
+    assert torch.allclose(ours.normalize(z), encoded, atol=1e-6, rtol=1e-6)
+    assert torch.allclose(ours.denormalize(z), decoded, atol=1e-6, rtol=1e-6)
+    assert torch.allclose(ours.denormalize(ours.normalize(z)), z, atol=1e-5, rtol=0)
+    # the export keeps it: saved and loaded again, the same config and identity
+    save_vae(ours, tmp_path / "ours")
+    again = load_vae(tmp_path / "ours")
+    assert again.config == ours.config and vae_identity(again) == vae_identity(ours)
+
+
+def test_imf_statistics_normalise_sd_vae_latents_per_channel():
+    """EDM2's and the MeanFlow/iMF code's per-channel standardisation: (z - mean) / std, final std 1."""
+    mean, std = (0.86488, -0.27787, 0.21617, 0.37384), (4.85504, 5.31922, 3.93725, 3.98700)
+    vae = AutoencoderKL(dataclasses.replace(TINY, latents_mean=mean, latents_std=std))
+    z = torch.randn(2, 4, 4, 4)
+    expected = (z - torch.tensor(mean).view(1, 4, 1, 1)) / torch.tensor(std).view(1, 4, 1, 1)
+    assert torch.allclose(vae.normalize(z), expected, atol=1e-6, rtol=0)
+
+
+def test_sd_style_normalisation_is_the_scale_alone_bit_for_bit():
+    vae = AutoencoderKL(dataclasses.replace(TINY, scale_factor=0.18215))
+    z = torch.randn(2, 4, 4, 4)
+    assert torch.equal(vae.normalize(z), z * 0.18215) and torch.equal(vae.denormalize(z), z / 0.18215)
+
+
+def test_vaes_written_before_the_new_fields_keep_their_identity():
+    """The fixture's exports recorded the identity of the VAE they were trained with, before shift_factor,
+    latents_mean/std and the quant-conv switches existed: it is still that VAE's identity."""
+    from test_compat import FIXTURE, VAE
+    recorded = json.loads((FIXTURE / "unet_class" / "unet_ema" / "config.json").read_text())["vae"]["identity"]
+    assert vae_identity(load_vae(VAE)) == recorded
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"latents_mean": (0.0, 1.0)}, "latents_mean': 2 values for model.latent_channels=4"),
+    ({"latents_mean": (0.0,) * 4}, "latents_std': model.latents_mean is given: per-channel statistics need both"),
+    ({"latents_std": (1.0, 1.0, 0.0, 1.0), "latents_mean": (0.0,) * 4}, "latents_std': must be > 0"),
+    ({"latents_mean": (0.0,) * 4, "latents_std": (1.0,) * 4, "shift_factor": 0.1}, "shift_factor': 0.1 with"),
+], ids=["length", "mean_alone", "zero_std", "shift_and_mean"])
+def test_bad_normalisation_in_a_vae_config_is_one_line_naming_the_key(changes, message, tmp_path):
+    model = AutoencoderKL(TINY)
+    save_vae(model, tmp_path / "vae")
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    config["model"].update({k: list(v) if isinstance(v, tuple) else v for k, v in changes.items()})
+    (tmp_path / "vae" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFolderError, match=re.escape(message)):
+        load_vae(tmp_path / "vae")
+
+
+def test_dc_ae_is_refused_in_one_line(tmp_path):
+    (tmp_path / "dcae").mkdir()
+    (tmp_path / "dcae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderDC", "latent_channels": 32}))
+    with pytest.raises(ModelFolderError, match="DC-AE .* is not supported"):
+        load_vae(tmp_path / "dcae")

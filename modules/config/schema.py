@@ -194,19 +194,43 @@ class EvalConfig:
 
 
 @dataclass
+class LatentNormConfig:
+    """How stage 2 normalises the VAE's latents (README "Latent normalisation")."""
+    # vae: as the VAE's config says (scale_factor; its shift_factor or per-channel statistics when it has them).
+    # channel: (z - mean) * scale / std per channel, mean and std as given here or measured over the training
+    # latents (mean and std of their posteriors, over `rows` rows spread over the data).
+    mode: str = setting("vae", one_of("vae", "channel"))
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = setting((), each(positive))
+    scale: float = setting(1.0, positive)       # the normalised latents' std (EDM2 uses 0.5)
+    rows: int = setting(10_000, positive, at_most(1 << 24))
+
+    def check(self, prefix: str) -> None:
+        if bool(self.mean) != bool(self.std):
+            raise fail(f"{prefix}{'std' if self.mean else 'mean'}", "per-channel statistics need both "
+                       f"{prefix}mean and {prefix}std (or neither: measured over the data)")
+        if self.mean and len(self.mean) != len(self.std):
+            raise fail(f"{prefix}std", f"{len(self.std)} values for the {len(self.mean)} of {prefix}mean")
+        if self.mode == "vae" and (self.mean or self.scale != 1.0):
+            raise fail(f"{prefix}mode", f"is 'vae' (the VAE's own normalisation): {prefix}mean, {prefix}std and "
+                       f"{prefix}scale apply to {prefix}mode=channel")
+
+
+@dataclass
 class UNetRun:
     """The sections of every stage-2 run; :data:`UNetRunConfig` adds one section per registered objective."""
     objective: str = setting("shortcut", one_of(*OBJECTIVES))
     vae: str = path_setting()           # exported VAE folder or train_vae output dir
     model: UNetConfig = variant(NETWORK_CONFIGS, "unet")      # model.arch: unet or dit
     cond: CondConfig = field(default_factory=CondConfig)
+    latent_norm: LatentNormConfig = field(default_factory=LatentNormConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, weight_decay=0.1))
     sample: SampleLogConfig = field(default_factory=SampleLogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cache_dir: str = path_setting()     # latent cache; default: <output-dir>/../latent_cache
-    init_from: str = path_setting()     # model.arch=dit: start from a diffusers DiTTransformer2DModel (safetensors)
+    init_from: str = path_setting()     # model.arch=dit: start from a diffusers DiT or a DiT/SiT/REPA/MeanFlow .pt
 
     upgrade = staticmethod(legacy.upgrade)     # saved configs of the earlier layout read as today's
     other_paths: ClassVar[tuple[str, ...]] = ("cond.text_encoder",)   # path fields of sections declared in core/
@@ -294,7 +318,8 @@ class UNetRun:
             raise fail(f"{prefix}cond.text_encoder", "cond.type=text needs a local CLIP text encoder folder (a Stable "
                        "Diffusion folder with text_encoder/ and tokenizer/, or one folder holding both)")
         if self.init_from and self.model.arch != "dit":
-            raise fail(f"{prefix}init_from", "loads a diffusers DiT (DiTTransformer2DModel): it needs model.arch=dit")
+            raise fail(f"{prefix}init_from", "loads a DiT (diffusers' DiTTransformer2DModel, or the DiT/SiT code's "
+                       "state dict): it needs model.arch=dit")
         if self.train.ot_pairing and self.cond.type in ("mask", "text"):
             raise fail(f"{prefix}train.ot_pairing", f"cannot pair noise with {self.cond.type}-conditioned data: "
                        "pairing runs within each class, so that the noise of every condition stays N(0, I) as "

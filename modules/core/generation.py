@@ -43,7 +43,8 @@ def generate_latents(net, spec: GenerationSpec, cond: Optional[torch.Tensor], se
                      sampler: Optional[str] = None, cfg_scale: Optional[float] = None, eta: float = 0.0,
                      device: torch.device | str = "cpu",
                      guidance_interval: Optional[tuple[float, float]] = None) -> torch.Tensor:
-    """Latents (unscaled by the VAE factor) for one batch; row i depends only on seeds[i] and cond[i].
+    """Normalised latents (``vae.denormalize`` gives the VAE's) for one batch; row i depends only on seeds[i]
+    and cond[i].
 
     ``sampler`` (None: the objective's default) and ``steps`` must pass the objective's
     ``sampling_problem``, ``cfg_scale`` its ``guidance_problem`` and ``guidance_interval`` its
@@ -74,10 +75,10 @@ def compiled_for_sampling(net: torch.nn.Module, vae: torch.nn.Module) -> ModelCa
 
 
 @torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor, scale_factor: float, batch_size: int) -> torch.Tensor:
-    """Images in [-1, 1] from scaled latents, decoded in batches."""
+def decode_latents(vae, latents: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Images in [-1, 1] from normalised latents (what stage 2 models: ``vae.normalize``), decoded in batches."""
     dtype = next(vae.parameters()).dtype
-    out = [vae.decode(chunk.to(dtype) / scale_factor).float().clamp(-1, 1)
+    out = [vae.decode(vae.denormalize(chunk.to(dtype))).float().clamp(-1, 1)
            for chunk in latents.split(max(1, batch_size))]
     return torch.cat(out)
 

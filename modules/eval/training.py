@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -67,10 +67,11 @@ def prepare_fid(cfg: UNetRunConfig, accelerator) -> Optional[FidSetup]:
 
 
 class TrainingEvaluator:
-    def __init__(self, cfg: UNetRunConfig, accelerator, spec: GenerationSpec, latent_set, latent_scale: float,
-                 val_set=None, fid: Optional[FidSetup] = None):
+    def __init__(self, cfg: UNetRunConfig, accelerator, spec: GenerationSpec, latent_set,
+                 normalize: Callable[[torch.Tensor], torch.Tensor], val_set=None, fid: Optional[FidSetup] = None):
+        """``normalize``: raw latents to what the network models (the frozen VAE's ``normalize``)."""
         self.cfg, self.accelerator, self.spec, self.latent_set = cfg, accelerator, spec, latent_set
-        self.latent_scale, self.val_set = latent_scale, val_set
+        self.normalize, self.val_set = normalize, val_set
         self.warned = False
         fid = fid or prepare_fid(cfg, accelerator)
         self.extractor, self.reference = (fid.extractor, fid.reference) if fid else (None, None)
@@ -104,7 +105,7 @@ class TrainingEvaluator:
                 with acc.autocast():
                     z = generate_latents(net, self.spec, None if cond is None else cond.to(acc.device),
                                          [image_seed(EVAL_SEED, i) for i in idx], steps, device=acc.device)
-                    images = decode_latents(vae, z.float(), vae.config.scale_factor, e.batch_size)
+                    images = decode_latents(vae, z.float(), e.batch_size)
                 arrays.extend(to_uint8(images)[:real])
             local = extract_local(arrays, self.extractor, e.batch_size, acc.device, e.image_size, workers=1)
             found = share(local, acc) if acc.num_processes > 1 else local
@@ -129,7 +130,7 @@ class TrainingEvaluator:
             generator = torch.Generator().manual_seed(mix_seed(EVAL_SEED, j))
             mean, std = batch["mean"].to(acc.device), batch["std"].to(acc.device)
             noise = torch.randn(mean.shape, generator=generator).to(acc.device)
-            x1 = (mean + std * noise) * self.latent_scale
+            x1 = self.normalize(mean + std * noise)
             with acc.autocast():
                 _, logs = objective.loss(net, x1, batch_condition(batch, self.cfg.cond.type, acc.device),
                                          Draws(generator, index=j))

@@ -1,6 +1,13 @@
-"""Pretrained DiT weights from diffusers (``DiTTransformer2DModel``, safetensors) into ours: ``init_from``.
+"""Pretrained DiT weights into ours (``init_from``), and ours out to diffusers (exports).
 
     train_unet.py --config dit-xl ... init_from=path/to/DiT-XL-2-256     # a diffusers folder
+    train_unet.py --config dit-xl ... init_from=DiT-XL-2-256x256.pt       # the DiT/SiT/REPA code's state dict
+
+The papers' ``.pt`` files are read with ``torch.load(weights_only=True)`` (:func:`read_state_dict`: no code in
+them runs) and mapped from the official DiT layout (:data:`OFFICIAL_KEYS`; SiT and REPA keep it, the MeanFlow
+PyTorch code adds ``r_embedder``, its interval embedder). They feed the time embedder the raw time: DiT's
+timestep in [0, 999] is ours ``1000 t``; SiT and REPA were trained on t in [0, 1] itself (and SiT with t = 1
+the data), so they start a run as a network, not as a sampler of ours.
 
 Keys, diffusers -> ours (``i`` a block):
     pos_embed.proj                                     -> patch_embed
@@ -27,8 +34,11 @@ latent size other than its ``sample_size`` diffusers rescales the position grid;
 """
 from __future__ import annotations
 
+import argparse
 import logging
+import re
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -36,7 +46,10 @@ from modules.config.io import read_json
 from modules.config.schema import UNetRunConfig
 from modules.core.networks.denoiser import Sizes
 from modules.errors import ModelFolderError
-from modules.run.export import CONFIG_NAME, DIFFUSERS_WEIGHTS_NAME, load_state_strict, read_weights
+from modules.core.compiling import without_compiled_prefix
+from modules.core.networks.dit import NORM_EPS, dit_positions
+from modules.run.export import (CONFIG_NAME, DIFFUSERS_FOLDER, DIFFUSERS_WEIGHTS_NAME, DiffusersWriter,
+                                load_state_strict, read_weights, write_diffusers_folder)
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +60,62 @@ NEW_PARTS = ("level_emb.", "guidance_emb.", "conditioner.encoder.", "conditioner
              "conditioner.null_channels", "conditioner.text_pool.", "conditioner.null_text")
 
 
-def _refuse_pickle(path: Path) -> None:
-    raise ModelFolderError(
-        f"{path}: pickled checkpoints (the DiT repository's .pt files, .bin, .ckpt) are not loaded: unpickling "
-        "can run code. Convert it once, where you trust the file, to a diffusers folder with safetensors weights "
-        "(diffusers' scripts/convert_dit_to_diffusers.py, then save_pretrained(..., safe_serialization=True)) "
-        "and pass that folder")
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+# Where training scripts keep the weights in a checkpoint dict: the EMA first, as the DiT code's find_model does.
+CHECKPOINT_ENTRIES = ("ema", "model", "state_dict", "module")
+MAX_NESTING = 3
+
+
+def _load_failure(error: Exception) -> str:
+    """The line of torch.load's refusal that names what it refused (its message is a page of advice)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    found = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\. |\.?\n|\.?$)", text, re.DOTALL)
+    if found and found.group(1).strip():
+        return found.group(1).strip()[:200]
+    return next((s.strip() for s in text.splitlines() if s.strip()), type(error).__name__)[:200]
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, or of a pickled checkpoint read with ``torch.load(weights_only=True)``:
+    only tensors, plain containers and ``argparse.Namespace`` (the ``args`` training scripts save) are rebuilt,
+    so no code in the file runs. A training checkpoint (``{"model", "ema", "opt", "args"}``) gives its EMA
+    weights, else its model's; DDP's ``module.`` and torch.compile's prefixes are removed. Anything else is one
+    line naming the file."""
+    if path.suffix == ".safetensors":
+        return read_weights(path)
+    if path.suffix not in PICKLE_SUFFIXES:
+        raise ModelFolderError(f"init_from {path}: expected a .safetensors or a .pt/.pth/.bin/.ckpt state dict")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            try:
+                loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:    # files of the legacy (non-zip) format cannot be memory-mapped
+                if "mmap" not in str(e):
+                    raise
+                loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for a disallowed object, and whatever a damaged archive raises
+        raise ModelFolderError(f"init_from {path}: not a plain state dict of tensors (torch.load(weights_only=True) "
+                               f"refused it, so none of it ran: {_load_failure(e)})") from None
+    for _ in range(MAX_NESTING):
+        if not isinstance(loaded, dict) or all(isinstance(v, torch.Tensor) for v in loaded.values()):
+            break
+        entry = next((k for k in CHECKPOINT_ENTRIES if isinstance(loaded.get(k), dict)), None)
+        if entry is None:
+            break
+        loaded = loaded[entry]
+    if not isinstance(loaded, dict) or not loaded or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                             for k, v in loaded.items()):
+        keys = sorted(map(str, loaded))[:6] if isinstance(loaded, dict) else type(loaded).__name__
+        raise ModelFolderError(f"init_from {path}: not a state dict of tensors (found {keys}; a training checkpoint "
+                               f"keeps them under one of {', '.join(CHECKPOINT_ENTRIES)})")
+    sd = without_compiled_prefix(loaded)
+    if all(k.startswith("module.") for k in sd):
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    broken = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise ModelFolderError(f"init_from {path}: {len(broken)} tensor(s) hold NaN or infinite values, e.g. "
+                               f"'{broken[0]}'")
+    return sd
 
 
 def read_diffusers_dit(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
@@ -63,18 +126,15 @@ def read_diffusers_dit(path: str | Path) -> tuple[dict, dict[str, torch.Tensor],
         raise ModelFolderError(f"init_from {path}: does not exist (expected a diffusers DiTTransformer2DModel "
                                "folder or its .safetensors file)")
     if path.is_file():
-        if path.suffix != ".safetensors":
-            _refuse_pickle(path)
         folder, weights = path.parent, path
     else:
         folder = path / "transformer" if (path / "transformer" / CONFIG_NAME).is_file() else path
-        weights = folder / DIFFUSERS_WEIGHTS_NAME
-        if not weights.is_file():
-            pickles = sorted(p for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-            if pickles:
-                _refuse_pickle(pickles[0])
+        found = [folder / name for name in (DIFFUSERS_WEIGHTS_NAME, "diffusion_pytorch_model.bin")
+                 if (folder / name).is_file()]
+        if not found:
             raise ModelFolderError(f"init_from {folder}: no {DIFFUSERS_WEIGHTS_NAME} (expected a diffusers "
                                    "DiTTransformer2DModel folder)")
+        weights = found[0]
     if not (folder / CONFIG_NAME).is_file():
         raise ModelFolderError(f"init_from {folder}: no {CONFIG_NAME} beside the weights (diffusers' model config)")
     config = read_json(folder / CONFIG_NAME, ModelFolderError)
@@ -83,7 +143,7 @@ def read_diffusers_dit(path: str | Path) -> tuple[dict, dict[str, torch.Tensor],
         name = config.get("_class_name") if isinstance(config, dict) else None
         raise ModelFolderError(f"init_from {folder / CONFIG_NAME}: describes {name or 'an unknown model'}, not a "
                                "diffusers DiT (DiTTransformer2DModel, norm_type ada_norm_zero)")
-    return typed_config(config, folder / CONFIG_NAME), read_weights(weights), weights
+    return typed_config(config, folder / CONFIG_NAME), read_state_dict(weights), weights
 
 
 # The diffusers DiT config fields read here: (type, diffusers' default, what else it must be). Every one is
@@ -199,16 +259,128 @@ def convert_diffusers_dit(weights: dict[str, torch.Tensor], config: dict, where:
     return out
 
 
-def load_init_weights(model: torch.nn.Module, cfg: UNetRunConfig, sizes: Sizes) -> None:
-    """Load ``cfg.init_from`` (a diffusers DiT) into the freshly built DiT ``model`` (built for ``sizes``);
-    anything that does not fit is one line naming the config key, or the size and where it comes from."""
-    config, weights, where = read_diffusers_dit(cfg.init_from)
+# ----------------------------------------------------------------------------- the papers' checkpoints
+
+# The official DiT code's keys (SiT and REPA keep them; the MeanFlow PyTorch code adds r_embedder) -> ours.
+OFFICIAL_KEYS = [
+    (r"x_embedder\.proj\.(weight|bias)", r"patch_embed.\1"),
+    (r"t_embedder\.mlp\.([02])\.(weight|bias)", r"time_mlp.\1.\2"),
+    (r"r_embedder\.mlp\.([02])\.(weight|bias)", r"level_emb.mlp.\1.\2"),     # MeanFlow's interval t - r
+    (r"y_embedder\.embedding_table\.weight", "conditioner.label_emb.weight"),
+    (r"blocks\.(\d+)\.adaLN_modulation\.1\.(weight|bias)", r"blocks.\1.modulation.\2"),
+    (r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", r"blocks.\1.attn.qkv.\2"),
+    (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"blocks.\1.attn.out.\2"),
+    (r"blocks\.(\d+)\.mlp\.(fc[12])\.(weight|bias)", r"blocks.\1.\2.\3"),
+    (r"final_layer\.adaLN_modulation\.1\.(weight|bias)", r"final_modulation.\1"),
+    (r"final_layer\.linear\.(weight|bias)", r"final_proj.\1"),
+]
+OFFICIAL_MARKER = "x_embedder.proj.weight"
+# Kept out: REPA's projection heads (its training loss's, not the network's); the fixed positions (checked).
+OFFICIAL_DROPPED = ("projectors.",)
+# The DiT paper's widths and their head counts (a state dict does not record heads): S, B, L, XL.
+PAPER_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}
+
+
+def is_official_layout(sd: dict[str, torch.Tensor]) -> bool:
+    return OFFICIAL_MARKER in sd
+
+
+def convert_official_dit(sd: dict[str, torch.Tensor], where: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """An official-layout DiT/SiT/REPA/MeanFlow state dict in our layout, and the fields it fixes
+    (:func:`dit_fields`'s keys; heads from the paper's table). A key of another layout is one line naming it."""
+    out, dropped = {}, []
+    for key, value in sd.items():
+        if key == "pos_embed" or key.startswith(OFFICIAL_DROPPED):
+            dropped.append(key)
+            continue
+        for pattern, ours in OFFICIAL_KEYS:
+            if re.fullmatch(pattern, key):
+                out[re.sub(pattern, ours, key)] = value
+                break
+        else:
+            raise ModelFolderError(f"init_from {where}: key '{key}' is not one of the DiT/SiT/REPA/MeanFlow "
+                                   "layout's (x_embedder, t_embedder, r_embedder, y_embedder, blocks.<i>.{adaLN_"
+                                   "modulation, attn.qkv, attn.proj, mlp.fc1, mlp.fc2}, final_layer, pos_embed, "
+                                   "projectors): another architecture")
+    if dropped and any(k.startswith(OFFICIAL_DROPPED) for k in dropped):
+        logger.info("init_from %s: REPA's projection heads (projectors.*) are its training loss's, not loaded", where)
+    patch = out["patch_embed.weight"]
+    hidden, channels, p = patch.shape[0], patch.shape[1], patch.shape[2]
+    fc1 = out.get("blocks.0.fc1.weight")
+    table = out.get("conditioner.label_emb.weight")
+    if fc1 is None or table is None or "final_proj.weight" not in out:
+        missing = "blocks.0.mlp.fc1.weight" if fc1 is None else "y_embedder.embedding_table.weight" \
+            if table is None else "final_layer.linear.weight"
+        raise ModelFolderError(f"init_from {where}: no '{missing}': not a whole DiT/SiT state dict")
+    fields = {"latent channels": channels, "model.hidden_size": hidden,
+              "model.depth": 1 + max(int(k.split(".")[1]) for k in out if k.startswith("blocks.")),
+              "model.patch_size": p, "model.mlp_ratio": fc1.shape[0] / hidden,
+              "classes": table.shape[0] - 1}          # the last row: the null label (class dropout)
+    if hidden in PAPER_HEADS:
+        fields["model.num_heads"] = PAPER_HEADS[hidden]
+    outputs = out["final_proj.weight"].shape[0]
+    if outputs == 2 * p * p * channels:      # learned sigma (DiT, SiT): keep the mean channels
+        for kind in ("weight", "bias"):
+            value = out[f"final_proj.{kind}"]
+            out[f"final_proj.{kind}"] = value.reshape(p, p, 2 * channels, -1)[:, :, :channels].reshape(
+                p * p * channels, *value.shape[1:])
+    elif outputs != p * p * channels:
+        raise ModelFolderError(f"init_from {where}: 'final_layer.linear.weight' has {outputs} outputs, not "
+                               f"{p * p * channels} ({p}x{p} patches of {channels} channels) or twice that")
+    return out, fields
+
+
+def check_positions(sd: dict[str, torch.Tensor], where: Path, sizes: Sizes, patch: int) -> None:
+    """An official checkpoint's saved ``pos_embed`` must be the fixed sine-cosine code ours computes (for the
+    grid it was made for; another grid than this run's is a warning, as diffusers' sample_size)."""
+    saved = sd.get("pos_embed")
+    if saved is None:
+        return
+    tokens, dim = saved.shape[-2], saved.shape[-1]
+    grid = round(tokens ** 0.5)
+    ours = dit_positions(grid, grid, dim, torch.device("cpu"), torch.float64)
+    if grid * grid != tokens or not torch.allclose(saved.reshape(tokens, dim).double(), ours, atol=1e-3, rtol=0):
+        raise ModelFolderError(f"init_from {where}: its 'pos_embed' is not the fixed 2-D sine-cosine code of a "
+                               f"square grid: another architecture")
+    run_grid = sizes.latent_size // patch
+    if grid != run_grid:
+        logger.warning("init_from %s was made for %dx%d tokens, this run has %dx%d (the positions follow the grid)",
+                       where, grid, grid, run_grid, run_grid)
+
+
+def read_init_source(path: Path, sizes: Sizes, patch: int) -> tuple[dict[str, torch.Tensor], dict, Path]:
+    """``(state dict in our layout, the fields it fixes, where)`` of ``init_from``: a diffusers DiT (folder, or
+    its weights with config.json beside) or an official-layout state dict (.pt/.pth/.bin/.ckpt read with
+    weights_only, or .safetensors)."""
+    if path.is_file():
+        raw = read_state_dict(path)
+        if is_official_layout(raw):
+            check_positions(raw, path, sizes, patch)
+            sd, fields = convert_official_dit(raw, path)
+            return sd, fields, path
+        if not (path.parent / CONFIG_NAME).is_file():
+            first = next(iter(raw), "")
+            raise ModelFolderError(f"init_from {path}: neither the official DiT layout (no '{OFFICIAL_MARKER}'; its "
+                                   f"first key is '{first}') nor a diffusers DiT (no {CONFIG_NAME} beside it)")
+    config, weights, where = read_diffusers_dit(path)
     fields = dit_fields(config, weights, where)
+    if config.get("sample_size") not in (None, sizes.latent_size):
+        logger.warning("init_from %s was made for %sx%s latents, this run has %dx%d: diffusers would rescale the "
+                       "position codes to its own grid, ours keeps the DiT code's unscaled grid", where,
+                       config["sample_size"], config["sample_size"], sizes.latent_size, sizes.latent_size)
+    return convert_diffusers_dit(weights, config, where), fields, where
+
+
+def load_init_weights(model: torch.nn.Module, cfg: UNetRunConfig, sizes: Sizes) -> None:
+    """Load ``cfg.init_from`` (a diffusers DiT, or the DiT/SiT/REPA/MeanFlow code's state dict) into the freshly
+    built DiT ``model`` (built for ``sizes``); anything that does not fit is one line naming the config key, or the
+    size and where it comes from."""
+    sd, fields, where = read_init_source(Path(cfg.init_from), sizes, cfg.model.patch_size)
     ours = {"model.hidden_size": cfg.model.hidden_size, "model.depth": cfg.model.depth,
             "model.num_heads": cfg.model.num_heads, "model.patch_size": cfg.model.patch_size,
             "model.mlp_ratio": cfg.model.mlp_ratio}
     for key, value in ours.items():
-        if fields[key] != value:
+        if fields.get(key, value) != value:
             raise ModelFolderError(f"init_from {where}: the checkpoint has {key}={fields[key]}, this run "
                                    f"{key}={value}: set {key}={fields[key]} or start from another DiT")
     derived = {"latent channels": (sizes.latent_channels, "the VAE's")}
@@ -218,12 +390,11 @@ def load_init_weights(model: torch.nn.Module, cfg: UNetRunConfig, sizes: Sizes) 
         if fields[what] != value:
             raise ModelFolderError(f"init_from {where}: the checkpoint has {fields[what]} {what}, this run "
                                    f"{value} ({origin}): start from a DiT made for them")
-    if config.get("sample_size") not in (None, sizes.latent_size):
-        logger.warning("init_from %s was made for %sx%s latents, this run has %dx%d: diffusers would rescale the "
-                       "position codes to its own grid, ours keeps the DiT code's unscaled grid", where,
-                       config["sample_size"], config["sample_size"], sizes.latent_size, sizes.latent_size)
-    sd = convert_diffusers_dit(weights, config, where)
     fresh = model.state_dict()
+    foreign = next((k for k in sd if k.startswith("level_emb.") and k not in fresh), None)
+    if foreign:
+        raise ModelFolderError(f"init_from {where}: it embeds MeanFlow's interval (r_embedder), this run's network "
+                               f"has no such input ('{foreign}'): objective=meanflow has")
     if cfg.cond.type != "class":
         # No label embedding here: the null label's vector moves into the time MLP's output bias.
         table = sd.pop("conditioner.label_emb.weight")
@@ -240,3 +411,73 @@ def load_init_weights(model: torch.nn.Module, cfg: UNetRunConfig, sizes: Sizes) 
     logger.info("init_from: %d tensors from %s (%d blocks, %d classes); initialised fresh: %s", len(sd) - len(new),
                 where, fields["model.depth"], fields["classes"],
                 ", ".join(sorted({k.rsplit(".", 1)[0] for k in new})) or "nothing")
+
+
+# ----------------------------------------------------------------------------- ours -> diffusers (exports)
+
+def diffusers_dit_problem(cfg: UNetRunConfig, sizes: Sizes) -> Optional[str]:
+    """Why a stage-2 network of ``cfg`` (built for ``sizes``) has no ``DiTTransformer2DModel`` computing its
+    function, or None."""
+    inputs = sizes.inputs
+    if cfg.model.arch != "dit":
+        return f"model.arch={cfg.model.arch}: diffusers' DiTTransformer2DModel is a DiT"
+    if inputs.step != "none":
+        what = {"level": "a step-size level input (shortcut levels)", "interval": "an interval input (MeanFlow)"}
+        return f"objective={cfg.objective} gives the network {what.get(inputs.step, inputs.step)}, which it has not"
+    if inputs.guidance or inputs.guidance_interval or inputs.velocity_head:
+        return f"objective={cfg.objective} gives the network a guidance input or a second head, which it has not"
+    if cfg.cond.type not in ("class", "none"):
+        return f"cond.type={cfg.cond.type}: it takes class labels only (no text, no masks)"
+    if cfg.model.time_freq_shift != 1:
+        return ("model.time_freq_shift=0 (the DiT code's time sinusoid): it embeds time with spacing 1; train with "
+                "model.time_freq_shift=1 to export")
+    if int(cfg.model.hidden_size * cfg.model.mlp_ratio) != 4 * cfg.model.hidden_size:
+        return f"model.mlp_ratio={cfg.model.mlp_ratio}: its MLP is 4 x the width"
+    return None
+
+
+def to_diffusers_dit(sd: dict[str, torch.Tensor], cfg: UNetRunConfig, sizes: Sizes) -> tuple[dict, dict]:
+    """``(config.json, weights)`` of the ``DiTTransformer2DModel`` computing our DiT's function (``sd``: its
+    state dict; :func:`diffusers_dit_problem` None): the module docstring's map, read right to left, with
+    the time and class embedders copied into every block. An unconditional model gets one label whose
+    embedding is zero (pass label 0)."""
+    m, depth = cfg.model, cfg.model.depth
+    classes = sizes.num_classes if cfg.cond.type == "class" else 1
+    table = sd["conditioner.label_emb.weight"] if cfg.cond.type == "class" else \
+        sd["time_mlp.2.bias"].new_zeros(classes + 1, m.hidden_size)
+    out = {"pos_embed.proj.weight": sd["patch_embed.weight"], "pos_embed.proj.bias": sd["patch_embed.bias"]}
+    for ours, theirs in (("final_modulation.", "proj_out_1."), ("final_proj.", "proj_out_2.")):
+        for kind in ("weight", "bias"):
+            out[theirs + kind] = sd[ours + kind]
+    for i in range(depth):
+        emb, block = EMBEDDER.format(i), f"transformer_blocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{emb}timestep_embedder.linear_1.{kind}"] = sd[f"time_mlp.0.{kind}"]
+            out[f"{emb}timestep_embedder.linear_2.{kind}"] = sd[f"time_mlp.2.{kind}"]
+            for ours, theirs in (("modulation.", "norm1.linear."), ("attn.out.", "attn1.to_out.0."),
+                                 ("fc1.", "ff.net.0.proj."), ("fc2.", "ff.net.2.")):
+                out[block + theirs + kind] = sd[f"blocks.{i}.{ours}{kind}"]
+            for name, part in zip("qkv", sd[f"blocks.{i}.attn.qkv.{kind}"].chunk(3)):
+                out[f"{block}attn1.to_{name}.{kind}"] = part
+        out[f"{emb}class_embedder.embedding_table.weight"] = table
+    config = {"_class_name": DIFFUSERS_CLASSES[0], "num_attention_heads": m.num_heads,
+              "attention_head_dim": m.hidden_size // m.num_heads, "in_channels": sizes.latent_channels,
+              "out_channels": sizes.latent_channels, "num_layers": depth, "dropout": 0.0, "norm_num_groups": 32,
+              "attention_bias": True, "sample_size": sizes.latent_size, "patch_size": m.patch_size,
+              "activation_fn": "gelu-approximate", "num_embeds_ada_norm": classes, "upcast_attention": False,
+              "norm_type": "ada_norm_zero", "norm_elementwise_affine": False, "norm_eps": NORM_EPS}
+    # Each copy its own tensor: safetensors refuses tensors sharing memory.
+    return config, {k: v.detach().to("cpu").clone().contiguous() for k, v in out.items()}
+
+
+def diffusers_dit_writer(cfg: UNetRunConfig, sizes: Sizes) -> DiffusersWriter:
+    """What :func:`modules.run.export.save_network` calls to write an export's ``diffusers/`` copy: the
+    ``DiTTransformer2DModel`` where one computes the network's function, else the reason there is none."""
+    def write(folder: Path, tensors: dict[str, torch.Tensor]) -> Optional[str]:
+        problem = diffusers_dit_problem(cfg, sizes)
+        if problem:
+            return problem
+        config, weights = to_diffusers_dit(tensors, cfg, sizes)
+        write_diffusers_folder(folder / DIFFUSERS_FOLDER, config, weights)
+        return None
+    return write

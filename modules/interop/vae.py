@@ -1,5 +1,10 @@
 """Loading VAEs: our exports (modules/run/export.py), diffusers ``AutoencoderKL`` folders, SD/LDM single files.
 
+Every diffusers ``AutoencoderKL`` of today's latent models loads: SD 1.x/2.x and SDXL (4 channels,
+``scaling_factor``; SDXL-style configs with per-channel ``latents_mean``/``latents_std``), SD3 and FLUX
+(16 channels, ``shift_factor``, no quant convs). Their normalisation becomes the VAE config's
+(:meth:`AutoencoderKL.normalize`). DC-AE (``AutoencoderDC``) is another network and is refused.
+
 Our layout is diffusers' current one, so a diffusers folder loads after only
 :func:`convert_diffusers_state_dict` (old attention names, 1x1-conv-shaped attention weights).
 The original LDM / SD layout (``encoder.down.{i}.block.{j}``, ``mid.attn_1.q``, ``decoder.up.{i}``
@@ -113,6 +118,10 @@ def convert_ldm_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 # ----------------------------------------------------------------------------- load
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _config_from_diffusers(config: dict, where: Path) -> VAEConfig:
     """Map a diffusers ``AutoencoderKL`` config.json onto ours; refuse what we cannot represent."""
     def refuse(field: str, why: str):
@@ -129,14 +138,16 @@ def _config_from_diffusers(config: dict, where: Path) -> VAEConfig:
         refuse("act_fn", "only silu is supported")
     if config.get("out_channels", config.get("in_channels", 3)) != config.get("in_channels", 3):
         refuse("out_channels", "must equal in_channels")
-    for field in ("use_quant_conv", "use_post_quant_conv"):
-        if not config.get(field, True):
-            refuse(field, "models without quant convs (SD3/Flux-style) are not supported")
-    if config.get("shift_factor") not in (None, 0, 0.0):
-        refuse("shift_factor", "latent shifting is not supported")
+    statistics = {}
     for field in ("latents_mean", "latents_std"):
-        if config.get(field) is not None:
-            refuse(field, "per-channel latent statistics are not supported")
+        value = config.get(field)
+        if value is not None:
+            if not isinstance(value, (list, tuple)) or not all(_is_number(v) for v in value):
+                refuse(field, "must be a list of numbers, one per latent channel")
+            statistics[field] = list(value)
+    shift = config.get("shift_factor")
+    if shift is not None and not _is_number(shift):
+        refuse("shift_factor", "must be a number")
     return vae_config(dict(
         in_channels=config.get("in_channels", 3),
         base_channels=base,
@@ -146,6 +157,10 @@ def _config_from_diffusers(config: dict, where: Path) -> VAEConfig:
         norm_groups=config.get("norm_num_groups", 32),
         mid_attention=config.get("mid_block_add_attention", True),
         scale_factor=config.get("scaling_factor", SD_SCALE_FACTOR),
+        shift_factor=shift or 0.0,
+        **statistics,
+        use_quant_conv=config.get("use_quant_conv", True),
+        use_post_quant_conv=config.get("use_post_quant_conv", True),
     ), where)
 
 
@@ -216,6 +231,10 @@ def load_vae(path: str | Path) -> AutoencoderKL:
             model = load_our_vae(path, config)
         elif config.get("_class_name") == "AutoencoderKL":
             model = _load_diffusers_folder(path, config)
+        elif config.get("_class_name") == "AutoencoderDC":
+            raise ModelFolderError(f"{path}: a DC-AE (diffusers AutoencoderDC) is not supported: it is another "
+                                   "network (deterministic latents, linear-attention blocks, f32 to f128), not a KL "
+                                   "autoencoder; use an AutoencoderKL (SD, SDXL, SD3, FLUX) or train one")
         elif "kind" in config:
             raise ModelFolderError(f"{path}: {CONFIG_NAME} holds {describe_kind(config)}, expected a 'vae'")
         else:

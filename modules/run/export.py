@@ -13,13 +13,16 @@ and ``unet_ema/`` whatever the network, so existing runs and scripts keep workin
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -34,23 +37,46 @@ from modules.core.networks.denoiser import Denoiser, Sizes
 from modules.core.networks.vae import AutoencoderKL, VAEConfig
 from modules.errors import ConfigError, ModelFolderError
 from modules.run.layout import FROZEN_VAE
+from modules.run.model_card import CARD_NAME, DEFAULT_LICENSE, network_card, vae_card
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"   # what diffusers' save_pretrained writes
+DIFFUSERS_FOLDER = "diffusers"      # an export's diffusers copy: from_pretrained(export, subfolder="diffusers")
 logger = logging.getLogger(__name__)
 
 
-def save_model_folder(folder: str | Path, state_dict: dict[str, torch.Tensor], config: dict) -> Path:
-    """Write ``folder`` (config.json, with the weights' digest (``durable.digest_file``), and model.safetensors)
-    atomically."""
+# Writes a diffusers copy of an export into the folder being written (given the weights written), or says why
+# there is none; the export's card tells which.
+DiffusersWriter = Callable[[Path, dict[str, torch.Tensor]], Optional[str]]
+
+
+def save_model_folder(folder: str | Path, state_dict: dict[str, torch.Tensor], config: dict,
+                      diffusers: Optional[DiffusersWriter] = None) -> Path:
+    """Write ``folder`` atomically: config.json (with the weights' digest, ``durable.digest_file``),
+    model.safetensors, the ``diffusers/`` copy ``diffusers`` writes (when it can) and the model card README.md."""
     def write(tmp: Path) -> None:
         # the network's own names: never torch.compile's wrapper's (nothing could load them)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in without_compiled_prefix(state_dict).items()}
         save_file(tensors, tmp / WEIGHTS_NAME)
         record = {**config, "digest": {WEIGHTS_NAME: durable.digest_file(tmp / WEIGHTS_NAME)}}
         (tmp / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
+        why_not = diffusers(tmp, tensors) if diffusers is not None else "no diffusers equivalent is written for it"
+        (tmp / CARD_NAME).write_text(model_card(record, why_not))
     return durable.write_folder(folder, write)
+
+
+def model_card(record: dict, diffusers: Optional[str], scores: Optional[list[dict]] = None,
+               repo: Optional[str] = None, license: str = DEFAULT_LICENSE) -> str:
+    """The model card of an export whose config.json is ``record`` (modules/run/model_card.py); ``diffusers``:
+    None when it holds a ``diffusers/`` copy, else why not; ``scores``: rows of an evaluate.py sweep."""
+    if record.get("kind") == "vae":
+        return vae_card(record, diffusers, repo, license)
+    try:
+        cfg = from_dict(UNetRunConfig, record["run_config"], CONFIG_NAME)
+    except (ConfigError, KeyError, TypeError) as e:
+        raise ModelFolderError(f"{CONFIG_NAME}: its run_config does not read ({e})") from None
+    return network_card(record, cfg, diffusers, scores, repo, license)
 
 
 def read_config(folder: str | Path, kind: str | None = None) -> dict:
@@ -152,20 +178,70 @@ def find_model_folder(path: str | Path, subfolder: str) -> Path:
 
 # ----------------------------------------------------------------------------- the VAE
 
+# VAEConfig fields added after identities were first recorded: left out of the identity while at their
+# defaults, so a VAE that could be written before keeps its identity (its caches, runs and exports still match).
+LATER_VAE_FIELDS = ("shift_factor", "latents_mean", "latents_std", "use_quant_conv", "use_post_quant_conv")
+
+
 def vae_identity(model: AutoencoderKL) -> str:
     """SHA-256 over the VAE's config and weights, whatever file format they came from: the key of
     its latent caches, and what a stage-2 checkpoint records of the VAE it was trained with."""
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode())
+    config, defaults = dataclasses.asdict(model.config), dataclasses.asdict(VAEConfig())
+    for name in LATER_VAE_FIELDS:
+        if config[name] == defaults[name]:
+            del config[name]
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
+def diffusers_vae_config(cfg: VAEConfig, sample_size: Optional[int] = None) -> Optional[dict]:
+    """The diffusers ``AutoencoderKL`` config.json of a VAE of ``cfg`` (our weights are in its key layout), or
+    None where diffusers has no such model (wavelet resampling)."""
+    if cfg.resample != "conv":
+        return None
+    levels = len(cfg.channel_mult)
+    return {"_class_name": "AutoencoderKL", "in_channels": cfg.in_channels, "out_channels": cfg.in_channels,
+            "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+            "block_out_channels": [cfg.base_channels * m for m in cfg.channel_mult],
+            "layers_per_block": cfg.num_res_blocks, "act_fn": "silu", "latent_channels": cfg.latent_channels,
+            "norm_num_groups": cfg.norm_groups, "mid_block_add_attention": cfg.mid_attention,
+            "scaling_factor": cfg.scale_factor, "shift_factor": cfg.shift_factor or None,
+            "latents_mean": list(cfg.latents_mean) or None, "latents_std": list(cfg.latents_std) or None,
+            "use_quant_conv": cfg.use_quant_conv, "use_post_quant_conv": cfg.use_post_quant_conv,
+            "force_upcast": True, **({"sample_size": sample_size} if sample_size else {})}
+
+
+def write_diffusers_folder(folder: Path, config: dict, weights: Path | dict[str, torch.Tensor]) -> None:
+    """``folder`` as diffusers' save_pretrained leaves it: config.json + diffusion_pytorch_model.safetensors
+    (``weights``: tensors, or a safetensors file already in diffusers' layout, linked rather than copied)."""
+    folder.mkdir()
+    target = folder / DIFFUSERS_WEIGHTS_NAME
+    if isinstance(weights, dict):
+        save_file(weights, target)
+    else:
+        try:
+            os.link(weights, target)
+        except OSError:     # a file system without hard links
+            shutil.copyfile(weights, target)
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+
 def save_vae(model: AutoencoderKL, folder: str | Path, run_config: Optional[dict] = None) -> Path:
-    """Write ``folder/config.json`` (kind "vae", the model config, the run config) + ``model.safetensors``."""
+    """Write ``folder/config.json`` (kind "vae", the model config, the run config) + ``model.safetensors``, a
+    diffusers copy in ``diffusers/`` (the same weights) and the model card."""
     config = {"kind": "vae", "model": dataclasses.asdict(model.config), "run_config": run_config}
-    return save_model_folder(folder, model.state_dict(), config)
+    image_size = (run_config or {}).get("data", {}).get("image_size") if isinstance(run_config, dict) else None
+    theirs = diffusers_vae_config(model.config, image_size if isinstance(image_size, int) else None)
+
+    def diffusers(tmp: Path, tensors: dict[str, torch.Tensor]) -> Optional[str]:
+        if theirs is None:
+            return f"model.resample={model.config.resample} has no diffusers counterpart"
+        write_diffusers_folder(tmp / DIFFUSERS_FOLDER, theirs, tmp / WEIGHTS_NAME)
+        return None
+    return save_model_folder(folder, model.state_dict(), config, diffusers)
 
 
 def vae_config(values: dict, where: Path) -> VAEConfig:
@@ -180,6 +256,58 @@ def load_our_vae(folder: Path, config: dict) -> AutoencoderKL:
     """A VAE exported here (``config.json`` of kind "vae", read as ``config``), in eval mode."""
     cfg = vae_config(config.get("model") or {}, folder / CONFIG_NAME)
     return load_state_strict(AutoencoderKL(cfg), read_folder_weights(folder, config), folder, "the VAE config").eval()
+
+
+# ----------------------------------------------------------------------------- a stage-2 run's latent normalisation
+
+NORMALIZATION_FIELDS = ("scale_factor", "shift_factor", "latents_mean", "latents_std")
+STATISTICS_BATCH = 256
+
+
+def latent_statistics(store, num_rows: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the latents of ``num_rows`` rows of a latent store spread over it (``store[i]``
+    rows' posterior ``mean`` and ``std``; flips left out: they do not change per-channel statistics), computed
+    exactly from the posteriors: E[z] = E[mean], Var[z] = E[mean^2 + std^2] - E[z]^2, in float64."""
+    rows = sorted({round(i * (len(store) - 1) / max(1, num_rows - 1)) for i in range(min(num_rows, len(store)))})
+    first = second = None
+    count = 0
+    for start in range(0, len(rows), STATISTICS_BATCH):
+        batch = store.__getitems__(rows[start:start + STATISTICS_BATCH])
+        mean, std = batch["mean"].double(), batch["std"].double()
+        sums = mean.sum(dim=(0, 2, 3)), (mean.square() + std.square()).sum(dim=(0, 2, 3))
+        first, second = sums if first is None else (first + sums[0], second + sums[1])
+        count += mean.shape[0] * mean.shape[2] * mean.shape[3]
+    centre = first / count
+    return centre.tolist(), (second / count - centre.square()).clamp_min(0).sqrt().tolist()
+
+
+def latent_norm_record(section, vae: AutoencoderKL, store) -> Optional[dict]:
+    """The normalisation a stage-2 run's ``latent_norm`` section puts in place of the VAE's own (the VAE config
+    fields :data:`NORMALIZATION_FIELDS`), or None (``mode=vae``: the VAE's own). Statistics not given are
+    measured over the training latents of ``store``."""
+    if section.mode == "vae":
+        return None
+    channels = vae.config.latent_channels
+    if section.mean and len(section.mean) != channels:
+        raise ConfigError(f"config key 'latent_norm.mean': {len(section.mean)} values for the VAE's {channels} "
+                          "latent channels: give one per channel")
+    mean, std = (list(section.mean), list(section.std)) if section.mean else latent_statistics(store, section.rows)
+    logger.info("latent_norm=channel: per-channel mean %s, std %s (%s), scale %g", [round(v, 4) for v in mean],
+                [round(v, 4) for v in std], "given" if section.mean else f"measured over {section.rows} rows at most",
+                section.scale)
+    return {"scale_factor": section.scale, "shift_factor": 0.0, "latents_mean": mean, "latents_std": std}
+
+
+def with_latent_norm(vae: AutoencoderKL, record: Optional[dict], where: Path) -> AutoencoderKL:
+    """``vae`` normalising its latents as ``record`` says (:func:`latent_norm_record`; None: as it is): the
+    same modules and weights under another config. A record that does not read is one line naming ``where``."""
+    if not record:
+        return vae
+    if not isinstance(record, dict) or set(record) - set(NORMALIZATION_FIELDS):
+        raise ModelFolderError(f"{where}: 'latent_norm' must hold {', '.join(NORMALIZATION_FIELDS)}, got {record!r}")
+    normalised = copy.copy(vae)
+    normalised.config = vae_config({**to_dict(vae.config), **record}, where)
+    return normalised
 
 
 def training_vae(net_folder: str | Path, recorded: dict) -> Path:
@@ -242,11 +370,13 @@ def export_config(cfg: UNetRunConfig, sizes: Sizes, vae: dict, weights: str,
 
 
 def save_network(folder: str | Path, state_dict: dict[str, torch.Tensor], cfg: UNetRunConfig, sizes: Sizes,
-                 vae: dict, weights: str, text_encoder: Optional[dict] = None, about: Optional[dict] = None) -> Path:
+                 vae: dict, weights: str, text_encoder: Optional[dict] = None, about: Optional[dict] = None,
+                 diffusers: Optional[DiffusersWriter] = None) -> Path:
     """The one way a stage-2 network is exported: its weights, its run config and sizes, its VAE's record
-    (and its text encoder's); ``about``: more entries for its config.json (what a post-hoc EMA was made of)."""
+    (and its text encoder's); ``about``: more entries for its config.json (what a post-hoc EMA was made of); its
+    model card, and the diffusers copy ``diffusers`` writes (modules/interop/dit.py)."""
     return save_model_folder(folder, state_dict, {**export_config(cfg, sizes, vae, weights, text_encoder),
-                                                  **(about or {})})
+                                                  **(about or {})}, diffusers)
 
 
 def read_network_export(folder: str | Path) -> NetworkExport:

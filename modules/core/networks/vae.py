@@ -15,7 +15,9 @@ Speed notes (same function as diffusers, cheaper to run):
   pixel and channel pair, and no 4x-sized intermediate tensor.
 - The mid-block self-attention goes through :func:`modules.attention.attention` (xformers/SDPA).
 
-Latents are NOT multiplied by ``config.scale_factor`` here; callers do that.
+Latents leave ``encode`` and enter ``decode`` raw; :meth:`AutoencoderKL.normalize` and
+:meth:`AutoencoderKL.denormalize` map them to and from the space stage 2 models (``scale_factor``,
+``shift_factor``, per-channel ``latents_mean`` / ``latents_std``: diffusers' formulas).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from modules.core.attention import attention
-from modules.core.settings import at_most, check_widths, each, non_empty, one_of, positive, setting
+from modules.core.settings import at_most, check_widths, each, fail, non_empty, one_of, positive, setting
 from modules.core.wavelet import WaveletDownsample, WaveletUpsample
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
@@ -46,7 +48,16 @@ class VAEConfig:
     norm_groups: int = setting(32, positive)
     mid_attention: bool = True
     resample: str = setting("conv", one_of("conv", "wavelet"))
-    scale_factor: float = setting(1.0, positive)       # latent scale, measured after stage 1 (1 / std)
+    # What stage 2 models: (z - shift_factor - latents_mean) * scale_factor / latents_std (normalize). The
+    # scale is measured after stage 1 (1 / std); SD3 and FLUX VAEs shift, SDXL-style configs (Playground,
+    # EDM2 and iMF's SD-VAE statistics) give per-channel means and stds; () is none.
+    scale_factor: float = setting(1.0, positive)
+    shift_factor: float = 0.0
+    latents_mean: tuple[float, ...] = ()
+    latents_std: tuple[float, ...] = setting((), each(positive))
+    # The 1x1 convs around the latent (SD's VAEs have them, SD3's and FLUX's do not).
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
 
     @property
     def downsample_factor(self) -> int:
@@ -54,6 +65,17 @@ class VAEConfig:
 
     def check(self, prefix: str) -> None:
         check_widths(prefix, self.base_channels, self.channel_mult, self.norm_groups)
+        for name in ("latents_mean", "latents_std"):
+            values = getattr(self, name)
+            if values and len(values) != self.latent_channels:
+                raise fail(f"{prefix}{name}", f"{len(values)} values for {prefix}latent_channels="
+                           f"{self.latent_channels}: give one per channel")
+        if bool(self.latents_mean) != bool(self.latents_std):
+            given, missing = ("latents_mean", "latents_std") if self.latents_mean else ("latents_std", "latents_mean")
+            raise fail(f"{prefix}{missing}", f"{prefix}{given} is given: per-channel statistics need both")
+        if self.latents_mean and self.shift_factor:
+            raise fail(f"{prefix}shift_factor", f"{self.shift_factor} with {prefix}latents_mean given: the latents "
+                       "are centred one way (per-channel means, or one shift), not both")
 
 
 # ----------------------------------------------------------------------------- posterior
@@ -280,7 +302,8 @@ class AutoencoderKL(nn.Module):
     """KL-regularised autoencoder: ``encode(x) -> DiagonalGaussian``, ``decode(z) -> image``.
 
     Images are ``[B, in_channels, H, W]`` in [-1, 1] with H, W divisible by
-    ``config.downsample_factor``; latents are ``[B, latent_channels, H / f, W / f]`` unscaled.
+    ``config.downsample_factor``; latents are ``[B, latent_channels, H / f, W / f]``, raw (``normalize``
+    gives what stage 2 models).
     """
 
     def __init__(self, cfg: VAEConfig):
@@ -288,8 +311,9 @@ class AutoencoderKL(nn.Module):
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+        c = cfg.latent_channels
+        self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if cfg.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(c, c, 1) if cfg.use_post_quant_conv else None
 
     @property
     def last_layer_weight(self) -> torch.Tensor:
@@ -305,12 +329,38 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         self._check_input(x, self.config.in_channels, self.config.downsample_factor, "image")
-        moments = self.quant_conv(self.encoder(x.to(self.quant_conv.weight.dtype)))
-        return DiagonalGaussian(moments)
+        moments = self.encoder(x.to(self.encoder.conv_in.weight.dtype))
+        return DiagonalGaussian(moments if self.quant_conv is None else self.quant_conv(moments))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         self._check_input(z, self.config.latent_channels, 1, "latent")
-        return self.decoder(self.post_quant_conv(z.to(self.post_quant_conv.weight.dtype)))
+        z = z.to(self.decoder.conv_in.weight.dtype)
+        return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
+
+    def _per_channel(self, values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latents -> what stage 2 models: ``(z - shift_factor) * scale_factor`` (SD, SD3, FLUX), or
+        ``(z - latents_mean) * scale_factor / latents_std`` with per-channel statistics (SDXL-style configs).
+        Only the operations a config asks for are applied, so SD-style latents are ``z * scale_factor`` exactly."""
+        c = self.config
+        if c.latents_mean:
+            z = z - self._per_channel(c.latents_mean, z)
+        elif c.shift_factor:
+            z = z - c.shift_factor
+        z = z * c.scale_factor
+        return z / self._per_channel(c.latents_std, z) if c.latents_std else z
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`normalize`: what ``decode`` takes (diffusers' pipelines' order of operations)."""
+        c = self.config
+        if c.latents_std:
+            x = x * self._per_channel(c.latents_std, x)
+        x = x / c.scale_factor
+        if c.latents_mean:
+            return x + self._per_channel(c.latents_mean, x)
+        return x + c.shift_factor if c.shift_factor else x
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = True, generator: Optional[torch.Generator] = None,
                 noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, DiagonalGaussian]:
