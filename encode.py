@@ -67,18 +67,19 @@ def main(argv: Optional[list[str]] = None) -> None:
     text_encoder = TextEncoder(cfg.cond.text_encoder, cfg.cond.text_layer, device) if cfg.cond.type == "text" else None
     captions = (cfg.cond.caption_column, cfg.cond.allow_empty_caption) if text_encoder is not None else (None, False)
     out = Path(args.out)
+    vae_id = vae_identity(vae)
     if is_tar_source(cfg.data.path) or cfg.data.streaming:
         source = StreamSource(cfg.data.path, cfg.data.image_size, cfg.data.split, *captions)
         if cfg.cond.type == "mask":
             raise ConfigError("cond.type=mask: masks are encoded from image folders and saved data sets, not streams")
         shards = latent_store.StreamShards(source, args.batch_size)
-        spec = latent_store.StoreSpec(vae=vae_identity(vae), source=source.identity, image_size=cfg.data.image_size,
-                                      hflip=cfg.data.hflip, masks=False, text=_text_key(text_encoder), num_rows=0)
+        spec = latent_store.StoreSpec(vae=vae_id, source=source.identity, image_size=cfg.data.image_size,
+                                      hflip=cfg.data.hflip, masks=False, text=latent_store.text_key(text_encoder),
+                                      num_rows=0)
     else:
-        dataset = build_dataset(cfg.data, *captions, masks=cfg.cond.type == "mask") if text_encoder else \
-            build_dataset(cfg.data, masks=cfg.cond.type == "mask")
+        dataset = build_dataset(cfg.data, *captions, masks=cfg.cond.type == "mask")
         shards = latent_store.IndexedShards(dataset, args.shard_rows, args.batch_size, cfg.data.num_workers)
-        spec = latent_store.spec_of(dataset, vae_identity(vae), cfg.data.image_size, cfg.data.hflip,
+        spec = latent_store.spec_of(dataset, vae_id, cfg.data.image_size, cfg.data.hflip,
                                     cfg.cond.type == "mask", text_encoder)
     if state.is_main_process:
         latent_store.claim_store_folder(out, spec)
@@ -91,10 +92,6 @@ def main(argv: Optional[list[str]] = None) -> None:
         store = latent_store.LatentStore(out)
         logger.info("latent store %s: %d rows, %d classes, every file checked; train with --data %s", out,
                     len(store), store.num_classes, out)
-
-
-def _text_key(text_encoder) -> Optional[str]:
-    return f"{text_encoder.identity}:{text_encoder.layer}" if text_encoder is not None else None
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ from modules.eval.plots import line_plot
 from modules.run import posthoc
 from modules.run.accelerator import finish, from_main_process
 from modules.run.export import find_model_folder, read_network_export
+from modules.run.model_card import markdown_table
 from modules.run.tracking import add_log_to_flag, log_scores, log_sweep
 
 
@@ -426,11 +427,11 @@ def wanted_scores(args) -> list[str]:
 
 def cell_key(ev: Evaluator, reference: dict, folder: Path, args, steps: int, scale: float, count: int) -> str:
     """The identity of a cell's scores (issue 21, rule 1): the reference, the extractor and the samples (the
-    request sample.py recorded in the folder: the model's SHA-256, sampler, steps, guidance, seed, count and
+    request sample.py recorded in the folder: the model's weights' checksum, sampler, steps, guidance, seed, count and
     conditions, and the sweep's own sampling flags)."""
     try:
         request = durable.read_json(folder / "request.json")
-    except (ValueError, RecursionError):
+    except ValueError:
         request = None
     sampling = {"unet": args.unet, "steps": steps, "cfg_scale": scale, "seed": args.seed,
                 "num_samples": args.num_samples, "count": count,
@@ -532,10 +533,8 @@ def read_table(path: Path) -> dict:
                            "remove it to score every cell again")
     try:
         table = durable.read_json(path)
-    except (ValueError, RecursionError) as e:
-        reason = e if isinstance(e, ValueError) else "nested too deeply"
-        raise MetricsError(f"{path}: not a readable sweep table ({reason}); remove it to score every cell again") \
-            from None
+    except ValueError as e:
+        raise MetricsError(f"{path}: not a readable sweep table ({e}); remove it to score every cell again") from None
     if not isinstance(table, dict) or not all(isinstance(r, dict) and "num_samples" in r for r in table.values()):
         raise MetricsError(f"{path}: not a sweep table; remove it to score every cell again")
     return table
@@ -553,10 +552,7 @@ def write_sweep_report(out: Path, rows: list[dict], args, reference: Reference, 
     count = rows[0]["num_samples"]
     lines = [f"Sweep of {args.unet}: {count} samples per cell against {args.ref} "
              f"({size_text(reference.source_size) if reference.source_size else 'resolution not recorded'})", "",
-             "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c])
-                                       for c in columns) + " |")
+             *markdown_table(columns, [[row[c] for c in columns] for row in rows])]
     if lengths:
         lines.append("")
         for n in sorted({row["steps"] for row in rows}):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -63,15 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def link_or_copy(source: Path, target: Path) -> None:
-    """``target`` holds ``source``'s bytes: a hard link where the file system allows, else a copy."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
-
-
 def checked_export(folder: Path) -> dict:
     """The export's config.json, after its weights are checked against the digest it recorded."""
     config = read_config(folder)
@@ -95,7 +85,7 @@ def read_scores(path: Path, export: dict) -> list[dict]:
                            f"{MAX_SCORES_BYTES} bytes)")
     try:
         table = durable.read_json(path)
-    except (ValueError, RecursionError) as e:
+    except ValueError as e:
         raise PublishError(f"--scores {path}: not readable JSON ({e})") from None
     if not isinstance(table, dict) or not table:
         raise PublishError(f"--scores {path}: not an evaluate.py sweep table (cell name -> scores)")
@@ -131,7 +121,7 @@ def copy_export(source: Path, target: Path, config: dict, scores: Optional[list[
     the model, and the model card written for the repository."""
     for path in sorted(source.rglob("*")):
         if path.is_file() and path.relative_to(source) != Path(CARD_NAME):
-            link_or_copy(path, target / path.relative_to(source))
+            durable.link_or_copy(path, target / path.relative_to(source))
     if (source / DIFFUSERS_FOLDER / CONFIG_NAME).is_file():
         why_not = None
     elif config["kind"] == "vae":

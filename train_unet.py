@@ -5,7 +5,7 @@
     python train_unet.py --config tiny --data data/shapes --vae runs/vae_tiny --output-dir runs/unet_tiny --report-to none
 
 Reads top to bottom: setup (the frozen VAE and text encoder, the data, the sizes they give the
-network, the network, the latent cache, the two EMAs), the loop (the objective's loss, one
+network, the network, the latent store, the two EMAs), the loop (the objective's loss, one
 optimizer step, the EMAs), logging (sample grids from the EMA weights, scores), checkpoint and
 export. The objectives are in modules/core/objectives/, the networks in modules/core/networks/,
 what a run must survive in modules/run/harness.py.
@@ -91,7 +91,7 @@ def train(cfg: UNetRunConfig, run: Run) -> None:
     # The data: a latent store given as --data (encode.py), or the images, whose own store is encoded once below.
     wanted = latent_store.StoreSpec(vae=vae_id, source="", image_size=cfg.data.image_size, hflip=cfg.data.hflip,
                                     masks=cfg.cond.type == "mask", num_rows=0,
-                                    text=f"{text_encoder.identity}:{text_encoder.layer}" if text_encoder else None)
+                                    text=latent_store.text_key(text_encoder))
     dataset = None
     if latent_store.is_store(cfg.data.path):
         latents = latent_store.open_store(Path(cfg.data.path), wanted)
@@ -148,7 +148,9 @@ def train(cfg: UNetRunConfig, run: Run) -> None:
     objective = cfg.build_objective(teacher(net, owner, emas.get("teacher")))
 
     # ---- resume: checkpoints carry both EMAs (per process under FSDP, so shards stay with their owner)
-    identity = RunIdentity("train_unet", cfg, MODEL_SECTIONS, vae=vae_identity(vae), data=latents.fingerprint(),
+    # The VAE's identity includes its latent normalisation: a resume whose measured statistics differ is refused.
+    identity = RunIdentity("train_unet", cfg, MODEL_SECTIONS, vae=vae_id if vae is source_vae else vae_identity(vae),
+                           data=latents.fingerprint(),
                            text_encoder=text_encoder.identity if text_encoder is not None else None,
                            sizes=to_dict(sizes), store=str(latents.folder))
     run.start(identity, emas, sharded_emas=run.accelerator.distributed_type == DistributedType.FSDP)

@@ -327,13 +327,13 @@ LEGEND = ("mask IoU: foreground_mask of each image against its conditioning (hel
           "VAE (the best a latent model can do through it).")
 
 
-CLASS_LEGEND = ("class accuracy: fraction of images whose shape, read back with modules.synthetic.read_caption, is "
+CLASS_LEGEND = ("class accuracy: fraction of images whose shape, read back with scripts.shapes.read_caption, is "
                 "their class (circle, square, triangle); the independent real set is scored against its own classes "
                 f"(the reader's accuracy on clean images). {FD_LEGEND}")
 
 
 TEXT_LEGEND = ("prompt fidelity: fraction of images whose colour and shape, read back with "
-               "modules.synthetic.read_caption, are the prompt's (colour, shape: each word alone); the independent "
+               "scripts.shapes.read_caption, are the prompt's (colour, shape: each word alone); the independent "
                f"real set is scored against its own captions (the analysers' accuracy on clean images). {FD_LEGEND}")
 
 
@@ -526,7 +526,7 @@ def train_and_sample(args: argparse.Namespace, preset: Preset, work: Path, stage
     t0 = time.perf_counter()
     train_dir = make_shapes(work / "data" / "train", preset.num_train, preset.image_size, TRAIN_SEED)
     eval_dir = make_shapes(work / "data" / "eval", preset.num_eval, preset.image_size, EVAL_SEED, layout="flat")
-    stages.append(Stage("data", f"modules.synthetic.make_shapes (train seed {TRAIN_SEED}, held-out seed {EVAL_SEED})",
+    stages.append(Stage("data", f"scripts.shapes.make_shapes (train seed {TRAIN_SEED}, held-out seed {EVAL_SEED})",
                         time.perf_counter() - t0))
 
     vae_dir = args.vae.resolve() if args.vae is not None else work / "vae"

@@ -17,7 +17,7 @@ inherits the same guarantees:
 * **One line on failure**: :func:`write_or_fail` turns a failed write (a full disk, a read-only
   folder) into a :class:`modules.errors.OutputError` that says what failed and what was kept.
 * **Folders keep their roles**: :func:`claim_output` takes an output folder for one kind of output
-  (a training run, a sample folder, a sweep, a latent cache) under a lock and marks it
+  (a training run, a sample folder, a sweep, a latent store) under a lock and marks it
   (:data:`OUTPUT_MARKER`); a folder claimed for another kind, a model folder, or a folder holding
   files of its own is refused, and data scans skip marked folders (:func:`is_output_folder`), so
   an output written inside a data folder never becomes training data.
@@ -168,6 +168,16 @@ def write_file(path: Union[str, Path], content: Content, sync: bool = False) -> 
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """``target`` holds ``source``'s bytes: a hard link where the file system allows (no second copy on disk),
+    else a copy."""
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:     # another file system, or one without hard links
+        shutil.copyfile(source, target)
 
 
 def write_json(path: Union[str, Path], value: Any, sync: bool = False) -> Path:

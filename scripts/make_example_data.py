@@ -1,4 +1,4 @@
-"""Write the synthetic shapes data set (modules/synthetic.py) as an image folder.
+"""Write the synthetic shapes data set (scripts/shapes.py) as an image folder.
 
 Example: python scripts/make_example_data.py --out data/shapes --num-images 256 --size 64
 The folder serves unconditional, class-conditional (circle / square / triangle), mask-conditional

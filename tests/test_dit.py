@@ -1,4 +1,4 @@
-"""modules/dit.py and modules/dit_convert.py: the DiT against diffusers' DiTTransformer2DModel and the
+"""modules/core/networks/dit.py and modules/interop/dit.py: the DiT against diffusers' DiTTransformer2DModel and the
 DiT paper's sizes, its conditioning, switches and exports; the DiT configs' and init_from's refusals."""
 import dataclasses
 import json
@@ -73,7 +73,7 @@ def converted(folder, cond: CondConfig = CLASSES, *overrides: str, num_classes: 
     another; built for ``num_classes`` classes (class conditions) and the other sizes (support.sizes_of)."""
     cfg = load_config(UNetRunConfig, "unet", "dit-tiny",
                       ["objective=flow", "model.hidden_size=32", "model.num_heads=2", "model.time_freq_shift=1",
-                       f"init_from={folder}", f"cond.type={cond.type}", f"cond.mask_mode=concat",
+                       f"init_from={folder}", f"cond.type={cond.type}", "cond.mask_mode=concat",
                        f"cond.mask_channels={cond.mask_channels}", *overrides])
     other_sizes.setdefault("downsample", DOWNSAMPLE if cond.type == "mask" else 8)   # MASK's images: DOWNSAMPLE x
     model = network_of(cfg, num_classes=num_classes, **other_sizes)

@@ -290,3 +290,15 @@ def test_a_valid_store_is_opened_without_a_lock_or_a_write(tmp_path, monkeypatch
     again = latent_store.open_or_encode(StandInVAE(), dataset, spec_for(dataset), root, 3, "cpu")
     assert again.folder == first.folder and torch.equal(again[9]["mean"], first[9]["mean"])
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
+
+
+def test_remove_deletes_stores_only(tmp_path, capsys):
+    """``remove`` refuses, removing nothing, a folder whose index.json is another tool's (a run's post-hoc EMA
+    snapshots keep one), so a mistyped path never deletes a run's files."""
+    store = encode(StandInImages(5), tmp_path / "store")
+    snapshots = tmp_path / "run" / "posthoc_ema"
+    snapshots.mkdir(parents=True)
+    (snapshots / "index.json").write_text('{"snapshots": []}')
+    assert latent_store.main(["remove", str(store), str(snapshots)]) == 2
+    assert store.is_dir() and snapshots.is_dir() and "nothing was removed" in capsys.readouterr().err
+    assert latent_store.main(["remove", str(store)]) == 0 and not store.exists()

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Lowest first. errors.py and durable.py import only the standard library and sit below every layer.
+# Lowest first. errors.py and durable.py import only the standard library (and xxhash, safetensors' error type) and sit below every layer.
 LAYERS = ("errors", "durable", "core", "config", "data", "run", "interop", "eval")
 CORE_THIRD_PARTY = {"torch", "numpy", "einops", "xformers", "scipy"}   # xformers: the optional attention kernel;
 # scipy: train.ot_pairing's assignment (modules/core/ot_pairing.py)

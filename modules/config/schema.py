@@ -229,7 +229,7 @@ class UNetRun:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, weight_decay=0.1))
     sample: SampleLogConfig = field(default_factory=SampleLogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    cache_dir: str = path_setting()     # latent cache; default: <output-dir>/../latent_cache
+    cache_dir: str = path_setting()     # the run's latent stores; default: <output-dir>/../latent_cache
     init_from: str = path_setting()     # model.arch=dit: start from a diffusers DiT or a DiT/SiT/REPA/MeanFlow .pt
 
     upgrade = staticmethod(legacy.upgrade)     # saved configs of the earlier layout read as today's

@@ -4,7 +4,7 @@ They come from a column (``cond.caption_column``, default ``text``) of the folde
 ``metadata.jsonl`` / ``metadata.csv`` or of a ``datasets`` data set. An image without one (no
 column, an empty or missing value) is an error naming it, or, with ``cond.allow_empty_caption``,
 trains with the empty prompt (counted in one warning). Captions are part of the data's
-fingerprint, so an edited caption gets fresh text embeddings in the latent cache.
+fingerprint, so an edited caption gets fresh text embeddings in the latent store.
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """The image data set of both training stages: lazily decoded, augmented items with labels and masks.
 
-:class:`ImageDataset` reads the records of a :class:`modules.sources.Source`. An item is
+:class:`ImageDataset` reads the records of a :class:`modules.data.sources.Source`. An item is
 addressed as ``index`` (never augmented) or ``(index, aug_seed)``: augmentation parameters come
 from ``random.Random(aug_seed)``, so an item is a pure function of its key (the read order is
-:mod:`modules.order`). An image that fails while decoding (e.g. a truncated file) is replaced
+:mod:`modules.data.order`). An image that fails while decoding (e.g. a truncated file) is replaced
 by the next readable index, deterministically, and the item is flagged ``substituted``.
 
 Items: ``image`` RGB float32 [3, S, S] in [-1, 1]; ``mask`` float32 [1, S, S] in {0, 1};

@@ -203,12 +203,16 @@ class _Rows(torch.utils.data.Dataset):
 
 # ----------------------------------------------------------------------------- what a run trains on
 
+def text_key(text_encoder) -> Optional[str]:
+    """What a store records of the text encoder whose caption embeddings it holds (None: no captions)."""
+    return f"{text_encoder.identity}:{text_encoder.layer}" if text_encoder is not None else None
+
+
 def spec_of(dataset, vae_id: str, image_size: int, hflip: bool, masks: bool, text_encoder=None) -> StoreSpec:
     """The spec of the store of an image data set: keyed by its files, labels, captions and masks."""
     source = durable.fingerprint({"files": dataset.fingerprint(), "labels": dataset.labels.tolist()})
-    text = f"{text_encoder.identity}:{text_encoder.layer}" if text_encoder is not None else None
-    return StoreSpec(vae=vae_id, source=source, image_size=image_size, hflip=hflip, masks=masks, text=text,
-                     num_rows=len(dataset), class_names=tuple(dataset.class_names))
+    return StoreSpec(vae=vae_id, source=source, image_size=image_size, hflip=hflip, masks=masks,
+                     text=text_key(text_encoder), num_rows=len(dataset), class_names=tuple(dataset.class_names))
 
 
 def open_or_encode(vae, dataset, spec: StoreSpec, root: Path, batch_size: int, device, rank: int = 0, world: int = 1,
@@ -402,7 +406,7 @@ def _wait_for(ready: Callable[[], bool], what: str, folder: Path, timeout_s: Opt
 
 
 def write_index(folder: Path, spec: StoreSpec, num_shards: int) -> None:
-    """The store's index (written last): its spec and each shard's rows and files (size and SHA-256)."""
+    """The store's index (written last): its spec and each shard's rows and files (size and checksum)."""
     shards, max_label = [], -1
     for k in range(num_shards):
         record = durable.read_json(folder / shard_name(k) / SHARD_MANIFEST)
@@ -433,7 +437,7 @@ def read_index(folder: Path) -> dict:
 
 def store_problem(folder: Path, deep: bool = False) -> Optional[str]:
     """Why ``folder`` is not a complete store, or None. Cheap (every shard's files' sizes and the arrays'
-    headers) unless ``deep`` (every file's SHA-256 too)."""
+    headers) unless ``deep`` (every file's checksum too)."""
     if not (folder / INDEX).is_file():
         return "incomplete store (no index.json: the encode did not finish)"
     try:
@@ -504,10 +508,6 @@ class LatentStore(torch.utils.data.Dataset):
     def truncated_captions(self) -> int:
         """How many captions were longer than the text encoder's context (truncated when encoded)."""
         return sum(int(self._array(s, "truncated").sum()) for s in range(len(self.shards))) if self.has_text else 0
-
-    @property
-    def info(self) -> dict:
-        return self.index
 
     def split(self, held_out: int) -> tuple["LatentStore", "LatentStore"]:
         """(training view, validation view): ``held_out`` rows spread evenly over the store."""
@@ -603,6 +603,15 @@ def is_store(path: Path) -> bool:
     return (Path(path) / INDEX).is_file()
 
 
+def _is_index(folder: Path) -> bool:
+    """Whether ``folder`` holds a readable latent store index (another tool's index.json is not one)."""
+    try:
+        read_index(folder)
+        return True
+    except DataError:
+        return False
+
+
 # ----------------------------------------------------------------------------- the command line
 
 def _describe(folder: Path) -> str:
@@ -645,7 +654,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     folders = [Path(name) for name in args.stores]
     for folder in folders:      # every one checked before any is removed
-        if folder.is_symlink() or not folder.is_dir() or not (STORE_NAME.fullmatch(folder.name) or is_store(folder)):
+        if folder.is_symlink() or not folder.is_dir() or not (STORE_NAME.fullmatch(folder.name) or _is_index(folder)):
             print(f"error: {folder} is not a latent store (a folder with {INDEX}, or named as a run names its "
                   "stores); nothing was removed", file=sys.stderr)
             return 2

@@ -52,19 +52,21 @@ class Metadata:
         return iter((self.path, self.rows))
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """``(line number, text with its line end)`` of each line, read lazily and bounded, decoded as UTF-8."""
+def _lines(path: Path, error: type[Exception] = DataError,
+           one_line: str = "a metadata line holds one image's fields") -> Iterator[tuple[int, str]]:
+    """``(line number, text with its line end)`` of each line, read lazily and bounded, decoded as UTF-8; a
+    problem raises ``error`` naming the file and the line (``one_line``: what a line is, for the length bound)."""
     try:
         f = open(path, "rb")
     except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+        raise error(f"{path}: cannot be read ({e.strerror or e})") from None
     with f:
         offset = 0
         for number in range(1, sys.maxsize):
             try:
                 raw = f.readline(MAX_METADATA_LINE + 2)
             except OSError as e:
-                raise DataError(f"{path}, line {number}: cannot be read ({e.strerror or e})") from None
+                raise error(f"{path}, line {number}: cannot be read ({e.strerror or e})") from None
             if not raw:
                 return
             start = offset
@@ -72,26 +74,27 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
             if number == 1 and raw.startswith(codecs.BOM_UTF8):     # a spreadsheet's byte-order mark
                 raw, start = raw[len(codecs.BOM_UTF8):], start + len(codecs.BOM_UTF8)
             if len(raw) - raw.endswith(b"\n") > MAX_METADATA_LINE:
-                raise DataError(f"{path}, line {number}: longer than {MAX_METADATA_LINE} bytes; a metadata line "
-                                "holds one image's fields")
+                raise error(f"{path}, line {number}: longer than {MAX_METADATA_LINE} bytes; {one_line}")
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}, line {number}: not UTF-8 text (byte {start + e.start} is "
-                                f"0x{raw[e.start]:02x}); save the file as UTF-8") from None
+                raise error(f"{path}, line {number}: not UTF-8 text (byte {start + e.start} is "
+                            f"0x{raw[e.start]:02x}); save the file as UTF-8") from None
             yield number, text
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    for number, text in _lines(path):
+def jsonl_rows(path: Path, error: type[Exception] = DataError,
+               one_line: str = "a metadata line holds one image's fields") -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` of each non-blank line of a JSON-lines file, read as :func:`_lines` reads."""
+    for number, text in _lines(path, error, one_line):
         if not text.strip():
             continue
         try:
             yield number, json.loads(text)
         except RecursionError:
-            raise DataError(f"{path}, line {number}: JSON nested too deeply") from None
+            raise error(f"{path}, line {number}: JSON nested too deeply") from None
         except ValueError as e:     # JSONDecodeError, and numbers of more digits than Python converts
-            raise DataError(f"{path}, line {number}: invalid JSON ({e})") from None
+            raise error(f"{path}, line {number}: invalid JSON ({e})") from None
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
@@ -131,7 +134,7 @@ def read_metadata(root: Path) -> Optional[Metadata]:
         if not path.is_file():
             continue
         rows, lines = [], []
-        for number, row in (_jsonl_rows(path) if name.endswith(".jsonl") else _csv_rows(path)):
+        for number, row in (jsonl_rows(path) if name.endswith(".jsonl") else _csv_rows(path)):
             _check_row(row, f"{path}, line {number}")
             rows.append(row)
             lines.append(number)

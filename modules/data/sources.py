@@ -23,6 +23,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from modules.config.io import looks_like_path
 from modules.config.schema import DataConfig
 from modules.data.captions import with_captions
 from modules.data.image_io import IMAGE_EXTENSIONS, MASKS_FOLDER, UnreadableImage, find_images, probe_image
@@ -151,7 +152,7 @@ class Source:
     captions: Optional[list[str]] = None    # per record row, when asked for (modules.data.build_dataset)
 
     def fingerprint(self) -> str:
-        """Identity of the data: the latent cache's key, and what a resumed run compares."""
+        """Identity of the data: part of the latent store's key, and what a resumed run compares."""
         return with_captions(self.records.fingerprint(), self.captions)
 
 
@@ -447,10 +448,6 @@ def _hub_source(name: str, cfg: DataConfig, masks: bool) -> Source:
     return _arrow_source(table, masks, f"{name}:{cfg.split}")
 
 
-def _looks_like_path(text: str) -> bool:
-    return os.path.isabs(text) or text.startswith((".", "~")) or text.endswith(("/", os.sep))
-
-
 def open_source(cfg: DataConfig, masks: bool = False) -> Source:
     """The records named by ``cfg.path`` (folder, save_to_disk folder or hub name); ``masks``: pair each image
     with its mask (cond.type=mask)."""
@@ -465,6 +462,6 @@ def open_source(cfg: DataConfig, masks: bool = False) -> Source:
         if not any(path.iterdir()):
             raise DataError(f"{path}: the folder is empty")
         return _folder_source(path, masks)
-    if _looks_like_path(cfg.path):
+    if looks_like_path(cfg.path):
         raise DataError(f"{path}: no such folder")
     return _hub_source(cfg.path, cfg, masks)

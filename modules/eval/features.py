@@ -33,8 +33,6 @@ one process's, to float64 rounding.
 from __future__ import annotations
 
 import hashlib
-import itertools
-import json
 import math
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +47,7 @@ from PIL import Image
 from modules import durable
 from modules.core.metrics import FeatureMoments
 from modules.data.image_io import find_images, open_image
-from modules.data.metadata import MAX_METADATA_LINE, listed_images, path_inside
+from modules.data.metadata import jsonl_rows, listed_images, path_inside
 from modules.errors import DataError, MetricsError
 
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
@@ -457,7 +455,7 @@ def _requested_count(folder: Path) -> Optional[int]:
     """How many images a sample.py folder's request.json asked for, or None (not a sample folder)."""
     try:
         request = durable.read_json(folder / "request.json")
-    except (ValueError, RecursionError):
+    except ValueError:
         return None
     count = request.get("count") if isinstance(request, dict) else None
     return count if isinstance(count, int) and not isinstance(count, bool) else None
@@ -474,39 +472,13 @@ def _inside(folder: Path, name: object, where: str) -> Path:
 
 
 def _manifest_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    """``(where, record)`` of each line of a sample manifest, read a line at a time (each at most
-    ``MAX_METADATA_LINE`` bytes, UTF-8); a problem is one line naming the file and the line."""
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise MetricsError(f"{path}: cannot be read ({e.strerror or e})") from None
-    with f:
-        for number in itertools.count(1):
-            where = f"{path}, line {number}"
-            try:
-                raw = f.readline(MAX_METADATA_LINE + 2)
-            except OSError as e:
-                raise MetricsError(f"{where}: cannot be read ({e.strerror or e})") from None
-            if not raw:
-                return
-            if len(raw) - raw.endswith(b"\n") > MAX_METADATA_LINE:
-                raise MetricsError(f"{where}: longer than {MAX_METADATA_LINE} bytes; a manifest line describes one "
-                                   "image")
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise MetricsError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except RecursionError:
-                raise MetricsError(f"{where}: JSON nested too deeply") from None
-            except ValueError as e:
-                raise MetricsError(f"{where}: invalid JSON line ({e})") from None
-            if not isinstance(row, dict) or "file" not in row:
-                raise MetricsError(f"{where}: every line needs a 'file' field")
-            yield where, row
+    """``(where, record)`` of each line of a sample manifest, read as metadata files are (a line at a time, each
+    at most ``MAX_METADATA_LINE`` bytes, UTF-8); a problem is one line naming the file and the line."""
+    for number, row in jsonl_rows(path, MetricsError, "a manifest line describes one image"):
+        where = f"{path}, line {number}"
+        if not isinstance(row, dict) or "file" not in row:
+            raise MetricsError(f"{where}: every line needs a 'file' field")
+        yield where, row
 
 
 def _listed_files(folder: Path) -> Optional[list[Path]]:

@@ -48,7 +48,7 @@ def prepare_fid(cfg: UNetRunConfig, accelerator) -> Optional[FidSetup]:
     can be made before training (issue 21, rule 6): the reference read (each array once, headers first),
     the Inception file vouched for and loaded, and the reference's feature width compared with the
     extractor's (one forward of a blank image), so a reference of another network stops the run at start-up
-    instead of at its first evaluation. Call it before the latent cache is built; TrainingEvaluator calls it
+    instead of at its first evaluation. Call it before the latent store is encoded; TrainingEvaluator calls it
     when it is not given one."""
     e = cfg.eval
     if not (e.every and e.reference):

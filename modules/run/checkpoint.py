@@ -163,9 +163,9 @@ class Checkpointer:
     file per process when they are sharded, else the main process's), the counters of ``state`` as
     JSON (registered with Accelerate they would be unpickled without restriction: a resume never
     runs code from a checkpoint's files) and the identity; then a manifest of every file, its size
-    and its SHA-256 (after an fsync) is written last and the folder is renamed. A folder counts as
+    and its checksum is written last, every file is fsynced, and the folder is renamed. A folder counts as
     a checkpoint only if its manifest reads and every listed file has its recorded size, so a
-    half-written or truncated checkpoint is never chosen for a resume; the hashes are checked before
+    half-written or truncated checkpoint is never chosen for a resume; the checksums are checked before
     a checkpoint is loaded, and one whose content changed falls back to the previous one.
     """
 
@@ -195,11 +195,8 @@ class Checkpointer:
                 durable.write_json(tmp / IDENTITY_NAME, self.identity.record())
             acc.wait_for_everyone()
             if acc.is_main_process:
-                for path in tmp.rglob("*"):       # what the manifest lists must survive a power cut
-                    if path.is_file():
-                        durable.sync_file(path)
-                durable.write_json(tmp / MANIFEST, {"step": step, "files": durable.manifest(tmp)}, sync=True)
-                durable.publish_folder(tmp, final, sync=True)
+                durable.write_json(tmp / MANIFEST, {"step": step, "files": durable.manifest(tmp)})
+                durable.publish_folder(tmp, final, sync=True)     # every file on disk before the rename
                 self._prune()
         except durable.WRITE_ERRORS as e:
             if acc.is_main_process:
@@ -306,7 +303,7 @@ class Checkpointer:
 
 
 def checkpoint_problem(path: Path, deep: bool = False) -> Optional[str]:
-    """Why ``path`` is not a complete checkpoint, or None when it is (``deep``: every file's SHA-256 too)."""
+    """Why ``path`` is not a complete checkpoint, or None when it is (``deep``: every file's checksum too)."""
     if not path.is_dir():
         return "no such folder"
     if not (path / MANIFEST).is_file():

@@ -18,8 +18,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -185,7 +183,7 @@ LATER_VAE_FIELDS = ("shift_factor", "latents_mean", "latents_std", "use_quant_co
 
 def vae_identity(model: AutoencoderKL) -> str:
     """SHA-256 over the VAE's config and weights, whatever file format they came from: the key of
-    its latent caches, and what a stage-2 checkpoint records of the VAE it was trained with."""
+    its latent stores, and what a stage-2 checkpoint records of the VAE it was trained with."""
     config, defaults = dataclasses.asdict(model.config), dataclasses.asdict(VAEConfig())
     for name in LATER_VAE_FIELDS:
         if config[name] == defaults[name]:
@@ -222,10 +220,7 @@ def write_diffusers_folder(folder: Path, config: dict, weights: Path | dict[str,
     if isinstance(weights, dict):
         save_file(weights, target)
     else:
-        try:
-            os.link(weights, target)
-        except OSError:     # a file system without hard links
-            shutil.copyfile(weights, target)
+        durable.link_or_copy(weights, target)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
 

@@ -64,12 +64,16 @@ def _normalisation(model: dict, run_norm: Optional[dict]) -> tuple[str, str]:
     return f"`x = z * {scale!r}` ({where})", f"x / {scale!r}"
 
 
+def markdown_table(columns: list[str], table: list[list]) -> list[str]:
+    """A Markdown table's lines: a header of ``columns``, then one line per row (floats to 4 significant digits)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    return lines + ["| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |"
+                    for row in table]
+
+
 def _scores_table(rows: list[dict]) -> list[str]:
     columns = [c for c in SCORE_COLUMNS if any(c in row for row in rows)]
-    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, ""))
-                                       for c in columns) + " |")
+    lines = markdown_table(columns, [[row.get(c, "") for c in columns] for row in rows])
     references = sorted({str(row.get("reference")) for row in rows if row.get("reference")})
     return lines + ["", f"Measured by `evaluate.py sweep` against {', '.join(f'`{r}`' for r in references)}."
                     if references else ""]

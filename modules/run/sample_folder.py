@@ -240,8 +240,6 @@ class SampleFolder:
         request."""
         try:
             saved = durable.read_json(saved_path)
-        except RecursionError:
-            return f"a damaged {REQUEST} (nested too deeply)"
         except ValueError as e:
             return f"a damaged {REQUEST} ({_short(str(e))})"
         if not isinstance(saved, dict):

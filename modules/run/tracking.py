@@ -39,6 +39,7 @@ from modules.data.image_io import make_grid, save_png, to_uint8
 from modules.durable import WRITE_ERRORS, write_failure
 from modules.errors import ConfigError
 from modules.run.layout import TRACKER_LOGS, TRACKER_RECORD
+from modules.run.model_card import markdown_table
 from modules.run.output_dir import LOCK_NAME
 
 logger = logging.getLogger(__name__)
@@ -427,19 +428,13 @@ def _log_to_tensorboard(folder: Path, step: int, scalars, columns, table, image)
             for key, value in scalars.items():
                 writer.add_scalar(key, value, step)
             if table:
-                writer.add_text("eval/sweep", _markdown(columns, table), step)
+                writer.add_text("eval/sweep", "\n".join(markdown_table(columns, table)), step)
             if image is not None:
                 writer.add_image("eval/sweep_plot", image, step, dataformats="HWC")
     except WRITE_ERRORS as e:
         logger.warning("could not write the scores to %s (%s)", folder, write_failure(e))
         return
     logger.info("logged the scores to TensorBoard %s at step %d", folder, step)
-
-
-def _markdown(columns: list[str], table: list[list]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    return "\n".join(lines + ["| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |"
-                              for row in table])
 
 
 def _log_to_wandb(run_dir: Path, record: TrackerRecord, scalars, columns, table, image) -> None:

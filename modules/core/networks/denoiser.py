@@ -238,7 +238,7 @@ class Conditioner(nn.Module):
     - text: ``cond`` is a FloatTensor ``[B, sizes.text_tokens, sizes.text_width]`` of the frozen text
       encoder's token embeddings (cached; modules/interop/clip.py). The null condition is the
       empty prompt's embedding, the buffer ``null_text`` (saved with the weights; set from the
-      latent cache before training). ``cond.text_mode``: the tokens as context (crossattn), or
+      latent store before training). ``cond.text_mode``: the tokens as context (crossattn), or
       their mean through a zero-initialised linear layer added to the embedding (pooled).
     Attributes: ``provides_context`` (the UNet creates cross-attention layers only then)
     and ``concat_channels`` (extra input channels of the network's first layer). A network

@@ -1,4 +1,4 @@
-"""A stage-2 network: an SD-style UNet over VAE latents (the other is modules/dit.py).
+"""A stage-2 network: an SD-style UNet over VAE latents (the others are modules/core/networks/dit.py and icdit.py).
 
 Layout (like Stable Diffusion's): ``conv_in``; per level of ``channel_mult`` ``num_res_blocks``
 ResBlocks, each followed by a SpatialTransformer at ``attention_levels``, and a downsample

@@ -3,9 +3,9 @@
 State-dict layout: ours is diffusers' ``AutoencoderKL`` layout, key for key (``encoder.down_blocks.
 {i}.resnets.{j}.conv1.weight``, ``encoder.mid_block.attentions.0.to_q.weight``, ``decoder.
 up_blocks.{i}.upsamplers.0.conv.weight`` with up_blocks.0 the lowest resolution, ...), so
-pretrained weights load after a key conversion (:mod:`modules.vae_loading`). With
+pretrained weights load after a key conversion (:mod:`modules.interop.vae`). With
 ``resample="wavelet"`` the ``downsamplers.0`` / ``upsamplers.0`` entries hold
-:mod:`modules.wavelet` blocks instead (no pretrained equivalent).
+:mod:`modules.core.wavelet` blocks instead (no pretrained equivalent).
 
 Speed notes (same function as diffusers, cheaper to run):
 - GroupNorm under autocast runs in the autocast dtype (statistics still accumulate in fp32
@@ -13,7 +13,7 @@ Speed notes (same function as diffusers, cheaper to run):
 - Nearest 2x upsampling followed by a 3x3 conv is computed as one stride-2 transposed conv
   with a 4x4 kernel folded from the 3x3 weights: 16 instead of 36 multiply-adds per output
   pixel and channel pair, and no 4x-sized intermediate tensor.
-- The mid-block self-attention goes through :func:`modules.attention.attention` (xformers/SDPA).
+- The mid-block self-attention goes through :func:`modules.core.attention.attention` (xformers/SDPA).
 
 Latents leave ``encode`` and enter ``decode`` raw; :meth:`AutoencoderKL.normalize` and
 :meth:`AutoencoderKL.denormalize` map them to and from the space stage 2 models (``scale_factor``,
