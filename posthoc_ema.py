@@ -18,6 +18,7 @@ from typing import Optional
 from modules.config.cli import run_cli
 from modules.config.schema import STEP_LIMIT
 from modules.errors import ConfigError
+from modules.interop.dit import diffusers_dit_writer
 from modules.run.posthoc import export_reconstructions, parse_lengths, rebuild_index, snapshots_folder
 
 
@@ -47,7 +48,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise ConfigError("--sigma-rels: give the EMA lengths to reconstruct (e.g. 0.05,0.1,0.15)")
         return
     lengths = parse_lengths(args.sigma_rels, "--sigma-rels")
-    for folder in export_reconstructions(args.run, lengths, args.out, args.step, args.skip_damaged):
+    for folder in export_reconstructions(args.run, lengths, args.out, args.step, args.skip_damaged,
+                                         diffusers_dit_writer):
         print(folder)
 
 

@@ -252,6 +252,10 @@ def test_a_run_reconstructs_a_length_it_did_not_track_and_sample_py_reads_it(pos
     config = json.loads((tmp_path / "out" / "unet_phema_0.07" / "config.json").read_text())
     assert export.weights == "posthoc_ema" and config["posthoc_ema"]["sigma_rel"] == 0.07
     assert config["posthoc_ema"]["step"] == 16 and len(config["posthoc_ema"]["snapshots"]) == 32
+    # Its model card says why it has no diffusers copy as training's export does (the same writer decides).
+    card = (tmp_path / "out" / "unet_phema_0.07" / "README.md").read_text()
+    assert "No diffusers copy: model.arch=unet" in card
+    assert "No diffusers copy: model.arch=unet" in (posthoc_run / "unet_ema" / "README.md").read_text()
     load_network(tmp_path / "out" / "unet_phema_0.07")
     import sample
     sample.main(["--unet", str(tmp_path / "out" / "unet_phema_0.07"), "--out", str(tmp_path / "samples"),

@@ -25,7 +25,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from safetensors import safe_open
@@ -35,7 +35,7 @@ from modules import durable
 from modules.core.networks import build_network
 from modules.core.posthoc_ema import PowerEMA, reconstruction, sigma_rel_problem
 from modules.errors import ConfigError, ModelFolderError
-from modules.run.export import read_network_export, save_network
+from modules.run.export import DiffusersWriter, read_network_export, save_network
 from modules.run.layout import POSTHOC_SNAPSHOTS
 
 logger = logging.getLogger(__name__)
@@ -327,11 +327,13 @@ def network_parameters(export) -> set[str]:
 
 
 def export_reconstructions(run_dir: str | Path, sigma_rels: Sequence[float], out: Optional[str | Path] = None,
-                           step: Optional[int] = None, skip_damaged: bool = False) -> list[Path]:
+                           step: Optional[int] = None, skip_damaged: bool = False,
+                           diffusers: Optional[Callable[..., DiffusersWriter]] = None) -> list[Path]:
     """Reconstruct the EMA of each of ``sigma_rels`` at ``step`` (None: the newest snapshot) from the run in
     ``run_dir`` and export each as ``OUT/unet_phema_<sigma_rel>`` (``out`` None: the run folder), a model folder
     with the run's config (from its ``unet_ema/`` export), its VAE's and text encoder's records, and what the
-    reconstruction was made of (``posthoc_ema`` in its config.json). Returns the folders."""
+    reconstruction was made of (``posthoc_ema`` in its config.json); ``diffusers(config, sizes)``: the writer of its
+    diffusers copy, as training's exports get (modules/interop/dit.py). Returns the folders."""
     for sigma_rel in sigma_rels:
         problem = sigma_rel_problem(sigma_rel)
         if problem:
@@ -350,7 +352,8 @@ def export_reconstructions(run_dir: str | Path, sigma_rels: Sequence[float], out
         folder = out / export_name(result.sigma_rel)
         with durable.failed_write_is(f"the model folder {folder}", "the snapshots are untouched"):
             save_network(folder, result.weights, export.config, export.sizes, export.vae, "posthoc_ema",
-                         export.text_encoder, about)
+                         export.text_encoder, about,
+                         diffusers(export.config, export.sizes) if diffusers is not None else None)
         logger.info("EMA length sigma_rel=%g at step %d: %d snapshots, profile fit error %.2g %% -> %s",
                     result.sigma_rel, selection.step, len(selection.snapshots), 100 * result.profile_error, folder)
         folders.append(folder)
