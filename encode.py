@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
-import torch
 from accelerate import PartialState
 
 from modules.config.cli import run_cli
@@ -36,7 +34,7 @@ from modules.data.streams import StreamSource, is_tar_source
 from modules.errors import ConfigError
 from modules.interop.clip import TextEncoder
 from modules.interop.vae import load_vae
-from modules.run.accelerator import finish
+from modules.run.accelerator import finish, process_state
 from modules.run.export import find_model_folder, vae_identity
 
 logger = logging.getLogger("encode")
@@ -61,7 +59,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if not 1 <= args.batch_size <= 4096 or not 1 <= args.shard_rows <= 1 << 20:
         raise ConfigError("--batch-size must be in 1..4096 and --shard-rows in 1..1048576")
     cfg = load_config(UNetRunConfig, "unet", args.config, [*args.overrides, f"data.path={args.data}"])
-    state = PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    state = process_state()
     device = state.device
     vae = load_vae(find_model_folder(args.vae, "vae")).to(device).eval().requires_grad_(False)
     text_encoder = TextEncoder(cfg.cond.text_encoder, cfg.cond.text_layer, device) if cfg.cond.type == "text" else None

@@ -57,7 +57,7 @@ from modules.eval.features import (INCEPTION_URL, PYTORCH_FID_WEIGHTS, Features,
                                    size_text)
 from modules.eval.plots import line_plot
 from modules.run import posthoc
-from modules.run.accelerator import finish, from_main_process
+from modules.run.accelerator import finish, from_main_process, process_state
 from modules.run.export import find_model_folder, read_network_export
 from modules.run.model_card import markdown_table
 from modules.run.tracking import add_log_to_flag, log_scores, log_sweep
@@ -574,7 +574,7 @@ def write_sweep_report(out: Path, rows: list[dict], args, reference: Reference, 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    state = PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    state = process_state()
     try:
         opened = preflight(args)
         ev = Evaluator(args, state)

@@ -29,7 +29,6 @@ import dataclasses
 import hashlib
 import logging
 import math
-import os
 import re
 from pathlib import Path
 from typing import Optional
@@ -49,7 +48,7 @@ from modules.durable import WRITE_ERRORS, write_failure
 from modules.errors import CheckpointError, ConfigError, ModelFolderError
 from modules.interop.clip import TextEncoder, warn_truncated
 from modules.interop.vae import load_vae
-from modules.run.accelerator import finish, from_main_process
+from modules.run.accelerator import finish, from_main_process, process_state
 from modules.run.export import (find_model_folder, load_network, read_config, read_network_export, training_vae,
                                 vae_identity, weights_digest, with_latent_norm)
 from modules.run.sample_folder import MANIFEST, SampleFolder, batches, out_problem, pending
@@ -344,7 +343,7 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     args.class_label = parse_class_label(args.class_label)
     check_numbers(args)
-    state = PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    state = process_state()
     device = state.device if state.num_processes > 1 else parse_device(args.device)
     net, vae, export, net_folder = load_models(args, device)
     dtype = torch.bfloat16 if args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda") \

@@ -14,7 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list
 
 from modules.core.compiling import compile_backend
@@ -101,6 +101,12 @@ def from_main_process(value, state):
     box = [value]
     broadcast_object_list(box, from_process=0)
     return box[0]
+
+
+def process_state() -> PartialState:
+    """The processes of a script that needs no Accelerator (sampling, encoding, scoring): gloo on CPU when
+    launched as several processes on a machine without CUDA."""
+    return PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
 
 
 def finish(state) -> None:
