@@ -10,6 +10,8 @@
         # training seeds each, and each at guidance 1 and at its best guidance of the sweep
     python benchmarks/quality.py --preset cpu --cond class --workdir runs/q_ot --variants shortcut,shortcut+ot \
         --seeds 2      # class-conditional: OT pairing within each class against none (class accuracy)
+    python benchmarks/quality.py --preset cpu --cond class --workdir runs/q_phema --variants shortcut,imf \
+        --guidance 2,4,8 --ema-lengths 0.05,0.1,0.15,0.2   # and 1-step scores of post-hoc EMA lengths
 
 A miniature of the shortcut paper's main comparison (one-step samples close to 128-step ones
 for a shortcut model, far worse for flow matching), run through the product's own entry
@@ -52,6 +54,11 @@ fraction of images whose shape, read back with ``scripts.shapes.read_caption``, 
 the condition OT pairing needs (``train.ot_pairing`` pairs within each class and is refused with
 masks and prompts), so the OT rows run only under it.
 
+``--ema-lengths`` trains every run with post-hoc EMA snapshots (``ema.posthoc=true``, a snapshot every
+twentieth of the training steps) and, after the table above, rebuilds each listed EMA length with
+``posthoc_ema.py``'s own reconstruction (``unet_phema_<length>`` in the run folder) and scores it at 1
+step at the variant's best guidance; the report names each variant's best length.
+
 The iMF rows (``objective=imf``) train the in-context DiT (``model.arch=icdit``) at the preset's DiT
 sizes whatever ``--arch`` says (no other network takes the guidance interval), with the last half of
 its blocks as the u head (and, with the velocity head, as many again for v).
@@ -89,6 +96,8 @@ import train_unet  # noqa: E402
 import train_vae  # noqa: E402
 from modules.core.metrics import feature_statistics, frechet_distance, mask_iou  # noqa: E402
 from modules.interop.vae import load_vae  # noqa: E402
+from modules.errors import ConfigError  # noqa: E402
+from modules.run import posthoc  # noqa: E402
 from modules.run.export import find_model_folder  # noqa: E402
 from scripts.shapes import (SHAPES, caption_words, foreground_mask, make_shapes, read_caption,  # noqa: E402
                            render_shape_batch, shape_captions)
@@ -251,13 +260,21 @@ def unet_args(preset: Preset, arch: str, variant: str, seed: int, data: Path, va
 
 @dataclass(frozen=True)
 class Run:
-    """One trained model: a variant at a training seed."""
+    """One trained model: a variant at a training seed; with ``ema_length``, that run's post-hoc EMA of
+    this length (sigma_rel) instead of its training EMA."""
     variant: str
     seed: int
+    ema_length: Optional[float] = None
 
     @property
     def name(self) -> str:
-        return self.variant if self.seed == 0 else f"{self.variant}_seed{self.seed}"
+        trained = self.variant if self.seed == 0 else f"{self.variant}_seed{self.seed}"
+        return trained if self.ema_length is None else f"{trained}_phema{self.ema_length:g}"
+
+    def model(self, work: Path) -> Path:
+        """The folder sample.py reads: the training run's, or the post-hoc EMA's export inside it."""
+        trained = work / f"unet_{Run(self.variant, self.seed).name}"
+        return trained if self.ema_length is None else trained / posthoc.export_name(self.ema_length)
 
     @property
     def sampler(self) -> str:
@@ -440,19 +457,20 @@ def seed_summary(rows: list[dict], step_seconds: dict[str, list[float]]) -> tupl
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if "variant" in r:
-            groups.setdefault((r["variant"], r["guidance"], r["steps"]), []).append(r)
+            groups.setdefault((r["variant"], r.get("ema_length") or 0.0, r["guidance"], r["steps"]), []).append(r)
     order = list(VARIANTS)
     metrics = [m for m in METRIC_NAMES if any(m in r for r in rows if "variant" in r)]
-    summary = [{"variant": v, "guidance": g, "steps": s, "seeds": len(rs),
+    summary = [{"variant": v, "ema_length": e or None, "guidance": g, "steps": s, "seeds": len(rs),
                 **{m: {"mean": float(np.mean([r[m] for r in rs])), "min": min(r[m] for r in rs),
                        "max": max(r[m] for r in rs)} for m in metrics}}
-               for (v, g, s), rs in sorted(groups.items(), key=lambda item: (order.index(item[0][0]), *item[0][1:]))]
+               for (v, e, g, s), rs in sorted(groups.items(), key=lambda item: (order.index(item[0][0]), *item[0][1:]))]
     lines = ["| model | guidance | steps | s / training step | " + " | ".join(METRIC_NAMES[m] for m in metrics) + " |",
              "| --- | --- | --- | --- | " + "--- | " * len(metrics)]
     for r in summary:
         cells = [f"{r[m]['mean']:.3f} ({r[m]['min']:.3f}-{r[m]['max']:.3f})" for m in metrics]
         seconds = f"{np.mean(step_seconds[r['variant']]):.3f}"
-        lines.append(f"| {r['variant']} | {r['guidance']:g} | {r['steps']} | {seconds} | " + " | ".join(cells) + " |")
+        model = r["variant"] if r["ema_length"] is None else f"{r['variant']}, post-hoc EMA {r['ema_length']:g}"
+        lines.append(f"| {model} | {r['guidance']:g} | {r['steps']} | {seconds} | " + " | ".join(cells) + " |")
     return summary, "\n".join(lines)
 
 
@@ -472,6 +490,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=1, help="training seeds per variant (0, 1, ...)")
     p.add_argument("--guidance", default="", help="comma-separated guidance scales besides 1, tried at 1 step; "
                    "each variant is then sampled at every step count at its best one")
+    p.add_argument("--ema-lengths", default="", help="comma-separated post-hoc EMA lengths (sigma_rel): every "
+                   "run keeps EMA snapshots, and each length is rebuilt and scored at 1 step at its best guidance")
     p.add_argument("--workdir", type=Path, required=True,
                    help="folder for data, runs and samples; must be empty or absent")
     p.add_argument("--out", type=Path, default=None, help="results folder (default: WORKDIR/results)")
@@ -517,6 +537,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         args.guidance = tuple(float(w) for w in args.guidance.split(",") if w.strip())
     except ValueError:
         p.error(f"--guidance {args.guidance!r}: expected comma-separated numbers")
+    try:
+        args.ema_lengths = tuple(posthoc.parse_lengths(args.ema_lengths, "--ema-lengths")) if args.ema_lengths \
+            else ()
+    except ConfigError as e:
+        p.error(str(e))
     return args
 
 
@@ -539,10 +564,12 @@ def train_and_sample(args: argparse.Namespace, preset: Preset, work: Path, stage
     # the same run for every variant and seed: only the objective, its switches and the seed differ
     clip = write_tiny_clip(work / "tiny_clip") if args.cond == "text" else None
     runs = [Run(variant, seed) for seed in range(args.seeds) for variant in args.variants]
+    snapshots = (["ema.posthoc=true", f"ema.posthoc_every={max(1, preset.unet_steps // 20)}"] if args.ema_lengths
+                 else [])
     for run in runs:
         run_entry_point(f"unet_{run.name}", "train_unet.py", train_unet.main,
-                        unet_args(preset, args.arch, run.variant, run.seed, train_dir, vae_dir,
-                                  work / f"unet_{run.name}", args.unet_override, clip, args.cond), stages)
+                        unet_args(preset, args.arch, run.variant, run.seed, train_dir, vae_dir, run.model(work),
+                                  [*args.unet_override, *snapshots], clip, args.cond), stages)
     return eval_dir, vae_dir, runs
 
 
@@ -563,7 +590,7 @@ def sample_run(args: argparse.Namespace, preset: Preset, work: Path, eval_dir: P
         condition = ["--prompts", str(prompts), "--num-samples", "1"]
     elif args.cond == "class":
         condition = ["--class-label", "all", "--num-samples", str(preset.num_eval)]
-    argv_sample = ["--unet", str(work / f"unet_{run.name}"), "--out", str(out), *condition,
+    argv_sample = ["--unet", str(run.model(work)), "--out", str(out), *condition,
                    "--steps", str(steps), "--cfg-scale", f"{guidance:g}", "--batch-size", str(preset.sample_batch),
                    "--seed", "0", "--device", args.device]
     run_entry_point(f"sample_{run.name}_{steps}" + ("" if guidance == 1.0 else f"_cfg{guidance:g}"), "sample.py",
@@ -599,8 +626,8 @@ def sample_and_score(args: argparse.Namespace, preset: Preset, work: Path, eval_
         folder = sample_run(args, preset, work, eval_dir, run, steps, guidance, stages)
         generated = read_images([folder / n for n in sample_names])
         sampler = run.sampler if guidance == 1.0 else f"{run.sampler}, guidance {guidance:g}"
-        rows.append({"model": labels[run], "variant": run.variant, "seed": run.seed, "guidance": guidance,
-                     "sampler": sampler, "steps": steps, **scorer.score(generated)})
+        rows.append({"model": labels[run], "variant": run.variant, "seed": run.seed, "ema_length": run.ema_length,
+                     "guidance": guidance, "sampler": sampler, "steps": steps, **scorer.score(generated)})
         return generated
 
     for run in runs:
@@ -619,6 +646,12 @@ def sample_and_score(args: argparse.Namespace, preset: Preset, work: Path, eval_
             if best[run.variant] != 1.0:
                 for steps in preset.steps[1:]:
                     score(run, steps, best[run.variant])
+    for run in runs if args.ema_lengths else ():
+        posthoc.export_reconstructions(run.model(work), args.ema_lengths)
+        for length in args.ema_lengths:
+            rebuilt = Run(run.variant, run.seed, length)
+            labels[rebuilt] = f"{labels[run]}, post-hoc EMA {length:g}"
+            score(rebuilt, 1, best.get(run.variant, 1.0))
     grid_path.parent.mkdir(parents=True, exist_ok=True)
     save_grid(grid_rows, grid_path)
     return rows, best
@@ -665,13 +698,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
     table = markdown_table(rows)
     seconds = step_times(stages, runs, preset.unet_steps)
     summary, summary_table = seed_summary(rows, seconds)
-    if args.seeds > 1 or args.guidance:
+    best_length = {v: min((r for r in summary if r["variant"] == v and r["ema_length"] and r["steps"] == 1),
+                          key=lambda r: r["fd_pixels"]["mean"])["ema_length"]
+                   for v in args.variants} if args.ema_lengths else {}
+    if args.seeds > 1 or args.guidance or args.ema_lengths:
         table = (f"Mean over {args.seeds} training seed(s) (min-max); guidance 1 and each variant's best of "
                  f"{', '.join(f'{g:g}' for g in (1.0, *args.guidance))} (lowest 1-step FD pixels); seconds per "
                  f"training step from each train_unet.py run's wall time.\n\n{summary_table}\n\nEvery run:\n\n{table}")
     report = {"preset": args.preset, "arch": args.arch, "cond": args.cond, "settings": asdict(preset),
               "unet_overrides": args.unet_override, "variants": {v: VARIANTS[v] for v in args.variants},
               "seeds": args.seeds, "guidance": args.guidance, "best_guidance": best,
+              "ema_lengths": args.ema_lengths, "best_ema_length": best_length,
               "seconds_per_step": seconds, "summary": summary,
               "threads": args.threads, "vae": str(vae_dir), "features": FEATURE_NOTES, "rows": rows,
               "stages": [asdict(s) for s in stages], "wall_time_s": total,

@@ -193,3 +193,32 @@ def test_ot_rows_need_class_conditioning(tmp_path):
         assert "shortcut+ot" not in chosen and "shortcut+all" not in chosen and "imf" in chosen
     chosen = quality.parse_args(["--workdir", str(tmp_path / "c"), "--cond", "class", "--variants", "all"]).variants
     assert chosen == tuple(quality.VARIANTS)
+
+
+def test_ema_lengths_score_each_rebuilt_post_hoc_ema_at_one_step(micro_run, tmp_path):
+    """--ema-lengths: every run keeps snapshots (ema.posthoc=true), each length is rebuilt by posthoc_ema.py's
+    reconstruction into the run folder and sampled from there (the samples' request names its weights) at 1 step
+    at the variant's best guidance; the best length is the one of lowest 1-step FD pixels."""
+    from modules.run.export import read_config, weights_digest
+
+    work, _ = micro_run
+    report = quality.main(["--preset", "micro", "--cond", "class", "--workdir", str(tmp_path / "w"), "--device",
+                           "cpu", "--vae", str(work / "vae"), "--variants", "shortcut,imf", "--guidance", "2",
+                           "--ema-lengths", "0.05,0.1"])
+    commands = [s["command"] for s in report["stages"] if s["name"].startswith("unet_")]
+    assert len(commands) == 2 and all("ema.posthoc=true" in c for c in commands)
+    rebuilt = [r for r in report["rows"] if r.get("ema_length") is not None]
+    assert [(r["variant"], r["ema_length"], r["steps"]) for r in rebuilt] == [
+        (v, length, 1) for v in ("shortcut", "imf") for length in (0.05, 0.1)]
+    for r in rebuilt:
+        assert r["guidance"] == report["best_guidance"][r["variant"]]
+        export = tmp_path / "w" / f"unet_{r['variant']}" / f"unet_phema_{r['ema_length']:g}"
+        assert json.loads((export / "config.json").read_text())["posthoc_ema"]["sigma_rel"] == r["ema_length"]
+        folder = quality.samples_dir(tmp_path / "w", quality.Run(r["variant"], 0, r["ema_length"]).name, 1,
+                                     r["guidance"])
+        request = json.loads((folder / "request.json").read_text())
+        assert request["unet_weights"] == weights_digest(read_config(export)) is not None
+    for variant, best in report["best_ema_length"].items():
+        scores = {r["ema_length"]: r["fd_pixels"] for r in rebuilt if r["variant"] == variant}
+        assert best == min(scores, key=scores.get)
+    assert "| imf, post-hoc EMA 0.1 |" in (tmp_path / "w" / "results" / "quality.md").read_text()
