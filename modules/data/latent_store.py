@@ -616,9 +616,10 @@ def _is_index(folder: Path) -> bool:
 
 def _describe(folder: Path) -> str:
     try:
-        spec = read_index(folder)["spec"]
+        index = read_index(folder)
+        spec = index["spec"]
         return (f"{spec['num_rows']} images, {spec['image_size']} px, VAE {spec['vae'][:8]}, source "
-                f"{spec['source'][:8]}, built {read_index(folder).get('built', '?')}")
+                f"{spec['source'][:8]}, built {index.get('built', '?')}")
     except (DataError, KeyError, TypeError):
         return "incomplete or damaged (encode again to continue it, or remove it)"
 
