@@ -314,6 +314,7 @@ class AutoencoderKL(nn.Module):
         c = cfg.latent_channels
         self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if cfg.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(c, c, 1) if cfg.use_post_quant_conv else None
+        self._channel_tables: dict[tuple, torch.Tensor] = {}     # per-channel statistics, see _per_channel
 
     @property
     def last_layer_weight(self) -> torch.Tensor:
@@ -338,7 +339,11 @@ class AutoencoderKL(nn.Module):
         return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
 
     def _per_channel(self, values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+        # made once per dtype and device: a host-to-device copy in every training step would wait for the GPU
+        key = (values, like.dtype, like.device)
+        if key not in self._channel_tables:
+            self._channel_tables[key] = torch.tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+        return self._channel_tables[key]
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         """Raw latents -> what stage 2 models: ``(z - shift_factor) * scale_factor`` (SD, SD3, FLUX), or

@@ -93,6 +93,22 @@ def num_equal(batch_size: int, fraction: float) -> int:
     return int(batch_size * fraction)
 
 
+def paired_times(n: int, mean: float, std: float, equal_fraction: float, generator: Optional[torch.Generator],
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t, s)`` of the MeanFlow family: the lower and higher of two logit-normal(mean, std) draws; the first
+    :func:`num_equal` rows get s = t (MeanFlow's meanflow.py:147-157, iMF's imf.py:127-135)."""
+    z = torch.randn(2, n, generator=generator, device=draw_device(generator, device)).to(device)
+    pair = torch.sigmoid(mean + std * z)
+    t, s = pair.min(dim=0).values, pair.max(dim=0).values
+    equal = torch.arange(n, device=device) < num_equal(n, equal_fraction)
+    return t, torch.where(equal, t, s)
+
+
+def unit_intervals(n: int, device: torch.device) -> torch.Tensor:
+    """``[n, 2]`` rows of the interval [0, 1], made on ``device`` (no copy from the host in a training step)."""
+    return torch.stack((torch.zeros(n, device=device), torch.ones(n, device=device)), dim=1)
+
+
 def first_rows_dropout(n: int, cond_drop: float, generator: Optional[torch.Generator],
                        device: torch.device) -> torch.Tensor:
     """Condition dropout as the official MeanFlow and iMF code draws it (meanflow.py:191-200, imf.py:279-284):

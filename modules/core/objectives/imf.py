@@ -55,8 +55,9 @@ from typing import Optional, Sequence
 import torch
 
 from modules.core.networks.denoiser import NetworkInputs
-from modules.core.objectives.base import (Draws, Logs, ModelCall, Objective, average_velocity_jvp, draw_device,
-                                         first_rows_dropout, noise_for, num_equal, per_row, rand)
+from modules.core.objectives.base import (Draws, Logs, ModelCall, Objective, average_velocity_jvp,
+                                         first_rows_dropout, noise_for, num_equal, paired_times, per_row, rand,
+                                         unit_intervals)
 from modules.core.samplers import sample_meanflow, sample_ode
 from modules.core.settings import (at_least, at_most, fail, fraction, non_negative, positive, scale_range, setting,
                                    time_interval)
@@ -128,21 +129,18 @@ class Imf(Objective):
         Without a condition (a direct call: run configs refuse it) there is no guidance: w = 1 and the
         interval [0, 1] on every row, and the target is x1 - x0."""
         cfg = self.cfg
-        z = torch.randn(2, n, generator=generator, device=draw_device(generator, device)).to(device)
-        pair = torch.sigmoid(cfg.time_mean + cfg.time_std * z)
-        t, s = pair.min(dim=0).values, pair.max(dim=0).values
+        t, s = paired_times(n, cfg.time_mean, cfg.time_std, cfg.equal_fraction, generator, device)
         equal = num_equal(n, cfg.equal_fraction)
         first = torch.arange(n, device=device) < equal
-        s = torch.where(first, t, s)
         c = cfg.interval_split
         low, high = c * rand(n, generator, device), c + (1 - c) * rand(n, generator, device)
-        interval = torch.where(first[:, None], torch.tensor([0.0, 1.0], device=device), torch.stack([low, high], 1))
+        interval = torch.where(first[:, None], unit_intervals(n, device), torch.stack([low, high], 1))
         guidance = guidance_scales(rand(n, generator, device), *cfg.guidance_range, cfg.guidance_beta).float()
         drop = None
         if conditional:
             drop = first_rows_dropout(n, self.cond_drop, generator, device)      # imf.py:279-284
         else:
-            guidance, interval = torch.ones_like(guidance), torch.tensor([0.0, 1.0], device=device).expand(n, 2)
+            guidance, interval = torch.ones_like(guidance), unit_intervals(n, device)
         return ImfDraws(t, s, guidance, interval, drop, equal)
 
     @torch.no_grad()
@@ -156,14 +154,13 @@ class Imf(Objective):
         low, high = d.interval[:, 0], d.interval[:, 1]
         w = torch.where((d.t >= low) & (d.t <= high), d.guidance, torch.ones_like(d.guidance))
         if cond is None:
-            full = torch.tensor([0.0, 1.0], device=x_t.device).expand(b, 2)
             v_c = model(x_t, d.t, interval=torch.zeros_like(d.t), cond=None, drop=None, guidance=w,
-                        guidance_interval=full, head=head)
+                        guidance_interval=unit_intervals(b, x_t.device), head=head)
             return v, v_c.to(v.dtype)
         null = torch.arange(2 * b, device=x_t.device) >= b          # one doubled forward: conditional, then null
         out = model(torch.cat([x_t, x_t]), torch.cat([d.t, d.t]), interval=torch.zeros(2 * b, device=x_t.device),
                     cond=torch.cat([cond, cond]), drop=null, guidance=torch.cat([w, torch.ones_like(w)]),
-                    guidance_interval=torch.tensor([0.0, 1.0], device=x_t.device).expand(2 * b, 2), head=head)
+                    guidance_interval=unit_intervals(2 * b, x_t.device), head=head)
         v_c, v_u = out[:b].to(v.dtype), out[b:].to(v.dtype)
         v_g = v + per_row(1 - 1 / w, v) * (v_c - v_u)
         return torch.where(d.drop.view(-1, *([1] * (v.dim() - 1))), v, v_g), v_c

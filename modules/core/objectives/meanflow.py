@@ -53,8 +53,8 @@ from typing import Optional, Sequence
 import torch
 
 from modules.core.networks.denoiser import NetworkInputs
-from modules.core.objectives.base import (Draws, Logs, ModelCall, Objective, average_velocity_jvp, draw_device,
-                                          eval_mode, first_rows_dropout, noise_for, num_equal, per_row, rand)
+from modules.core.objectives.base import (Draws, Logs, ModelCall, Objective, average_velocity_jvp, eval_mode,
+                                          first_rows_dropout, noise_for, num_equal, paired_times, per_row, rand)
 from modules.core.samplers import sample_meanflow, sample_ode
 from modules.core.settings import (at_least, at_most, fail, fraction, non_negative, one_of, positive, setting,
                                    time_interval)
@@ -110,11 +110,7 @@ class MeanFlow(Objective):
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(t, s)``: the lower and higher of two logit-normal(time_mean, time_std) draws; the first
         ``floor(n * equal_fraction)`` rows get s = t (meanflow.py:147-157)."""
-        z = torch.randn(2, n, generator=generator, device=draw_device(generator, device)).to(device)
-        pair = torch.sigmoid(self.cfg.time_mean + self.cfg.time_std * z)
-        t, s = pair.min(dim=0).values, pair.max(dim=0).values
-        equal = torch.arange(n, device=device) < num_equal(n, self.cfg.equal_fraction)
-        return t, torch.where(equal, t, s)
+        return paired_times(n, self.cfg.time_mean, self.cfg.time_std, self.cfg.equal_fraction, generator, device)
 
     def draw(self, n: int, conditional: bool, generator: Optional[torch.Generator],
              device: torch.device) -> MeanFlowDraws:
