@@ -49,6 +49,7 @@ import torch
 from accelerate import PartialState
 
 from modules import durable
+from modules.config.schema import SAMPLE_STEPS_LIMIT
 from modules.core.metrics import frechet_distance, inception_score, kernel_inception_distance, precision_recall
 from modules.core.settings import at_most, non_negative, positive
 from modules.errors import MetricsError, UserError
@@ -347,8 +348,8 @@ def preflight(args) -> Optional[NpzReference]:
         args.class_label = sample.parse_class_label(args.class_label)
         problem = sample.condition_flags_problem(args, cfg.cond.type, export.sizes.num_classes, folder)
         for n in sweep_list(args.steps, int, "--steps"):
-            if not 1 <= n <= sample.MAX_STEPS:
-                problem = problem or f"--steps {args.steps}: each must be at least 1 and at most {sample.MAX_STEPS}"
+            if not 1 <= n <= SAMPLE_STEPS_LIMIT:
+                problem = problem or f"--steps {args.steps}: each must be at least 1 and at most {SAMPLE_STEPS_LIMIT}"
             problem = problem or cfg.sampling_problem(None, n)
         if args.cfg_scales is None:         # the model's own scale: one column
             args.cfg_scales = f"{cfg.sampling_guidance(None, None)[0]:g}"

@@ -89,7 +89,7 @@ def read_scores(path: Path, export: dict) -> list[dict]:
         raise PublishError(f"--scores {path}: not readable JSON ({e})") from None
     if not isinstance(table, dict) or not table:
         raise PublishError(f"--scores {path}: not an evaluate.py sweep table (cell name -> scores)")
-    rows, others = [], []
+    rows, others, digest = [], [], weights_digest(export)
     for name, row in sorted(table.items(), key=lambda item: str(item[0])):
         fid = row.get("fid") if isinstance(row, dict) else None
         if not isinstance(fid, (int, float)) or isinstance(fid, bool) or not math.isfinite(fid):
@@ -102,7 +102,7 @@ def read_scores(path: Path, export: dict) -> list[dict]:
         if drawn_from is None:
             logger.warning("--scores: %s is gone or unreadable; the scores of cell '%s' are published unchecked",
                            request, name)
-        elif drawn_from != weights_digest(export):
+        elif drawn_from != digest:
             others.append(name)
             continue
         rows.append({k: v for k, v in row.items() if k != "key"})

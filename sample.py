@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from modules.config.cli import run_cli
 from modules.config.io import diff_fields
+from modules.config.schema import SAMPLE_STEPS_LIMIT
 from modules.core.generation import GenerationSpec, compiled_for_sampling, decode_latents, generate_latents
 from modules.core.objectives import SAMPLERS
 from modules.core.seeding import image_seed, mix_seed
@@ -57,9 +58,8 @@ logger = logging.getLogger("sample")
 GRID_MAX = 256
 MAX_SAMPLES = 10 ** 7  # a sanity bound: a typo's extra zeros should not start a week-long run
 # Bounds of the other numbers a user types (issue 21, rule 5), far above any real use: network evaluations
-# per image (as modules.config.schema bounds sample.steps), rows of one batch, and the seed (every bit of
-# it counts: modules.core.seeding.image_seed mixes them all).
-MAX_STEPS = 100_000
+# per image (SAMPLE_STEPS_LIMIT, the config's bound of sample.steps), rows of one batch, and the seed (every
+# bit of it counts: modules.core.seeding.image_seed mixes them all).
 MAX_BATCH = 1 << 16
 SEED_BITS = 128
 MAX_PROMPT_CHARS = 100_000   # one line of --prompts (the text encoder reads its first 77 tokens or so)
@@ -297,7 +297,7 @@ def check_numbers(args) -> None:
     """Every number on the command line within its bounds (issue 21, rule 5), before anything is loaded."""
     for flag, value, low, high in (("--num-samples", args.num_samples, 1, MAX_SAMPLES),
                                    ("--batch-size", args.batch_size, 1, MAX_BATCH),
-                                   ("--steps", args.steps, 1, MAX_STEPS),
+                                   ("--steps", args.steps, 1, SAMPLE_STEPS_LIMIT),
                                    ("--seed", args.seed, 0, 2 ** SEED_BITS - 1)):
         if not low <= value <= high:
             bound = f"2^{SEED_BITS} - 1" if flag == "--seed" else str(high)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -82,8 +82,7 @@ class Snapshot:
     digest: str         # durable.digest_file
 
     def record(self) -> dict:
-        return {"file": self.file, "step": self.step, "t": self.t, "sigma_rel": self.sigma_rel, "size": self.size,
-                "digest": self.digest}
+        return asdict(self)
 
 
 def _entry(value, where: str) -> Snapshot:

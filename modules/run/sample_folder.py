@@ -174,9 +174,8 @@ class SampleFolder:
         their PNG decodes."""
         try:
             self.out.mkdir(parents=True, exist_ok=True)
-            for name in (PARTS,):
-                if (self.out / name).is_symlink() or (self.out / name).is_file():
-                    durable.clear(self.out / name)      # a planted link or file: never written through
+            if (self.out / PARTS).is_symlink() or (self.out / PARTS).is_file():
+                durable.clear(self.out / PARTS)      # a planted link or file: never written through
             saved_path = self.out / REQUEST
             ours = saved_path.is_file() or saved_path.is_symlink()
             foreign = self.foreign()

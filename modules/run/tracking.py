@@ -268,12 +268,13 @@ class SampleGrid:
     def each(self) -> Iterator[tuple[np.ndarray, str, Optional[np.ndarray]]]:
         """Every image, row by row: (uint8 [H, W, 3], its caption: condition and row, its mask condition as
         uint8 [H, W] in {0, 1} at the image's size, or None)."""
+        masks = None
         for row, row_name in zip(self.rows, self.row_names):
             pixels = to_uint8(row)
-            masks = [None] * len(pixels)
-            if self.masks is not None:
-                masks = torch.nn.functional.interpolate(self.masks.float().cpu(), size=pixels.shape[1:3],
-                                                        mode="nearest")[:, 0].round().to(torch.uint8).numpy()
+            if masks is None:       # every row has the same size: the masks are resized once
+                masks = [None] * len(pixels) if self.masks is None else torch.nn.functional.interpolate(
+                    self.masks.float().cpu(), size=pixels.shape[1:3], mode="nearest")[:, 0].round().to(
+                    torch.uint8).numpy()
             for image, caption, mask in zip(pixels, self.captions, masks):
                 yield image, " | ".join(filter(None, (_short(caption), row_name))), mask
 
