@@ -59,6 +59,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     if not 1 <= args.batch_size <= 4096 or not 1 <= args.shard_rows <= 1 << 20:
         raise ConfigError("--batch-size must be in 1..4096 and --shard-rows in 1..1048576")
     cfg = load_config(UNetRunConfig, "unet", args.config, [*args.overrides, f"data.path={args.data}"])
+    streamed = is_tar_source(cfg.data.path) or cfg.data.streaming
+    if streamed and cfg.cond.type == "mask":     # before any model is loaded or stream opened
+        raise ConfigError("cond.type=mask: masks are encoded from image folders and saved data sets, not streams")
     state = process_state()
     device = state.device
     vae = load_vae(find_model_folder(args.vae, "vae")).to(device).eval().requires_grad_(False)
@@ -66,10 +69,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     captions = (cfg.cond.caption_column, cfg.cond.allow_empty_caption) if text_encoder is not None else (None, False)
     out = Path(args.out)
     vae_id = vae_identity(vae)
-    if is_tar_source(cfg.data.path) or cfg.data.streaming:
+    if streamed:
         source = StreamSource(cfg.data.path, cfg.data.image_size, cfg.data.split, *captions)
-        if cfg.cond.type == "mask":
-            raise ConfigError("cond.type=mask: masks are encoded from image folders and saved data sets, not streams")
         shards = latent_store.StreamShards(source, args.batch_size)
         spec = latent_store.StoreSpec(vae=vae_id, source=source.identity, image_size=cfg.data.image_size,
                                       hflip=cfg.data.hflip, masks=False, text=latent_store.text_key(text_encoder),

@@ -30,7 +30,6 @@ shard's files' sizes and array headers; the full content check (every file's has
 from __future__ import annotations
 
 import argparse
-import bisect
 import itertools
 import json
 import logging
@@ -92,9 +91,9 @@ def shard_ranges(num_rows: int, shard_rows: int) -> list[range]:
     return [range(start, min(start + shard_rows, num_rows)) for start in range(0, num_rows, shard_rows)]
 
 
-def shard_problem(folder: Path, inputs: Optional[str] = None, deep: bool = False) -> Optional[str]:
+def shard_problem(folder: Path, inputs: Optional[str] = None) -> Optional[str]:
     """Why a shard folder is not a complete shard (of the store of ``inputs``, when given): its manifest
-    unreadable, a file missing or of another size (``deep``: or changed), or None."""
+    unreadable, a file missing or of another size, an array not of its row count, or None."""
     try:
         record = durable.read_json(folder / SHARD_MANIFEST)
     except ValueError as e:
@@ -103,17 +102,21 @@ def shard_problem(folder: Path, inputs: Optional[str] = None, deep: bool = False
         return f"{SHARD_MANIFEST} holds no row count"
     if inputs is not None and record.get("inputs") != inputs:
         return "encoded from other inputs"
-    problem = durable.manifest_problem(folder, record.get("files"), deep=deep)
-    if problem:
-        return problem
-    for name in record["files"]:
+    return durable.manifest_problem(folder, record.get("files")) or _arrays_problem(folder, record["files"],
+                                                                                    record["rows"])
+
+
+def _arrays_problem(folder: Path, files: dict, rows: int) -> Optional[str]:
+    """Why the ``.npy`` arrays among a shard's listed ``files`` do not hold ``rows`` rows each, or None (their
+    headers only)."""
+    for name in files:
         if name.endswith(".npy"):
             try:
-                rows = np.load(folder / name, mmap_mode="r").shape[0]
+                held = np.load(folder / name, mmap_mode="r").shape[0]
             except (ValueError, OSError) as e:
                 return f"{name} is not a readable array: {str(e).splitlines()[0][:120]}"
-            if rows != record["rows"]:
-                return f"{name} holds {rows} rows, its manifest says {record['rows']}"
+            if held != rows:
+                return f"{name} holds {held} rows, its manifest says {rows}"
     return None
 
 
@@ -138,7 +141,7 @@ class ShardWriter:
             self.files[name] = open(self.tmp / f"{name}.raw", "xb")
         self.files[name].write(values.tobytes())
 
-    def close(self, sync: bool = True) -> None:
+    def close(self) -> None:
         rows = len(self.records)
         for name, f in self.files.items():
             f.close()
@@ -154,7 +157,7 @@ class ShardWriter:
         labels = [r["label"] for r in self.records]
         durable.write_json(self.tmp / SHARD_MANIFEST, {"rows": rows, "max_label": max(labels, default=-1),
                                                        "inputs": self.inputs, "files": durable.manifest(self.tmp)})
-        durable.publish_folder(self.tmp, self.out, sync=sync)
+        durable.publish_folder(self.tmp, self.out, sync=True)
 
     def abandon(self) -> None:
         for f in self.files.values():
@@ -326,8 +329,8 @@ class StreamShards:
             yield batch
 
 
-def encode(vae, shards, spec: StoreSpec, folder: Path, device, rank: int = 0, world: int = 1, text_encoder=None,
-           timeout_s: Optional[float] = None) -> Path:
+def encode(vae, shards, spec: StoreSpec, folder: Path, device, rank: int = 0, world: int = 1,
+           text_encoder=None) -> Path:
     """Encode ``shards`` (:class:`IndexedShards` or :class:`StreamShards`) into the store ``folder`` (see the
     module docstring); every process calls it with its ``rank`` of ``world``. Returns ``folder`` once its
     index is written."""
@@ -344,14 +347,14 @@ def encode(vae, shards, spec: StoreSpec, folder: Path, device, rank: int = 0, wo
     with durable.failed_write_is(f"the latent store {folder}", "its complete shards are kept, and the same command "
                                  "continues the encode once there is room"):
         _encode_shards(vae, shards, spec, folder, device, rank, world, text_encoder, complete)
-    _wait_for(lambda: all(complete(k) for k in range(n)), "the other processes' shards", folder, timeout_s)
+    _wait_for(lambda: all(complete(k) for k in range(n)))
     if rank == 0:
         with durable.failed_write_is(f"the index of the latent store {folder}", "its shards are kept"):
             if text_encoder is not None:
                 null = text_encoder.null().half().cpu().numpy()
                 durable.write_file(folder / NULL_TEXT, lambda tmp: _save_array(tmp, null))
             write_index(folder, spec, n)
-    _wait_for(lambda: (folder / INDEX).is_file(), "the index", folder, timeout_s)
+    _wait_for(lambda: (folder / INDEX).is_file())
     return folder
 
 
@@ -395,13 +398,9 @@ def _save_array(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-def _wait_for(ready: Callable[[], bool], what: str, folder: Path, timeout_s: Optional[float]) -> None:
+def _wait_for(ready: Callable[[], bool]) -> None:
     """Poll the file system until ``ready()`` (no collective: a slow peer cannot time a barrier out)."""
-    start = time.monotonic()
     while not ready():
-        if timeout_s is not None and time.monotonic() - start > timeout_s:
-            raise CheckpointError(f"latent store {folder}: waited {timeout_s:.0f} s for {what}; is a process dead? "
-                                  "The same command again continues the encode")
         time.sleep(WAIT_S)
 
 
@@ -447,8 +446,12 @@ def store_problem(folder: Path, deep: bool = False) -> Optional[str]:
     for shard in index["shards"]:
         if not isinstance(shard, dict):
             return f"damaged store ({INDEX} lists a shard as {shard!r})"
-        path = folder / str(shard.get("name"))
-        problem = durable.manifest_problem(path, shard.get("files"), deep=deep) or shard_problem(path)
+        path, rows = folder / str(shard.get("name")), shard.get("rows")
+        if not isinstance(rows, int) or isinstance(rows, bool):
+            return f"damaged store ({INDEX} gives shard {path.name} no row count)"
+        # the index holds each shard's file list and row count: its shard.json need not be read again
+        problem = (durable.manifest_problem(path, shard.get("files"), deep=deep)
+                   or _arrays_problem(path, shard["files"], rows))
         if problem:
             return f"damaged store (shard {path.name}: {problem})"
     return durable.manifest_problem(folder, index.get("files", {}), deep=deep)
@@ -484,7 +487,6 @@ class LatentStore(torch.utils.data.Dataset):
         self.shards = [self.folder / s["name"] for s in self.index["shards"]]
         counts = [s["rows"] for s in self.index["shards"]]
         self.starts = np.cumsum([0] + counts)
-        self._starts = self.starts.tolist()
         self.rows = np.arange(self.starts[-1])
         self._arrays: dict[tuple[int, str], np.ndarray] = {}
         self._records: dict[int, list] = {}
@@ -541,25 +543,8 @@ class LatentStore(torch.utils.data.Dataset):
         return self._records[int(shard[0])][int(offset[0])]["caption"]
 
     def __getitem__(self, key) -> dict:
-        """One item (what ``__getitems__`` gives for a batch of one, read without the batch's bookkeeping)."""
-        index, seed = key if isinstance(key, (tuple, list)) else (key, None)
-        row = int(self.rows[int(index)])
-        s = bisect.bisect_right(self._starts, row) - 1
-        offset = row - self._starts[s]
-        flip = self.hflip and seed is not None and random.Random(seed).random() < 0.5
-        suffix = "_flip" if flip else ""
-
-        def read(name: str) -> torch.Tensor:
-            return torch.from_numpy(np.array(self._array(s, name)[offset]))
-
-        item = {"mean": read("mean" + suffix).float(), "std": read("std" + suffix).float(), "label": read("label"),
-                "index": read("source_row"), "substituted": torch.tensor(0)}
-        if self.has_masks:
-            mask = read("mask").float()[None]
-            item["mask"] = torch.flip(mask, dims=[2]) if flip else mask
-        if self.has_text:
-            item["text"] = read("text").float()
-        return item
+        """One item: what ``__getitems__`` gives for a batch of one."""
+        return {name: values[0] for name, values in self.__getitems__([key]).items()}
 
     def __getitems__(self, keys: Sequence) -> dict[str, torch.Tensor]:
         """A batch of items as one dict of stacked tensors (mean, std, label, index; mask, text): each shard's

@@ -48,9 +48,6 @@ class Metadata:
     def where(self, row: int) -> str:
         return f"{self.path}, line {self.lines[row]}"
 
-    def __iter__(self):     # ``path, rows = read_metadata(root)``, as before the line numbers were kept
-        return iter((self.path, self.rows))
-
 
 def _lines(path: Path, error: type[Exception] = DataError,
            one_line: str = "a metadata line holds one image's fields") -> Iterator[tuple[int, str]]:

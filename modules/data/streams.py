@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import glob
 import io
-import json
 import logging
 import os
 import re
@@ -96,7 +95,6 @@ class StreamSource:
                             f"{', '.join(columns)})")
         self.stream = self.stream.cast_column(self.image_column, datasets.Image(decode=False))
         self.label_column = next((c for c in ("cls", "label", "labels") if c in columns), None)
-        self.columns = columns
 
     @property
     def n_shards(self) -> int:
@@ -142,6 +140,3 @@ class StreamSource:
             yield item
         if skipped:
             logger.warning("%s shard %d: %d unreadable sample(s) skipped", self.path, shard, skipped)
-
-    def describe(self) -> str:
-        return json.dumps({"path": self.path, "shards": self.n_shards})
